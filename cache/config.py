@@ -1,0 +1,79 @@
+"""Build settings from a TOML file and/or the command line, turned into a `CacheConfig` at one place.
+
+```toml
+data = "images/"            # folder or list file
+out = "cache.zarr"
+views = 2
+[[teachers]]
+spec = "clip:ViT-L-14:openai@224"
+[[teachers]]
+spec = "sam:vit_h:/weights/sam_vit_h_4b8939.pth@1024"
+spatial = "int8"            # codec of the spatial target: fp16 | int8
+pool = 2                    # average-pool the spatial grid by this factor
+sam_spatial = "preneck"     # SAM only: neck (default) | preneck
+```
+`teachers = "tiny"` selects the offline preset.
+"""
+
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+
+from ..errors import RadioDistillError
+from .build import CacheConfig, Storage
+from .teachers import parse_teacher, tiny_teachers
+
+_TEACHER_KEYS = {"spec", "spatial", "summary", "pool", "sam_spatial"}
+
+
+def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | str | None = None,
+                      spatial_codec: str | None = None, summary_codec: str | None = None,
+                      pools: dict[str, int] | None = None, sam_spatial: str | None = None,
+                      **overrides) -> CacheConfig:
+    """Merge a TOML file (optional) with command-line values; command-line values win.
+
+    Args:
+        teachers: "tiny", or teacher specs like "clip:ViT-L-14:openai@224".
+        spatial_codec, summary_codec: codec for every teacher without its own in the file.
+        pools: spatial pooling factor by teacher name.
+        overrides: CacheConfig fields (data, out, views, ...); None means "not given".
+    """
+    raw = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise RadioDistillError(f"config '{path}': {e}") from None
+    known = {f.name for f in fields(CacheConfig)} - {"teachers", "storage"}
+    unknown = set(raw) - known - {"teachers"}
+    if unknown:
+        raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; known: {sorted(known | {'teachers'})}")
+    values = {k: v for k, v in raw.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("data", "out"):
+        if values.get(key) is None:
+            raise RadioDistillError(f"missing '{key}': give it on the command line or in the config file")
+        values[key] = Path(values[key])
+
+    entries = teachers if teachers else raw.get("teachers", [])
+    specs, storage = [], {}
+    if entries == "tiny" or entries == ["tiny"]:
+        specs = tiny_teachers()
+        entries = [{} for _ in specs]
+    else:
+        entries = [{"spec": e} if isinstance(e, str) else e for e in entries]
+        for e in entries:
+            extra = set(e) - _TEACHER_KEYS
+            if "spec" not in e or extra:
+                raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have {sorted(_TEACHER_KEYS - {'spec'})}")
+            specs.append(parse_teacher(e["spec"]))
+    for i, (spec, e) in enumerate(zip(specs, entries)):
+        if spec.family == "sam" and (e.get("sam_spatial") or sam_spatial):
+            specs[i] = spec = replace(spec, sam_spatial=e.get("sam_spatial") or sam_spatial)
+        storage[spec.name] = Storage(spatial=e.get("spatial") or spatial_codec or "int8",
+                                     summary=e.get("summary") or summary_codec or "fp16",
+                                     pool=int((pools or {}).get(spec.name, e.get("pool", 1))))
+    unknown_pools = set(pools or {}) - set(storage)
+    if unknown_pools:
+        raise RadioDistillError(f"--pool names unknown teacher(s) {sorted(unknown_pools)}; teachers: {sorted(storage)}")
+    return CacheConfig(teachers=tuple(specs), storage=storage, **values)

@@ -1,0 +1,106 @@
+"""`radio-cache info` and `radio-cache verify`: what a store holds, and whether its bytes are sound."""
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CacheIntegrityError
+from . import layout as L
+from .store import done_shards, open_array, open_store, teacher_names
+
+
+def store_info(path: str | Path) -> dict:
+    """Teachers, dims, codecs, fidelity, sizes on disk, shards done, unreadable samples."""
+    path = Path(path)
+    root = open_store(path)
+    n, views = root.attrs["num_samples"], root.attrs["views"]
+    names = teacher_names(root)
+    done = done_shards(root, names)
+    status = root[L.STATUS][:]
+    bad = np.flatnonzero(status == L.UNREADABLE)
+    ids, errors = root[L.IDS], root[L.ERRORS]
+    teachers = {}
+    for name in names:
+        attrs = dict(root[L.teacher_group(name)].attrs)
+        size = _disk_bytes(path / L.teacher_group(name))
+        teachers[name] = {
+            "identity": attrs["identity"], "resolution": attrs["resolution"], "grid": attrs["grid"],
+            "summary_dim": attrs["summary_dim"], "spatial_dim": attrs["spatial_dim"], "storage": attrs["storage"],
+            "fidelity": attrs.get("fidelity"), "bytes": size, "bytes_per_view": size / max(1, n * views),
+            "shards_done": int((root[L.done_array(name)][:] == 1).sum()),
+        }
+    return {"store": str(path), "layout_version": root.attrs["layout_version"], "created_by": root.attrs["created_by"],
+            "samples": n, "views": views, "shard_size": root.attrs["shard_size"], "seed": root.attrs["seed"],
+            "dataset": root.attrs["dataset"]["root"], "classes": root.attrs["dataset"]["classes"],
+            "shards_total": int(done.size), "shards_done": int(done.sum()),
+            "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
+            "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
+            "bytes": _disk_bytes(path), "teachers": teachers}
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def verify_store(path: str | Path, *, progress: bool = False) -> dict:
+    """Check every shard is done and every chunk decodes (crc32c), has its shape and is finite.
+
+    Raises:
+        CacheIntegrityError: naming the first failing array and sample.
+    """
+    from rich.progress import track
+
+    path = Path(path)
+    root = open_store(path)
+    n, size = root.attrs["num_samples"], root.attrs["shard_size"]
+    names = teacher_names(root)
+    for name in names:
+        flags = root[L.done_array(name)][:]
+        if not (flags == 1).all():
+            missing = int(np.flatnonzero(flags != 1)[0])
+            raise CacheIntegrityError(f"{L.done_array(name)}: shard {missing} is not done "
+                                      f"({int((flags != 1).sum())} of {flags.size} missing); rerun `radio-cache build`")
+    ids = root[L.IDS][:]
+    checked = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS]
+    for array in checked:
+        _read(path, root, array, slice(0, n), ids)
+    status = root[L.STATUS][:]
+    if (status == L.PENDING).any():
+        k = int(np.flatnonzero(status == L.PENDING)[0])
+        raise CacheIntegrityError(f"{L.STATUS}: sample '{ids[k]}' was never processed")
+    targets = [p for name in names for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t))
+               if p in root]
+    for array in targets:
+        handle = open_array(path, array)
+        expected = root[array].shape
+        if tuple(handle.shape) != tuple(expected) or handle.shape[0] != n:
+            raise CacheIntegrityError(f"{array}: shape {tuple(handle.shape)} != expected ({n}, ...)")
+        for shard in track(range(L.shard_count(n, size)), description=f"verify {array}", disable=not progress):
+            rows = L.shard_rows(shard, size, n)
+            try:
+                values = handle[rows].read().result()
+            except Exception:
+                _locate(handle, array, rows, ids)
+                raise
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                bad = rows.start + int(np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(1))[0])
+                raise CacheIntegrityError(f"{array}: sample '{ids[bad]}' holds NaN or inf")
+    return {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True}
+
+
+def _read(path, root, array, rows, ids):
+    try:
+        return root[array][rows]
+    except Exception as e:
+        raise CacheIntegrityError(f"{array}: unreadable chunk ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _locate(handle, array: str, rows: slice, ids) -> None:
+    """A shard failed to decode: find the first sample whose chunk fails, and say so."""
+    for i in range(rows.start, rows.stop):
+        try:
+            handle[i].read().result()
+        except Exception as e:
+            reason = str(e).splitlines()[0][:160]
+            raise CacheIntegrityError(f"{array}: sample '{ids[i]}' (row {i}) fails to decode: {reason}") from None
+    raise CacheIntegrityError(f"{array}: rows {rows.start}-{rows.stop - 1} fail to decode (shard index corrupted)")

@@ -1,0 +1,73 @@
+"""The store layout: the one contract between `radio-cache build` and `radio-train`.
+
+Letters: N samples, V views per sample, S samples per shard, K statistics shards,
+D summary channels, h, w teacher grid (after pooling), C spatial channels.
+
+```
+<store>.zarr/                 attrs: FORMAT, LAYOUT_VERSION, settings (the build's identity), ...
+  samples/ids        (N,)          str, path relative to the dataset root
+  samples/labels     (N,)          int32, -1 when unlabelled
+  samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
+  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE
+  samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
+  teachers/<t>/                    attrs: teacher info, codecs, fidelity, norm
+    summary          (N, V, D)     float16 or int8 (+ summary_scale (N, V))
+    spatial          (N, V, h, w, C) float16 or int8 (+ spatial_scale (N, V, h, w))
+    done             (n_shards,)   uint8, set only after the shard's data is written
+    moments/*        (K, ...)      float64 per-shard sums for the normalisation statistics
+    norm/*           (C,) (C, C)   float64 mean and covariance, written when the build completes
+```
+Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker.
+Sample arrays: chunk = S samples, written by the worker that owns the shard.
+"""
+
+FORMAT = "radio-distill-cache"
+LAYOUT_VERSION = 1
+
+IDS = "samples/ids"
+LABELS = "samples/labels"
+BOXES = "samples/boxes"
+STATUS = "samples/status"
+ERRORS = "samples/errors"
+
+PENDING, OK, UNREADABLE = 0, 1, 2
+
+TARGETS = ("summary", "spatial")
+CODECS = ("fp16", "int8")
+STAT_SHARDS = 16  # normalisation statistics come from the first K shards: plenty of tokens, bounded cost
+
+
+def teacher_group(teacher: str) -> str:
+    return f"teachers/{teacher}"
+
+
+def target_array(teacher: str, target: str) -> str:
+    """Path of a target array, `target` in TARGETS."""
+    return f"teachers/{teacher}/{target}"
+
+
+def scale_array(teacher: str, target: str) -> str:
+    """Path of the per-token fp16 scales of an int8 target."""
+    return f"teachers/{teacher}/{target}_scale"
+
+
+def done_array(teacher: str) -> str:
+    return f"teachers/{teacher}/done"
+
+
+def moment_array(teacher: str, target: str, moment: str) -> str:
+    """`moment` in ('count', 'sum', 'gram'): per statistics-shard sums of x and x xᵀ."""
+    return f"teachers/{teacher}/moments/{target}_{moment}"
+
+
+def norm_array(teacher: str, target: str, stat: str) -> str:
+    """`stat` in ('mean', 'cov')."""
+    return f"teachers/{teacher}/norm/{target}_{stat}"
+
+
+def shard_count(num_samples: int, shard_size: int) -> int:
+    return -(-num_samples // shard_size)
+
+
+def shard_rows(shard: int, shard_size: int, num_samples: int) -> slice:
+    return slice(shard * shard_size, min(num_samples, (shard + 1) * shard_size))

@@ -1,0 +1,285 @@
+"""Teachers: CLIP (open_clip), DINOv2 (timm) and SAM (segment_anything) behind one interface.
+
+A teacher maps normalised pixels to a summary vector (none for SAM) and a spatial feature map.
+Each is loaded by its own library exactly as users load it: a pretrained tag or a local file.
+The `tiny` preset builds the same three architectures at toy sizes with seeded random weights,
+for tests and the offline demo.
+
+Letters: B batch, R input side, h, w grid, C spatial channels, D summary channels.
+"""
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import TeacherSpecError
+
+FAMILIES = ("clip", "dinov2", "sam")
+SAM_SPATIAL = ("neck", "preneck")
+TINY_CLIP = "radio-tiny-clip"
+_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What to load: `[name=]family:model[:weights][@resolution]` on the command line.
+
+    `weights` is a pretrained tag (open_clip) or a local file; DINOv2 tags live in the timm model
+    name. `model_kwargs` only serves the tiny preset's toy sizes.
+    """
+
+    name: str
+    family: str
+    model: str
+    weights: str | None = None
+    resolution: int | None = None
+    sam_spatial: str = "neck"
+    tiny: bool = False
+    model_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a loaded teacher takes and produces; copied into the store's attrs."""
+
+    resolution: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    grid: tuple[int, int]
+    summary_dim: int | None
+    spatial_dim: int
+
+
+_SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]+)=)?(?P<family>[a-z0-9]+):(?P<model>[^:@]+)"
+                   r"(?::(?P<weights>[^@]+))?(?:@(?P<res>\d+))?$")
+
+
+def parse_teacher(text: str) -> TeacherSpec:
+    """Parse `[name=]family:model[:weights][@resolution]`, e.g. `clip:ViT-L-14:openai@224`."""
+    m = _SPEC.match(text.strip())
+    if not m:
+        raise TeacherSpecError(f"bad teacher spec '{text}'; expected [name=]family:model[:weights][@resolution], "
+                               "e.g. clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, "
+                               "sam:vit_h:/path/sam_vit_h_4b8939.pth@1024")
+    family = m["family"]
+    if family not in FAMILIES:
+        raise TeacherSpecError(f"unknown teacher family '{family}' in '{text}'; available: {', '.join(FAMILIES)}")
+    res = int(m["res"]) if m["res"] else None
+    return TeacherSpec(name=m["name"] or family, family=family, model=m["model"], weights=m["weights"], resolution=res)
+
+
+def tiny_teachers() -> list[TeacherSpec]:
+    """The offline preset: real CLIP, DINOv2 and SAM architectures at toy sizes, seeded random weights."""
+    return [
+        TeacherSpec("clip", "clip", TINY_CLIP, resolution=64, tiny=True),
+        TeacherSpec("dinov2", "dinov2", "vit_small_patch14_reg4_dinov2", resolution=112, tiny=True,
+                    model_kwargs=(("depth", 2), ("embed_dim", 48), ("num_heads", 2))),
+        TeacherSpec("sam", "sam", "tiny", resolution=64, tiny=True),
+    ]
+
+
+def _is_file(weights: str | None) -> bool:
+    return weights is not None and (Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in weights)
+
+
+def check_spec(spec: TeacherSpec) -> None:
+    """Fail fast, before any work, on unknown models, tags or missing weight files."""
+    if spec.weights is not None and _is_file(spec.weights) and not Path(spec.weights).expanduser().is_file():
+        raise TeacherSpecError(f"teacher '{spec.name}': weight file '{spec.weights}' does not exist")
+    if spec.family == "clip":
+        import open_clip
+        _register_tiny_clip()
+        if spec.model not in open_clip.list_models():
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown open_clip model '{spec.model}'; "
+                                   "see open_clip.list_models()")
+        tags = open_clip.list_pretrained_tags_by_model(spec.model)
+        if spec.weights is None and not spec.tiny:
+            raise TeacherSpecError(f"teacher '{spec.name}': open_clip model '{spec.model}' needs weights: "
+                                   f"a pretrained tag ({', '.join(tags) or 'none known'}) or a local file")
+        if spec.weights is not None and not _is_file(spec.weights) and spec.weights not in tags:
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown pretrained tag '{spec.weights}' for "
+                                   f"'{spec.model}'; available: {', '.join(tags) or 'none'}")
+    elif spec.family == "dinov2":
+        import timm
+        if not timm.is_model(spec.model):
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown timm model '{spec.model}'; "
+                                   "see timm.list_models('*dinov2*')")
+    elif spec.family == "sam":
+        if spec.model not in _sam_builders():
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM model '{spec.model}'; "
+                                   f"available: {', '.join(_sam_builders())}")
+        if spec.weights is None and not spec.tiny:
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM needs a checkpoint file, "
+                                   f"e.g. sam:{spec.model}:/path/sam_{spec.model}.pth@1024")
+        if spec.sam_spatial not in SAM_SPATIAL:
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM spatial target '{spec.sam_spatial}' "
+                                   f"is not one of {', '.join(SAM_SPATIAL)}")
+
+
+def identity(spec: TeacherSpec) -> dict:
+    """Stable identity of a teacher: what must match for two stores to hold the same targets."""
+    ident = {"family": spec.family, "model": spec.model, "weights": spec.weights,
+             "resolution": spec.resolution, "tiny": spec.tiny, "model_kwargs": dict(spec.model_kwargs)}
+    if spec.family == "sam":
+        ident["spatial"] = spec.sam_spatial
+    if _is_file(spec.weights):
+        ident["weights"] = Path(spec.weights).name
+        ident["sha256"] = _sha256(Path(spec.weights).expanduser())
+    return ident
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(partial(f.read, 1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: `forward(x)` maps (B, 3, R, R) normalised pixels to (summary (B, D) | None,
+    spatial (B, h, w, C)), in float32."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module, *, resolution: int, mean, std, patch: int):
+        super().__init__()
+        self.spec, self.model, self.resolution, self.patch = spec, model, resolution, patch
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if resolution % patch:
+            raise TeacherSpecError(f"teacher '{spec.name}': resolution {resolution} is not a multiple "
+                                   f"of its patch size {patch}")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
+
+    def info(self) -> TeacherInfo:
+        x = torch.zeros(1, 3, self.resolution, self.resolution, device=next(self.parameters()).device)
+        with torch.inference_mode():
+            summary, spatial = self(x)
+        return TeacherInfo(resolution=self.resolution, mean=self.mean,
+                           std=self.std, grid=tuple(spatial.shape[1:3]),
+                           summary_dim=None if summary is None else summary.shape[-1],
+                           spatial_dim=spatial.shape[-1])
+
+
+class ClipTeacher(Teacher):
+    """Summary: the pooled, projected (text-aligned) embedding. Spatial: trunk tokens after ln_post."""
+
+    def forward(self, x):
+        pooled, tokens = self.model.visual(x)
+        h = w = x.shape[-1] // self.patch
+        return pooled.float(), tokens.float().reshape(x.shape[0], h, w, -1)
+
+
+class Dinov2Teacher(Teacher):
+    """Summary: the normed CLS token. Spatial: normed patch tokens, registers dropped."""
+
+    def forward(self, x):
+        tokens = self.model.forward_features(x)
+        h = w = x.shape[-1] // self.patch
+        patches = tokens[:, self.model.num_prefix_tokens:]
+        return tokens[:, 0].float(), patches.float().reshape(x.shape[0], h, w, -1)
+
+
+class SamTeacher(Teacher):
+    """No summary. Spatial: the image encoder's neck output (256 channels), or its pre-neck tokens."""
+
+    def forward(self, x):
+        enc = self.model.image_encoder
+        if self.spec.sam_spatial == "neck":
+            return None, enc(x).permute(0, 2, 3, 1).float()
+        x = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks:
+            x = blk(x)
+        return None, x.float()
+
+
+def _register_tiny_clip() -> None:
+    import open_clip
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(_MODEL_CONFIGS / f"{TINY_CLIP}.json")
+
+
+def build_clip(spec: TeacherSpec) -> Teacher:
+    import open_clip
+    _register_tiny_clip()
+    kwargs = {"force_image_size": spec.resolution} if spec.resolution else {}
+    model = open_clip.create_model(spec.model, pretrained=spec.weights, **kwargs)
+    model.visual.output_tokens = True
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    resolution = size if isinstance(size, int) else size[0]
+    return ClipTeacher(spec, model, resolution=resolution, mean=cfg["mean"], std=cfg["std"],
+                       patch=model.visual.patch_size[0])
+
+
+def build_dinov2(spec: TeacherSpec) -> Teacher:
+    import timm
+    kwargs = dict(spec.model_kwargs)
+    if spec.resolution:
+        kwargs["img_size"] = spec.resolution
+    if spec.weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.weights).expanduser())}
+    pretrained = not spec.tiny or spec.weights is not None
+    model = timm.create_model(spec.model, pretrained=pretrained, num_classes=0, **kwargs)
+    cfg = model.pretrained_cfg
+    return Dinov2Teacher(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
+                         patch=model.patch_embed.patch_size[0])
+
+
+def build_tiny_sam(checkpoint: str | None = None):
+    """segment_anything's `_build_sam` at toy sizes: 64 px input, 8 px patches, 32 channels."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    dim, size, patch = 32, 64, 8
+    sam = Sam(
+        image_encoder=ImageEncoderViT(depth=2, embed_dim=32, img_size=size, mlp_ratio=4,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch,
+                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4,
+                                      out_chans=dim),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch, size // patch),
+                                     input_image_size=(size, size), mask_in_chans=4),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                                 transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    if checkpoint is not None:
+        with open(checkpoint, "rb") as f:
+            sam.load_state_dict(torch.load(f, weights_only=True))
+    return sam
+
+
+def _sam_builders() -> dict:
+    from segment_anything import sam_model_registry
+    return {**sam_model_registry, "tiny": build_tiny_sam}
+
+
+def build_sam(spec: TeacherSpec) -> Teacher:
+    weights = str(Path(spec.weights).expanduser()) if spec.weights else None
+    sam = _sam_builders()[spec.model](checkpoint=weights)
+    enc = sam.image_encoder
+    if spec.resolution not in (None, enc.img_size):
+        raise TeacherSpecError(f"teacher '{spec.name}': SAM '{spec.model}' runs at {enc.img_size} px only, "
+                               f"not {spec.resolution}")
+    return SamTeacher(spec, sam, resolution=enc.img_size, mean=(sam.pixel_mean / 255).flatten().tolist(),
+                      std=(sam.pixel_std / 255).flatten().tolist(), patch=enc.patch_embed.proj.kernel_size[0])
+
+
+TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam}
+
+
+def build_teacher(spec: TeacherSpec, *, device: str | torch.device = "cpu") -> Teacher:
+    """Load a teacher by its library, frozen, in eval mode, on `device`. Tiny teachers are seeded."""
+    check_spec(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = TEACHERS[spec.family](spec)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)

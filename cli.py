@@ -1,0 +1,152 @@
+"""Command lines: `radio-cache` (build, info, verify, sample) and `radio-train`.
+
+Each command parses options, builds a config and calls one library function; a
+`RadioDistillError` is printed as one line and exits with status 2.
+"""
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import RadioDistillError
+
+console = Console(stderr=True)
+cache_app = typer.Typer(help="Cache teacher targets once into a Zarr store: build, info, verify, sample.",
+                        no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _one_line_errors(fn):
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RadioDistillError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _pairs(values: list[str], option: str) -> dict[str, int]:
+    out = {}
+    for v in values:
+        name, _, factor = v.partition("=")
+        if not factor.isdigit():
+            raise RadioDistillError(f"{option} '{v}': expected NAME=FACTOR, e.g. sam=2")
+        out[name] = int(factor)
+    return out
+
+
+@cache_app.command()
+@_one_line_errors
+def build(
+    data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive; subfolders = labels) or list file (path[,label] per line).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output store, e.g. cache.zarr.")] = None,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024.")] = None,
+    teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with any of these settings; options given here win.")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Views per image: view 0 = centre square, others random-resized crops. [default: 1]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the random views. [default: 0]")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard (the work unit and file). [default: 256]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Teacher batch size. [default: 64]")] = None,
+    spatial_codec: Annotated[Optional[str], typer.Option(help="Spatial target codec: int8 (per-token absmax) or fp16. [default: int8]")] = None,
+    summary_codec: Annotated[Optional[str], typer.Option(help="Summary target codec: fp16 or int8. [default: fp16]")] = None,
+    pool: Annotated[Optional[list[str]], typer.Option(help="Average-pool a teacher's spatial grid: NAME=FACTOR, e.g. sam=2.")] = None,
+    sam_spatial: Annotated[Optional[str], typer.Option(help="SAM spatial target: neck (256 ch) or preneck. [default: neck]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray workers when there is no GPU (with GPUs: one per GPU).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default starts Ray locally.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out first.")] = False,
+    max_shards: Annotated[Optional[int], typer.Option(help="Stop after this many new shards (resume later with the same command).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the final report as JSON here.")] = None,
+):
+    """Run every teacher once over DATA and write their targets to a Zarr store (resumable)."""
+    from .cache.build import build_cache
+    from .cache.config import load_cache_config
+
+    cfg = load_cache_config(config, teachers=teachers or teacher, spatial_codec=spatial_codec,
+                            summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
+                            data=data, out=out, views=views, seed=seed, shard_size=shard_size, batch_size=batch_size,
+                            workers=workers, address=address, overwrite=overwrite or None, max_shards=max_shards)
+    result = build_cache(cfg)
+    if report:
+        report.write_text(json.dumps(result, indent=2))
+    _print_report(result)
+
+
+def _print_report(r: dict) -> None:
+    out = Console()
+    state = "complete" if r["complete"] else "partial (rerun the same command to resume)"
+    out.print(f"store {r['store']}: {r['samples']} samples x {r['views']} views, {state}")
+    out.print(f"ran {r['shards_run']} shards, {r['images_run']} images in {r['seconds']:.1f} s"
+              + (f" ({r['images_per_s']:.1f} images/s)" if r["images_per_s"] else ""))
+    table = Table("teacher", "views/s (forward)", "bytes/view", "fidelity (mean/min cos)")
+    for name, t in r["teachers"].items():
+        fid = t["fidelity"] or {}
+        cos = "  ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items())
+        speed = f"{t['views_per_s']:.1f}" if t["views_per_s"] else "-"
+        table.add_row(name, speed, f"{t['bytes_per_view']:,.0f}", cos)
+    out.print(table)
+    if r["unreadable"]:
+        out.print(f"[yellow]{len(r['unreadable'])} unreadable images skipped:[/]")
+        for path, reason in r["unreadable"].items():
+            out.print(f"  {path}: {reason}", highlight=False)
+
+
+@cache_app.command()
+@_one_line_errors
+def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cache build`.")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False):
+    """Show a store's teachers, dims, codecs, fidelity, sizes, shards done and unreadable samples."""
+    from .cache.inspect import store_info
+
+    i = store_info(store)
+    if as_json:
+        print(json.dumps(i, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']}): {i['samples']} samples x "
+              f"{i['views']} views from {i['dataset']}; shards {i['shards_done']}/{i['shards_total']} done; "
+              f"{i['bytes'] / 1e6:.1f} MB")
+    table = Table("teacher", "model", "res", "grid", "summary", "spatial", "codecs", "fidelity (mean/min cos)", "bytes/view")
+    for name, t in i["teachers"].items():
+        ident = t["identity"]
+        model = ident["model"] + (f":{ident['weights']}" if ident.get("weights") else "") + (" (tiny, random)" if ident["tiny"] else "")
+        st = t["storage"]
+        fid = t["fidelity"] or {}
+        table.add_row(name, model, str(t["resolution"]), "x".join(map(str, t["grid"])), str(t["summary_dim"] or "-"),
+                      str(t["spatial_dim"]), f"spatial {st['spatial']}" + (f" pool {st['pool']}" if st["pool"] > 1 else "")
+                      + (f", summary {st['summary']}" if t["summary_dim"] else ""),
+                      "  ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items()),
+                      f"{t['bytes_per_view']:,.0f}")
+    out.print(table)
+    out.print(f"ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
+    for path, reason in i["unreadable"].items():
+        out.print(f"  unreadable: {path}: {reason}", highlight=False)
+
+
+@cache_app.command()
+@_one_line_errors
+def verify(store: Annotated[Path, typer.Argument(help="A store made by `radio-cache build`.")]):
+    """Check every shard is done and every chunk passes its checksum, has its shape and is finite."""
+    from .cache.inspect import verify_store
+
+    r = verify_store(store, progress=True)
+    Console().print(f"ok: {r['store']}: {r['samples']} samples, {r['arrays']} arrays verified")
+
+
+@cache_app.command()
+@_one_line_errors
+def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into.")],
+           images: Annotated[int, typer.Option(help="Number of labelled scene images.")] = 64,
+           size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+           bad: Annotated[bool, typer.Option(help="Add the bad files real datasets hold (empty, truncated, CMYK...).")] = True):
+    """Generate a labelled sample dataset with masks (shapes on textures), for demos and tests."""
+    from .cache.sample_data import make_sample_dataset
+
+    folder = make_sample_dataset(out, images=images, size=size, bad=bad)
+    Console().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")

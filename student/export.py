@@ -1,0 +1,83 @@
+"""Save / load a student as ``model.safetensors`` + ``config.json`` (no pickle anywhere).
+
+The config names the student and its overrides, so ``load_student`` rebuilds it with
+``create_student`` alone: nothing of the training code or the cache is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import RadioDistillError
+from ._registry import create_student
+from .model import Student
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_student(model: Student, directory: str | Path) -> Path:
+    """Writes the weights and the config that rebuilds ``model``.
+
+    Args:
+        model: a student made by ``create_student``.
+        directory: created if missing; existing files are overwritten.
+
+    Returns:
+        the directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "student": model.name,
+        "overrides": model.overrides,
+        "teachers": {t: asdict(d) for t, d in model.teachers.items()},
+        "deployed": model.deployed,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "input_stride": model.input_stride,
+        "feature_info": model.feature_info,
+    }
+    try:
+        text = json.dumps(config, indent=2)
+    except TypeError as e:
+        raise ValueError(f"student overrides {model.overrides!r} are not JSON data: {e}") from e
+    # copies, so tied / viewed tensors never share storage (safetensors refuses that)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS, metadata={"format_version": str(FORMAT_VERSION)})
+    (directory / CONFIG).write_text(text + "\n")
+    return directory
+
+
+def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -> Student:
+    """Rebuilds a saved student, loads its weights strictly and returns it in eval mode.
+
+    Args:
+        directory: a folder written by ``save_student``.
+        device: where the model goes.
+
+    Returns:
+        the ``Student``; calling it gives the backbone's and every adaptor's outputs.
+    """
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise RadioDistillError(f"{directory} is not a saved student; it needs {CONFIG} and {WEIGHTS}")
+    config = json.loads((directory / CONFIG).read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise RadioDistillError(
+            f"{directory} is student format v{config.get('format_version')}, this version reads "
+            f"v{FORMAT_VERSION}; re-export it with save_student")
+    overrides = {**config["overrides"], "pretrained": False} if "pretrained" in config["overrides"] \
+        else config["overrides"]  # the weights come from the file, never a download
+    model = create_student(config["student"], teachers=config["teachers"], **overrides)
+    model.overrides = config["overrides"]
+    if config.get("deployed"):
+        model.switch_to_deploy()
+    model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
+    return model.to(device).eval()

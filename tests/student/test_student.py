@@ -1,0 +1,82 @@
+"""Contract tests over every student family, plus registry errors and save / load."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from radio_distill.errors import UnknownStudentError
+from radio_distill.student import (StudentOutput, TeacherDims, create_student, list_students,
+                                   load_student, save_student)
+
+TEACHERS = {"clip": TeacherDims(32, 64), "dinov2": TeacherDims(48, 48), "sam": TeacherDims(None, 32)}
+NAMES = ["test_vit", "test_convnext", "test_resnet", "test_eradio"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("size", [(64, 64), (96, 64)])
+def test_output_contract(name, size):
+    torch.manual_seed(0)
+    model = create_student(name, teachers=TEACHERS)
+    H, W = size
+    assert H % model.input_stride == 0 and len(model.mean) == len(model.std) == 3
+    out = model(torch.randn(2, 3, H, W))
+    assert isinstance(out, StudentOutput)
+    r, D = model.feature_info["reduction"], model.feature_info["num_chs"]
+    h, w = H // r, W // r
+    summary, spatial = out.backbone
+    assert spatial.shape == (2, D, h, w) and summary.shape[0] == 2 and summary.ndim == 2
+    assert list(out.teachers) == list(TEACHERS)
+    for t, dims in TEACHERS.items():
+        s, f = out.teachers[t]
+        assert f.shape == (2, dims.spatial_dim, h, w)
+        assert (s is None) if dims.summary_dim is None else s.shape == (2, dims.summary_dim)
+    tokens, fmap = model.forward_features(torch.randn(1, 3, H, W))
+    assert tokens.ndim == 3 and fmap.shape == (1, D, h, w)
+
+
+def test_vit_summary_tokens_and_other_resolution():
+    model = create_student("test_vit", teachers=TEACHERS, num_registers=3)
+    vit = model.backbone.model
+    assert vit.num_prefix_tokens == 2 + 3 and vit.cls_token is None
+    out = model(torch.randn(1, 3, 208, 48))  # default is 160x160
+    assert out.backbone.spatial.shape[-2:] == (13, 3)
+    assert out.backbone.summary.shape == (1, 2 * vit.embed_dim)  # one token per summary teacher
+    with pytest.raises(ValueError, match="divisible by 16, got 65x64"):
+        model(torch.randn(1, 3, 65, 64))
+
+
+def test_timm_mean_std_and_stride():
+    assert create_student("test_vit", teachers={}).mean == (0.5, 0.5, 0.5)  # timm's cfg
+    assert create_student("test_convnext", teachers={}).input_stride == 32
+
+
+def test_registry():
+    assert {"test_eradio", "eradio_small", "eradio_base", "eradio_large"} <= set(list_students())
+    assert list_students("eradio_*") == ["eradio_base", "eradio_large", "eradio_small"]
+    with pytest.raises(UnknownStudentError, match=r"unknown student 'vit_smal_patch16_224'.*"
+                       r"vit_small_patch16_224.*list_students\(\).*timm.list_models\('vit\*'\)"):
+        create_student("vit_smal_patch16_224", teachers=TEACHERS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_student(name, teachers=TEACHERS, head_hidden=40).eval()
+    save_student(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["student"] == name and config["overrides"] == {"head_hidden": 40}
+    assert config["teachers"]["sam"] == {"summary_dim": None, "spatial_dim": 32}
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:  # safetensors: no pickle
+        assert set(f.keys()) == set(model.state_dict())
+    loaded = load_student(tmp_path)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.backbone.spatial, b.backbone.spatial)
+    for t in TEACHERS:
+        assert torch.equal(a.teachers[t].spatial, b.teachers[t].spatial)
+        if a.teachers[t].summary is not None:
+            assert torch.equal(a.teachers[t].summary, b.teachers[t].summary)
