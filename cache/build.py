@@ -22,6 +22,7 @@ from ..errors import CacheLayoutError, RadioDistillError
 from . import codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb, scan_dataset
+from .inspect import store_info
 from .store import check_settings, create_store, done_shards, finalize_norm, open_array, open_store
 from .teachers import TeacherSpec, build_teacher, check_spec, identity
 from .views import crop_resize, view_boxes
@@ -140,30 +141,18 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, progress: bool
 
 
 def _report(out: Path, results: list[dict], wall: float, complete: bool) -> dict:
-    root = open_store(out)
-    n, views = root.attrs["num_samples"], root.attrs["views"]
-    status = root[L.STATUS][:]
-    errors = root[L.ERRORS][:]
-    ids = root[L.IDS][:]
-    bad = np.flatnonzero(status == L.UNREADABLE)
+    info = store_info(out)
     done_images = sum(r["images"] for r in results)
     teachers = {}
-    for name in sorted(root.attrs["settings"]["teachers"]):
+    for name, t in info["teachers"].items():
         seconds = sum(r["seconds"][name] for r in results)
         views_done = sum(r["views"] for r in results)
-        teachers[name] = {
-            "views_per_s": views_done / seconds if seconds else None,
-            "bytes_per_view": _disk_bytes(out / L.teacher_group(name)) / (n * views),
-            "fidelity": root[L.teacher_group(name)].attrs.get("fidelity"),
-        }
-    return {"store": str(out), "complete": complete, "samples": n, "views": views,
+        teachers[name] = {"views_per_s": views_done / seconds if seconds else None,
+                          "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"]}
+    return {"store": str(out), "complete": complete, "samples": info["samples"], "views": info["views"],
             "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers,
-            "unreadable": {str(ids[i]): str(errors[i]) for i in bad}}
-
-
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            "unreadable": info["unreadable"]}
 
 
 class ShardWorker:
