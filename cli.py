@@ -150,3 +150,57 @@ def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample 
 
     folder = make_sample_dataset(out, images=images, size=size, bad=bad)
     Console().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
+
+
+train_app = typer.Typer(help="Distil a student from a store's cached targets, never loading a teacher.",
+                        pretty_exceptions_enable=False, add_completion=False)
+
+
+@train_app.command()
+@_one_line_errors
+def train(
+    store: Annotated[Optional[Path], typer.Argument(help="Store made by `radio-cache build`.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student: eradio_small/base/large or any timm model name, e.g. vit_base_patch16_224, convnext_tiny. [default: vit_small_patch16_224]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: checkpoint/, student/, metrics.csv, tensorboard/.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (or give --epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs over the training split (or give --steps).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size over all processes. [default: 64]")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Student input side; a multiple of its stride. [default: 224]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
+    teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Fraction of sample ids held out for radio-eval. [default: 0.05]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order. [default: 0]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per training process. [default: 4]")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Log metrics every N steps. [default: 10]")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (and at the end). [default: 500]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. [default: cuda if available]")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML recipe; options given here win.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its checkpoint stopped.")] = False,
+    allow_partial: Annotated[bool, typer.Option(help="Train on the finished shards of an incomplete store.")] = False,
+    ray_workers: Annotated[Optional[int], typer.Option(help="Train on this many Ray Train workers (multi-node); default: this process, or torchrun's.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --ray-workers.")] = None,
+):
+    """Distil a student from STORE. Multi-GPU: `torchrun --nproc-per-node 8 $(which radio-train) STORE ...`."""
+    from .train.config import load_train_config
+    from .train.loop import train as run_training
+
+    weights = {}
+    for w in teacher_weight or []:
+        name, _, value = w.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
+    cfg = load_train_config(config, store=store, student=student, out=out, steps=steps, epochs=epochs,
+                            batch_size=batch_size, resolution=resolution, lr=lr, holdout=holdout, seed=seed,
+                            workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
+                            resume=resume or None, allow_partial=allow_partial or None,
+                            loss={"kind": loss, "teacher_weights": weights or None})
+    if ray_workers:
+        from .train.distributed import train_on_ray
+        train_on_ray(cfg, workers=ray_workers, address=address)
+        return
+    result = run_training(cfg)
+    Console().print(f"trained {result['steps']} steps; student saved to {Path(result['out']) / 'student'} "
+                    "(load it with radio_distill.student.load_student)")

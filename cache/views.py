@@ -60,4 +60,4 @@ def crop_resize(image: Image.Image, box: np.ndarray, resolution: int, *, scale: 
     """
     region = tuple(float(c) * scale for c in box)
     out = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=region, reducing_gap=3.0)
-    return np.asarray(out)
+    return np.array(out)  # writable, so torch.from_numpy takes it without a copy warning

@@ -1,0 +1,66 @@
+"""Checkpoints without pickle: the student (safetensors + JSON, loadable by `load_student`), the
+optimizer's tensors (safetensors) and everything else as JSON. Written to a temporary folder and
+swapped in, so a crash mid-save keeps the previous checkpoint."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..student import load_student, save_student
+
+STUDENT, OPTIMIZER, STATE = "student", "optimizer.safetensors", "state.json"
+
+
+def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer, step: int, run: dict) -> Path:
+    """Save everything `--resume` needs to continue exactly after `step` steps."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_student(model, tmp / STUDENT)
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    save_file(tensors, tmp / OPTIMIZER)
+    (tmp / STATE).write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
+                                         "optimizer_scalars": scalars, "run": run}, indent=2))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def read_state(directory: Path) -> dict:
+    return json.loads((directory / STATE).read_text())
+
+
+def load_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model, optimizer and RNG state in place; returns the step to continue from."""
+    state = read_state(directory)
+    saved = load_student(directory / STUDENT)
+    model.load_state_dict(saved.state_dict())
+    tensors = load_file(directory / OPTIMIZER)
+    opt_state = {}
+    for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+        if key.startswith("rng."):
+            continue
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")])
+    return state["step"]
