@@ -177,6 +177,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. [default: cuda if available]")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML recipe; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its checkpoint stopped.")] = False,
+    stop_at: Annotated[Optional[int], typer.Option(help="End this session after this step, checkpointed (for time-limited jobs); continue with --resume.")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Train on the finished shards of an incomplete store.")] = False,
     ray_workers: Annotated[Optional[int], typer.Option(help="Train on this many Ray Train workers (multi-node); default: this process, or torchrun's.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --ray-workers.")] = None,
@@ -195,12 +196,12 @@ def train(
     cfg = load_train_config(config, store=store, student=student, out=out, steps=steps, epochs=epochs,
                             batch_size=batch_size, resolution=resolution, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
-                            resume=resume or None, allow_partial=allow_partial or None,
+                            resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers:
         from .train.distributed import train_on_ray
         train_on_ray(cfg, workers=ray_workers, address=address)
         return
     result = run_training(cfg)
-    Console().print(f"trained {result['steps']} steps; student saved to {Path(result['out']) / 'student'} "
+    Console().print(f"trained to step {result['step']} of {result['steps']}; student saved to {Path(result['out']) / 'student'} "
                     "(load it with radio_distill.student.load_student)")

@@ -5,9 +5,12 @@ path (whole-shard writes of target arrays, bulk reads), being 5-20x faster on th
 Every array carries zstd + crc32c, so a corrupted chunk fails its checksum on read.
 """
 
+from __future__ import annotations
+
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorstore as ts
@@ -18,7 +21,9 @@ from .. import __version__
 from ..errors import CacheLayoutError
 from . import layout as L
 from .dataset import Manifest
-from .teachers import TeacherInfo
+
+if TYPE_CHECKING:  # the trainer imports this module; it must not pull in the teachers
+    from .teachers import TeacherInfo
 
 
 def _compressors():

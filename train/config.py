@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     allow_partial: bool = False
     resume: bool = False
+    stop_at: int | None = None  # end this session after this step (checkpointed); continue with resume
     device: str | None = None  # default: cuda if available, else cpu
 
 

@@ -91,8 +91,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             phis[t.name] = PhiS(t.norm["spatial"]["mean"], t.norm["spatial"]["cov"]).to(device)
 
     # 6. data: one view per image per step, this process's slice of each global batch
+    end = min(steps, cfg.stop_at or steps)
     loader = reader.loader(indices, resolution=cfg.resolution, batch_size=cfg.batch_size, seed=cfg.seed,
-                           start_step=start, steps=steps, rank=procs.rank, world=procs.world,
+                           start_step=start, steps=end, rank=procs.rank, world=procs.world,
                            workers=cfg.workers, pin_memory=device.type == "cuda")
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
@@ -102,7 +103,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     net.train()
     last, seen, tick = {}, 0, time.perf_counter()
     with _progress(procs.main and progress, start, steps) as (bar, task):
-        for step, batch in zip(range(start, steps), loader):
+        for step, batch in zip(range(start, end), loader):
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -140,14 +141,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 raise TrainingError(f"loss of teacher '{bad[0].split('/')[0]}' ({bad[0]}) is not finite at step {step}; "
                                     f"the last checkpoint in '{ckpt}' is kept")
             seen += len(pixels) * procs.world
-            if procs.main and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+            if procs.main and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
                 now = time.perf_counter()
                 metrics.log(step + 1, {"lr": lr, "loss": sum(last.values()), "grad_norm": values[-1], **last,
                                        "images_per_s": seen / (now - tick)})
                 seen, tick = 0, now
                 bar.update(task, losses="  ".join(f"{k} {v:.4f}" for k, v in last.items()))
             bar.advance(task)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 if procs.main:
                     save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step + 1, run=run)
                 if procs.world > 1:
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         save_student(model, out / "student")
         metrics.close()
     teardown()
-    return {"out": str(out), "steps": steps, "losses": last}
+    return {"out": str(out), "steps": steps, "step": end, "losses": last}
 
 
 def _to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: local Ray, a local Zarr store, a generated sample dataset
+# (with some bad files) and the offline `tiny` teachers; then inspect, verify, and train a student.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+source .venv/bin/activate
+mkdir -p demo
+[ -d demo/data/images ] || radio-cache sample demo/data --images 64
+radio-cache build demo/data/images --out demo/cache.zarr --teachers tiny --views 2 --shard-size 16 --workers 2
+radio-cache info demo/cache.zarr
+radio-cache verify demo/cache.zarr
+rm -rf demo/run
+radio-train demo/cache.zarr --student vit_small_patch16_224 --out demo/run --steps 30 --batch-size 16 \
+    --resolution 64 --workers 2 --log-every 5

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (once) with torch + torchvision and radio-distill installed editable with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+    # torchvision from PyPI fails beside other torch builds: install the matching pair together
+    .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+.venv/bin/python -m pip install -q -e ".[test]"

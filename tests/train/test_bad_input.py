@@ -1,0 +1,91 @@
+"""Training refuses bad input with one clear line, and never trains on data it should not."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from radio_distill.cache import layout as L
+from radio_distill.cli import train_app
+from radio_distill.errors import CacheLayoutError, DatasetError, TrainingError, UnknownStudentError
+from radio_distill.student import load_student
+from radio_distill.train.loop import train
+from radio_distill.train.reader import CacheReader
+
+from .conftest import config
+
+
+def test_incomplete_store_needs_allow_partial(store_copy, tmp_path):
+    zarr.open_group(store_copy, mode="r+")[L.done_array("sam")][1] = 0
+    with pytest.raises(CacheLayoutError, match="incomplete: 6 of 7 shards done.*--allow-partial"):
+        train(config(store_copy, tmp_path / "run"), progress=False)
+    reader = CacheReader(store_copy, allow_partial=True)
+    used = reader.indices(holdout=0.0)
+    assert used.size and not np.any((used >= 8) & (used < 16)), "samples of the unfinished shard were used"
+    train(config(store_copy, tmp_path / "run", allow_partial=True, steps=2), progress=False)
+
+
+def test_missing_images_root_and_missing_file_are_named(store_copy, tmp_path):
+    reader = CacheReader(store_copy)
+    first = reader.root_dir / reader.ids[reader.indices(holdout=0.1)[3]]
+    moved = reader.root_dir.with_name("moved")
+    first_backup = tmp_path / "first.jpg"
+    shutil.copy(first, first_backup)
+    first.unlink()
+    try:
+        with pytest.raises(DatasetError, match=f"image '{first}'.*is missing"):
+            train(config(store_copy, tmp_path / "a"), progress=False)
+        reader.root_dir.rename(moved)
+        try:
+            with pytest.raises(DatasetError, match="images root .* is missing"):
+                train(config(store_copy, tmp_path / "b"), progress=False)
+        finally:
+            moved.rename(reader.root_dir)
+    finally:
+        shutil.copy(first_backup, first)
+
+
+def test_unknown_student_names_where_to_look(train_store, tmp_path):
+    with pytest.raises(UnknownStudentError, match="list_students.*timm.list_models"):
+        train(config(train_store, tmp_path / "run", student="vit_nonexistent_patch16"), progress=False)
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "nope_net", "--out", str(tmp_path / "r"),
+                                            "--steps", "1"])
+    assert result.exit_code == 2
+    assert "unknown student 'nope_net'" in result.output and "Traceback" not in result.output
+
+
+def test_nan_loss_stops_naming_step_and_teacher_and_keeps_checkpoint(store_copy, tmp_path):
+    run = tmp_path / "run"
+    train(config(store_copy, run, steps=6, stop_at=2, checkpoint_every=1), progress=False)
+    before = load_student(run / "checkpoint/student").state_dict()
+    summary = zarr.open_group(store_copy, mode="r+")[L.target_array("dinov2", "summary")]
+    summary[...] = np.full(summary.shape, np.nan, dtype=np.float16)
+    with pytest.raises(TrainingError, match=r"teacher 'dinov2' \(dinov2/summary\) is not finite at step 2.*kept"):
+        train(config(store_copy, run, steps=6, resume=True, checkpoint_every=1), progress=False)
+    assert json.loads((run / "checkpoint/state.json").read_text())["step"] == 2
+    after = load_student(run / "checkpoint/student").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_from_a_store_with_other_settings_is_refused(train_store, store_copy, tmp_path):
+    run = tmp_path / "run"
+    train(config(train_store, run, steps=4, stop_at=2), progress=False)
+    root = zarr.open_group(store_copy, mode="r+")
+    settings = dict(root.attrs["settings"])
+    settings["views"] = 3
+    root.attrs["settings"] = settings
+    with pytest.raises(TrainingError, match="other teachers or settings"):
+        train(config(store_copy, run, steps=4, resume=True), progress=False)
+    with pytest.raises(TrainingError, match="already holds a checkpoint"):
+        train(config(train_store, run, steps=4), progress=False)
+    with pytest.raises(TrainingError, match="trains 'test_vit', not 'test_resnet'"):
+        train(config(train_store, run, steps=4, resume=True, student="test_resnet"), progress=False)
+
+
+def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
+    with pytest.raises(TrainingError, match="--resolution 40 is not a multiple of 16"):
+        train(config(train_store, tmp_path / "run", resolution=40), progress=False)

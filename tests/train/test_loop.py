@@ -1,0 +1,91 @@
+"""The training loop on a tiny store: losses fall, resume is exact, DDP matches one process."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from radio_distill.student import load_student
+from radio_distill.train.loop import train
+
+from .conftest import config
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+TEACHER_LOSSES = ["clip/summary", "clip/spatial", "dinov2/summary", "dinov2/spatial", "sam/spatial"]
+
+
+@pytest.mark.parametrize("student", ["test_vit", "test_resnet"])
+def test_losses_fall_for_vit_and_cnn_students_from_one_store(train_store, tmp_path, student):
+    cfg = config(train_store, tmp_path / student, student=student, steps=30, resolution=64, lr=3e-3)
+    result = train(cfg, progress=False)
+    rows = read_metrics(tmp_path / student)
+    assert len(rows) == 30 and set(TEACHER_LOSSES) <= set(rows[0])
+    for key in TEACHER_LOSSES:
+        first = np.mean([r[key] for r in rows[:3]])
+        last = np.mean([r[key] for r in rows[-3:]])
+        assert last < first, f"{student}: {key} did not fall ({first:.4f} -> {last:.4f})"
+    assert result["step"] == 30
+    model = load_student(tmp_path / student / "student")
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.teachers["sam"].summary is None and out.teachers["clip"].summary.shape == (2, 32)
+
+
+def test_resume_continues_exactly(train_store, tmp_path):
+    full = config(train_store, tmp_path / "full", steps=8, checkpoint_every=4)
+    train(full, progress=False)
+    part = config(train_store, tmp_path / "part", steps=8, checkpoint_every=4, stop_at=4)
+    train(part, progress=False)
+    assert json.loads((tmp_path / "part/checkpoint/state.json").read_text())["step"] == 4
+    train(replace(part, stop_at=None, resume=True), progress=False)
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in TEACHER_LOSSES + ["lr"]:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    wa = load_student(tmp_path / "full/student").state_dict()
+    wb = load_student(tmp_path / "part/student").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_ddp_two_gloo_processes_match_one_process(train_store, tmp_path):
+    one = config(train_store, tmp_path / "one", steps=3)
+    train(one, progress=False)
+    script = shutil.which("radio-train") or str(Path(sys.executable).parent / "radio-train")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
+           str(train_store), "--student", "test_vit", "--out", str(tmp_path / "two"), "--steps", "3",
+           "--batch-size", "8", "--resolution", "32", "--lr", "2e-3", "--workers", "0", "--log-every", "1",
+           "--device", "cpu", "--holdout", "0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in TEACHER_LOSSES:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    wa = load_student(tmp_path / "one/student").state_dict()
+    wb = load_student(tmp_path / "two/student").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_phis_loss_and_spawned_loader_workers(train_store, tmp_path):
+    cfg = config(train_store, tmp_path / "phis", steps=12, workers=2, loss=replace(config(train_store, tmp_path).loss,
+                                                                                       kind="phis"))
+    train(cfg, progress=False)
+    rows = read_metrics(tmp_path / "phis")
+    assert len(rows) == 12
+    assert rows[-1]["dinov2/spatial"] < rows[0]["dinov2/spatial"]
+    assert (tmp_path / "phis/tensorboard").is_dir() and any((tmp_path / "phis/tensorboard").iterdir())
