@@ -27,8 +27,8 @@ def read_metrics(run: Path) -> list[dict]:
 TEACHER_LOSSES = ["clip/summary", "clip/spatial", "dinov2/summary", "dinov2/spatial", "sam/spatial"]
 
 
-@pytest.mark.parametrize("student", ["test_vit", "test_resnet"])
-def test_losses_fall_for_vit_and_cnn_students_from_one_store(train_store, tmp_path, student):
+@pytest.mark.parametrize("student", ["test_vit", "test_resnet", "test_eradio"])
+def test_losses_fall_for_vit_cnn_and_eradio_students_from_one_store(train_store, tmp_path, student):
     cfg = config(train_store, tmp_path / student, student=student, steps=30, resolution=64, lr=3e-3)
     result = train(cfg, progress=False)
     rows = read_metrics(tmp_path / student)
