@@ -10,11 +10,12 @@ Letters: B batch, R input side, h, w grid, C spatial channels, D summary channel
 
 import hashlib
 import re
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TeacherSpecError
@@ -109,12 +110,23 @@ def check_spec(spec: TeacherSpec) -> None:
         if not timm.is_model(spec.model):
             raise TeacherSpecError(f"teacher '{spec.name}': unknown timm model '{spec.model}'; "
                                    "see timm.list_models('*dinov2*')")
+        arch, _, tag = spec.model.partition(".")
+        if tag and spec.model not in timm.list_pretrained(spec.model):
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown pretrained tag '{tag}' for timm model '{arch}'; "
+                                   f"available: {', '.join(timm.list_pretrained(arch + '.*')) or 'none'}")
+        if spec.weights is not None and not _is_file(spec.weights):
+            raise TeacherSpecError(f"teacher '{spec.name}': DINOv2 weights '{spec.weights}' must be a local file "
+                                   "(.pth, .safetensors); pretrained tags go in the timm model name, "
+                                   "e.g. vit_large_patch14_reg4_dinov2.lvd142m")
     elif spec.family == "sam":
         if spec.model not in _sam_builders():
             raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM model '{spec.model}'; "
                                    f"available: {', '.join(_sam_builders())}")
         if spec.weights is None and not spec.tiny:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM needs a checkpoint file, "
+                                   f"e.g. sam:{spec.model}:/path/sam_{spec.model}.pth@1024")
+        if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM checkpoint '{spec.weights}' is not a file; "
                                    f"e.g. sam:{spec.model}:/path/sam_{spec.model}.pth@1024")
         if spec.sam_spatial not in SAM_SPATIAL:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM spatial target '{spec.sam_spatial}' "
@@ -256,6 +268,35 @@ def build_tiny_sam(checkpoint: str | None = None):
     return sam
 
 
+@lru_cache(maxsize=1)
+def _sdpa_attention() -> type:
+    """segment_anything's image-encoder attention, computed by SDPA with the decomposed relative
+    position bias as an additive mask: same weights, same maths, a fused kernel instead of an
+    explicit softmax(q kᵀ) (see bench/teachers.py for speed and cosine to stock)."""
+    from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+
+    class SdpaAttention(Attention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+            B, H, W, _ = x.shape
+            q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, N, hd)
+            bias = None
+            if self.use_rel_pos:
+                r_q = q.reshape(B * self.num_heads, H, W, -1)
+                rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h).to(q.dtype))
+                rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w).to(q.dtype))
+                bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads, H * W, H * W)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, N, hd)
+            return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
+
+    return SdpaAttention
+
+
+def use_sdpa(sam) -> None:
+    """Switch every attention of a segment_anything image encoder to SDPA, in place."""
+    for blk in sam.image_encoder.blocks:
+        blk.attn.__class__ = _sdpa_attention()
+
+
 def _sam_builders() -> dict:
     from segment_anything import sam_model_registry
     return {**sam_model_registry, "tiny": build_tiny_sam}
@@ -264,6 +305,7 @@ def _sam_builders() -> dict:
 def build_sam(spec: TeacherSpec) -> Teacher:
     weights = str(Path(spec.weights).expanduser()) if spec.weights else None
     sam = _sam_builders()[spec.model](checkpoint=weights)
+    use_sdpa(sam)
     enc = sam.image_encoder
     if spec.resolution not in (None, enc.img_size):
         raise TeacherSpecError(f"teacher '{spec.name}': SAM '{spec.model}' runs at {enc.img_size} px only, "
