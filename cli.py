@@ -109,24 +109,29 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
         print(json.dumps(i, indent=2))
         return
     out = Console()
-    out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']}): {i['samples']} samples x "
-              f"{i['views']} views from {i['dataset']}; shards {i['shards_done']}/{i['shards_total']} done; "
-              f"{i['bytes'] / 1e6:.1f} MB")
-    table = Table("teacher", "model", "res", "grid", "summary", "spatial", "codecs", "fidelity (mean/min cos)", "bytes/view")
+    out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']})", highlight=False)
+    out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}, {len(i['classes'])} classes; "
+              f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk", highlight=False)
     for name, t in i["teachers"].items():
-        ident = t["identity"]
-        model = ident["model"] + (f":{ident['weights']}" if ident.get("weights") else "") + (" (tiny, random)" if ident["tiny"] else "")
-        st = t["storage"]
-        fid = t["fidelity"] or {}
-        table.add_row(name, model, str(t["resolution"]), "x".join(map(str, t["grid"])), str(t["summary_dim"] or "-"),
-                      str(t["spatial_dim"]), f"spatial {st['spatial']}" + (f" pool {st['pool']}" if st["pool"] > 1 else "")
-                      + (f", summary {st['summary']}" if t["summary_dim"] else ""),
-                      "  ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items()),
-                      f"{t['bytes_per_view']:,.0f}")
-    out.print(table)
-    out.print(f"ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
+        ident, st, fid = t["identity"], t["storage"], t["fidelity"] or {}
+        weights = f":{ident['weights']}" if ident.get("weights") else ""
+        out.print(f"[bold]{name}[/]: {ident['family']} {ident['model']}{weights}{_weights_label(ident)} "
+                  f"@{t['resolution']}, grid {'x'.join(map(str, t['grid']))}, summary {t['summary_dim'] or '-'}, "
+                  f"spatial {t['spatial_dim']}", highlight=False)
+        codecs = f"spatial {st['spatial']}" + (f" pooled x{st['pool']}" if st["pool"] > 1 else "")
+        codecs += f", summary {st['summary']}" if t["summary_dim"] else ""
+        cos = ", ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items()) or "not measured yet"
+        out.print(f"  codecs {codecs}; fidelity (mean/min cos) {cos}; {t['bytes_per_view']:,.0f} bytes/view; "
+                  f"shards {t['shards_done']}/{i['shards_total']}", highlight=False)
+    out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
     for path, reason in i["unreadable"].items():
         out.print(f"  unreadable: {path}: {reason}", highlight=False)
+
+
+def _weights_label(ident: dict) -> str:
+    if ident.get("preset") == "tiny":
+        return " (tiny preset: toy size, random weights)"
+    return " (random weights)" if ident["random_init"] else ""
 
 
 @cache_app.command()

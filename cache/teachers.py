@@ -31,7 +31,8 @@ class TeacherSpec:
     """What to load: `[name=]family:model[:weights][@resolution]` on the command line.
 
     `weights` is a pretrained tag (open_clip) or a local file; DINOv2 tags live in the timm model
-    name. `model_kwargs` only serves the tiny preset's toy sizes.
+    name. `random_init` builds the architecture with seeded random weights instead (the tiny
+    preset, architecture benchmarks); `model_kwargs` only serves the tiny preset's toy sizes.
     """
 
     name: str
@@ -40,7 +41,8 @@ class TeacherSpec:
     weights: str | None = None
     resolution: int | None = None
     sam_spatial: str = "neck"
-    tiny: bool = False
+    random_init: bool = False
+    preset: str | None = None  # 'tiny' for the offline preset, recorded so stores say so
     model_kwargs: tuple[tuple[str, object], ...] = ()
 
 
@@ -77,10 +79,10 @@ def parse_teacher(text: str) -> TeacherSpec:
 def tiny_teachers() -> list[TeacherSpec]:
     """The offline preset: real CLIP, DINOv2 and SAM architectures at toy sizes, seeded random weights."""
     return [
-        TeacherSpec("clip", "clip", TINY_CLIP, resolution=64, tiny=True),
-        TeacherSpec("dinov2", "dinov2", "vit_small_patch14_reg4_dinov2", resolution=112, tiny=True,
-                    model_kwargs=(("depth", 2), ("embed_dim", 48), ("num_heads", 2))),
-        TeacherSpec("sam", "sam", "tiny", resolution=64, tiny=True),
+        TeacherSpec("clip", "clip", TINY_CLIP, resolution=64, random_init=True, preset="tiny"),
+        TeacherSpec("dinov2", "dinov2", "vit_small_patch14_reg4_dinov2", resolution=112, random_init=True,
+                    preset="tiny", model_kwargs=(("depth", 2), ("embed_dim", 48), ("num_heads", 2))),
+        TeacherSpec("sam", "sam", "tiny", resolution=64, random_init=True, preset="tiny"),
     ]
 
 
@@ -99,7 +101,7 @@ def check_spec(spec: TeacherSpec) -> None:
             raise TeacherSpecError(f"teacher '{spec.name}': unknown open_clip model '{spec.model}'; "
                                    "see open_clip.list_models()")
         tags = open_clip.list_pretrained_tags_by_model(spec.model)
-        if spec.weights is None and not spec.tiny:
+        if spec.weights is None and not spec.random_init:
             raise TeacherSpecError(f"teacher '{spec.name}': open_clip model '{spec.model}' needs weights: "
                                    f"a pretrained tag ({', '.join(tags) or 'none known'}) or a local file")
         if spec.weights is not None and not _is_file(spec.weights) and spec.weights not in tags:
@@ -122,7 +124,7 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.model not in _sam_builders():
             raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM model '{spec.model}'; "
                                    f"available: {', '.join(_sam_builders())}")
-        if spec.weights is None and not spec.tiny:
+        if spec.weights is None and not spec.random_init:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM needs a checkpoint file, "
                                    f"e.g. sam:{spec.model}:/path/sam_{spec.model}.pth@1024")
         if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
@@ -136,7 +138,7 @@ def check_spec(spec: TeacherSpec) -> None:
 def identity(spec: TeacherSpec) -> dict:
     """Stable identity of a teacher: what must match for two stores to hold the same targets."""
     ident = {"family": spec.family, "model": spec.model, "weights": spec.weights,
-             "resolution": spec.resolution, "tiny": spec.tiny, "model_kwargs": dict(spec.model_kwargs)}
+             "resolution": spec.resolution, "random_init": spec.random_init, "preset": spec.preset, "model_kwargs": dict(spec.model_kwargs)}
     if spec.family == "sam":
         ident["spatial"] = spec.sam_spatial
     if _is_file(spec.weights):
@@ -238,7 +240,7 @@ def build_dinov2(spec: TeacherSpec) -> Teacher:
         kwargs["img_size"] = spec.resolution
     if spec.weights is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.weights).expanduser())}
-    pretrained = not spec.tiny or spec.weights is not None
+    pretrained = not spec.random_init or spec.weights is not None
     model = timm.create_model(spec.model, pretrained=pretrained, num_classes=0, **kwargs)
     cfg = model.pretrained_cfg
     return Dinov2Teacher(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
