@@ -210,3 +210,59 @@ def train(
     result = run_training(cfg)
     Console().print(f"trained to step {result['step']} of {result['steps']}; student saved to {Path(result['out']) / 'student'} "
                     "(load it with radio_distill.student.load_student)")
+
+
+@cache_app.command()
+@_one_line_errors
+def text(store: Annotated[Path, typer.Argument(help="A store made by `radio-cache build`.")],
+         classes: Annotated[Optional[Path], typer.Option(help="Class names, one per line in label order. (default: the store's classes)")] = None,
+         templates: Annotated[Optional[Path], typer.Option(help="Prompt templates with {}, one per line. (default: 'a photo of a {}.' and a few more)")] = None,
+         teacher: Annotated[str, typer.Option(help="The CLIP teacher of the store whose text tower to run.")] = "clip",
+         weights: Annotated[Optional[Path], typer.Option(help="Local weight file, when the teacher was built from one (checked by sha256).")] = None,
+         device: Annotated[Optional[str], typer.Option(help="cuda or cpu. (default: cuda if available)")] = None):
+    """Run a CLIP teacher's text tower once; store normalised class embeddings for zero-shot evaluation."""
+    from .cache.text import read_lines, write_text_embeddings
+
+    r = write_text_embeddings(store, teacher=teacher, classes=read_lines(classes, "classes") if classes else None,
+                              templates=read_lines(templates, "templates") if templates else None,
+                              weights=weights, device=device)
+    Console().print(f"wrote {r['classes']} class embeddings ({r['dim']} dims, {r['templates']} templates each) "
+                    f"to {r['store']}/{r['array']}")
+
+
+eval_app = typer.Typer(help="Measure a trained student against its teachers on the held-out split, with pictures.",
+                       pretty_exceptions_enable=False, add_completion=False)
+
+
+@eval_app.command()
+@_one_line_errors
+def evaluate(
+    store: Annotated[Path, typer.Argument(help="The store the run was trained from.")],
+    run: Annotated[Path, typer.Argument(help="A `radio-train` run folder (its --out).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, report.json, features.png, curves.png.")],
+    masks: Annotated[Optional[Path], typer.Option(help="PNG label maps mirroring the images, for the dense probe. (default: IMAGES/../masks if it exists)")] = None,
+    max_bank: Annotated[int, typer.Option(help="Train samples in the kNN bank (a seeded subset when more).")] = 10000,
+    k: Annotated[int, typer.Option("--k", help="kNN neighbours.")] = 20,
+    probe_images: Annotated[int, typer.Option(help="Images per split for the dense probe (a seeded subset when more).")] = 500,
+    probe_steps: Annotated[int, typer.Option(help="Full-batch AdamW steps of each dense linear probe.")] = 300,
+    pictures: Annotated[int, typer.Option(help="Held-out images shown in features.png.")] = 4,
+    resolution: Annotated[Optional[int], typer.Option(help="Student input side. (default: the run's)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader processes (0 = read in this process).")] = 2,
+    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. (default: cuda if available)")] = None,
+    throughput: Annotated[bool, typer.Option(help="Measure images/s of the student and each teacher architecture.")] = True,
+    throughput_batch: Annotated[Optional[int], typer.Option(help="Batch for throughput. (default: 64 on CUDA, 4 on CPU)")] = None,
+):
+    """Fidelity, kNN, zero-shot, dense-probe mIoU and throughput of RUN's student vs its teachers, from STORE."""
+    from .evaluate import EvalConfig
+    from .evaluate import evaluate as run_evaluation
+
+    cfg = EvalConfig(store=store, run=run, out=out, masks=masks, max_bank=max_bank, knn_k=k, probe_images=probe_images,
+                     probe_steps=probe_steps, pictures=pictures, resolution=resolution, batch_size=batch_size,
+                     workers=workers, device=device, throughput=throughput, throughput_batch=throughput_batch)
+    report = run_evaluation(cfg)
+    skipped = [f"{name}: {section['skipped']}" for name, section in report.items()
+               if isinstance(section, dict) and "skipped" in section]
+    Console().print(f"wrote {out / 'report.md'}, report.json, features.png, curves.png")
+    for line in skipped:
+        Console().print(f"[yellow]skipped[/] {line}", highlight=False)

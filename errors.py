@@ -27,3 +27,7 @@ class UnknownStudentError(RadioDistillError):
 
 class TrainingError(RadioDistillError):
     """Training cannot start or cannot go on (incompatible resume, NaN loss...)."""
+
+
+class EvaluationError(RadioDistillError):
+    """`radio-eval` cannot evaluate a run (no run folder, no held-out samples, another store...)."""

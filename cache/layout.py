@@ -1,7 +1,7 @@
 """The store layout: the one contract between `radio-cache build` and `radio-train`.
 
 Letters: N samples, V views per sample, S samples per shard, K statistics shards,
-D summary channels, h, w teacher grid (after pooling), C spatial channels.
+D summary channels, h, w teacher grid (after pooling), C spatial channels, M classes.
 
 ```
 <store>.zarr/                 attrs: FORMAT, LAYOUT_VERSION, settings (the build's identity), ...
@@ -16,6 +16,8 @@ D summary channels, h, w teacher grid (after pooling), C spatial channels.
     done             (n_shards,)   uint8, set only after the shard's data is written
     moments/*        (K, ...)      float64 per-shard sums for the normalisation statistics
     norm/*           (C,) (C, C)   float64 mean and covariance, written when the build completes
+    text/embeddings  (M, D)        float32 unit-norm class embeddings of a CLIP teacher's text tower
+                                   (`radio-cache text`); attrs: classes, templates, identity
 ```
 Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker.
 Sample arrays: chunk = S samples, written by the worker that owns the shard.
@@ -63,6 +65,16 @@ def moment_array(teacher: str, target: str, moment: str) -> str:
 def norm_array(teacher: str, target: str, stat: str) -> str:
     """`stat` in ('mean', 'cov')."""
     return f"teachers/{teacher}/norm/{target}_{stat}"
+
+
+def text_group(teacher: str) -> str:
+    """Group of a CLIP teacher's class text embeddings (written by `radio-cache text`, read by `radio-eval`)."""
+    return f"teachers/{teacher}/text"
+
+
+def text_array(teacher: str) -> str:
+    """(M, D) float32 unit-norm text embedding per class, in the store's label order."""
+    return f"teachers/{teacher}/text/embeddings"
 
 
 def shard_count(num_samples: int, shard_size: int) -> int:

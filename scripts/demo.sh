@@ -13,3 +13,5 @@ radio-cache verify demo/cache.zarr
 rm -rf demo/run
 radio-train demo/cache.zarr --student vit_small_patch16_224 --out demo/run --steps 30 --batch-size 16 \
     --resolution 64 --workers 2 --log-every 5
+radio-cache text demo/cache.zarr
+radio-eval demo/cache.zarr demo/run --out demo/eval

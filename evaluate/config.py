@@ -1,0 +1,26 @@
+"""Evaluation settings: command-line values become one frozen `EvalConfig`."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    store: Path  # the store the run was trained from
+    run: Path  # a `radio-train` run folder (run.json, student/, metrics.csv)
+    out: Path  # where report.md, report.json, features.png and curves.png go
+    masks: Path | None = None  # mask folder; default <images root>/../masks when it exists
+    resolution: int | None = None  # student input side; default the run's training resolution
+    max_bank: int = 10000  # train-split samples in the kNN bank (a seeded subset when more)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_images: int = 500  # images per split for the dense probe (a seeded subset when more)
+    probe_steps: int = 300  # full-batch AdamW steps of each linear probe
+    pictures: int = 4  # held-out images in features.png
+    batch_size: int = 64
+    workers: int = 2  # DataLoader processes (spawned); 0 reads in this process
+    device: str | None = None  # default: cuda if available, else cpu
+    throughput: bool = True
+    throughput_batch: int | None = None  # default 64 on CUDA, 4 on CPU
+    throughput_seconds: float | None = None  # timed seconds per model; default 2 on CUDA, 0.5 on CPU
+    seed: int = 0  # of the bank / probe subsets

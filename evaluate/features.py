@@ -1,0 +1,183 @@
+"""The run under evaluation and one pass of its student over a split, next to the cached targets.
+
+Every sample is seen through its view 0 (the canonical centred square) at the run's resolution.
+Teacher features are the store's cached targets; no teacher is ever loaded.
+
+Letters: N samples, R student side, S*D backbone summary width, Dt / Ct a teacher's summary /
+spatial width, h, w the student grid, ht, wt a teacher grid, M samples whose maps are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..errors import EvaluationError
+from ..train.loop import _to_grid
+from ..train.reader import CacheReader, decode_targets
+
+VIEW = 0
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What evaluation needs of a `radio-train` run folder (from RUN/run.json)."""
+
+    path: Path
+    student: str
+    holdout: float
+    resolution: int
+    allow_partial: bool
+    store_settings: dict
+
+
+def load_run(run: str | Path) -> RunInfo:
+    path = Path(run)
+    meta = path / "run.json"
+    if not meta.is_file():
+        raise EvaluationError(f"'{path}' is not a radio-train run folder (no run.json); pass the --out of `radio-train`")
+    if not (path / "student" / "config.json").is_file():
+        raise EvaluationError(f"run '{path}' has no exported student (student/config.json); "
+                              "finish it with `radio-train ... --resume`")
+    data = json.loads(meta.read_text())
+    cfg = data["config"]
+    return RunInfo(path, data["student"], float(cfg["holdout"]), int(cfg["resolution"]), bool(cfg.get("allow_partial")),
+                   data["store_settings"])
+
+
+def open_reader(store: str | Path, run: RunInfo) -> CacheReader:
+    """The store, checked to be the one the run was trained from."""
+    reader = CacheReader(store, allow_partial=run.allow_partial)
+    if reader.settings != run.store_settings:
+        raise EvaluationError(f"run '{run.path}' was trained from a store with other teachers or settings than "
+                              f"'{reader.path}'; evaluate it with its own store")
+    return reader
+
+
+@dataclass
+class SplitFeatures:
+    """Per-sample features of a split, in the order of `indices`."""
+
+    indices: np.ndarray  # (N,) store rows
+    labels: np.ndarray  # (N,) int, -1 unlabelled
+    backbone_summary: np.ndarray  # (N, S*D)
+    adaptor_summary: dict = field(default_factory=dict)  # teacher -> (N, Dt)
+    teacher_summary: dict = field(default_factory=dict)  # teacher -> (N, Dt), cached
+    fidelity: dict = field(default_factory=dict)  # teacher -> {'summary': (N,) | None, 'spatial': (N,)} cosines
+    kept: np.ndarray = None  # (M,) positions in `indices` whose maps are kept
+    backbone_spatial: np.ndarray = None  # (M, h, w, D) float16
+    teacher_spatial: dict = field(default_factory=dict)  # teacher -> (M, ht, wt, Ct) float16, cached
+    shown: np.ndarray = None  # (P,) positions whose maps are kept for pictures
+    shown_student: dict = field(default_factory=dict)  # teacher -> (P, ht, wt, Ct) adaptor maps at the teacher grid
+    shown_teacher: dict = field(default_factory=dict)  # teacher -> (P, ht, wt, Ct) cached targets
+
+
+def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int, device: torch.device,
+            batch_size: int = 64, workers: int = 0, keep: np.ndarray | None = None, show: np.ndarray | None = None,
+            progress: bool = True, what: str = "features") -> SplitFeatures:
+    """Run the student over `indices` (view 0) and gather its outputs with the cached targets.
+
+    Args:
+        reader: the store.
+        model: a loaded student in eval mode on `device`.
+        indices: (N,) store rows.
+        resolution: student input side R.
+        keep: positions in `indices` whose spatial maps (backbone + cached teacher) are kept.
+        show: positions whose adaptor and cached spatial maps are kept (pictures).
+        workers: spawned DataLoader processes (0 = in this process).
+    """
+    keep = np.asarray([] if keep is None else keep, dtype=np.int64)
+    show = np.asarray([] if show is None else show, dtype=np.int64)
+    keep_set, show_set = set(keep.tolist()), set(show.tolist())
+    batches = [[(int(i), VIEW) for i in indices[s:s + batch_size]] for s in range(0, len(indices), batch_size)]
+    loader = DataLoader(reader.dataset(resolution=resolution), batch_sampler=batches, num_workers=workers,
+                        multiprocessing_context="spawn" if workers else None)
+    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
+    names = [t.name for t in reader.teachers]
+    acc = {"backbone_summary": [], "backbone_spatial": [], "summary": {n: [] for n in names},
+           "target_summary": {n: [] for n in names}, "fid_summary": {n: [] for n in names},
+           "fid_spatial": {n: [] for n in names}, "target_spatial": {n: [] for n in names},
+           "shown_student": {n: [] for n in names}, "shown_teacher": {n: [] for n in names}}
+    position = 0
+    with _bar(progress, what, len(batches)) as advance, torch.inference_mode():
+        for batch in loader:
+            B = len(batch["pixels"])
+            rows = np.arange(position, position + B)
+            kept = np.array([r in keep_set for r in rows])
+            shown = np.array([r in show_set for r in rows])
+            position += B
+            pixels = batch["pixels"].to(device).float().div_(255).sub_(mean).div_(std)
+            targets = decode_targets(batch, reader.teachers, device)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(pixels)
+            acc["backbone_summary"].append(out.backbone.summary.float().cpu().numpy())
+            if kept.any():
+                acc["backbone_spatial"].append(out.backbone.spatial[kept].float().permute(0, 2, 3, 1).cpu().half().numpy())
+            for t in reader.teachers:
+                pred, target = out.teachers[t.name], targets[t.name]
+                if target["summary"] is not None:
+                    acc["summary"][t.name].append(pred.summary.float().cpu().numpy())
+                    acc["target_summary"][t.name].append(target["summary"].cpu().numpy())
+                    acc["fid_summary"][t.name].append(F.cosine_similarity(pred.summary.float(), target["summary"], dim=-1)
+                                                      .cpu().numpy())
+                grid = _to_grid(pred.spatial.float(), t.grid)  # (B, ht * wt, Ct), resized as in training
+                goal = target["spatial"].flatten(1, 2)  # (B, ht * wt, Ct)
+                acc["fid_spatial"][t.name].append(F.cosine_similarity(grid, goal, dim=-1).mean(1).cpu().numpy())
+                if kept.any():
+                    acc["target_spatial"][t.name].append(target["spatial"][kept].cpu().half().numpy())
+                if shown.any():
+                    acc["shown_student"][t.name].append(grid[shown].reshape(-1, *t.grid, grid.shape[-1]).cpu().numpy())
+                    acc["shown_teacher"][t.name].append(target["spatial"][shown].cpu().numpy())
+            advance()
+
+    def cat(parts):
+        return np.concatenate(parts) if parts else None
+
+    feats = SplitFeatures(indices=np.asarray(indices), labels=reader.labels[indices],
+                          backbone_summary=cat(acc["backbone_summary"]), kept=np.sort(keep), shown=np.sort(show),
+                          backbone_spatial=cat(acc["backbone_spatial"]))
+    for t in reader.teachers:
+        n = t.name
+        if acc["summary"][n]:
+            feats.adaptor_summary[n] = cat(acc["summary"][n])
+            feats.teacher_summary[n] = cat(acc["target_summary"][n])
+        feats.fidelity[n] = {"summary": cat(acc["fid_summary"][n]), "spatial": cat(acc["fid_spatial"][n])}
+        if acc["target_spatial"][n]:
+            feats.teacher_spatial[n] = cat(acc["target_spatial"][n])
+        if acc["shown_student"][n]:
+            feats.shown_student[n] = cat(acc["shown_student"][n])
+            feats.shown_teacher[n] = cat(acc["shown_teacher"][n])
+    return feats
+
+
+class _bar:
+    """A rich progress bar over `total` steps (a no-op when disabled); yields its advance function."""
+
+    def __init__(self, enabled: bool, what: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            disable=not enabled, transient=False)
+        self.task = self.bar.add_task(what, total=total)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return lambda: self.bar.advance(self.task)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def view_image(reader: CacheReader, index: int, size: int) -> np.ndarray:
+    """The view-0 crop of store row `index`, as the student saw it, at `size` px: (size, size, 3) uint8."""
+    from ..cache.dataset import load_rgb
+    from ..cache.views import crop_resize
+
+    image, scale = load_rgb(reader.root_dir / reader.ids[index], min_side=size)
+    return crop_resize(image, reader.boxes[index, VIEW], size, scale=scale)

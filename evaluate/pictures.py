@@ -1,0 +1,129 @@
+"""Pictures: PCA-to-RGB feature maps of teachers next to the student, and training curves.
+
+Drawn with matplotlib's Agg canvas (no display, no pyplot state). Per teacher, one PCA basis is
+fitted on the teacher's cached maps of the shown images; the student's adaptor maps are projected
+with the same basis and colour range, so equal colours mean equal features.
+
+Letters: P shown images, h, w a teacher grid, C channels, T tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True)
+class PCA3:
+    """A 3-component PCA basis with the colour range of the maps it was fitted on."""
+
+    mean: np.ndarray  # (C,)
+    basis: np.ndarray  # (3, C)
+    lo: np.ndarray  # (3,)
+    hi: np.ndarray  # (3,)
+
+
+def fit_pca3(maps: np.ndarray) -> PCA3:
+    """Fit on (..., C) maps: top-3 principal directions, range = 1st-99th percentile of each projection."""
+    x = np.asarray(maps, dtype=np.float64).reshape(-1, maps.shape[-1])  # (T, C)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    basis = np.zeros((3, x.shape[1]))
+    basis[:min(3, len(vt))] = vt[:3]
+    proj = (x - mean) @ basis.T  # (T, 3)
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    return PCA3(mean, basis, lo, np.where(hi > lo, hi, lo + 1.0))
+
+
+def to_rgb(maps: np.ndarray, pca: PCA3) -> np.ndarray:
+    """(..., C) maps -> (..., 3) colours in [0, 1] with a fitted basis."""
+    proj = (np.asarray(maps, dtype=np.float64) - pca.mean) @ pca.basis.T
+    return np.clip((proj - pca.lo) / (pca.hi - pca.lo), 0.0, 1.0)
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def features_png(path: Path, images: list[np.ndarray], teacher_maps: dict[str, np.ndarray],
+                 student_maps: dict[str, np.ndarray], *, note: str = "", captions: list[str] | None = None) -> Path:
+    """One row per image: the image, then per teacher its cached map and the student's adaptor map.
+
+    Args:
+        images: P (H, W, 3) uint8 view crops.
+        teacher_maps: {teacher: (P, h, w, C)} cached targets.
+        student_maps: {teacher: (P, h, w, C)} the student's adaptor outputs at the teacher grid.
+        note: a line under the title (e.g. which teachers are tiny, random-weight ones).
+        captions: one per image row.
+    """
+    names = list(teacher_maps)
+    P, cols = len(images), 1 + 2 * len(names)
+    fig = _figure(1.7 * cols, 1.8 * P + 0.4)
+    axes = fig.subplots(P, cols, squeeze=False)
+    colours = {}
+    for t in names:
+        pca = fit_pca3(teacher_maps[t])
+        colours[t] = (to_rgb(teacher_maps[t], pca), to_rgb(student_maps[t], pca))
+    for r in range(P):
+        cells = [images[r]] + [colours[t][k][r] for t in names for k in (0, 1)]  # teacher, student
+        for c, (ax, cell) in enumerate(zip(axes[r], cells)):
+            ax.imshow(cell, interpolation="nearest" if c else "bilinear")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if captions:
+            axes[r, 0].set_ylabel(captions[r], fontsize=8)
+    titles = ["image (view 0)"] + [f"{t}\n{who}" for t in names for who in ("teacher (cached)", "student")]
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("PCA of feature maps: the student projected on each teacher's basis" + (f"\n{note}" if note else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def read_metrics(path: Path) -> dict[str, np.ndarray]:
+    """metrics.csv of a run -> {column: (rows,) float array}."""
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in (rows[0] if rows else {})}
+
+
+def curves_png(path: Path, metrics: dict[str, np.ndarray]) -> Path:
+    """One panel per teacher (its summary and spatial losses over steps), plus total loss and lr."""
+    steps = metrics["step"]
+    teachers = sorted({k.split("/", 1)[0] for k in metrics if "/" in k})
+    cols = len(teachers) + 1
+    fig = _figure(3.2 * cols, 2.8)
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    for ax, t in zip(axes, teachers):
+        for key in sorted(k for k in metrics if k.startswith(f"{t}/")):
+            ax.plot(steps, metrics[key], label=key.split("/", 1)[1])
+        ax.set_title(f"{t} loss", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    if "loss" in metrics:
+        ax.plot(steps, metrics["loss"], color="black", label="total loss")
+    ax.set_title("total loss and lr", fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.grid(alpha=0.3)
+    if "lr" in metrics:
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, metrics["lr"], color="tab:orange", linestyle="--", label="lr")
+        lr_ax.tick_params(labelsize=7)
+        lr_ax.legend(fontsize=7, loc="upper center")
+    ax.legend(fontsize=7)
+    for a in axes:
+        a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

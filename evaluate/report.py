@@ -1,0 +1,301 @@
+"""`radio-eval`: measure a trained student against its teachers on the run's held-out split.
+
+One function, read top to bottom: run and store, splits, features, metrics, throughput, pictures,
+report. Queries are always held-out samples (the split recorded by training); a bank or probe
+training set, where a metric needs one, comes from the train split. Teachers are never loaded:
+their features are the store's cached targets, their speed is measured on timm equivalents.
+
+Letters: N samples, K classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import layout as L
+from ..cache.store import open_store
+from ..errors import EvaluationError
+from ..student import load_student
+from .config import EvalConfig
+from .dense import load_masks, mask_path, probe_miou
+from .features import SplitFeatures, collect, load_run, open_reader, view_image
+from .metrics import IGNORE, knn_top1, zero_shot_top1
+from .pictures import curves_png, features_png, read_metrics
+from .throughput import measure_throughput
+
+PICTURE_SIDE = 128
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """Evaluate the student of `cfg.run`; writes report.json, report.md, features.png, curves.png to `cfg.out`.
+
+    Returns:
+        the report (as in report.json). Metrics that cannot run (no labels, no masks, no text
+        embeddings) hold {'skipped': reason} instead of results.
+    """
+    # 1. the run, its store, and the device
+    run = load_run(cfg.run)
+    reader = open_reader(cfg.store, run)
+    root = open_store(reader.path)
+    attrs = {t.name: dict(root[L.teacher_group(t.name)].attrs) for t in reader.teachers}
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_student(run.path / "student", device=device)
+    resolution = cfg.resolution or run.resolution
+    if resolution % model.input_stride:
+        raise EvaluationError(f"--resolution {resolution} is not a multiple of {model.input_stride}, "
+                              f"the input stride of '{run.student}'")
+
+    # 2. splits: queries = held-out; bank and probe training images = a seeded subset of the train split
+    held = reader.indices(holdout=run.holdout, split="holdout")
+    train = reader.indices(holdout=run.holdout, split="train")
+    if not len(held):
+        raise EvaluationError(f"run '{run.path}' holds out no usable sample of '{reader.path}' "
+                              f"(holdout {run.holdout}); train with --holdout > 0")
+    rng = np.random.default_rng(cfg.seed)
+    bank = np.sort(rng.choice(train, cfg.max_bank, replace=False)) if len(train) > cfg.max_bank else train
+    labelled = len(reader.classes) >= 2 and (reader.labels[bank] >= 0).any() and (reader.labels[held] >= 0).any()
+    masks, masks_note = _masks_dir(cfg, reader)
+    probe_train = _probe_rows(reader, bank, masks, cfg.probe_images, rng)
+    probe_test = _probe_rows(reader, held, masks, cfg.probe_images, rng)
+    need_bank = labelled or (len(probe_train) and len(probe_test))
+    reader.check_images(held)
+    if need_bank:
+        reader.check_images(bank)
+    shown = np.unique(np.linspace(0, len(held) - 1, min(cfg.pictures, len(held))).round().astype(int))
+
+    # 3. features: one student pass per split, next to the cached targets
+    kw = dict(resolution=resolution, device=device, batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)
+    test = collect(reader, model, held, keep=probe_test, show=shown, what="held-out", **kw)
+    fit = collect(reader, model, bank, keep=probe_train, what="train bank", **kw) if need_bank else None
+
+    # 4. metrics
+    labels = {t: _teacher_label(t, a["identity"]) for t, a in attrs.items()}
+    report = {"store": str(reader.path), "run": str(run.path), "student": run.student, "resolution": resolution,
+              "device": str(device), "teachers": labels,
+              "split": {"holdout": run.holdout, "view": 0, "held_out": int(len(held)), "train": int(len(train)),
+                        "bank": int(len(bank))}}
+    report["fidelity"] = _fidelity(test, reader)
+    report["knn"] = _knn(test, fit, cfg) if labelled else {"skipped": f"store '{reader.path}' is unlabelled "
+                                                           "(fewer than 2 classes, or no labelled train/held-out samples)"}
+    report["zero_shot"] = _zero_shot(root, reader, test) if labelled else {"skipped": "store is unlabelled"}
+    if masks is None:
+        report["dense"] = {"skipped": masks_note}
+    elif not (len(probe_train) and len(probe_test)):
+        report["dense"] = {"skipped": f"no masks under '{masks}' for {'train' if not len(probe_train) else 'held-out'} "
+                                      "samples (mask of a/b.jpg = MASKS/a/b.png)"}
+    else:
+        report["dense"] = _dense(reader, masks, bank, held, fit, test, cfg, device)
+
+    # 5. throughput of the student and of each teacher's architecture on this device
+    if cfg.throughput:
+        report["throughput"] = measure_throughput(model, attrs, resolution=resolution, device=device,
+                                                  batch=cfg.throughput_batch, progress=progress,
+                                                  min_seconds=cfg.throughput_seconds)
+    else:
+        report["throughput"] = {"skipped": "turned off (--no-throughput)"}
+
+    # 6. pictures and the report
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [view_image(reader, int(held[p]), PICTURE_SIDE) for p in test.shown]
+    features_png(out / "features.png", images, test.shown_teacher, test.shown_student,
+                 note="teachers: " + ", ".join(labels.values()), captions=[reader.ids[held[p]] for p in test.shown])
+    report["pictures"] = {"features": "features.png"}
+    metrics_csv = run.path / "metrics.csv"
+    rows = read_metrics(metrics_csv) if metrics_csv.is_file() else {}
+    if rows.get("step") is not None and len(rows["step"]):
+        curves_png(out / "curves.png", rows)
+        report["pictures"]["curves"] = "curves.png"
+    else:
+        report["pictures"]["curves"] = None
+        report["pictures"]["skipped"] = f"no training metrics in '{metrics_csv}'"
+    report = _plain(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _masks_dir(cfg: EvalConfig, reader) -> tuple[Path | None, str]:
+    if cfg.masks is not None:
+        if not Path(cfg.masks).is_dir():
+            raise EvaluationError(f"--masks '{cfg.masks}' is not a folder")
+        return Path(cfg.masks), ""
+    default = reader.root_dir.parent / "masks"
+    if default.is_dir():
+        return default, ""
+    return None, f"no masks: '{default}' does not exist; pass --masks DIR (PNG label maps mirroring the images)"
+
+
+def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) -> np.ndarray:
+    """Positions in `indices` of samples with a mask file: a seeded subset of at most `cap`."""
+    if masks is None or cap <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rows = [p for p, i in enumerate(indices) if mask_path(masks, reader.ids[i]).is_file()]
+    return np.sort(rng.permutation(np.asarray(rows, dtype=np.int64))[:cap])
+
+
+def _teacher_label(name: str, ident: dict) -> str:
+    if ident.get("preset") == "tiny" or ident.get("tiny"):
+        return f"{name} (tiny, random weights)"
+    return f"{name} (random weights)" if ident.get("random_init") else name
+
+
+def _fidelity(test: SplitFeatures, reader) -> dict:
+    out = {}
+    for t in reader.teachers:
+        fid = test.fidelity[t.name]
+        out[t.name] = {"summary": None if fid["summary"] is None else float(fid["summary"].mean()),
+                       "spatial": float(fid["spatial"].mean()), "grid": list(t.grid)}
+    return {"samples": int(len(test.indices)), "teachers": out}
+
+
+def _knn(test: SplitFeatures, fit: SplitFeatures, cfg: EvalConfig) -> dict:
+    q, b = test.labels >= 0, fit.labels >= 0
+    K = int(max(test.labels.max(), fit.labels.max())) + 1
+
+    def top1(bank, queries):
+        return knn_top1(bank[b], fit.labels[b], queries[q], test.labels[q], k=cfg.knn_k,
+                        temperature=cfg.knn_temperature, num_classes=K)
+
+    teachers = {t: {"teacher": top1(fit.teacher_summary[t], test.teacher_summary[t]),
+                    "student": top1(fit.adaptor_summary[t], test.adaptor_summary[t])} for t in test.teacher_summary}
+    return {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "bank": int(b.sum()), "queries": int(q.sum()),
+            "student_backbone": top1(fit.backbone_summary, test.backbone_summary), "teachers": teachers}
+
+
+def _zero_shot(root, reader, test: SplitFeatures) -> dict:
+    have = [t.name for t in reader.teachers if L.text_array(t.name) in root]
+    if not have:
+        return {"skipped": "no CLIP text embeddings in the store; run `radio-cache text STORE` first"}
+    q = test.labels >= 0
+    out, notes = {}, []
+    for t in have:
+        group = root[L.text_group(t)]
+        emb = group["embeddings"][:]  # (K, D)
+        if len(emb) != len(reader.classes):
+            notes.append(f"{t}: {len(emb)} text classes, the store has {len(reader.classes)}; rerun `radio-cache text`")
+            continue
+        out[t] = {"teacher": zero_shot_top1(test.teacher_summary[t][q], emb, test.labels[q]),
+                  "student": zero_shot_top1(test.adaptor_summary[t][q], emb, test.labels[q]),
+                  "classes": len(emb), "templates": len(group.attrs.get("templates", []))}
+    result = {"queries": int(q.sum()), "teachers": out}
+    if notes:
+        result["notes"] = notes
+    if not out:
+        result["skipped"] = "; ".join(notes)
+    return result
+
+
+def _dense(reader, masks: Path, bank, held, fit: SplitFeatures, test: SplitFeatures, cfg: EvalConfig, device) -> dict:
+    student_grid = tuple(fit.backbone_spatial.shape[1:3])
+    grids = {student_grid} | {tuple(t.grid) for t in reader.teachers}
+    rows = {"train": bank[fit.kept], "test": held[test.kept]}
+    grid_masks = {k: load_masks(masks, reader.root_dir, reader.ids[r], reader.boxes[r, 0], grids) for k, r in rows.items()}
+    seen = np.concatenate([m.ravel() for split in grid_masks.values() for m in split.values()])
+    K = int(max(len(reader.classes) + 1, seen[seen != IGNORE].max(initial=0) + 1))
+
+    def score(train_feats, test_feats, grid):
+        return probe_miou(train_feats, grid_masks["train"][grid], test_feats, grid_masks["test"][grid],
+                          num_classes=K, steps=cfg.probe_steps, device=device, seed=cfg.seed)
+
+    teachers = {t.name: {"teacher": score(fit.teacher_spatial[t.name], test.teacher_spatial[t.name], tuple(t.grid)),
+                         "grid": list(t.grid)} for t in reader.teachers}
+    return {"masks": str(masks), "classes": K, "train_images": int(len(fit.kept)), "test_images": int(len(test.kept)),
+            "steps": cfg.probe_steps,
+            "student_backbone": {"miou": score(fit.backbone_spatial, test.backbone_spatial, student_grid),
+                                 "grid": list(student_grid)},
+            "teachers": teachers}
+
+
+def _plain(x):
+    """numpy scalars -> Python; non-finite floats -> None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _f(x, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def render_markdown(r: dict) -> str:
+    """report.json as Markdown tables: the student next to each teacher."""
+    lines = [f"# radio-eval: {r['student']} vs its teachers", "",
+             f"- store: `{r['store']}`", f"- run: `{r['run']}` (student input {r['resolution']} px, device {r['device']})",
+             f"- split: {r['split']['held_out']} held-out samples (fraction {r['split']['holdout']}, view 0) as "
+             f"queries; {r['split']['bank']} of {r['split']['train']} train samples as kNN bank", ""]
+
+    def skipped(section) -> bool:
+        if "skipped" in section:
+            lines.extend([f"_skipped: {section['skipped']}_", ""])
+            return True
+        return False
+
+    lines += ["## Fidelity", "", "Mean cosine of the student's adaptor outputs to the cached teacher targets "
+              "(spatial at the teacher grid).", "", "| teacher | summary | spatial | grid |", "|---|---|---|---|"]
+    for t, v in r["fidelity"]["teachers"].items():
+        lines.append(f"| {r['teachers'][t]} | {_f(v['summary'])} | {_f(v['spatial'])} | {'x'.join(map(str, v['grid']))} |")
+    lines.append("")
+
+    k = r["knn"]
+    lines += ["## kNN top-1", ""]
+    if not skipped(k):
+        lines += [f"k={k['k']}, cosine, votes exp(cos/{k['temperature']}); bank {k['bank']} train samples, "
+                  f"{k['queries']} held-out queries.", "", "| features | teacher (cached) | student |", "|---|---|---|"]
+        lines += [f"| {r['teachers'][t]} summary | {_f(v['teacher'])} | {_f(v['student'])} (adaptor) |"
+                  for t, v in k["teachers"].items()]
+        lines += [f"| student backbone summary | — | {_f(k['student_backbone'])} |", ""]
+
+    z = r["zero_shot"]
+    lines += ["## Zero-shot top-1", ""]
+    if not skipped(z):
+        lines += [f"Through the stored CLIP text embeddings; {z['queries']} held-out queries.", "",
+                  "| teacher | classes x templates | teacher (cached) | student (adaptor) |", "|---|---|---|---|"]
+        lines += [f"| {r['teachers'][t]} | {v['classes']} x {v['templates']} | {_f(v['teacher'])} | {_f(v['student'])} |"
+                  for t, v in z["teachers"].items()]
+        lines += [f"- {n}" for n in z.get("notes", [])] + [""]
+
+    d = r["dense"]
+    lines += ["## Dense probe mIoU", ""]
+    if not skipped(d):
+        lines += [f"Linear per-patch classifier ({d['steps']} full-batch AdamW steps) on {d['train_images']} train "
+                  f"images, mIoU over {d['classes']} classes on {d['test_images']} held-out images, each at its "
+                  f"features' own grid; masks from `{d['masks']}`.", "", "| features | grid | mIoU |", "|---|---|---|"]
+        lines += [f"| {r['teachers'][t]} (cached) | {'x'.join(map(str, v['grid']))} | {_f(v['teacher'])} |"
+                  for t, v in d["teachers"].items()]
+        s = d["student_backbone"]
+        lines += [f"| student backbone | {'x'.join(map(str, s['grid']))} | {_f(s['miou'])} |", ""]
+
+    p = r["throughput"]
+    lines += ["## Throughput", ""]
+    if not skipped(p):
+        lines += [f"Forward images/s on {p['device']} ({p['dtype']}, batch {p['batch']}); teachers as timm "
+                  "architectures with random weights.", "", "| model | architecture | input | img/s |", "|---|---|---|---|",
+                  f"| student {r['student']} | {r['student']} | {p['student']['resolution']} | "
+                  f"{_f(p['student']['images_per_s'], 1)} |"]
+        for t, v in p["teachers"].items():
+            if "n/a" in v:
+                lines.append(f"| {r['teachers'][t]} | n/a: {v['n/a']} | {v['resolution']} | n/a |")
+                continue
+            arch = v["architecture"] + (f" ({', '.join(f'{a}={b}' for a, b in v['overrides'].items())})"
+                                        if v["overrides"] else "")
+            lines.append(f"| {r['teachers'][t]} | {arch} | {v['resolution']} | {_f(v['images_per_s'], 1)} |")
+        lines.append("")
+
+    lines += ["## Pictures", "", "![feature maps](features.png)", ""]
+    if r["pictures"].get("curves"):
+        lines += ["![training curves](curves.png)", ""]
+    else:
+        lines += [f"_curves skipped: {r['pictures'].get('skipped')}_", ""]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""`radio-eval` on a tiny store and run: every metric, the pictures, the split, isolation and the CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from radio_distill.cli import eval_app
+from radio_distill.errors import EvaluationError
+from radio_distill.evaluate import EvalConfig, evaluate
+from radio_distill.train.reader import CacheReader, is_held_out
+
+from .conftest import FAST, HOLDOUT
+
+TEACHERS = ["clip", "dinov2", "sam"]
+
+
+def test_report_has_every_section_with_results(evaluated):
+    r = evaluated.report
+    for section in ("fidelity", "knn", "zero_shot", "dense", "throughput", "pictures", "split"):
+        assert section in r and "skipped" not in r[section], section
+    assert (evaluated.out / "report.md").read_text().count("## ") == 6
+
+
+def test_fidelity_per_teacher_summary_and_spatial(evaluated):
+    fid = evaluated.report["fidelity"]["teachers"]
+    assert sorted(fid) == TEACHERS and fid["sam"]["summary"] is None
+    for t in TEACHERS:
+        assert -1 <= fid[t]["spatial"] <= 1 and fid[t]["grid"] == [8, 8]
+    assert 0 < fid["clip"]["summary"] <= 1  # 10 steps already point the summaries the right way
+
+
+def test_knn_for_backbone_adaptors_and_cached_teachers(evaluated):
+    knn = evaluated.report["knn"]
+    assert knn["k"] == 20 and knn["temperature"] == 0.07 and knn["queries"] > 0 and knn["bank"] > knn["queries"]
+    assert sorted(knn["teachers"]) == ["clip", "dinov2"]  # SAM has no summary
+    values = [knn["student_backbone"]] + [v for t in knn["teachers"].values() for v in t.values()]
+    assert all(0 <= v <= 1 for v in values)
+
+
+def test_zero_shot_teacher_and_student_through_stored_text(evaluated):
+    z = evaluated.report["zero_shot"]["teachers"]["clip"]
+    assert z["classes"] == 4 and z["templates"] >= 1 and 0 <= z["teacher"] <= 1 and 0 <= z["student"] <= 1
+
+
+def test_dense_probe_miou_for_student_and_every_teacher(evaluated):
+    d = evaluated.report["dense"]
+    assert d["classes"] == 5 and d["train_images"] > 0 and d["test_images"] > 0
+    assert d["student_backbone"]["grid"] == [2, 2] and 0 <= d["student_backbone"]["miou"] <= 1
+    assert all(0 <= d["teachers"][t]["teacher"] <= 1 for t in TEACHERS)
+
+
+def test_throughput_of_student_and_teacher_architectures(evaluated):
+    p = evaluated.report["throughput"]
+    assert p["student"]["images_per_s"] > 0 and p["dtype"] == "fp32"
+    for t in TEACHERS:
+        assert p["teachers"][t]["images_per_s"] > 0, p["teachers"][t]
+    assert p["teachers"]["sam"]["architecture"] == "samvit_base_patch16"
+
+
+def test_pictures_are_written_and_readable(evaluated):
+    for name in ("features.png", "curves.png"):
+        with Image.open(evaluated.out / name) as im:
+            im.load()
+            assert im.size[0] > 0 and im.size[1] > 0
+
+
+def test_queries_are_held_out_and_the_bank_is_train_split(evaluated, eval_setup):
+    reader = CacheReader(eval_setup.store)
+    (what_q, queries), (what_b, bank) = evaluated.calls
+    assert what_q == "held-out" and what_b == "train bank"
+    assert queries and all(is_held_out(reader.ids[i], HOLDOUT) for i in queries)
+    assert bank and not any(is_held_out(reader.ids[i], HOLDOUT) for i in bank)
+    assert sorted(queries) == reader.indices(holdout=HOLDOUT, split="holdout").tolist()
+    assert evaluated.report["split"]["held_out"] == len(queries)
+
+
+def test_evaluation_never_imports_a_teacher(evaluated):
+    assert evaluated.loaded == []
+
+
+def test_bank_cap_is_deterministic(eval_setup, tmp_path):
+    cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=tmp_path / "a", max_bank=7, throughput=False,
+                     pictures=1, probe_images=4, **FAST)
+    a = evaluate(cfg, progress=False)
+    b = json.loads(json.dumps(evaluate(EvalConfig(**{**cfg.__dict__, "out": tmp_path / "b"}), progress=False)))
+    assert a["split"]["bank"] == 7 and a["knn"] == b["knn"] and a["dense"] == b["dense"]
+    assert a["throughput"] == {"skipped": "turned off (--no-throughput)"}
+
+
+def test_cli_help_and_a_real_run_without_text_embeddings(eval_setup, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(eval_app, ["--help"])
+    assert result.exit_code == 0 and "--max-bank" in result.output
+    store = tmp_path / "notext.zarr"
+    shutil.copytree(eval_setup.store, store)
+    shutil.rmtree(store / "teachers" / "clip" / "text")
+    out = tmp_path / "eval"
+    result = runner.invoke(eval_app, [str(store), str(eval_setup.run), "--out", str(out), "--workers", "0",
+                                      "--device", "cpu", "--no-throughput", "--pictures", "2", "--probe-steps", "20"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "radio-cache text" in report["zero_shot"]["skipped"]
+    assert "radio-cache text" in (out / "report.md").read_text()
+    assert "skipped zero_shot" in result.output.replace("\n", " ")
+
+
+def test_cli_errors_are_one_line(eval_setup, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(eval_app, [str(eval_setup.store), str(tmp_path), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "no run.json" in result.output and "Traceback" not in result.output
+    result = runner.invoke(eval_app, [str(eval_setup.store), str(eval_setup.run), "--out", str(tmp_path / "e"),
+                                      "--masks", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "--masks" in result.output
+
+
+def test_unlabelled_store_skips_knn_and_zero_shot(eval_setup, tmp_path):
+    import zarr
+    store = tmp_path / "unlabelled.zarr"
+    shutil.copytree(eval_setup.store, store)
+    labels = zarr.open_group(store, mode="r+")["samples/labels"]
+    labels[:] = np.full(labels.shape, -1, dtype=np.int32)
+    r = evaluate(EvalConfig(store=store, run=eval_setup.run, out=tmp_path / "e", throughput=False, pictures=1,
+                            probe_images=4, **FAST), progress=False)
+    assert "unlabelled" in r["knn"]["skipped"] and "unlabelled" in r["zero_shot"]["skipped"]
+    assert "skipped" not in r["dense"] and "skipped" not in r["fidelity"]
+
+
+def test_a_run_from_another_store_is_refused(eval_setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(eval_setup.run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["store_settings"]["seed"] = 12345
+    (run / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(EvaluationError, match="other teachers or settings"):
+        evaluate(EvalConfig(store=eval_setup.store, run=run, out=tmp_path / "e", **FAST), progress=False)
