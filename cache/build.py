@@ -84,15 +84,15 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
     out = Path(cfg.out).expanduser().resolve()
-    fresh = cfg.overwrite or not out.exists()
+    fresh = cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir()))  # e.g. a new mkdir
     if not fresh:
         check_settings(open_store(out), settings, out)
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_workers = gpus or cfg.workers or 1
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
+    gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
+    cpus = max(1, total_cpus // n_workers)
     actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus,
                                             max_restarts=3, max_task_retries=3)
     workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]

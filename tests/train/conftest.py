@@ -11,7 +11,7 @@ from radio_distill.train.config import TrainConfig
 
 
 @pytest.fixture(scope="session")
-def train_store(tmp_path_factory):
+def train_store(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("train_data")
     images = make_sample_dataset(root / "data", images=40, size=64, bad=True)
     cfg = CacheConfig(data=images, out=root / "cache.zarr", teachers=tuple(tiny_teachers()), views=2,

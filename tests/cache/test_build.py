@@ -1,0 +1,119 @@
+"""The Ray build: partial builds resume to the same bytes, other settings are refused before any work,
+and a worker killed mid-build costs nothing but time."""
+
+import re
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import zarr
+
+from radio_distill.cache import layout as L
+from radio_distill.cache.build import Storage, build_cache
+from radio_distill.cache.inspect import store_info, verify_store
+from radio_distill.errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
+
+SHARDS = 15  # tests/conftest.py: 58 samples in shards of 4
+
+
+def test_partial_build_resumes_to_the_uninterrupted_store(ray_session, tiny_config, tiny_store, tmp_path,
+                                                          assert_same_store, file_digests, shard_worker_processes):
+    out = tmp_path / "resumed.zarr"
+    out.mkdir()  # an empty folder is a fresh --out
+    cfg = tiny_config(out, max_shards=2)
+    report = build_cache(cfg, progress=False)
+    assert not report["complete"] and report["shards_run"] == 2 and report["images_run"] == 8
+    info = store_info(out)
+    assert info["shards_done"] == 2 and info["shards_total"] == SHARDS and info["pending"] == info["samples"] - 8
+    assert all(t["shards_done"] == 2 for t in info["teachers"].values())
+    assert L.norm_array("clip", "spatial", "mean") not in zarr.open_group(out, mode="r")  # only when complete
+    with pytest.raises(CacheIntegrityError, match="teachers/clip/done: shard 2 is not done"):
+        verify_store(out)
+
+    # another build's settings at the same --out: refused before any work, the store untouched
+    before = file_digests(out)
+    workers_before = {p.pid for p in shard_worker_processes()}
+    others = ((replace(cfg, views=1), "views"), (replace(cfg, teachers=cfg.teachers[:2], storage={}), "teachers"),
+              (replace(cfg, storage={"sam": Storage(pool=2)}), "storage"), (replace(cfg, shard_size=8), "shard_size"))
+    for other, culprit in others:
+        with pytest.raises(CacheLayoutError) as e:
+            build_cache(other, progress=False)
+        message = str(e.value)
+        assert "\n" not in message and "--overwrite" in message
+        assert re.search(rf"was built with other [a-z_, ]*\b{culprit}\b", message), message
+    assert file_digests(out) == before
+    assert {p.pid for p in shard_worker_processes()} <= workers_before
+
+    report = build_cache(replace(cfg, max_shards=None), progress=False)
+    assert report["complete"] and report["shards_run"] == SHARDS - 2
+    verify_store(out)
+    assert_same_store(out, tiny_store)
+
+
+def test_out_that_is_not_a_store_is_refused(tiny_config, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(CacheLayoutError, match="is not a radio-distill store"):
+        build_cache(tiny_config(out), progress=False)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path / "x.zarr", views=0)
+    with pytest.raises(RadioDistillError, match="--views, --shard-size and --batch-size must be >= 1"):
+        build_cache(cfg, progress=False)
+    cfg = replace(tiny_config(tmp_path / "x.zarr"), storage={"clip": Storage(spatial="bf16")})
+    with pytest.raises(RadioDistillError, match="teacher 'clip': unknown codec 'bf16'; choose from fp16, int8"):
+        build_cache(cfg, progress=False)
+    with pytest.raises(RadioDistillError, match="teacher names must be unique"):
+        build_cache(replace(cfg, teachers=cfg.teachers[:1] * 2, storage={}), progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_killed_worker_still_yields_a_complete_identical_store(ray_session, tiny_config, tiny_store, tmp_path,
+                                                               assert_same_store, shard_worker_processes):
+    out = tmp_path / "killed.zarr"
+    old = {p.pid for p in shard_worker_processes()}
+    outcome = {}
+
+    def run():
+        try:
+            outcome["report"] = build_cache(tiny_config(out), progress=False)
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while True:  # wait until a shard is done: workers are up and writing
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "no shard finished in 120 s"
+        try:
+            done = zarr.open_group(out, mode="r")[L.done_array("sam")][:]
+            if done.any():
+                break
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+        time.sleep(0.02)
+    workers = [p for p in shard_worker_processes() if p.pid not in old]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    victim = next((p for p in workers if ".run" in " ".join(p.cmdline())), workers[0])
+    assert not done.all(), "the build finished before the kill; give it more shards"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+
+    restarted = set()  # Ray restarts the actor in a new process, which redoes the killed shards
+    deadline = time.monotonic() + 180
+    while thread.is_alive() and time.monotonic() < deadline:
+        restarted |= {p.pid for p in shard_worker_processes()} - old - {p.pid for p in workers}
+        thread.join(timeout=0.05)
+    assert not thread.is_alive(), "build did not finish within 180 s of the kill"
+    assert restarted, "no replacement worker was started"
+    assert "error" not in outcome, outcome.get("error")
+    report = outcome["report"]
+    assert report["complete"] and report["shards_run"] == SHARDS
+    verify_store(out)
+    assert_same_store(out, tiny_store)

@@ -1,0 +1,41 @@
+"""Codecs: int8 per-token absmax keeps cos >= 0.999, fp16 is exact to half precision, pooling is exact."""
+
+import pytest
+import torch
+
+from radio_distill.cache import codecs
+
+
+def test_int8_per_token_absmax_round_trip():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 8, 64) * torch.rand(4, 8, 8, 1) * 10  # tokens of very different norms
+    values, scale = codecs.encode(x, "int8")
+    assert values.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (4, 8, 8)
+    assert values.abs().amax(-1).eq(127).all()  # every token uses the full range
+    back = codecs.decode(values, scale)
+    assert codecs.token_cosine(x, back).min() > 0.9999
+    zeros, zscale = codecs.encode(torch.zeros(2, 3), "int8")
+    assert torch.equal(codecs.decode(zeros, zscale), torch.zeros(2, 3))
+
+
+def test_fp16_is_half_precision_without_scale():
+    x = torch.randn(3, 5)
+    values, scale = codecs.encode(x, "fp16")
+    assert scale is None and values.dtype == torch.float16
+    assert torch.equal(codecs.decode(values, None), x.half().float())
+
+
+def test_unknown_codec_names_the_choices():
+    with pytest.raises(ValueError, match="unknown codec 'bf16'; choose from fp16, int8"):
+        codecs.encode(torch.zeros(1, 2), "bf16")
+
+
+def test_pool_averages_and_unpool_restores_the_grid():
+    x = torch.arange(2 * 4 * 4 * 3, dtype=torch.float32).reshape(2, 4, 4, 3)
+    pooled = codecs.pool(x, 2)
+    assert pooled.shape == (2, 2, 2, 3)
+    assert torch.allclose(pooled[0, 0, 0], x[0, :2, :2].reshape(-1, 3).mean(0))
+    assert codecs.pool(x, 1) is x
+    assert codecs.unpool(pooled, (4, 4)).shape == x.shape
+    constant = torch.ones(1, 2, 2, 3)
+    assert torch.allclose(codecs.unpool(constant, (4, 4)), torch.ones(1, 4, 4, 3))

@@ -1,0 +1,153 @@
+"""Datasets: folders and list files become stable manifests; odd images load as RGB or are refused with a reason."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from radio_distill.cache.dataset import UnreadableImage, load_rgb, scan_dataset
+from radio_distill.cache.sample_data import BAD_FILES, CLASSES, write_bad_files
+from radio_distill.errors import DatasetError
+
+
+def test_folder_ids_are_sorted_relative_paths_with_subfolder_labels(sample_dataset):
+    m = scan_dataset(sample_dataset)
+    assert m.root == sample_dataset.resolve() and m.classes == CLASSES
+    assert list(m.ids) == sorted(m.ids) and len(m) == 48 + 10
+    for sample_id, label in zip(m.ids, m.labels):
+        if "/" in sample_id:
+            assert label == CLASSES.index(sample_id.split("/")[0]) and sample_id.endswith(".jpg")
+        else:
+            assert label == -1  # the bad files sit at the top level
+    assert not any(i.startswith("../") or "masks" in i for i in m.ids)
+    assert m.fingerprint() == scan_dataset(str(sample_dataset) + "/").fingerprint()
+
+
+def test_csv_list_with_header_labels_and_relative_paths(tmp_path):
+    (tmp_path / "list.csv").write_text("path,label\n# a comment\nb/2.jpg,dog\na/1.jpg, cat\n\nc.jpg,\n")
+    m = scan_dataset(tmp_path / "list.csv")
+    assert m.root == tmp_path.resolve()  # paths are relative to the list file's folder
+    assert m.ids == ("b/2.jpg", "a/1.jpg", "c.jpg")  # the file's order
+    assert m.classes == ("cat", "dog") and m.labels == (1, 0, -1)
+
+
+def test_plain_list_and_its_missing_file(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "here.png")
+    (tmp_path / "list.txt").write_text("here.png\nsub/gone.jpg\n")
+    m = scan_dataset(tmp_path / "list.txt")
+    assert m.ids == ("here.png", "sub/gone.jpg") and m.labels == (-1, -1) and m.classes == ()
+    assert load_rgb(m.root / m.ids[0], min_side=8)[0].size == (8, 8)
+    with pytest.raises(UnreadableImage, match="^missing file$"):
+        load_rgb(m.root / m.ids[1], min_side=8)
+
+
+def test_manifest_fingerprint_changes_with_ids_and_labels(tmp_path):
+    (tmp_path / "a.csv").write_text("x.jpg,cat\ny.jpg,dog\n")
+    (tmp_path / "b.csv").write_text("x.jpg,dog\ny.jpg,cat\n")
+    (tmp_path / "c.csv").write_text("x.jpg,cat\ny.jpg,dog\n")
+    a, b, c = (scan_dataset(tmp_path / f"{k}.csv").fingerprint() for k in "abc")
+    assert a == c and a != b
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("a.jpg,cat,extra\n", r"expected 'path' or 'path,label' per line, got \['a.jpg', 'cat', 'extra'\]"),
+    ("a.jpg\nb.jpg\na.jpg\n", "path 'a.jpg' is listed twice"),
+    ("path,label\n", "holds no images"),
+])
+def test_bad_list_files(tmp_path, text, culprit):
+    (tmp_path / "list.csv").write_text(text)
+    with pytest.raises(DatasetError, match=culprit):
+        scan_dataset(tmp_path / "list.csv")
+
+
+def test_empty_or_missing_dataset(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="holds no images"):
+        scan_dataset(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_dataset(tmp_path / "nowhere")
+
+
+def _gradient(width=64, height=48) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    x, y = xx * 255 // (width - 1), yy * 255 // (height - 1)
+    return np.stack([x, y, 255 - x], -1).astype(np.uint8)
+
+
+def test_odd_modes_load_as_the_rgb_they_show(tmp_path):
+    rgb = _gradient()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    im, scale = load_rgb(tmp_path / "cmyk.jpg", min_side=32)
+    assert im.mode == "RGB" and scale == 1.0 and np.abs(np.asarray(im).astype(int) - rgb).mean() < 4
+
+    ramp = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)  # 0..63960
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    a = np.asarray(load_rgb(tmp_path / "grey16.png", min_side=32)[0]).astype(int)
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+    assert (np.abs(a[..., 0] - ramp / 257) <= 1).all()  # scaled to 8 bits, not clipped at 255
+
+    Image.fromarray(rgb).convert("L").save(tmp_path / "grey.png")
+    a = np.asarray(load_rgb(tmp_path / "grey.png", min_side=32)[0])
+    assert a.shape == (48, 64, 3) and (a == np.asarray(Image.fromarray(rgb).convert("L"))[..., None]).all()
+
+    rgba = np.dstack([rgb, np.full((48, 64), 255, np.uint8)])
+    rgba[:, :32, 3] = 0  # left half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    a = np.asarray(load_rgb(tmp_path / "rgba.png", min_side=32)[0])
+    assert (a[:, :32] == 255).all() and (a[:, 32:] == rgb[:, 32:]).all()  # composited on white
+
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "palette.png")
+    assert (np.asarray(load_rgb(tmp_path / "palette.png", min_side=32)[0]) == np.asarray(palette.convert("RGB"))).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(_gradient()).save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg", min_side=32)[0].size == (48, 64)
+    im, scale = load_rgb(tmp_path / "rotated.jpg", min_side=8)  # decoded at half size, then rotated
+    assert im.size == (24, 32) and scale == 0.5
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("bad")
+    return folder, write_bad_files(folder, huge=True)
+
+
+def test_bad_files_are_refused_with_their_reason(bad_files):
+    folder, refused = bad_files
+    assert refused == BAD_FILES
+    for name, reason in refused.items():
+        with pytest.raises(UnreadableImage) as e:
+            load_rgb(folder / name, min_side=64)
+        assert str(e.value) == reason
+
+
+@pytest.mark.parametrize("name, size", [("cmyk.jpg", (64, 48)), ("grey16.png", (40, 40)), ("grey.jpg", (64, 48)),
+                                        ("rgba.png", (64, 48)), ("palette.png", (64, 48)), ("one_pixel.png", (1, 1))])
+def test_odd_files_load_as_rgb(bad_files, name, size):
+    im, scale = load_rgb(bad_files[0] / name, min_side=112)
+    assert im.mode == "RGB" and im.size == size and scale == 1.0
+    assert np.asarray(im).std() > 0 or name == "one_pixel.png"
+
+
+def test_huge_jpeg_is_decoded_at_reduced_scale(bad_files):
+    im, scale = load_rgb(bad_files[0] / "huge.jpg", min_side=112)
+    assert im.mode == "RGB" and scale == 1 / 8 and im.size == (1500, 1125)  # still >= 2 x min_side
+    assert np.abs(np.asarray(im).astype(int) - (20, 120, 200)).max() <= 2
+    big, scale = load_rgb(bad_files[0] / "huge.jpg", min_side=1000)  # a bigger teacher gets more pixels
+    assert scale == 1 / 4 and big.size == (3000, 2250)
+
+
+def test_too_many_pixels_is_refused(tmp_path, monkeypatch):
+    from radio_distill.cache import dataset
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(dataset, "MAX_PIXELS", 200 * 100 - 1)
+    with pytest.raises(UnreadableImage, match=r"too large: 200x100 pixels \(limit 19999\)"):
+        load_rgb(tmp_path / "big.png", min_side=8)

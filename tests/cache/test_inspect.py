@@ -1,0 +1,91 @@
+"""`store_info` and `verify_store`: what a store holds, and every way its bytes can be unsound."""
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from radio_distill.cache import layout as L
+from radio_distill.cache.inspect import store_info, verify_store
+from radio_distill.cache.sample_data import BAD_FILES, CLASSES
+from radio_distill.errors import CacheIntegrityError
+
+N, V, S = 58, 2, 4
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    """A private copy of the tiny store, to damage."""
+    return shutil.copytree(tiny_store, tmp_path / "copy.zarr")
+
+
+def _flip_middle(path, count=32) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+    path.write_bytes(bytes(data))
+
+
+def test_info_describes_the_store(tiny_store, sample_dataset):
+    info = store_info(tiny_store)
+    assert (info["samples"], info["views"], info["shard_size"], info["seed"]) == (N, V, S, 0)
+    assert info["shards_total"] == info["shards_done"] == L.shard_count(N, S)
+    assert info["dataset"] == str(sample_dataset.resolve()) and info["classes"] == list(CLASSES)
+    assert info["ok"] == N - len(BAD_FILES) and info["pending"] == 0 and info["unreadable"] == BAD_FILES
+    assert info["layout_version"] == L.LAYOUT_VERSION and info["created_by"].startswith("radio-distill ")
+    assert sorted(info["teachers"]) == ["clip", "dinov2", "sam"]
+    disk = sum(p.stat().st_size for p in tiny_store.rglob("*") if p.is_file())
+    assert info["bytes"] == disk
+    for name, t in info["teachers"].items():
+        assert t["shards_done"] == info["shards_total"] and t["fidelity"]["spatial"]["mean_cos"] >= 0.999
+        teacher_disk = sum(p.stat().st_size for p in (tiny_store / "teachers" / name).rglob("*") if p.is_file())
+        assert t["bytes"] == teacher_disk and t["bytes_per_view"] == pytest.approx(teacher_disk / (N * V))
+    assert info["teachers"]["sam"]["summary_dim"] is None and info["teachers"]["clip"]["summary_dim"] == 32
+
+
+def test_verify_passes_a_sound_store(tiny_store):
+    report = verify_store(tiny_store)
+    assert report["ok"] and report["samples"] == N
+    assert report["arrays"] == 5 + 3 + 3 + 2  # sample arrays; clip, dinov2: 2 targets + 1 scale; sam: 1 + 1
+
+
+def test_verify_names_the_array_and_sample_of_a_corrupted_chunk(store_copy):
+    ids = zarr.open_group(store_copy, mode="r")[L.IDS][:]
+    shard_file = store_copy / L.target_array("clip", "spatial") / "c" / "1" / "0" / "0" / "0" / "0"
+    assert shard_file.is_file()
+    _flip_middle(shard_file)
+    with pytest.raises(CacheIntegrityError) as e:
+        verify_store(store_copy)
+    message = str(e.value)
+    assert message.startswith(f"{L.target_array('clip', 'spatial')}: sample '") and "\n" not in message
+    named = message.split("'")[1]
+    assert named in ids[S:2 * S]  # a sample of shard 1
+
+
+def test_verify_names_a_corrupted_sample_array(store_copy):
+    _flip_middle(store_copy / L.STATUS / "c" / "3", count=4)
+    with pytest.raises(CacheIntegrityError, match=f"^{L.STATUS}: unreadable chunk"):
+        verify_store(store_copy)
+
+
+def test_verify_names_an_unfinished_shard(store_copy):
+    zarr.open_group(store_copy, mode="r+")[L.done_array("dinov2")][3] = 0
+    with pytest.raises(CacheIntegrityError, match=r"^teachers/dinov2/done: shard 3 is not done \(1 of 15 missing\); "
+                                                  r"rerun `radio-cache build`"):
+        verify_store(store_copy)
+
+
+def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy):
+    root = zarr.open_group(store_copy, mode="r+")
+    ids = root[L.IDS][:]
+    root[L.STATUS][7] = L.PENDING
+    with pytest.raises(CacheIntegrityError, match=f"sample '{ids[7]}' was never processed"):
+        verify_store(store_copy)
+    root[L.STATUS][7] = L.OK
+    summary = root[L.target_array("dinov2", "summary")]
+    value = summary[9]
+    value[1, 5] = np.inf
+    summary[9] = value
+    with pytest.raises(CacheIntegrityError, match=f"teachers/dinov2/summary: sample '{ids[9]}' holds NaN or inf"):
+        verify_store(store_copy)

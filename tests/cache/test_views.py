@@ -1,0 +1,58 @@
+"""Views: boxes are a pure function of (seed, sample id, view), inside the image; crops resize exactly."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from radio_distill.cache.views import CROP_RATIO, CROP_SCALE, crop_resize, view_boxes
+
+
+@pytest.mark.parametrize("width, height", [(96, 96), (640, 480), (300, 1000), (1, 1), (2, 1)])
+def test_boxes_inside_the_image_and_view0_is_the_centred_square(width, height):
+    boxes = view_boxes(width, height, views=8, seed=0, sample_id="a/b.jpg")
+    assert boxes.shape == (8, 4) and boxes.dtype == np.float32
+    side = min(width, height)
+    np.testing.assert_allclose(boxes[0], [(width - side) / 2, (height - side) / 2, (width + side) / 2,
+                                          (height + side) / 2])
+    x0, y0, x1, y1 = boxes.T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= width + 1e-3).all() and (y1 <= height + 1e-3).all()
+    assert (x1 > x0).all() and (y1 > y0).all()
+
+
+def test_random_views_follow_random_resized_crop():
+    boxes = view_boxes(640, 480, views=64, seed=3, sample_id="x.jpg")[1:]
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area = w * h / (640 * 480)
+    assert (area >= CROP_SCALE[0] - 1e-4).all() and (area <= CROP_SCALE[1] + 1e-4).all()
+    ratio = w / h
+    square = np.isclose(w, 480) & np.isclose(h, 480)  # torchvision's fallback after 10 misses
+    assert ((ratio >= CROP_RATIO[0] - 1e-4) & (ratio <= CROP_RATIO[1] + 1e-4) | square).all()
+    assert len({tuple(b) for b in boxes.round(2)}) == len(boxes)
+
+
+def test_boxes_are_deterministic_per_seed_id_and_view():
+    a = view_boxes(640, 480, views=4, seed=0, sample_id="cat/1.jpg")
+    np.testing.assert_array_equal(a, view_boxes(640, 480, views=4, seed=0, sample_id="cat/1.jpg"))
+    # a view's box does not depend on how many views there are
+    np.testing.assert_array_equal(a[:2], view_boxes(640, 480, views=2, seed=0, sample_id="cat/1.jpg"))
+    assert not np.array_equal(a[1], a[2]) and not np.array_equal(a[2], a[3])
+    assert not np.array_equal(a[1:], view_boxes(640, 480, views=4, seed=1, sample_id="cat/1.jpg")[1:])
+    assert not np.array_equal(a[1:], view_boxes(640, 480, views=4, seed=0, sample_id="cat/2.jpg")[1:])
+
+
+def test_crop_resize_takes_the_box_at_any_decode_scale():
+    pixels = np.zeros((80, 120, 3), np.uint8)
+    pixels[20:60, 40:80] = (250, 10, 10)  # a red square at x 40..80, y 20..60
+    image = Image.fromarray(pixels)
+    out = crop_resize(image, np.array([40, 20, 80, 60], np.float32), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    red = (250, 10, 10)
+    assert (np.abs(out[2:-2, 2:-2].astype(int) - red) <= 2).all()  # bicubic bleeds ~1 px at the border
+    assert out[..., 0].mean() > 240
+    assert (crop_resize(image, np.array([0, 0, 30, 20], np.float32), 32) < 3).all()  # a box off the square
+    # the same box in source pixels on an image decoded at half size
+    half = image.resize((60, 40), Image.Resampling.BOX)
+    out = crop_resize(half, np.array([40, 20, 80, 60], np.float32), 32, scale=0.5)
+    assert (np.abs(out[2:-2, 2:-2].astype(int) - red) <= 2).all() and out[..., 0].mean() > 240
+    one = crop_resize(Image.new("RGB", (1, 1), (9, 99, 199)), view_boxes(1, 1, views=2, seed=0, sample_id="p")[1], 16)
+    assert (one == (9, 99, 199)).all()
