@@ -84,7 +84,10 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
     out = Path(cfg.out).expanduser().resolve()
-    fresh = cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir()))  # e.g. a new mkdir
+    empty = not out.exists() or (out.is_dir() and not any(out.iterdir()))  # e.g. a new mkdir
+    if cfg.overwrite and not empty:
+        open_store(out)  # --overwrite only ever deletes a radio-distill store, never another folder
+    fresh = cfg.overwrite or empty
     if not fresh:
         check_settings(open_store(out), settings, out)
 
@@ -93,7 +96,8 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
     n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
     cpus = max(1, total_cpus // n_workers)
-    actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus,
+    # two shards per actor at once: one decodes or writes while the other computes
+    actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
                                             max_restarts=3, max_task_retries=3)
     workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
     infos = ray.get(workers[0].describe.remote())
@@ -198,11 +202,11 @@ class ShardWorker:
         pairs = [(k, v) for k in np.flatnonzero(status == L.OK) for v in range(views)]
 
         seconds, writes = {}, []
+        stats = shard < L.stat_shards(L.shard_count(n, size))
         for name, teacher in self.teachers.items():
             storage = root.attrs["settings"]["storage"][name]
-            started = time.perf_counter()
-            targets = self._run_teacher(teacher, decoded, boxes, pairs, count, views, storage, shard)
-            seconds[name] = time.perf_counter() - started
+            targets = self._run_teacher(teacher, decoded, boxes, pairs, count, views, storage, shard, stats)
+            seconds[name] = targets["seconds"]
             writes.append((name, targets))
 
         root[L.BOXES][rows] = boxes
@@ -212,7 +216,7 @@ class ShardWorker:
             futures = [self._array(path)[rows].write(value) for path, value in targets["arrays"].items()]
             for f in futures:
                 f.result()
-            if shard < root[L.moment_array(name, "spatial", "count")].shape[0]:
+            if stats:
                 for path, value in targets["moments"].items():
                     root[path][shard] = value
             if shard == 0:
@@ -222,17 +226,27 @@ class ShardWorker:
         return {"shard": shard, "images": count, "views": len(pairs), "seconds": seconds,
                 "unreadable": int((status == L.UNREADABLE).sum())}
 
-    def _run_teacher(self, teacher, decoded, boxes, pairs, count, views, storage, shard) -> dict:
-        """Forward every (sample, view) of a shard through one teacher; encode into shard arrays."""
+    def _run_teacher(self, teacher, decoded, boxes, pairs, count, views, storage, shard, stats) -> dict:
+        """Forward every (sample, view) of a shard through one teacher; encode into shard arrays.
+
+        `stats`: accumulate the normalisation moments (statistics shards only). The returned
+        `seconds` time the forward + encode, not the CPU resizing that overlaps it."""
         name, res = teacher.spec.name, teacher.resolution
         mean = torch.tensor(teacher.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(teacher.std, device=self.device).view(1, 3, 1, 1)
         out, moments, fid = {}, {}, {}
-        for b in range(0, len(pairs), self.batch_size):
-            batch = pairs[b:b + self.batch_size]
-            pixels = list(self.pool.map(lambda p: crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], res,
-                                                              scale=decoded[p[0]][1]), batch))
-            x = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        def crop(p):
+            return crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], res, scale=decoded[p[0]][1])
+
+        batches = [pairs[b:b + self.batch_size] for b in range(0, len(pairs), self.batch_size)]
+        pending = [self.pool.submit(crop, p) for p in batches[0]] if batches else []
+        seconds = 0.0
+        for i, batch in enumerate(batches):
+            pixels = np.stack([f.result() for f in pending])
+            if i + 1 < len(batches):  # resize the next batch on CPU threads while this one runs
+                pending = [self.pool.submit(crop, p) for p in batches[i + 1]]
+            started = time.perf_counter()
+            x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
             x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
             with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
                 summary, spatial = teacher(x)
@@ -243,20 +257,23 @@ class ShardWorker:
                 stored = codecs.pool(value, storage["pool"]) if target == "spatial" else value
                 values, scale = codecs.encode(stored, storage[target])
                 decoded_value = codecs.decode(values, scale)
-                _accumulate(moments, target, decoded_value)
+                if stats:
+                    _accumulate(moments, target, decoded_value)
                 if shard == 0:  # fidelity: what is stored, back at the teacher's grid, vs the raw output
                     back = codecs.unpool(decoded_value, value.shape[1:3]) if target == "spatial" else decoded_value
                     _accumulate_fidelity(fid, target, codecs.token_cosine(value, back))
+                ks, vs = (list(c) for c in zip(*batch))
                 for path, arr in ((L.target_array(name, target), values), (L.scale_array(name, target), scale)):
                     if arr is None:
                         continue
+                    host = arr.cpu().numpy()
                     if path not in out:
-                        out[path] = np.zeros((count, views, *arr.shape[1:]), dtype=arr.cpu().numpy().dtype)
-                    ks, vs = zip(*batch)
-                    out[path][list(ks), list(vs)] = arr.cpu().numpy()
+                        out[path] = np.zeros((count, views, *host.shape[1:]), dtype=host.dtype)
+                    out[path][ks, vs] = host
+            seconds += time.perf_counter() - started
         moment_arrays = {L.moment_array(name, t, m): v for t, ms in moments.items() for m, v in ms.items()}
         fidelity = {t: {"mean_cos": f["sum"] / f["n"], "min_cos": f["min"]} for t, f in fid.items()}
-        return {"arrays": out, "moments": moment_arrays, "fidelity": fidelity}
+        return {"arrays": out, "moments": moment_arrays, "fidelity": fidelity, "seconds": seconds}
 
 
 def _decode(path: Path, min_side: int):

@@ -77,6 +77,11 @@ def text_array(teacher: str) -> str:
     return f"teachers/{teacher}/text/embeddings"
 
 
+def stat_shards(n_shards: int) -> int:
+    """K: how many leading shards feed the normalisation statistics."""
+    return min(n_shards, STAT_SHARDS)
+
+
 def shard_count(num_samples: int, shard_size: int) -> int:
     return -(-num_samples // shard_size)
 

@@ -65,7 +65,7 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     _array(root, L.STATUS, (n,), "uint8", rows, fill=L.PENDING)
     _array(root, L.ERRORS, (n,), str, rows)
     n_shards = L.shard_count(n, size)
-    n_stats = min(n_shards, L.STAT_SHARDS)
+    n_stats = L.stat_shards(n_shards)
     for name, info in infos.items():
         storage = settings["storage"][name]
         grid = tuple(g // storage["pool"] for g in info.grid)
