@@ -58,6 +58,8 @@ def test_out_that_is_not_a_store_is_refused(tiny_config, tmp_path):
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(CacheLayoutError, match="is not a radio-distill store"):
         build_cache(tiny_config(out), progress=False)
+    with pytest.raises(CacheLayoutError, match="is not a radio-distill store"):
+        build_cache(tiny_config(out, overwrite=True), progress=False)  # --overwrite never deletes other folders
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
