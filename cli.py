@@ -5,7 +5,6 @@ Each command parses options, builds a config and calls one library function; a
 """
 
 import json
-import sys
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CacheLayoutError, RadioDistillError
+from ..errors import RadioDistillError
 from . import codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb, scan_dataset

@@ -143,11 +143,11 @@ def identity(spec: TeacherSpec) -> dict:
         ident["spatial"] = spec.sam_spatial
     if _is_file(spec.weights):
         ident["weights"] = Path(spec.weights).name
-        ident["sha256"] = _sha256(Path(spec.weights).expanduser())
+        ident["sha256"] = sha256_file(Path(spec.weights).expanduser())
     return ident
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(partial(f.read, 1 << 24), b""):

@@ -10,9 +10,7 @@ Letters: M classes, P templates, D the CLIP embedding width.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import fields
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +48,7 @@ def read_lines(path: str | Path, what: str) -> list[str]:
 def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = None):
     """The `TeacherSpec` that rebuilds a stored teacher; a weight file recorded by name + sha256 is
     located with `weights` and checked against the sha256."""
-    from .teachers import TeacherSpec
+    from .teachers import TeacherSpec, sha256_file
 
     known = {f.name for f in fields(TeacherSpec)} - {"name", "family", "model_kwargs", "sam_spatial"}
     kwargs = {k: v for k, v in ident.items() if k in known}
@@ -64,7 +62,7 @@ def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = N
         path = Path(weights).expanduser()
         if not path.is_file():
             raise TeacherSpecError(f"teacher '{name}': --weights '{weights}' is not a file")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != ident["sha256"]:
             raise TeacherSpecError(f"teacher '{name}': --weights '{weights}' has sha256 {digest[:12]}..., "
                                    f"the store was built from '{ident['weights']}' with sha256 {ident['sha256'][:12]}...")
@@ -73,14 +71,6 @@ def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = N
         raise TeacherSpecError(f"teacher '{name}' uses weights {ident.get('weights')!r}, not a file; "
                                "drop --weights")
     return TeacherSpec(name=name, family=ident["family"], **kwargs)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(partial(f.read, 1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: list[str] | None = None,
