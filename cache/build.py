@@ -10,6 +10,7 @@ Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channe
 """
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -168,6 +169,7 @@ class ShardWorker:
         self.teachers = {s.name: build_teacher(s, device=self.device) for s in specs}
         self.store, self.batch_size = Path(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
+        self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not
         self._arrays = {}
 
     def describe(self) -> dict:
@@ -245,32 +247,33 @@ class ShardWorker:
             pixels = np.stack([f.result() for f in pending])
             if i + 1 < len(batches):  # resize the next batch on CPU threads while this one runs
                 pending = [self.pool.submit(crop, p) for p in batches[i + 1]]
-            started = time.perf_counter()
-            x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-            x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-                summary, spatial = teacher(x)
-            raw = {"summary": summary, "spatial": spatial}
-            for target, value in raw.items():
-                if value is None:
-                    continue
-                stored = codecs.pool(value, storage["pool"]) if target == "spatial" else value
-                values, scale = codecs.encode(stored, storage[target])
-                decoded_value = codecs.decode(values, scale)
-                if stats:
-                    _accumulate(moments, target, decoded_value)
-                if shard == 0:  # fidelity: what is stored, back at the teacher's grid, vs the raw output
-                    back = codecs.unpool(decoded_value, value.shape[1:3]) if target == "spatial" else decoded_value
-                    _accumulate_fidelity(fid, target, codecs.token_cosine(value, back))
-                ks, vs = (list(c) for c in zip(*batch))
-                for path, arr in ((L.target_array(name, target), values), (L.scale_array(name, target), scale)):
-                    if arr is None:
+            with self.device_lock:  # the other shard in flight waits here, so seconds are this teacher's own
+                started = time.perf_counter()
+                x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+                x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+                with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+                    summary, spatial = teacher(x)
+                raw = {"summary": summary, "spatial": spatial}
+                for target, value in raw.items():
+                    if value is None:
                         continue
-                    host = arr.cpu().numpy()
-                    if path not in out:
-                        out[path] = np.zeros((count, views, *host.shape[1:]), dtype=host.dtype)
-                    out[path][ks, vs] = host
-            seconds += time.perf_counter() - started
+                    stored = codecs.pool(value, storage["pool"]) if target == "spatial" else value
+                    values, scale = codecs.encode(stored, storage[target])
+                    decoded_value = codecs.decode(values, scale)
+                    if stats:
+                        _accumulate(moments, target, decoded_value)
+                    if shard == 0:  # fidelity: what is stored, back at the teacher's grid, vs the raw output
+                        back = codecs.unpool(decoded_value, value.shape[1:3]) if target == "spatial" else decoded_value
+                        _accumulate_fidelity(fid, target, codecs.token_cosine(value, back))
+                    ks, vs = (list(c) for c in zip(*batch))
+                    for path, arr in ((L.target_array(name, target), values), (L.scale_array(name, target), scale)):
+                        if arr is None:
+                            continue
+                        host = arr.cpu().numpy()
+                        if path not in out:
+                            out[path] = np.zeros((count, views, *host.shape[1:]), dtype=host.dtype)
+                        out[path][ks, vs] = host
+                seconds += time.perf_counter() - started
         moment_arrays = {L.moment_array(name, t, m): v for t, ms in moments.items() for m, v in ms.items()}
         fidelity = {t: {"mean_cos": f["sum"] / f["n"], "min_cos": f["min"]} for t, f in fid.items()}
         return {"arrays": out, "moments": moment_arrays, "fidelity": fidelity, "seconds": seconds}

@@ -22,7 +22,8 @@ def store_info(path: str | Path) -> dict:
     teachers = {}
     for name in names:
         attrs = dict(root[L.teacher_group(name)].attrs)
-        size = _disk_bytes(path / L.teacher_group(name))
+        size = sum(_disk_bytes(path / a) for t in L.TARGETS for a in (L.target_array(name, t), L.scale_array(name, t))
+                   if (path / a).exists())  # the targets alone: statistics are a fixed cost, not per view
         teachers[name] = {
             "identity": attrs["identity"], "resolution": attrs["resolution"], "grid": attrs["grid"],
             "summary_dim": attrs["summary_dim"], "spatial_dim": attrs["spatial_dim"], "storage": attrs["storage"],

@@ -1,0 +1,98 @@
+"""The benchmarks at their tiniest scale on the CPU: each script's `main` runs, and its JSON holds the
+keys BENCHMARKS.md reads, with positive numbers. One Ray session (tests/conftest.py) serves the builds;
+bench/build.py's last store is the one bench/train.py and bench/online.py then reuse."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+META = ("benchmark", "device", "precision", "torch", "date", "command", "versions")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """`bench(name, *args)` -> the JSON `bench/<name>.py --quick ... --json` wrote (and checked against `main`'s return)."""
+    sys.path.insert(0, str(BENCH))  # the scripts import their sibling `common`
+    work, out = tmp_path_factory.mktemp("bench_work"), tmp_path_factory.mktemp("bench_out")
+
+    def run(name: str, *args: str) -> dict:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        path = out / f"{name}.json"
+        returned = module.main(["--quick", "--device", "cpu", "--work", str(work), "--json", str(path), *args])
+        written = json.loads(path.read_text())
+        assert written["results"] and len(written["results"]) == len(returned["results"])
+        for key in META:
+            assert written[key], key
+        assert written["command"].startswith(f"python bench/{name}.py --quick")
+        return written
+
+    yield run
+    sys.path.remove(str(BENCH))
+
+
+def positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert row[key] is not None and row[key] > 0, (key, row[key])
+
+
+def test_teachers_sam_sdpa_matches_stock(bench):
+    rows = {r["family"]: r for r in bench("teachers", "--steps", "1", "--repeats", "1", "--images", "2",
+                                          "--batch-size", "2", "--sam-batch-size", "2")["results"]}
+    assert set(rows) == {"clip", "dinov2", "sam"}
+    for r in rows.values():
+        positive(r, "stock_img_s", "ours_img_s", "speedup")
+    assert rows["sam"]["spatial_cos_min"] >= 0.9999 and rows["sam"]["fp32_spatial_cos_min"] >= 0.9999
+    assert rows["clip"]["summary_cos_min"] >= 0.9999 and rows["dinov2"]["fp32_spatial_cos_min"] >= 0.9999
+
+
+def test_storage(bench):
+    result = bench("storage", "--images", "4", "--teachers", "tiny-sam,tiny-clip")
+    rows = {(r["teacher"].split()[1], r["codec"]): r for r in result["results"]}
+    assert {c for t, c in rows if t == "sam"} == {"fp16", "int8", "int8+pool2", "pca16+int8", "pca8+int8", "pca4+int8"}
+    for r in rows.values():
+        positive(r, "bytes_per_view", "x_vs_raw_fp16", "x_vs_fp16_zstd", "cos_mean")
+    assert rows["sam", "fp16"]["cos_min"] > 0.9999 and rows["sam", "int8"]["cos_mean"] > 0.999
+    assert rows["sam", "int8"]["bytes_per_view"] < rows["sam", "fp16"]["bytes_per_view"]
+    assert rows["sam", "int8+pool2"]["bytes_per_view"] < rows["sam", "int8"]["bytes_per_view"]
+    assert set(result["targets"]) == {r["teacher"] for r in result["results"]}
+
+
+def test_build(bench, ray_session):
+    rows = bench("build", "--runs", "tiny:8,16", "--shard-size", "8", "--raw-steps", "1")["results"]
+    assert [r["images"] for r in rows] == [8, 16]
+    for r in rows:
+        positive(r, "seconds", "images_per_s", "ideal_images_per_s", "s_per_1k", "linearity")
+        assert set(r["teachers"]) == {"clip", "dinov2", "sam"}
+        for t in r["teachers"].values():
+            positive(t, "build_views_per_s", "raw_img_per_s", "of_raw", "bytes_per_view")
+    assert isinstance(rows[-1]["marginal_s_per_1k"], float)  # may be <= 0 at 8 vs 16 images: first-call costs
+
+
+def test_train(bench, ray_session):  # reuses the tiny-16 store of test_build when it ran first
+    [row] = bench("train", "--images", "16", "--shard-size", "8", "--batch-size", "4", "--steps", "2",
+                  "--warmup", "1", "--workers", "0")["results"]
+    positive(row, "compute_img_s", "data_img_s", "train_img_s", "compute_s", "radio_train_img_s")
+    assert 0 <= row["wait_fraction"] < 1 and row["bottleneck"] in ("data", "compute")
+
+
+def test_online(bench, ray_session):
+    [row] = bench("online", "--images", "16", "--shard-size", "8", "--batch-size", "2", "--steps", "1",
+                  "--warmup", "1", "--cache-steps", "2", "--cache-warmup", "1", "--workers", "0")["results"]
+    positive(row, "online_img_s", "cached_img_s", "speedup", "online_epoch_h", "cached_epoch_h")
+    assert 0 < row["online_teacher_share"] < 1
+
+
+def test_student_speed(bench):
+    rows = bench("student_speed", "--models", "test_vit", "--steps", "1")["results"]
+    positive(rows[0], "infer_img_s", "train_img_s")
+
+
+def test_run_all_parses():
+    subprocess.run(["bash", "-n", str(BENCH / "run_all.sh")], check=True)
