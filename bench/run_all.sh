@@ -42,8 +42,8 @@ if [ $scale = full ]; then
     run storage
     run train
     run online
-    run student_speed --models vit_small_patch16_224 vit_base_patch16_224 vit_large_patch16_224 eradio_base \
-        --resolutions 224 --batch-size 128
+    run student_speed --models eradio_small eradio_base eradio_large vit_small_patch16_224 vit_base_patch16_224 vit_large_patch16_224 vit_huge_patch14_clip_224 \
+        --resolutions 224 512 --batch-size 32 --backbone-only
 else
     run teachers
     run build
