@@ -89,3 +89,17 @@ def test_phis_loss_and_spawned_loader_workers(train_store, tmp_path):
     assert len(rows) == 12
     assert rows[-1]["dinov2/spatial"] < rows[0]["dinov2/spatial"]
     assert (tmp_path / "phis/tensorboard").is_dir() and any((tmp_path / "phis/tensorboard").iterdir())
+
+
+def test_ray_train_two_workers_match_one_process(train_store, tmp_path, ray_session):
+    from radio_distill.train.distributed import train_on_ray
+
+    one = config(train_store, tmp_path / "one", steps=3)
+    train(one, progress=False)
+    train_on_ray(replace(one, out=tmp_path / "ray"), workers=2)
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ray")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in TEACHER_LOSSES:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    assert (tmp_path / "ray/student/model.safetensors").is_file()
