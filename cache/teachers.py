@@ -200,9 +200,18 @@ class Dinov2Teacher(Teacher):
 
 
 class SamTeacher(Teacher):
-    """No summary. Spatial: the image encoder's neck output (256 channels), or its pre-neck tokens."""
+    """No summary. Spatial: the image encoder's neck output (256 channels), or its pre-neck tokens.
+
+    Runs in micro-batches: a global-attention block's position bias is (B, heads, N, N), 0.5 GB
+    per image for SAM-H at 1024 px, so a build batch of 64 would need 34 GB for it alone.
+    """
+
+    micro_batch = 8
 
     def forward(self, x):
+        if len(x) > self.micro_batch:
+            outs = [self(chunk)[1] for chunk in x.split(self.micro_batch)]
+            return None, torch.cat(outs)
         enc = self.model.image_encoder
         if self.spec.sam_spatial == "neck":
             return None, enc(x).permute(0, 2, 3, 1).float()

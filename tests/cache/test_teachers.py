@@ -122,3 +122,13 @@ def test_sam_preneck_target(tiny_specs):
     summary, spatial = teacher(torch.randn(1, 3, 64, 64))
     assert summary is None and spatial.shape == (1, 8, 8, 32)
     assert identity(teacher.spec)["spatial"] == "preneck"
+
+
+def test_sam_micro_batches_give_the_same_maps(tiny_specs):
+    teacher = build_teacher(tiny_specs["sam"])
+    x = torch.randn(teacher.micro_batch * 2 + 3, 3, 64, 64)
+    with torch.inference_mode():
+        _, whole = teacher(x)
+        singles = torch.cat([teacher(x[i:i + 1])[1] for i in range(len(x))])
+    assert whole.shape == (len(x), 8, 8, 32)
+    torch.testing.assert_close(whole, singles, rtol=1e-5, atol=1e-5)
