@@ -112,10 +112,12 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
     out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']})", highlight=False)
     out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}, {len(i['classes'])} classes; "
               f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk", highlight=False)
+    from .cache.store import weights_label
+
     for name, t in i["teachers"].items():
         ident, st, fid = t["identity"], t["storage"], t["fidelity"] or {}
         weights = f":{ident['weights']}" if ident.get("weights") else ""
-        out.print(f"[bold]{name}[/]: {ident['family']} {ident['model']}{weights}{_weights_label(ident)} "
+        out.print(f"[bold]{name}[/]: {ident['family']} {ident['model']}{weights}{f' ({weights_label(ident)})' if weights_label(ident) else ''} "
                   f"@{t['resolution']}, grid {'x'.join(map(str, t['grid']))}, summary {t['summary_dim'] or '-'}, "
                   f"spatial {t['spatial_dim']}", highlight=False)
         codecs = f"spatial {st['spatial']}" + (f" pooled x{st['pool']}" if st["pool"] > 1 else "")
@@ -126,12 +128,6 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
     out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
     for path, reason in i["unreadable"].items():
         out.print(f"  unreadable: {path}: {reason}", highlight=False)
-
-
-def _weights_label(ident: dict) -> str:
-    if ident.get("preset") == "tiny":
-        return " (tiny preset: toy size, random weights)"
-    return " (random weights)" if ident["random_init"] else ""
 
 
 @cache_app.command()
@@ -176,7 +172,7 @@ def train(
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
     holdout: Annotated[Optional[float], typer.Option(help="Fraction of sample ids held out for radio-eval. [default: 0.05]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order. [default: 0]")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per training process. [default: 4]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per training process. [default: the cores per process, minus one]")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Log metrics every N steps. [default: 10]")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (and at the end). [default: 500]")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. [default: cuda if available]")] = None,

@@ -310,9 +310,8 @@ def usable_store(path: Path, specs: list[TeacherSpec], n: int) -> bool:
 def ensure_store(preset: str, n: int, *, work: Path = WORK, shard_size: int = 256, batch_size: int = 32,
                  workers: int | None = None) -> Path:
     """The store of `preset` over the first n generated photos (one view, default codecs): reused
-    when complete (e.g. left by bench/build.py), else built with `build_cache` through Ray. The
-    batch is half the CLI default: targets do not depend on it, and two SAM batches of 64 run at
-    once in a build actor need ~52 GB for the attention biases alone (2 x 25.8 GB)."""
+    when complete (e.g. left by bench/build.py), else built with `build_cache` through Ray
+    (targets do not depend on the batch size)."""
     from radio_distill.cache.build import CacheConfig, build_cache
 
     specs = teacher_specs(preset)

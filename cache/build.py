@@ -9,7 +9,6 @@ actor is restarted by Ray with its in-flight shards retried.
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -175,9 +174,6 @@ class ShardWorker:
     def describe(self) -> dict:
         return {name: t.info() for name, t in self.teachers.items()}
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def _array(self, name: str):
         if name not in self._arrays:
             self._arrays[name] = open_array(self.store, name)
@@ -204,7 +200,8 @@ class ShardWorker:
         pairs = [(k, v) for k in np.flatnonzero(status == L.OK) for v in range(views)]
 
         seconds, writes = {}, []
-        stats = shard < L.stat_shards(L.shard_count(n, size))
+        stat_shards = L.stat_shards(L.shard_count(n, size))
+        stats = shard in stat_shards
         for name, teacher in self.teachers.items():
             storage = root.attrs["settings"]["storage"][name]
             targets = self._run_teacher(teacher, decoded, boxes, pairs, count, views, storage, shard, stats)
@@ -220,7 +217,7 @@ class ShardWorker:
                 f.result()
             if stats:
                 for path, value in targets["moments"].items():
-                    root[path][shard] = value
+                    root[path][stat_shards.index(shard)] = value
             if shard == 0:
                 root[L.teacher_group(name)].attrs["fidelity"] = targets["fidelity"]
         for name in self.teachers:  # only now is the shard done, teacher by teacher

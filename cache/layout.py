@@ -36,7 +36,7 @@ PENDING, OK, UNREADABLE = 0, 1, 2
 
 TARGETS = ("summary", "spatial")
 CODECS = ("fp16", "int8")
-STAT_SHARDS = 16  # normalisation statistics come from the first K shards: plenty of tokens, bounded cost
+STAT_SHARDS = 16  # normalisation statistics come from K shards spread over the dataset: plenty of tokens, bounded cost
 
 
 def teacher_group(teacher: str) -> str:
@@ -77,9 +77,11 @@ def text_array(teacher: str) -> str:
     return f"teachers/{teacher}/text/embeddings"
 
 
-def stat_shards(n_shards: int) -> int:
-    """K: how many leading shards feed the normalisation statistics."""
-    return min(n_shards, STAT_SHARDS)
+def stat_shards(n_shards: int) -> list[int]:
+    """The K shards that feed the normalisation statistics, evenly spaced: samples are sorted by
+    path, so leading shards would hold only the first few classes. Moment row k is shard [k]."""
+    k = min(n_shards, STAT_SHARDS)
+    return sorted({round(i * (n_shards - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 def shard_count(num_samples: int, shard_size: int) -> int:

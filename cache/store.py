@@ -65,7 +65,7 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     _array(root, L.STATUS, (n,), "uint8", rows, fill=L.PENDING)
     _array(root, L.ERRORS, (n,), str, rows)
     n_shards = L.shard_count(n, size)
-    n_stats = L.stat_shards(n_shards)
+    n_stats = len(L.stat_shards(n_shards))
     for name, info in infos.items():
         storage = settings["storage"][name]
         grid = tuple(g // storage["pool"] for g in info.grid)
@@ -117,6 +117,13 @@ def done_shards(root: zarr.Group, teachers: list[str]) -> np.ndarray:
     """(n_shards,) bool: shards done for every teacher."""
     flags = [root[L.done_array(t)][:] == 1 for t in teachers]
     return np.logical_and.reduce(flags)
+
+
+def weights_label(identity: dict) -> str:
+    """How a teacher's weights are described to users: tiny and random-init teachers say so."""
+    if identity.get("preset") == "tiny":
+        return "tiny preset: toy size, random weights"
+    return "random weights" if identity.get("random_init") else ""
 
 
 def teacher_names(root: zarr.Group) -> list[str]:

@@ -233,6 +233,8 @@ def build_clip(spec: TeacherSpec) -> Teacher:
     import open_clip
     _register_tiny_clip()
     kwargs = {"force_image_size": spec.resolution} if spec.resolution else {}
+    if spec.weights and not _is_file(spec.weights):  # e.g. OpenAI weights were trained with QuickGELU
+        kwargs["force_quick_gelu"] = open_clip.get_pretrained_cfg(spec.model, spec.weights).get("quick_gelu", False)
     model = open_clip.create_model(spec.model, pretrained=spec.weights, **kwargs)
     model.visual.output_tokens = True
     cfg = open_clip.get_model_preprocess_cfg(model)

@@ -10,6 +10,7 @@ Letters: M classes, P templates, D the CLIP embedding width.
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
     if classes is None:
         if not store_classes:
             raise RadioDistillError(f"store '{path}' is unlabelled (no classes); pass --classes FILE")
+        if all(re.fullmatch(r"n\d{8}", c) for c in store_classes):  # ImageNet folders are WordNet ids
+            raise RadioDistillError(f"store '{path}' names its classes by WordNet id ({store_classes[0]}, ...): "
+                                    "prompts need words; pass --classes FILE with one name per class")
         classes = store_classes
     elif store_classes and len(classes) != len(store_classes):
         raise RadioDistillError(f"{len(classes)} class names given, the store has {len(store_classes)} classes "

@@ -57,10 +57,16 @@ def load_masks(masks: Path, image_root: Path, ids, boxes, grids) -> dict[tuple[i
     out = {tuple(g): [] for g in grids}
     for sample_id, box in zip(ids, boxes):
         with Image.open(mask_path(masks, sample_id)) as mask, Image.open(Path(image_root) / sample_id) as image:
-            size = image.size
+            size = _oriented_size(image)
             for g in out:
                 out[g].append(mask_grid(mask, box, g, image_size=size))
     return {g: np.stack(v) if v else np.zeros((0, *g), np.int64) for g, v in out.items()}
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(W, H) after the EXIF rotation `load_rgb` applies: boxes are in those coordinates."""
+    w, h = image.size
+    return (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def train_linear_probe(x, y, *, num_classes: int, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..cache import layout as L
-from ..cache.store import open_store
+from ..cache.store import open_store, weights_label
 from ..errors import EvaluationError
 from ..student import load_student
 from .config import EvalConfig
@@ -140,9 +140,8 @@ def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) 
 
 
 def _teacher_label(name: str, ident: dict) -> str:
-    if ident.get("preset") == "tiny" or ident.get("tiny"):
-        return f"{name} (tiny, random weights)"
-    return f"{name} (random weights)" if ident.get("random_init") else name
+    label = weights_label(ident)
+    return f"{name} ({label})" if label else name
 
 
 def _fidelity(test: SplitFeatures, reader) -> dict:

@@ -36,6 +36,9 @@ class TimmViT(nn.Module):
     def __init__(self, name: str, *, num_summary: int, num_registers: int = 4,
                  pretrained: bool = False, **kwargs):
         super().__init__()
+        if pretrained:  # timm's loader resamples pos_embed for a class token this layout replaces
+            raise ValueError(f"pretrained=True is not supported for ViT student '{name}': its prefix tokens "
+                             "are summary and register tokens, not timm's class token")
         self.model = timm.create_model(
             name, pretrained=pretrained, num_classes=0, global_pool="", dynamic_img_size=True,
             class_token=False, reg_tokens=num_summary + num_registers, **kwargs)
@@ -74,6 +77,8 @@ class TimmMap(nn.Module):
         super().__init__()
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="",
                                        **kwargs)
+        if hasattr(self.model, "head"):  # forward_features never reaches it; DDP refuses unused parameters
+            self.model.head = nn.Identity()
         self.label = name
         # some families (Swin, ...) return channels-last maps
         self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"

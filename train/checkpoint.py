@@ -29,9 +29,8 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
             else:
                 scalars[f"{pid}.{key}"] = value
     tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda{i}"] = s
+    if torch.cuda.is_available():  # this process's device only: a resume may see other GPUs
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
                                          "optimizer_scalars": scalars, "run": run}, indent=2))
@@ -41,6 +40,14 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def latest(directory: Path) -> Path | None:
+    """The checkpoint folder to resume from: `directory`, or its `.old` twin when a crash hit the swap."""
+    for d in (directory, directory.with_name(directory.name + ".old")):
+        if (d / STATE).is_file():
+            return d
+    return None
 
 
 def read_state(directory: Path) -> dict:
@@ -61,6 +68,6 @@ def load_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer)
         opt_state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")])
+    if torch.cuda.is_available() and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state["step"]

@@ -42,7 +42,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     holdout: float = 0.05  # fraction of sample ids never trained on (evaluation split)
-    workers: int = 4  # DataLoader worker processes per training process
+    workers: int | None = None  # DataLoader processes per training process; default: this process's share of the cores
     log_every: int = 10
     checkpoint_every: int = 500
     allow_partial: bool = False

@@ -1,7 +1,7 @@
 """Processes and devices: one process, torchrun (DDP), or Ray Train workers across machines."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,10 @@ def teardown() -> None:
 
 
 def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
-    """Run `train(cfg)` on `workers` Ray Train workers (one per GPU when the cluster has GPUs)."""
+    """Run `train(cfg)` on `workers` Ray Train workers (one per GPU when the cluster has GPUs).
+
+    Every node must see the store, the images and `cfg.out` at the same paths (a shared filesystem):
+    rank 0 writes checkpoints and metrics there."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -51,6 +54,7 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cfg = replace(cfg, store=cfg.store.resolve(), out=cfg.out.resolve())  # workers start in other folders
     trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                            run_config=RunConfig(storage_path=str(cfg.out.resolve() / "ray"), name="train"))
     trainer.fit()

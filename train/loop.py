@@ -7,6 +7,7 @@ Letters: B batch, R student side, h, w a grid, T = h * w tokens, C channels, D s
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import TrainingError
 from ..student import TeacherDims, create_student, save_student
-from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import setup, teardown
-from .losses import PhiS, amradio_spatial_loss, phis_spatial_loss, summary_loss
+from .losses import amradio_spatial_loss, phis_scale, phis_spatial_loss, summary_loss
 from .reader import CacheReader, decode_targets
+
+
+RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store")
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
@@ -48,14 +52,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
            "store": str(reader.path), "store_settings": reader.settings, "steps": steps,
            "teachers": {n: asdict(d) for n, d in teachers.items()}}
     if cfg.resume:
-        if not (ckpt / "state.json").is_file():
+        resume_from = latest(ckpt)
+        if resume_from is None:
             raise TrainingError(f"--resume: no checkpoint in '{out}'")
-        saved = read_state(ckpt)["run"]
+        saved = read_state(resume_from)["run"]
         if saved["store_settings"] != reader.settings:
             raise TrainingError(f"--resume: run '{out}' was trained from a store with other teachers or settings "
                                 f"than '{reader.path}'; resume with its own store or start a new --out")
         if saved["student"] != cfg.student or saved["config"]["student_overrides"] != run["config"]["student_overrides"]:
             raise TrainingError(f"--resume: run '{out}' trains '{saved['student']}', not '{cfg.student}'")
+        changed = sorted(k for k in run["config"] if k not in RUNTIME_SETTINGS
+                         and saved["config"].get(k) != run["config"][k])
+        if changed:
+            was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
+            raise TrainingError(f"--resume: run '{out}' was started with {was}; an exact resume needs the same settings")
     elif ckpt.exists():
         raise TrainingError(f"run folder '{out}' already holds a checkpoint; pass --resume or choose another --out")
     if procs.main:
@@ -72,7 +82,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
-    start = load_checkpoint(ckpt, model=model, optimizer=optimizer) if cfg.resume else 0
+    start = load_checkpoint(resume_from, model=model, optimizer=optimizer) if cfg.resume else 0
     net = DistributedDataParallel(model) if procs.world > 1 else model
 
     def lr_at(step: int) -> float:  # linear warmup, then cosine down to min_lr
@@ -88,13 +98,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             if "spatial" not in t.norm:
                 raise TrainingError(f"--loss phis needs the normalisation statistics of teacher '{t.name}', "
                                     "written when the store's build completes")
-            phis[t.name] = PhiS(t.norm["spatial"]["mean"], t.norm["spatial"]["cov"]).to(device)
+            phis[t.name] = phis_scale(t.norm["spatial"]["cov"])
 
     # 6. data: one view per image per step, this process's slice of each global batch
     end = min(steps, cfg.stop_at or steps)
     loader = reader.loader(indices, resolution=cfg.resolution, batch_size=cfg.batch_size, seed=cfg.seed,
                            start_step=start, steps=end, rank=procs.rank, world=procs.world,
-                           workers=cfg.workers, pin_memory=device.type == "cuda")
+                           workers=_loader_workers(cfg.workers), pin_memory=device.type == "cuda")
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
     metrics = Metrics(out, start) if procs.main else None
@@ -130,12 +140,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
 
-            values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.float()])
+            values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach(), grad_norm.float()])
             if procs.world > 1:
                 dist.all_reduce(values)
                 values /= procs.world
             values = values.tolist()
-            last = dict(zip(losses, values[:-1]))
+            last = dict(zip(losses, values[:-2]))
             bad = [k for k, v in last.items() if not math.isfinite(v)]
             if bad:
                 raise TrainingError(f"loss of teacher '{bad[0].split('/')[0]}' ({bad[0]}) is not finite at step {step}; "
@@ -143,7 +153,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             seen += len(pixels) * procs.world
             if procs.main and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
                 now = time.perf_counter()
-                metrics.log(step + 1, {"lr": lr, "loss": sum(last.values()), "grad_norm": values[-1], **last,
+                metrics.log(step + 1, {"lr": lr, "loss": values[-2], "grad_norm": values[-1], **last,
                                        "images_per_s": seen / (now - tick)})
                 seen, tick = 0, now
                 bar.update(task, losses="  ".join(f"{k} {v:.4f}" for k, v in last.items()))
@@ -160,6 +170,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         metrics.close()
     teardown()
     return {"out": str(out), "steps": steps, "step": end, "losses": last}
+
+
+def _loader_workers(workers: int | None) -> int:
+    """Given, or the cores this process's share of the machine leaves after the main process."""
+    if workers is not None:
+        return workers
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 2) // local_world - 1)
 
 
 def _to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

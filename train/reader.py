@@ -116,20 +116,24 @@ class StepSampler(Sampler):
             raise DatasetError("no usable samples to train on (all unreadable, held out, or in unfinished shards)")
         self.indices, self.views, self.batch_size, self.seed = np.asarray(indices), views, batch_size, seed
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
+        self._epochs = {}
 
     def __len__(self) -> int:
         return self.steps - self.start_step
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        return self.indices[rng.permutation(len(self.indices))], rng.integers(0, self.views, len(self.indices))
+        """(order, view per position) of an epoch; the last two are kept (a batch may straddle two)."""
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+            self._epochs[epoch] = (self.indices[rng.permutation(len(self.indices))],
+                                   rng.integers(0, self.views, len(self.indices)))
+        return self._epochs[epoch]
 
     def global_batch(self, step: int) -> list[tuple[int, int]]:
-        n, out, epochs = len(self.indices), [], {}
+        n, out = len(self.indices), []
         for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            if pos // n not in epochs:
-                epochs[pos // n] = self._epoch(pos // n)
-            order, views = epochs[pos // n]
+            order, views = self._epoch(pos // n)
             out.append((int(order[pos % n]), int(views[pos % n])))
         return out
 

@@ -54,3 +54,14 @@ def test_weight_files_are_found_by_path_and_checked_by_sha256(tmp_path):
         spec_from_identity("clip", ident, weights=other)
     tagged = {**ident, "weights": "openai", "sha256": None}
     assert spec_from_identity("clip", tagged).weights == "openai"
+
+
+def test_wordnet_folder_names_need_a_classes_file(eval_setup, tmp_path):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(eval_setup.store, store)
+    root = zarr.open_group(store, mode="r+")
+    dataset = dict(root.attrs["dataset"])
+    dataset["classes"] = ["n01440364", "n01443537", "n01484850", "n01491361"]  # an ImageNet-style folder
+    root.attrs["dataset"] = dataset
+    result = CliRunner().invoke(cache_app, ["text", str(store), "--device", "cpu"])
+    assert result.exit_code == 2 and "WordNet id (n01440364" in result.output and "--classes" in result.output

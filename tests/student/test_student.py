@@ -80,3 +80,20 @@ def test_save_load_round_trip(name, tmp_path):
         assert torch.equal(a.teachers[t].spatial, b.teachers[t].spatial)
         if a.teachers[t].summary is not None:
             assert torch.equal(a.teachers[t].summary, b.teachers[t].summary)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext", "test_resnet", "test_eradio"])
+def test_every_parameter_gets_a_gradient(name):
+    """DDP refuses parameters a step never reaches (e.g. a timm classifier head)."""
+    model = create_student(name, teachers=TEACHERS)
+    out = model(torch.randn(2, 3, 64, 64))
+    loss = out.backbone.spatial.mean() + sum(f.spatial.mean() + (0 if f.summary is None else f.summary.mean())
+                                            for f in out.teachers.values())
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused
+
+
+def test_pretrained_vit_student_is_refused_clearly():
+    with pytest.raises(ValueError, match="pretrained=True is not supported for ViT student"):
+        create_student("test_vit", teachers=TEACHERS, pretrained=True)

@@ -82,6 +82,8 @@ def test_resume_from_a_store_with_other_settings_is_refused(train_store, store_c
         train(config(store_copy, run, steps=4, resume=True), progress=False)
     with pytest.raises(TrainingError, match="already holds a checkpoint"):
         train(config(train_store, run, steps=4), progress=False)
+    with pytest.raises(TrainingError, match="started with batch_size=8, lr=0.002; an exact resume needs"):
+        train(config(train_store, run, steps=4, resume=True, batch_size=4, lr=1e-3), progress=False)
     with pytest.raises(TrainingError, match="trains 'test_vit', not 'test_resnet'"):
         train(config(train_store, run, steps=4, resume=True, student="test_resnet"), progress=False)
 
