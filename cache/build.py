@@ -9,6 +9,7 @@ actor is restarted by Ray with its in-flight shards retried.
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ from .inspect import store_info
 from .store import check_settings, create_store, done_shards, finalize_norm, open_array, open_store
 from .teachers import TeacherSpec, build_teacher, check_spec, identity
 from .views import crop_resize, view_boxes
+
+
+PLACE_TIMEOUT = 300  # seconds the other actors get to start once the first one is ready
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,14 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
     n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
     cpus = max(1, total_cpus // n_workers)
+    if gpus:  # the CPUs beside each GPU on the leanest GPU node, so every GPU's actor can be placed
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+        cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
     # two shards per actor at once: one decodes or writes while the other computes
     actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
                                             max_restarts=3, max_task_retries=3)
     workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
-    infos = ray.get(workers[0].describe.remote())
+    infos, workers = _start(workers)
     root = create_store(out, manifest=manifest, settings=settings, infos=infos) if fresh else open_store(out)
 
     names = [t.name for t in cfg.teachers]
@@ -116,6 +123,22 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     if complete:
         finalize_norm(open_store(out, mode="r+"))
     return _report(out, results, wall, complete)
+
+
+def _start(workers: list) -> tuple[dict, list]:
+    """Wait until the actors have loaded their teachers; go on without any the cluster cannot place
+    within PLACE_TIMEOUT of the first one being ready (they would otherwise hold shards forever)."""
+    import ray
+
+    calls = {w.describe.remote(): w for w in workers}
+    [first], _ = ray.wait(list(calls), num_returns=1)
+    ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=PLACE_TIMEOUT)
+    for ref in late:
+        ray.kill(calls[ref])
+    if late:
+        print(f"warning: {len(late)} of {len(calls)} Ray workers could not start; building with {len(ready)}",
+              file=sys.stderr)
+    return ray.get(first), [calls[ref] for ref in ready]
 
 
 def _run_shards(workers, shards: list[int], n: int, size: int, *, progress: bool) -> list[dict]:
