@@ -62,6 +62,7 @@ def build(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default starts Ray locally.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out first.")] = False,
     max_shards: Annotated[Optional[int], typer.Option(help="Stop after this many new shards (resume later with the same command).")] = None,
+    pixels: Annotated[Optional[int], typer.Option(help="Also store every view at RxR (uint8, ~150 KB per view at 224) so training reads pixels instead of decoding JPEGs; use the student resolution.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write the final report as JSON here.")] = None,
 ):
     """Run every teacher once over DATA and write their targets to a Zarr store (resumable)."""
@@ -71,7 +72,7 @@ def build(
     cfg = load_cache_config(config, teachers=teachers or teacher, spatial_codec=spatial_codec,
                             summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
                             data=data, out=out, views=views, seed=seed, shard_size=shard_size, batch_size=batch_size,
-                            workers=workers, address=address, overwrite=overwrite or None, max_shards=max_shards)
+                            workers=workers, address=address, overwrite=overwrite or None, max_shards=max_shards, pixels=pixels)
     result = build_cache(cfg)
     if report:
         report.write_text(json.dumps(result, indent=2))

@@ -55,6 +55,7 @@ class CacheConfig:
     address: str | None = None
     overwrite: bool = False
     max_shards: int | None = None  # stop after this many new shards (a resumable partial build)
+    pixels: int | None = None  # also store every view at this side, so training decodes no JPEG
 
 
 def _validate(cfg: CacheConfig) -> None:
@@ -71,8 +72,8 @@ def _validate(cfg: CacheConfig) -> None:
                 raise RadioDistillError(f"teacher '{name}': unknown codec '{codec}'; choose from {', '.join(L.CODECS)}")
         if st.pool < 1:
             raise RadioDistillError(f"teacher '{name}': pool factor must be >= 1, got {st.pool}")
-    if cfg.views < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise RadioDistillError("--views, --shard-size and --batch-size must be >= 1")
+    if cfg.views < 1 or cfg.shard_size < 1 or cfg.batch_size < 1 or (cfg.pixels is not None and cfg.pixels < 1):
+        raise RadioDistillError("--views, --shard-size, --batch-size and --pixels must be >= 1")
     for spec in cfg.teachers:
         check_spec(spec)
 
@@ -84,7 +85,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     _validate(cfg)
     manifest = scan_dataset(cfg.data)
     storage = {t.name: asdict(cfg.storage.get(t.name, Storage())) for t in cfg.teachers}
-    settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage,
+    settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage, "pixels": cfg.pixels,
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
     out = Path(cfg.out).expanduser().resolve()
@@ -234,6 +235,14 @@ class ShardWorker:
         root[L.BOXES][rows] = boxes
         root[L.STATUS][rows] = status
         root[L.ERRORS][rows] = errors
+        side = root.attrs["settings"]["pixels"]
+        if side:  # the student's view pixels, resized once here instead of every epoch
+            pixels = np.zeros((count, views, side, side, 3), np.uint8)
+            crops = self.pool.map(lambda p: crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], side,
+                                                        scale=decoded[p[0]][1]), pairs)
+            for (k, v), crop in zip(pairs, crops):
+                pixels[k, v] = crop
+            self._array(L.PIXELS)[rows].write(pixels).result()
         for name, targets in writes:
             futures = [self._array(path)[rows].write(value) for path, value in targets["arrays"].items()]
             for f in futures:

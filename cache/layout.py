@@ -1,6 +1,6 @@
 """The store layout: the one contract between `radio-cache build` and `radio-train`.
 
-Letters: N samples, V views per sample, S samples per shard, K statistics shards,
+Letters: N samples, V views per sample, R stored pixel side, S samples per shard, K statistics shards,
 D summary channels, h, w teacher grid (after pooling), C spatial channels, M classes.
 
 ```
@@ -10,6 +10,7 @@ D summary channels, h, w teacher grid (after pooling), C spatial channels, M cla
   samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
   samples/status     (N,)          uint8, PENDING / OK / UNREADABLE
   samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
+  samples/pixels     (N, V, R, R, 3) uint8, each view at the student resolution R (`--pixels R`, optional)
   teachers/<t>/                    attrs: teacher info, codecs, fidelity, norm
     summary          (N, V, D)     float16 or int8 (+ summary_scale (N, V))
     spatial          (N, V, h, w, C) float16 or int8 (+ spatial_scale (N, V, h, w))
@@ -31,6 +32,7 @@ LABELS = "samples/labels"
 BOXES = "samples/boxes"
 STATUS = "samples/status"
 ERRORS = "samples/errors"
+PIXELS = "samples/pixels"
 
 PENDING, OK, UNREADABLE = 0, 1, 2
 

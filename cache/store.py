@@ -64,6 +64,9 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     _array(root, L.BOXES, (n, views, 4), "float32", (rows[0], views, 4))
     _array(root, L.STATUS, (n,), "uint8", rows, fill=L.PENDING)
     _array(root, L.ERRORS, (n,), str, rows)
+    if settings["pixels"]:
+        r = settings["pixels"]
+        _array(root, L.PIXELS, (n, views, r, r, 3), "uint8", (1, 1, r, r, 3), shards=(size, views, r, r, 3))
     n_shards = L.shard_count(n, size)
     n_stats = len(L.stat_shards(n_shards))
     for name, info in infos.items():

@@ -38,7 +38,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # 2. the store: what each teacher produced, and the samples to train on
     reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial)
     indices = reader.indices(holdout=cfg.holdout)
-    reader.check_images(indices)
+    reader.check_images(indices, resolution=cfg.resolution)
     steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / cfg.batch_size)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
     teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}

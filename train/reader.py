@@ -1,7 +1,9 @@
 """The one module through which training reads a store: metadata, the split, and a DataLoader.
 
 Each item is one (sample, view): the view's box cropped from the original image and resized to
-the student resolution (uint8), plus that view's stored targets for every teacher, still encoded.
+the student resolution (uint8) — or, when the build stored view pixels at that resolution
+(`--pixels`), those, with no JPEG decode — plus that view's stored targets for every teacher,
+still encoded.
 Decoding (int8 x scale) happens on the training device. Loader workers are spawned (zarr and
 tensorstore threads deadlock after fork) and open their tensorstore handles inside the worker.
 
@@ -63,6 +65,7 @@ class CacheReader:
         self.boxes = root[L.BOXES][:]
         self.usable = in_done & (root[L.STATUS][:] == L.OK)
         self.teachers = [self._teacher(root, name) for name in names]
+        self.pixels = self.settings.get("pixels")  # side of the stored view pixels, or None
 
     @staticmethod
     def _teacher(root, name: str) -> TeacherMeta:
@@ -79,8 +82,11 @@ class CacheReader:
         held = np.array([is_held_out(i, holdout) for i in self.ids], dtype=bool)
         return np.flatnonzero(self.usable & (held if split == "holdout" else ~held))
 
-    def check_images(self, indices: np.ndarray) -> None:
-        """Fail early, naming the first missing image, when the dataset root moved."""
+    def check_images(self, indices: np.ndarray, *, resolution: int | None = None) -> None:
+        """Fail early, naming the first missing image, when the dataset root moved (unless the store
+        holds the view pixels at `resolution`: then the images are not needed)."""
+        if self.pixels == resolution:
+            return
         if not self.root_dir.is_dir():
             raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; "
                                "move the images back or rebuild the store from their new place")
@@ -90,7 +96,8 @@ class CacheReader:
                                    "the dataset changed since the store was built")
 
     def dataset(self, *, resolution: int) -> "ViewDataset":
-        return ViewDataset(self.path, self.root_dir, self.ids, self.boxes, self.teachers, resolution)
+        return ViewDataset(self.path, self.root_dir, self.ids, self.boxes, self.teachers, resolution,
+                           stored_pixels=self.pixels == resolution)
 
     def loader(self, indices: np.ndarray, *, resolution: int, batch_size: int, seed: int, start_step: int,
                steps: int, rank: int = 0, world: int = 1, workers: int = 2, pin_memory: bool = False) -> DataLoader:
@@ -145,9 +152,10 @@ class StepSampler(Sampler):
 class ViewDataset(Dataset):
     """Item (sample, view) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target values}."""
 
-    def __init__(self, store: Path, root_dir: Path, ids, boxes, teachers: list[TeacherMeta], resolution: int):
+    def __init__(self, store: Path, root_dir: Path, ids, boxes, teachers: list[TeacherMeta], resolution: int, *,
+                 stored_pixels: bool = False):
         self.store, self.root_dir, self.ids, self.boxes = store, root_dir, ids, boxes
-        self.arrays = [p for t in teachers for p in t.arrays]
+        self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if stored_pixels else [])
         self.resolution = resolution
         self._handles = None
 
@@ -159,16 +167,23 @@ class ViewDataset(Dataset):
         if self._handles is None:  # opened here, inside the (spawned) worker
             self._handles = {p: open_array(self.store, p) for p in self.arrays}
         reads = {p: h[i, v].read() for p, h in self._handles.items()}  # concurrent tensorstore reads
+        out = {"index": i, "view": v}
+        for p, r in reads.items():
+            out[p] = torch.from_numpy(np.ascontiguousarray(r.result()))
+        pixels = out.pop(L.PIXELS, None)
+        if pixels is None:
+            pixels = torch.from_numpy(self._crop(i, v))
+        out["pixels"] = pixels.permute(2, 0, 1)
+        return out
+
+    def _crop(self, i: int, v: int) -> np.ndarray:
+        """(R, R, 3) uint8: the view decoded from the original image."""
         path = self.root_dir / self.ids[i]
         try:
             image, scale = load_rgb(path, min_side=self.resolution)
         except UnreadableImage as e:
             raise DatasetError(f"image '{path}' (sample {i}) became unreadable: {e}") from None
-        pixels = crop_resize(image, self.boxes[i, v], self.resolution, scale=scale)
-        out = {"pixels": torch.from_numpy(pixels).permute(2, 0, 1), "index": i, "view": v}
-        for p, r in reads.items():
-            out[p] = torch.from_numpy(np.ascontiguousarray(r.result()))
-        return out
+        return crop_resize(image, self.boxes[i, v], self.resolution, scale=scale)
 
 
 def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.device) -> dict:

@@ -65,7 +65,7 @@ def test_out_that_is_not_a_store_is_refused(tiny_config, tmp_path):
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path / "x.zarr", views=0)
-    with pytest.raises(RadioDistillError, match="--views, --shard-size and --batch-size must be >= 1"):
+    with pytest.raises(RadioDistillError, match="--views, --shard-size, --batch-size and --pixels must be >= 1"):
         build_cache(cfg, progress=False)
     cfg = replace(tiny_config(tmp_path / "x.zarr"), storage={"clip": Storage(spatial="bf16")})
     with pytest.raises(RadioDistillError, match="teacher 'clip': unknown codec 'bf16'; choose from fp16, int8"):

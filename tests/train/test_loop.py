@@ -103,3 +103,38 @@ def test_ray_train_two_workers_match_one_process(train_store, tmp_path, ray_sess
         for key in TEACHER_LOSSES:
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
     assert (tmp_path / "ray/student/model.safetensors").is_file()
+
+
+def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_path, ray_session):
+    """A store built with --pixels R gives the trainer the same pixels without the images."""
+    import zarr
+
+    from radio_distill.cache.build import CacheConfig, build_cache
+    from radio_distill.cache.store import open_store
+    from radio_distill.cache.teachers import tiny_teachers
+    from radio_distill.train.reader import CacheReader
+
+    src = open_store(train_store)
+    images = Path(src.attrs["dataset"]["root"])
+    with_pixels = tmp_path / "pixels.zarr"
+    build_cache(CacheConfig(data=images, out=with_pixels, teachers=tuple(tiny_teachers()), views=2, shard_size=8,
+                            workers=2, pixels=32), progress=False)
+    reader = CacheReader(with_pixels)
+    i = int(reader.indices(holdout=0.0)[5])
+    stored = zarr.open_group(with_pixels)["samples/pixels"][i, 1]
+    decoded = reader.dataset(resolution=64)._crop(i, 1)  # another resolution decodes the image
+    assert stored.shape == (32, 32, 3) and decoded.shape == (64, 64, 3)
+    assert np.array_equal(stored, reader.dataset(resolution=32)._crop(i, 1))
+
+    from_images = config(train_store, tmp_path / "images", steps=3)
+    train(from_images, progress=False)
+    moved = images.with_name("moved_away")
+    images.rename(moved)  # the pixel store needs no images at the student resolution
+    try:
+        train(replace(from_images, store=with_pixels, out=tmp_path / "pixels"), progress=False)
+    finally:
+        moved.rename(images)
+    a, b = read_metrics(tmp_path / "images"), read_metrics(tmp_path / "pixels")
+    for ra, rb in zip(a, b):
+        for key in TEACHER_LOSSES:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
