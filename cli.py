@@ -112,7 +112,8 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
     out = Console()
     out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']})", highlight=False)
     out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}, {len(i['classes'])} classes; "
-              f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk", highlight=False)
+              f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk"
+              + (f"; view pixels stored at {i['pixels']} px" if i["pixels"] else ""), highlight=False)
     from .cache.store import weights_label
 
     for name, t in i["teachers"].items():

@@ -36,7 +36,7 @@ def store_info(path: str | Path) -> dict:
             "shards_total": int(done.size), "shards_done": int(done.sum()),
             "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
-            "bytes": _disk_bytes(path), "teachers": teachers}
+            "bytes": _disk_bytes(path), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels")}
 
 
 def _disk_bytes(path: Path) -> int:
@@ -70,7 +70,7 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
         k = int(np.flatnonzero(status == L.PENDING)[0])
         raise CacheIntegrityError(f"{L.STATUS}: sample '{ids[k]}' was never processed")
     targets = [p for name in names for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t))
-               if p in root]
+               if p in root] + ([L.PIXELS] if L.PIXELS in root else [])
     for array in targets:
         handle = open_array(path, array)
         expected = root[array].shape

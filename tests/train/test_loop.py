@@ -119,6 +119,9 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     with_pixels = tmp_path / "pixels.zarr"
     build_cache(CacheConfig(data=images, out=with_pixels, teachers=tuple(tiny_teachers()), views=2, shard_size=8,
                             workers=2, pixels=32), progress=False)
+    from radio_distill.cache.inspect import store_info, verify_store
+    assert verify_store(with_pixels)["arrays"] == verify_store(train_store)["arrays"] + 1
+    assert store_info(with_pixels)["pixels"] == 32 and store_info(train_store)["pixels"] is None
     reader = CacheReader(with_pixels)
     i = int(reader.indices(holdout=0.0)[5])
     stored = zarr.open_group(with_pixels)["samples/pixels"][i, 1]
