@@ -78,8 +78,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.resolution % model.input_stride:
         raise TrainingError(f"--resolution {cfg.resolution} is not a multiple of {model.input_stride}, "
                             f"the input stride of '{cfg.student}'")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
+    decays = {n: p.ndim >= 2 and "token" not in n and "pos_embed" not in n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    other = [p for n, p in model.named_parameters() if not decays[n]]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
     start = load_checkpoint(resume_from, model=model, optimizer=optimizer) if cfg.resume else 0
