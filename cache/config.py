@@ -15,10 +15,10 @@ sam_spatial = "preneck"     # SAM only: neck (default) | preneck
 `teachers = "tiny"` selects the offline preset.
 """
 
-import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .._toml import read_toml
 from ..errors import RadioDistillError
 from .build import CacheConfig, Storage
 from .teachers import parse_teacher, tiny_teachers
@@ -38,12 +38,7 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
         pools: spatial pooling factor by teacher name.
         overrides: CacheConfig fields (data, out, views, ...); None means "not given".
     """
-    raw = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise RadioDistillError(f"config '{path}': {e}") from None
+    raw = read_toml(path)
     known = {f.name for f in fields(CacheConfig)} - {"teachers", "storage"}
     unknown = set(raw) - known - {"teachers"}
     if unknown:

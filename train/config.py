@@ -16,10 +16,10 @@ num_registers = 4
 ```
 """
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .._toml import read_toml
 from ..errors import RadioDistillError
 from .losses import KINDS, LossConfig
 
@@ -53,12 +53,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     """Merge a TOML recipe (optional) with command-line values (None = not given); the latter win."""
-    raw = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise RadioDistillError(f"config '{path}': {e}") from None
+    raw = read_toml(path)
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known
     if unknown:
