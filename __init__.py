@@ -1,8 +1,9 @@
 """radio-distill: AM-RADIO style multi-teacher distillation from a cached Zarr store.
 
 The public surface, imported on first use so that `import radio_distill` loads no teacher library:
-`build_cache` + `CacheConfig` (radio-cache build), `train` + `TrainConfig` (radio-train),
-`create_student` / `load_student`, and `evaluate` + `EvalConfig` (radio-eval).
+`build_cache` + `CacheConfig` (radio-cache build), `create_student` / `load_student`, and the
+configs of `radio_distill.train.loop.train(TrainConfig)` and `radio_distill.evaluate.evaluate(EvalConfig)`
+(the functions share their sub-package's name, so they are reached through it).
 """
 
 from importlib import import_module
@@ -11,9 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "build_cache": "cache.build", "CacheConfig": "cache.build",
-    "train": "train.loop", "TrainConfig": "train.config",
+    "TrainConfig": "train.config", "EvalConfig": "evaluate",
     "create_student": "student", "load_student": "student",
-    "evaluate": "evaluate", "EvalConfig": "evaluate",
 }
 __all__ = sorted(_EXPORTS)
 
