@@ -9,6 +9,7 @@ Letters: B batch, R input side, h, w grid, C spatial channels, D summary channel
 """
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -235,7 +236,14 @@ def build_clip(spec: TeacherSpec) -> Teacher:
     kwargs = {"force_image_size": spec.resolution} if spec.resolution else {}
     if spec.weights and not _is_file(spec.weights):  # e.g. OpenAI weights were trained with QuickGELU
         kwargs["force_quick_gelu"] = open_clip.get_pretrained_cfg(spec.model, spec.weights).get("quick_gelu", False)
-    model = open_clip.create_model(spec.model, pretrained=spec.weights, **kwargs)
+    root = logging.getLogger()
+    level = root.level
+    if spec.random_init:  # random weights are the point; open_clip would warn on every worker that none loaded
+        root.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(spec.model, pretrained=spec.weights, **kwargs)
+    finally:
+        root.setLevel(level)
     model.visual.output_tokens = True
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"]
