@@ -176,8 +176,4 @@ class _bar:
 
 def view_image(reader: CacheReader, index: int, size: int) -> np.ndarray:
     """The view-0 crop of store row `index`, as the student saw it, at `size` px: (size, size, 3) uint8."""
-    from ..cache.dataset import load_rgb
-    from ..cache.views import crop_resize
-
-    image, scale = load_rgb(reader.root_dir / reader.ids[index], min_side=size)
-    return crop_resize(image, reader.boxes[index, VIEW], size, scale=scale)
+    return reader.dataset(resolution=size).crop(index, VIEW)

@@ -172,11 +172,11 @@ class ViewDataset(Dataset):
             out[p] = torch.from_numpy(np.ascontiguousarray(r.result()))
         pixels = out.pop(L.PIXELS, None)
         if pixels is None:
-            pixels = torch.from_numpy(self._crop(i, v))
+            pixels = torch.from_numpy(self.crop(i, v))
         out["pixels"] = pixels.permute(2, 0, 1)
         return out
 
-    def _crop(self, i: int, v: int) -> np.ndarray:
+    def crop(self, i: int, v: int) -> np.ndarray:
         """(R, R, 3) uint8: the view decoded from the original image."""
         path = self.root_dir / self.ids[i]
         try:

@@ -125,9 +125,9 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     reader = CacheReader(with_pixels)
     i = int(reader.indices(holdout=0.0)[5])
     stored = zarr.open_group(with_pixels)["samples/pixels"][i, 1]
-    decoded = reader.dataset(resolution=64)._crop(i, 1)  # another resolution decodes the image
+    decoded = reader.dataset(resolution=64).crop(i, 1)  # another resolution decodes the image
     assert stored.shape == (32, 32, 3) and decoded.shape == (64, 64, 3)
-    assert np.array_equal(stored, reader.dataset(resolution=32)._crop(i, 1))
+    assert np.array_equal(stored, reader.dataset(resolution=32).crop(i, 1))
 
     from_images = config(train_store, tmp_path / "images", steps=3)
     train(from_images, progress=False)
