@@ -2,8 +2,8 @@
 
 from . import eradio as _eradio  # noqa: F401  (registers the E-RADIO sizes)
 from ._registry import create_student, list_students, register_student
-from .export import load_student, save_student
+from .export import export_timm, load_student, save_student
 from .model import StudentOutput, TeacherDims
 
 __all__ = ["create_student", "list_students", "register_student", "TeacherDims", "StudentOutput",
-           "save_student", "load_student"]
+           "save_student", "load_student", "export_timm"]

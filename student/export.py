@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import RadioDistillError
 from ._registry import create_student
+from .backbones import TimmViT
 from .model import Student
 
 FORMAT_VERSION = 1
@@ -55,19 +56,27 @@ def save_student(model: Student, directory: str | Path) -> Path:
     return directory
 
 
+def student_dir(path: str | Path) -> Path:
+    """The saved student of ``path``: a run folder (its ``student/``) or the student folder itself."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() and (path / "student" / CONFIG).is_file():
+        path = path / "student"
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise RadioDistillError(f"{path} is neither a run folder nor a saved student; it needs {CONFIG} and {WEIGHTS}")
+    return path
+
+
 def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -> Student:
     """Rebuilds a saved student, loads its weights strictly and returns it in eval mode.
 
     Args:
-        directory: a folder written by ``save_student``.
+        directory: a run folder of `radio-train`, or the folder written by ``save_student``.
         device: where the model goes.
 
     Returns:
         the ``Student``; calling it gives the backbone's and every adaptor's outputs.
     """
-    directory = Path(directory)
-    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
-        raise RadioDistillError(f"{directory} is not a saved student; it needs {CONFIG} and {WEIGHTS}")
+    directory = student_dir(directory)
     config = json.loads((directory / CONFIG).read_text())
     if config.get("format_version") != FORMAT_VERSION:
         raise RadioDistillError(
@@ -81,3 +90,33 @@ def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -
         model.switch_to_deploy()
     model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
     return model.to(device).eval()
+
+
+def export_timm(run: str | Path, file: str | Path) -> dict:
+    """Writes a ViT student's backbone as a plain timm checkpoint (safetensors).
+
+    Plain timm then loads it with no code of this package::
+
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), **kwargs)
+
+    and its ``forward_features`` gives the student backbone's tokens (B, P + h * w, D): P prefix
+    tokens (one summary token per summary teacher, then registers), then the patch tokens.
+
+    Args:
+        run: a run folder or saved student folder of a timm ViT student.
+        file: the ``.safetensors`` file to write.
+
+    Returns:
+        ``{"model": name, "kwargs": {...}}``: the timm name and the ``create_model`` keywords.
+    """
+    model = load_student(run)
+    if not isinstance(model.backbone, TimmViT):
+        raise RadioDistillError(f"{run}: student '{model.name}' is not a timm ViT; only ViT students export to timm")
+    backbone = model.backbone.model
+    not_timm = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}
+    kwargs = {k: v for k, v in model.overrides.items() if k not in not_timm}
+    kwargs.update(num_classes=0, global_pool="", class_token=False, reg_tokens=backbone.num_reg_tokens,
+                  dynamic_img_size=True)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, Path(file))
+    return {"model": model.name, "kwargs": kwargs}
