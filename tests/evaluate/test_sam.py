@@ -1,0 +1,69 @@
+"""The student as SAM's image encoder, and the mask-agreement metric behind `radio-eval --sam`."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radio_distill.errors import EvaluationError
+from radio_distill.evaluate.sam import mask_iou, prompt_masks, sam_model, sam_predictor
+from radio_distill.student import load_student
+
+
+def test_sam_predictor_runs_unchanged_on_the_student(eval_setup):
+    predictor = sam_predictor(eval_setup.run)
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(point_coords=np.array([[40, 20]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 48, 80) and masks.dtype == bool and scores.shape == (3,)
+    assert predictor.features.shape == (1, 32, 8, 8)  # the tiny SAM's embedding grid and channels
+
+
+def test_encoder_is_the_students_sam_adaptor(eval_setup):
+    """SAM's preprocessing undone and the student's applied: same map as calling the student directly."""
+    sam = sam_model(eval_setup.run)
+    student = load_student(eval_setup.run)
+    pixels = torch.rand(2, 3, 64, 64) * 255  # the tiny SAM's input side, no padding
+    got = sam.image_encoder(sam.preprocess(pixels))
+    x = (pixels / 255 - torch.tensor(student.mean).view(1, 3, 1, 1)) / torch.tensor(student.std).view(1, 3, 1, 1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)  # the run's resolution
+    with torch.no_grad():
+        want = F.interpolate(student(x).teachers["sam"].spatial, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_features_agree_with_themselves(eval_setup):
+    sam = sam_model(eval_setup.run)
+    emb = torch.randn(3, 32, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = prompt_masks(sam, emb, points=3, seed=1)
+    assert ref.shape == (3, 9, 32, 32)
+    assert mask_iou(ref, prompt_masks(sam, emb.clone(), points=3, seed=1)).eq(1).all()
+    other = prompt_masks(sam, torch.randn(3, 32, 8, 8, generator=torch.Generator().manual_seed(5)), points=3, seed=1)
+    assert mask_iou(ref, other).mean() < 1
+
+
+def test_mask_iou_known_values():
+    a = torch.zeros(3, 2, 2, dtype=torch.bool)
+    b = a.clone()
+    a[0, 0, 0] = b[0, 0, 0] = True   # same single pixel: 1
+    a[1, 0] = True; b[1, :, 0] = True  # {(0,0),(0,1)} vs {(0,0),(1,0)}: 1/3
+    # a[2], b[2] empty: 1 by definition
+    assert mask_iou(a, b).tolist() == pytest.approx([1.0, 1 / 3, 1.0])
+
+
+def test_wrong_checkpoint_is_refused(eval_setup, tmp_path, monkeypatch):
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = json.loads((eval_setup.run / "run.json").read_text())
+    for t in meta["store_settings"]["teachers"].values():
+        if t["family"] == "sam":
+            t.update(preset=None, model="vit_b", weights="sam_vit_b.pth", sha256="0" * 64)
+    (run / "run.json").write_text(json.dumps(meta))
+    (run / "student").symlink_to(eval_setup.run / "student")
+    with pytest.raises(EvaluationError, match="pass its checkpoint file"):
+        sam_model(run)
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"not sam")
+    with pytest.raises(EvaluationError, match="is not the file teacher 'sam' was cached from"):
+        sam_model(run, other)
