@@ -11,4 +11,4 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     # torchvision from PyPI fails beside other torch builds: install the matching pair together
     .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[test]"

@@ -12,3 +12,20 @@ def test_public_names_resolve_lazily():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(sorted(["CacheConfig", "EvalConfig", "TrainConfig", "build_cache", "create_student",
                                               "load_student"]))
+
+
+def test_dependencies_are_ranges_and_tests_use_the_constraints():
+    """Installing beside a newer compatible timm (or zarr, Ray...) must not downgrade it: no `==` pins in
+    the package metadata; the exact versions the suite ran with live in scripts/constraints.txt."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    deps = [Requirement(d) for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    assert not [str(d) for d in deps if any(s.operator in ("==", "===", "~=") for s in d.specifier)]
+    pinned = {Requirement(line).name for line in (root / "scripts" / "constraints.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    assert {"timm", "open_clip_torch", "zarr", "tensorstore", "ray"} <= pinned
+    assert "-c scripts/constraints.txt" in (root / "scripts" / "setup.sh").read_text()
