@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 INT8_MAX = 127.0
+MIN_SCALE = 2.0**-24  # the smallest positive fp16: a smaller floor rounds to 0 and zero tokens give 0/0 = NaN
 
 
 def pool(spatial: torch.Tensor, factor: int) -> torch.Tensor:
@@ -27,7 +28,7 @@ def encode(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor | No
     if codec == "fp16":
         return x.to(torch.float16), None
     if codec == "int8":
-        scale = (x.abs().amax(dim=-1) / INT8_MAX).clamp_min(1e-8).to(torch.float16)
+        scale = (x.abs().amax(dim=-1) / INT8_MAX).clamp_min(MIN_SCALE).to(torch.float16)
         q = torch.round(x / scale.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
         return q.to(torch.int8), scale
     raise ValueError(f"unknown codec '{codec}'; choose from fp16, int8")

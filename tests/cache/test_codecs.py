@@ -14,8 +14,18 @@ def test_int8_per_token_absmax_round_trip():
     assert values.abs().amax(-1).eq(127).all()  # every token uses the full range
     back = codecs.decode(values, scale)
     assert codecs.token_cosine(x, back).min() > 0.9999
-    zeros, zscale = codecs.encode(torch.zeros(2, 3), "int8")
-    assert torch.equal(codecs.decode(zeros, zscale), torch.zeros(2, 3))
+
+
+def test_int8_zero_and_tiny_tokens_keep_a_valid_scale():
+    """A scale floor below fp16's range rounded to 0: zero tokens became 0/0 = NaN cast to int8, tiny ones 0."""
+    zeros, scale = codecs.encode(torch.zeros(2, 3), "int8")
+    assert torch.equal(scale, torch.full((2,), 2.0**-24, dtype=torch.float16))  # the smallest positive fp16
+    assert torch.equal(zeros, torch.zeros(2, 3, dtype=torch.int8))
+    assert torch.equal(codecs.decode(zeros, scale), torch.zeros(2, 3))
+    tiny = torch.tensor([[1e-6, -5e-7, 0.0]])  # absmax / 127 is below fp16's smallest positive value
+    values, scale = codecs.encode(tiny, "int8")
+    assert values.tolist() == [[17, -8, 0]] and scale.item() == 2.0**-24  # round(1e-6 / 2**-24) = 17
+    assert codecs.token_cosine(tiny, codecs.decode(values, scale)).item() > 0.999
 
 
 def test_fp16_is_half_precision_without_scale():
