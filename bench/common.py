@@ -270,10 +270,9 @@ def load_views(listing: Path, count: int, resolution: int) -> torch.Tensor:
     folder, names = listing.parent, listing.read_text().split()
     out = []
     for k in range(count):
-        image, scale = load_rgb(folder / names[k % len(names)], min_side=resolution)
-        box = view_boxes(round(image.width / scale), round(image.height / scale), views=1, seed=0,
-                         sample_id=names[k % len(names)])[0]
-        out.append(torch.from_numpy(crop_resize(image, box, resolution, scale=scale)).permute(2, 0, 1))
+        image, span, size = load_rgb(folder / names[k % len(names)], min_side=resolution)
+        box = view_boxes(*size, views=1, seed=0, sample_id=names[k % len(names)])[0]
+        out.append(torch.from_numpy(crop_resize(image, box, resolution, span=span)).permute(2, 0, 1))
     return torch.stack(out)
 
 

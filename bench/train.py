@@ -56,8 +56,8 @@ def item_costs(reader, indices, resolution: int, count: int) -> dict:
     read = time.perf_counter() - start
     start = time.perf_counter()
     for i in items:
-        image, scale = load_rgb(ds.root_dir / ds.ids[i], min_side=resolution)
-        crop_resize(image, ds.boxes[i, 0], resolution, scale=scale)
+        image, span, _ = load_rgb(ds.root_dir / ds.ids[i], min_side=resolution)
+        crop_resize(image, ds.boxes[i, 0], resolution, span=span)
     decode = time.perf_counter() - start
     return {"read_ms": read / len(items) * 1e3, "decode_ms": decode / len(items) * 1e3,
             "per_worker_img_s": len(items) / (read + decode)}

@@ -239,7 +239,7 @@ class ShardWorker:
         if side:  # the student's view pixels, resized once here instead of every epoch
             pixels = np.zeros((count, views, side, side, 3), np.uint8)
             crops = self.pool.map(lambda p: crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], side,
-                                                        scale=decoded[p[0]][1]), pairs)
+                                                        span=decoded[p[0]][1]), pairs)
             for (k, v), crop in zip(pairs, crops):
                 pixels[k, v] = crop
             self._array(L.PIXELS)[rows].write(pixels).result()
@@ -267,7 +267,7 @@ class ShardWorker:
         std = torch.tensor(teacher.std, device=self.device).view(1, 3, 1, 1)
         out, moments, fid = {}, {}, {}
         def crop(p):
-            return crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], res, scale=decoded[p[0]][1])
+            return crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], res, span=decoded[p[0]][1])
 
         batches = [pairs[b:b + self.batch_size] for b in range(0, len(pairs), self.batch_size)]
         pending = [self.pool.submit(crop, p) for p in batches[0]] if batches else []
@@ -309,12 +309,12 @@ class ShardWorker:
 
 
 def _decode(path: Path, min_side: int):
-    """(image, scale, width, height) in source pixels, or the reason it is unreadable."""
+    """(image, span, width, height) in source pixels (see `load_rgb`), or the reason it is unreadable."""
     try:
-        image, scale = load_rgb(path, min_side=min_side)
+        image, span, (width, height) = load_rgb(path, min_side=min_side)
     except UnreadableImage as e:
         return str(e)
-    return image, scale, round(image.width / scale), round(image.height / scale)
+    return image, span, width, height
 
 
 def _accumulate(moments: dict, target: str, x: torch.Tensor) -> None:

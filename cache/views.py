@@ -46,18 +46,26 @@ def _random_resized_crop(width: int, height: int, rng: np.random.Generator) -> t
     return (x0, y0, x0 + side, y0 + side)
 
 
-def crop_resize(image: Image.Image, box: np.ndarray, resolution: int, *, scale: float = 1.0) -> np.ndarray:
+def crop_resize(image: Image.Image, box: np.ndarray, resolution: int, *,
+                span: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Crop `box` and resize it to (R, R) with antialiased bicubic resampling.
 
     Args:
-        image: RGB image, possibly decoded at reduced size (see `scale`).
+        image: RGB image, possibly decoded at reduced size (see `span`).
         box: (4,) box in source pixels.
         resolution: output side R.
-        scale: decoded size / source size, for images decoded at reduced size.
+        span: (x0, y0, x1, y1) the source region the image covers (`load_rgb` gives it); None: the
+            image is the source.
 
     Returns:
         (R, R, 3) uint8 pixels.
     """
-    region = tuple(float(c) * scale for c in box)
+    w, h = image.size
+    x0, y0, x1, y1 = (float(c) for c in box)
+    if span is not None:
+        sx, sy = w / (span[2] - span[0]), h / (span[3] - span[1])
+        x0, y0, x1, y1 = (x0 - span[0]) * sx, (y0 - span[1]) * sy, (x1 - span[0]) * sx, (y1 - span[1]) * sy
+    # a box on the source's edge may land a rounding error past the decoded edge, which PIL refuses
+    region = (x0, y0, min(x1, w), min(y1, h))
     out = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=region, reducing_gap=3.0)
     return np.array(out)  # writable, so torch.from_numpy takes it without a copy warning

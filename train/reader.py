@@ -180,10 +180,10 @@ class ViewDataset(Dataset):
         """(R, R, 3) uint8: the view decoded from the original image."""
         path = self.root_dir / self.ids[i]
         try:
-            image, scale = load_rgb(path, min_side=self.resolution)
+            image, span, _ = load_rgb(path, min_side=self.resolution)
         except UnreadableImage as e:
             raise DatasetError(f"image '{path}' (sample {i}) became unreadable: {e}") from None
-        return crop_resize(image, self.boxes[i, v], self.resolution, scale=scale)
+        return crop_resize(image, self.boxes[i, v], self.resolution, span=span)
 
 
 def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.device) -> dict:

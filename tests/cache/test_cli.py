@@ -244,8 +244,8 @@ def test_config_weight_files_reach_the_workers(toml_build, weight_files):
     # the stored CLIP targets are those of the perturbed weights in the file, not of a random init
     _, _, teacher = weight_files["clip"]
     k = 0
-    image, scale = load_rgb(Path(root.attrs["dataset"]["root"]) / str(root[L.IDS][k]), min_side=64)
-    pixels = crop_resize(image, root[L.BOXES][k, 0], 64, scale=scale)
+    image, span, _ = load_rgb(Path(root.attrs["dataset"]["root"]) / str(root[L.IDS][k]), min_side=64)
+    pixels = crop_resize(image, root[L.BOXES][k, 0], 64, span=span)
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
     x = (x - torch.tensor(teacher.mean).view(1, 3, 1, 1)) / torch.tensor(teacher.std).view(1, 3, 1, 1)
     with torch.inference_mode():

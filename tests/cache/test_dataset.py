@@ -1,12 +1,13 @@
 """Datasets: folders and list files become stable manifests; odd images load as RGB or are refused with a reason."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from radio_distill.cache.dataset import UnreadableImage, load_rgb, scan_dataset
+from radio_distill.cache.dataset import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, scan_dataset
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES, write_bad_files
 from radio_distill.errors import DatasetError
 
@@ -51,14 +52,80 @@ def test_manifest_fingerprint_changes_with_ids_and_labels(tmp_path):
 
 
 @pytest.mark.parametrize("text, culprit", [
-    ("a.jpg,cat,extra\n", r"expected 'path' or 'path,label' per line, got \['a.jpg', 'cat', 'extra'\]"),
-    ("a.jpg\nb.jpg\na.jpg\n", "path 'a.jpg' is listed twice"),
+    ("a.jpg\nb.jpg,cat,extra\n", r"line 2: expected 'path' or 'path,label', got \['b.jpg', 'cat', 'extra'\]"),
+    ("a.jpg\nb.jpg\na.jpg\n", "line 1 'a.jpg' and line 3 'a.jpg' are the same image 'a.jpg'"),
     ("path,label\n", "holds no images"),
 ])
 def test_bad_list_files(tmp_path, text, culprit):
     (tmp_path / "list.csv").write_text(text)
     with pytest.raises(DatasetError, match=culprit):
         scan_dataset(tmp_path / "list.csv")
+
+
+def test_list_paths_are_normalised_relative_to_the_list_folder(tmp_path):
+    (tmp_path / "list.csv").write_text(f"./b.jpg,dog\nsub/../a.jpg,cat\nsub//c.jpg\n{tmp_path.resolve()}/d/e.jpg,cat\n")
+    m = scan_dataset(tmp_path / "list.csv")
+    assert m.ids == ("b.jpg", "a.jpg", "sub/c.jpg", "d/e.jpg") and m.labels == (1, 0, -1, 0)
+
+
+@pytest.mark.parametrize("path", ["../x.jpg", "sub/../../x.jpg", "/etc/hostname", "/x.jpg"])
+def test_list_path_outside_its_folder_is_refused_naming_line_and_path(tmp_path, path):
+    (tmp_path / "list.txt").write_text(f"a.jpg\n# a comment\n{path}\n")
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(tmp_path / "list.txt")
+    assert f"line 3: '{path}' is outside the list's folder" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("second", ["./b.jpg", "sub/../b.jpg", "b.jpg", "sub/./../b.jpg"])
+def test_one_image_under_two_spellings_is_refused_naming_both(tmp_path, second):
+    """Two spellings of one file would give it two labels, and could put it in both splits."""
+    (tmp_path / "list.csv").write_text(f"path,label\nb.jpg,cat\na.jpg,cat\n{second},dog\n")
+    with pytest.raises(DatasetError, match=f"line 2 'b.jpg' and line 4 '{second}' are the same image 'b.jpg'"):
+        scan_dataset(tmp_path / "list.csv")
+
+
+def _tree(root: Path, files) -> None:
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(b"")
+
+
+def test_folder_walk_gives_the_ids_of_a_plain_recursive_listing(tmp_path):
+    _tree(tmp_path, ["b/x.JPEG", "b/y.png", "a/sub/deep/z.jpg", "a/notes.txt", "a-b/w.jpg", "top.webp", "a b/v.gif",
+                     "c.jpg/inner.png", "noext", "a/sub/.hidden.jpg"])
+    reference = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())  # the scanner before os.scandir
+    m = scan_dataset(tmp_path)
+    assert list(m.ids) == reference == ["a b/v.gif", "a-b/w.jpg", "a/sub/.hidden.jpg", "a/sub/deep/z.jpg", "b/x.JPEG",
+                                        "b/y.png", "c.jpg/inner.png", "top.webp"]
+    assert m.classes == ("a", "a b", "a-b", "b", "c.jpg") and m.labels == (1, 2, 0, 0, 3, 3, 4, -1)
+
+
+def test_folder_symlinks_are_followed_once_and_loops_end(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    _tree(root, ["real/a.jpg", "real/sub/b.jpg"])
+    _tree(outside, ["c.jpg"])
+    (root / "real" / "sub" / "loop").symlink_to(root / "real")  # back up to an ancestor
+    (root / "self").symlink_to(".")
+    (root / "shared").symlink_to(outside)  # outside the root: followed, the id stays inside
+    (root / "zz_again").symlink_to(root / "real" / "sub")  # a second path to a folder already walked
+    (root / "dead").symlink_to(tmp_path / "gone")
+    m = scan_dataset(root)
+    assert m.ids == ("real/a.jpg", "real/sub/b.jpg", "shared/c.jpg") and m.classes == ("real", "shared")
+
+
+def test_unreadable_folder_is_named(tmp_path, monkeypatch):
+    _tree(tmp_path, ["a/x.jpg", "b/y.jpg"])
+    scandir = os.scandir
+
+    def refuse(path):
+        if Path(path).name == "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(DatasetError, match=f"dataset folder '{tmp_path / 'b'}' cannot be read: Permission denied"):
+        scan_dataset(tmp_path)
 
 
 def test_empty_or_missing_dataset(tmp_path):
@@ -79,8 +146,8 @@ def _gradient(width=64, height=48) -> np.ndarray:
 def test_odd_modes_load_as_the_rgb_they_show(tmp_path):
     rgb = _gradient()
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
-    im, scale = load_rgb(tmp_path / "cmyk.jpg", min_side=32)
-    assert im.mode == "RGB" and scale == 1.0 and np.abs(np.asarray(im).astype(int) - rgb).mean() < 4
+    im, span, size = load_rgb(tmp_path / "cmyk.jpg", min_side=32)
+    assert im.mode == "RGB" and span == (0, 0, 64, 48) and size == (64, 48) and np.abs(np.asarray(im).astype(int) - rgb).mean() < 4
 
     ramp = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)  # 0..63960
     Image.fromarray(ramp).save(tmp_path / "grey16.png")
@@ -109,8 +176,8 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.fromarray(_gradient()).save(tmp_path / "rotated.jpg", exif=exif)
     assert load_rgb(tmp_path / "rotated.jpg", min_side=32)[0].size == (48, 64)
-    im, scale = load_rgb(tmp_path / "rotated.jpg", min_side=8)  # decoded at half size, then rotated
-    assert im.size == (24, 32) and scale == 0.5
+    im, span, size = load_rgb(tmp_path / "rotated.jpg", min_side=8)  # decoded at half size, then rotated
+    assert im.size == (24, 32) and span == (0, 0, 48, 64) and size == (48, 64)
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +198,18 @@ def test_bad_files_are_refused_with_their_reason(bad_files):
 @pytest.mark.parametrize("name, size", [("cmyk.jpg", (64, 48)), ("grey16.png", (40, 40)), ("grey.jpg", (64, 48)),
                                         ("rgba.png", (64, 48)), ("palette.png", (64, 48)), ("one_pixel.png", (1, 1))])
 def test_odd_files_load_as_rgb(bad_files, name, size):
-    im, scale = load_rgb(bad_files[0] / name, min_side=112)
-    assert im.mode == "RGB" and im.size == size and scale == 1.0
+    im, span, source = load_rgb(bad_files[0] / name, min_side=112)
+    assert im.mode == "RGB" and im.size == size == source and span == (0, 0, *size)
     assert np.asarray(im).std() > 0 or name == "one_pixel.png"
 
 
 def test_huge_jpeg_is_decoded_at_reduced_scale(bad_files):
-    im, scale = load_rgb(bad_files[0] / "huge.jpg", min_side=112)
-    assert im.mode == "RGB" and scale == 1 / 8 and im.size == (1500, 1125)  # still >= 2 x min_side
+    im, span, size = load_rgb(bad_files[0] / "huge.jpg", min_side=112)
+    assert im.mode == "RGB" and im.size == (1500, 1125)  # 1/8, still >= 2 x min_side
+    assert span == (0, 0, 12000, 9000) and size == (12000, 9000)
     assert np.abs(np.asarray(im).astype(int) - (20, 120, 200)).max() <= 2
-    big, scale = load_rgb(bad_files[0] / "huge.jpg", min_side=1000)  # a bigger teacher gets more pixels
-    assert scale == 1 / 4 and big.size == (3000, 2250)
+    big, span, _ = load_rgb(bad_files[0] / "huge.jpg", min_side=1000)  # a bigger teacher gets more pixels
+    assert span == (0, 0, 12000, 9000) and big.size == (3000, 2250)
 
 
 def test_too_many_pixels_is_refused(tmp_path, monkeypatch):

@@ -180,9 +180,9 @@ def test_stored_targets_are_the_teachers_output_on_the_stored_box(root, teachers
     """Every teacher saw the same stored box: a fresh forward of that crop matches the dequantised targets."""
     k = list(root[L.IDS][:]).index(sample_id)
     boxes = root[L.BOXES][k]
-    image, scale = load_rgb(sample_dataset / sample_id, min_side=max(t.resolution for t in teachers.values()))
+    image, span, _ = load_rgb(sample_dataset / sample_id, min_side=max(t.resolution for t in teachers.values()))
     for name, teacher in teachers.items():
-        pixels = np.stack([crop_resize(image, boxes[v], teacher.resolution, scale=scale) for v in range(V)])
+        pixels = np.stack([crop_resize(image, boxes[v], teacher.resolution, span=span) for v in range(V)])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
         x = (x - torch.tensor(teacher.mean).view(1, 3, 1, 1)) / torch.tensor(teacher.std).view(1, 3, 1, 1)
         with torch.inference_mode():

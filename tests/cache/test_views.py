@@ -52,7 +52,19 @@ def test_crop_resize_takes_the_box_at_any_decode_scale():
     assert (crop_resize(image, np.array([0, 0, 30, 20], np.float32), 32) < 3).all()  # a box off the square
     # the same box in source pixels on an image decoded at half size
     half = image.resize((60, 40), Image.Resampling.BOX)
-    out = crop_resize(half, np.array([40, 20, 80, 60], np.float32), 32, scale=0.5)
+    out = crop_resize(half, np.array([40, 20, 80, 60], np.float32), 32, span=(0, 0, 120, 80))
     assert (np.abs(out[2:-2, 2:-2].astype(int) - red) <= 2).all() and out[..., 0].mean() > 240
     one = crop_resize(Image.new("RGB", (1, 1), (9, 99, 199)), view_boxes(1, 1, views=2, seed=0, sample_id="p")[1], 16)
     assert (one == (9, 99, 199)).all()
+
+
+
+@pytest.mark.parametrize("span, centre", [((0, 0, 208, 32), 12.5), ((-7, 0, 201, 32), 13.375)])
+def test_crop_resize_maps_the_box_through_the_span_the_decoded_pixels_cover(span, centre):
+    """A 1/8 decode of a 201 x 32 source is 26 x 4 px and covers source x 0..208 — or, mirrored by
+    EXIF, -7..201 — so source box x 80..120 is decoded x 10..15, or 10.875..15.875."""
+    ramp = np.broadcast_to((np.arange(26) * 9).astype(np.uint8)[None, :, None], (4, 26, 3))  # column j holds 9 j
+    out = crop_resize(Image.fromarray(np.ascontiguousarray(ramp)), np.array([80, 0, 120, 32], np.float32), 8, span=span)
+    assert abs(out.mean() - 9 * (centre - 0.5)) < 1  # a linear ramp: the mean is its value at the box's centre
+    past = np.array([190, 0, 201.0001, 32], np.float32)  # a hair past the source's edge still crops
+    assert crop_resize(Image.fromarray(np.ascontiguousarray(ramp)), past, 8, span=span).shape == (8, 8, 3)
