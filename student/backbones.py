@@ -7,9 +7,12 @@ tokens, D model width.
 from __future__ import annotations
 
 import timm
+import torch
 from timm.models import is_model_in_modules, split_model_name_tag
 from torch import Tensor, nn
+from torch.func import functional_call
 
+from ..errors import UnknownStudentError
 from .model import IMAGENET_MEAN, IMAGENET_STD, Student, TeacherDims, check_input, make_student
 
 
@@ -77,11 +80,17 @@ class TimmMap(nn.Module):
         super().__init__()
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="",
                                        **kwargs)
-        if hasattr(self.model, "head"):  # forward_features never reaches it; DDP refuses unused parameters
-            self.model.head = nn.Identity()
         self.label = name
         # some families (Swin, ...) return channels-last maps
         self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        side = kwargs.get("img_size") or self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        shape, unused = _trace_features(self.model, (side, side) if isinstance(side, int) else tuple(side))
+        if len(shape) != 4:
+            raise UnknownStudentError(f"timm model '{name}' cannot be a student: its forward_features gives a "
+                                      f"{tuple(shape)} tensor, not a (B, D, h, w) feature map; choose a ViT of "
+                                      "timm's vision_transformer family, a CNN or an E-RADIO size")
+        for module in unused:  # head parts (conv_head, norm_head...): DDP refuses parameters that get no gradient
+            self.model.set_submodule(module, nn.Identity())
         self.input_stride = int(self.model.feature_info[-1]["reduction"])
         self.feature_info = {"num_chs": self.model.num_features, "reduction": self.input_stride}
         self.mean, self.std = _norm_cfg(self.model)
@@ -91,8 +100,37 @@ class TimmMap(nn.Module):
         spatial = self.model.forward_features(x)
         if self.nhwc:
             spatial = spatial.permute(0, 3, 1, 2)
-        assert spatial.ndim == 4, f"{self.label} does not return a (B, D, h, w) feature map"
         return spatial.mean((2, 3)).unsqueeze(1), spatial  # (B, 1, D), (B, D, h, w)
+
+
+class _ForwardFeatures(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+
+def _trace_features(model: nn.Module, size: tuple[int, int]) -> tuple[torch.Size, list[str]]:
+    """The output shape of ``model.forward_features`` on a (2, 3, H, W) batch in the model's current
+    mode, and the top-most submodules none of whose parameters it uses (what forward_head alone
+    needs), from one forward and backward on the meta device: no memory, no compute.
+    """
+    params = {n: torch.empty_like(p, device="meta").requires_grad_() for n, p in model.named_parameters()}
+    buffers = {n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()}
+    x = torch.empty(2, 3, *size, device="meta")  # 2: BatchNorm refuses one value per channel in training
+    out = functional_call(_ForwardFeatures(model), {f"model.{n}": t for n, t in {**params, **buffers}.items()}, (x,))
+    grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
+    unused = {n for n, g in zip(params, grads) if g is None}
+    drop = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(d + ".") for d in drop):
+            continue
+        names = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if names and unused.issuperset(names):
+            drop.append(name)
+    return out.shape, drop
 
 
 def build_timm_student(name: str, *, teachers: dict[str, TeacherDims], **overrides) -> Student:

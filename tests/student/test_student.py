@@ -82,9 +82,11 @@ def test_save_load_round_trip(name, tmp_path):
             assert torch.equal(a.teachers[t].summary, b.teachers[t].summary)
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_convnext", "test_resnet", "test_eradio"])
+@pytest.mark.parametrize("name", NAMES + ["mobilenetv3_small_100", "hgnetv2_b0",
+                                          "convnext_atto", "vit_tiny_patch16_224"])
 def test_every_parameter_gets_a_gradient(name):
-    """DDP refuses parameters a step never reaches (e.g. a timm classifier head)."""
+    """DDP refuses parameters a step never reaches (a timm head's conv_head, norm_head, classifier...)."""
+    torch.manual_seed(0)
     model = create_student(name, teachers=TEACHERS)
     out = model(torch.randn(2, 3, 64, 64))
     loss = out.backbone.spatial.mean() + sum(f.spatial.mean() + (0 if f.summary is None else f.summary.mean())
@@ -97,3 +99,16 @@ def test_every_parameter_gets_a_gradient(name):
 def test_pretrained_vit_student_is_refused_clearly():
     with pytest.raises(ValueError, match="pretrained=True is not supported for ViT student"):
         create_student("test_vit", teachers=TEACHERS, pretrained=True)
+
+
+def test_head_parts_that_forward_features_uses_are_kept():
+    # efficientnet's forward_features ends in conv_head (320 -> 1280 channels): it must stay
+    model = create_student("efficientnet_b0", teachers=TEACHERS)
+    assert model.feature_info["num_chs"] == 1280 and isinstance(model.backbone.model.conv_head, torch.nn.Conv2d)
+    assert model(torch.randn(1, 3, 64, 64)).backbone.spatial.shape == (1, 1280, 2, 2)
+
+
+def test_a_timm_model_without_a_feature_map_is_refused_by_name():
+    with pytest.raises(UnknownStudentError, match=r"timm model 'test_vit_relpos' cannot be a student: .*"
+                                                   r"\(2, 100, 96\) tensor, not a \(B, D, h, w\) feature map"):
+        create_student("test_vit_relpos", teachers=TEACHERS)
