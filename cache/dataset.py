@@ -94,10 +94,12 @@ def _walk(root: str) -> list[str]:
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
+                    name = entry.name
+                    dot = name.rfind(".")  # the suffix as `Path.suffix` has it, without its per-call cost
                     if entry.is_dir():
                         subfolders.append(entry)
-                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                        ids.append(prefix + entry.name)
+                    elif dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
+                        ids.append(prefix + name)
             subfolders.sort(key=lambda e: e.name, reverse=True)  # popped in name order
             stack.extend((f"{prefix}{e.name}/", e.path, _folder_key(e.stat())) for e in subfolders)
         except OSError as e:

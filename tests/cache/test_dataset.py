@@ -92,7 +92,7 @@ def _tree(root: Path, files) -> None:
 
 def test_folder_walk_gives_the_ids_of_a_plain_recursive_listing(tmp_path):
     _tree(tmp_path, ["b/x.JPEG", "b/y.png", "a/sub/deep/z.jpg", "a/notes.txt", "a-b/w.jpg", "top.webp", "a b/v.gif",
-                     "c.jpg/inner.png", "noext", "a/sub/.hidden.jpg"])
+                     "c.jpg/inner.png", "noext", "a/sub/.hidden.jpg", "b/.jpg", "b/dot.", "b/x.jpg.txt"])
     reference = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
                        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())  # the scanner before os.scandir
     m = scan_dataset(tmp_path)
