@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..train.config import check_fields
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -24,3 +26,14 @@ class EvalConfig:
     throughput_batch: int | None = None  # default 64 on CUDA, 4 on CPU
     throughput_seconds: float | None = None  # timed seconds per model; default 2 on CUDA, 0.5 on CPU
     seed: int = 0  # of the bank / probe subsets
+    images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
+
+    def __post_init__(self):
+        check_fields(self, _RULES, optional=_OPTIONAL, options=_OPTIONS)
+
+
+_RULES = {"resolution": "count", "max_bank": "count", "knn_k": "count", "knn_temperature": "positive",
+          "probe_images": "count", "probe_steps": "count", "pictures": "count", "batch_size": "count",
+          "workers": "index", "throughput_batch": "count", "throughput_seconds": "positive", "seed": "index"}
+_OPTIONAL = {"resolution", "throughput_batch", "throughput_seconds"}
+_OPTIONS = {"knn_k": "--k", "knn_temperature": "knn_temperature", "throughput_seconds": "throughput_seconds"}

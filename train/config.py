@@ -16,8 +16,11 @@ num_registers = 4
 ```
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 from .._toml import read_toml
 from ..errors import RadioDistillError
@@ -49,6 +52,44 @@ class TrainConfig:
     resume: bool = False
     stop_at: int | None = None  # end this session after this step (checkpointed); continue with resume
     device: str | None = None  # default: cuda if available, else cpu
+    images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
+
+    def __post_init__(self):
+        check_fields(self, _RULES, optional=_OPTIONAL)
+        if self.loss.kind not in KINDS:
+            raise RadioDistillError(f"unknown loss '{self.loss.kind}'; choose from {', '.join(KINDS)}")
+        check_option("[loss] summary_weight", self.loss.summary_weight, "non-negative")
+        check_option("[loss] spatial_weight", self.loss.spatial_weight, "non-negative")
+        for name, weight in self.loss.teacher_weights.items():
+            check_option(f"--teacher-weight {name}", weight, "non-negative", sep="=")
+
+
+_RULES = {"steps": "count", "epochs": "positive", "batch_size": "count", "resolution": "count", "lr": "positive",
+          "min_lr": "non-negative", "weight_decay": "non-negative", "warmup_steps": "index", "grad_clip": "positive",
+          "seed": "index", "holdout": "fraction", "workers": "index", "log_every": "count",
+          "checkpoint_every": "count", "stop_at": "count"}
+_OPTIONAL = {"steps", "epochs", "warmup_steps", "workers", "stop_at"}
+_WANT = {"count": "a whole number >= 1", "index": "a whole number >= 0", "positive": "a finite number > 0",
+         "non-negative": "a finite number >= 0", "fraction": "a fraction in [0, 1)"}
+
+
+def check_fields(cfg, rules: dict[str, str], *, optional=(), options: dict[str, str] | None = None) -> None:
+    """`check_option` on each field of `cfg` named in `rules` (None passes for `optional` fields); the
+    option of field `a_b` is `--a-b` unless `options` names it."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if value is not None or name not in optional:
+            check_option((options or {}).get(name, "--" + name.replace("_", "-")), value, rule)
+
+
+def check_option(option: str, value, rule: str, *, sep: str = " ") -> None:
+    """Raises a one-line error naming `option` unless `value` follows `rule` (a key of `_WANT`)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    ok = {"count": integer and value >= 1, "index": integer and value >= 0, "positive": number and value > 0,
+          "non-negative": number and value >= 0, "fraction": number and 0 <= value < 1}[rule]
+    if not ok:
+        raise RadioDistillError(f"{option}{sep}{value!r}: must be {_WANT[rule]}")
 
 
 def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
@@ -64,13 +105,31 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     bad = set(loss) - {f.name for f in fields(LossConfig)}
     if bad:
         raise RadioDistillError(f"unknown loss settings {sorted(bad)}; known: {[f.name for f in fields(LossConfig)]}")
-    if loss.get("kind", "amradio") not in KINDS:
-        raise RadioDistillError(f"unknown loss '{loss['kind']}'; choose from {', '.join(KINDS)}")
     values["loss"] = LossConfig(**loss)
     for key in ("store", "out"):
         if values.get(key) is None:
             raise RadioDistillError(f"missing '{key}': give it on the command line or in the config file")
         values[key] = Path(values[key])
+    if values.get("images") is not None:
+        values["images"] = Path(values["images"])
     if values.get("steps") is None and values.get("epochs") is None:
         raise RadioDistillError("give --steps or --epochs")
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    check_device(cfg.device)
+    return cfg
+
+
+def check_device(device: str | None) -> None:
+    """One line, before anything is created, unless `device` is None, cpu, or a CUDA GPU this machine has."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise RadioDistillError(f"--device {device!r}: not a device here; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise RadioDistillError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise RadioDistillError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")

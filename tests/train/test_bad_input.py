@@ -91,3 +91,23 @@ def test_resume_from_a_store_with_other_settings_is_refused(train_store, store_c
 def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
     with pytest.raises(TrainingError, match="--resolution 40 is not a multiple of 16"):
         train(config(train_store, tmp_path / "run", resolution=40), progress=False)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--resolution", "0"], "--resolution 0"), (["--resolution", "-32"], "--resolution -32"),
+    (["--steps", "0"], "--steps 0"), (["--epochs", "0"], "--epochs 0"), (["--batch-size", "0"], "--batch-size 0"),
+    (["--holdout", "-0.1"], "--holdout -0.1"), (["--holdout", "1"], "--holdout 1"), (["--lr", "0"], "--lr 0"),
+    (["--lr", "nan"], "--lr nan"), (["--log-every", "0"], "--log-every 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0"), (["--workers", "-1"], "--workers -1"),
+    (["--stop-at", "0"], "--stop-at 0"), (["--seed", "-1"], "--seed -1"),
+    (["--teacher-weight", "sam=-1"], "--teacher-weight sam=-1"), (["--teacher-weight", "sam=nan"], "--teacher-weight sam=nan"),
+    (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"), (["--device", "cuda:7"], "--device cuda:7"),
+])
+def test_silly_option_values_give_one_line_and_create_nothing(train_store, tmp_path, monkeypatch, args, option):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(out), "--steps", "2",
+                                            "--resolution", "32", "--batch-size", "4", "--workers", "0", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {option}") and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()

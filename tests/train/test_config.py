@@ -1,6 +1,9 @@
 """Training recipes: TOML and command-line values become one TrainConfig."""
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from radio_distill.errors import RadioDistillError
 from radio_distill.train.config import load_train_config
@@ -28,3 +31,44 @@ def test_bad_recipes_name_the_culprit(tmp_path, text, message):
     recipe.write_text(text)
     with pytest.raises(RadioDistillError, match=message):
         load_train_config(recipe)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(steps=0), r"--steps 0: must be a whole number >= 1"),
+    (dict(steps=2.5), r"--steps 2.5: must be a whole number"),
+    (dict(epochs=-1.0), r"--epochs -1.0: must be a finite number > 0"),
+    (dict(lr=float("nan")), r"--lr nan: must be a finite number > 0"),
+    (dict(holdout=1.0), r"--holdout 1.0: must be a fraction in \[0, 1\)"),
+    (dict(warmup_steps=-1), r"--warmup-steps -1: must be a whole number >= 0"),
+    (dict(loss={"teacher_weights": {"sam": float("inf")}}), r"--teacher-weight sam=inf: must be a finite number >= 0"),
+    (dict(loss={"spatial_weight": -1}), r"\[loss\] spatial_weight -1: must be"),
+    (dict(batch_size="8"), r"--batch-size '8': must be a whole number >= 1"),  # a string from a TOML recipe
+])
+def test_bad_values_are_refused_naming_the_option(values, message):
+    with pytest.raises(RadioDistillError, match=message):
+        load_train_config(**{"store": "s.zarr", "out": "run", "steps": 3, **values})
+
+
+def test_good_edge_values_pass():
+    cfg = load_train_config(store="s.zarr", out="run", epochs=0.5, holdout=0.0, workers=0, warmup_steps=0,
+                            images="moved/images", loss={"teacher_weights": {"sam": 0.0}})
+    assert cfg.holdout == 0.0 and cfg.images == Path("moved/images") and cfg.loss.teacher_weights == {"sam": 0.0}
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", r"--device 'tpu': not a device here; use cpu, cuda or cuda:N"),
+    ("cuda", r"--device cuda: no CUDA GPU is visible here; use --device cpu"),
+    ("cuda:7", r"--device cuda:7: no CUDA GPU"),
+])
+def test_devices_this_machine_lacks_are_refused(monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RadioDistillError, match=message):
+        load_train_config(store="s.zarr", out="run", steps=3, device=device)
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RadioDistillError, match=r"--device cuda:7: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        load_train_config(store="s.zarr", out="run", steps=3, device="cuda:7")
+    assert load_train_config(store="s.zarr", out="run", steps=3, device="cuda:1").device == "cuda:1"
