@@ -6,17 +6,20 @@ import numpy as np
 
 from ..errors import CacheIntegrityError
 from . import layout as L
-from .store import done_shards, open_array, open_store, teacher_names
+from .store import done_shards, missing_shards, open_array, open_store, teacher_names
 
 
 def store_info(path: str | Path) -> dict:
-    """Teachers, dims, codecs, fidelity, sizes on disk, shards done, unreadable samples."""
+    """Teachers, dims, codecs, fidelity, sizes on disk, shards done, unreadable samples.
+
+    Sample counts cover done shards only: a shard being written (or whose build was killed) may
+    hold statuses already, but nothing of it is usable until it is done; its samples are pending."""
     path = Path(path)
     root = open_store(path)
-    n, views = root.attrs["num_samples"], root.attrs["views"]
+    n, views, size = root.attrs["num_samples"], root.attrs["views"], root.attrs["shard_size"]
     names = teacher_names(root)
     done = done_shards(root, names)
-    status = root[L.STATUS][:]
+    status = np.where(np.repeat(done, size)[:n], root[L.STATUS][:], L.PENDING)
     bad = np.flatnonzero(status == L.UNREADABLE)
     ids, errors = root[L.IDS], root[L.ERRORS]
     teachers = {}
@@ -44,7 +47,7 @@ def _disk_bytes(path: Path) -> int:
 
 
 def verify_store(path: str | Path, *, progress: bool = False) -> dict:
-    """Check every shard is done and every chunk decodes (crc32c), has its shape and is finite.
+    """Check every shard is done and has its files, and every chunk decodes (crc32c), has its shape and is finite.
 
     Raises:
         CacheIntegrityError: naming the first failing array and sample.
@@ -61,6 +64,12 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
             missing = int(np.flatnonzero(flags != 1)[0])
             raise CacheIntegrityError(f"{L.done_array(name)}: shard {missing} is not done "
                                       f"({int((flags != 1).sum())} of {flags.size} missing); rerun `radio-cache build`")
+    lost = missing_shards(path, root)
+    if lost:  # Zarr would read the shard as fill values: all-zero targets
+        array, shard = lost[0]
+        rows = L.shard_rows(shard, size, n)
+        raise CacheIntegrityError(f"{array}: shard {shard} (samples {rows.start}-{rows.stop - 1}) is done but its file "
+                                  f"is gone ({len(lost)} shard files missing); rerun `radio-cache build` to redo it")
     ids = root[L.IDS][:]
     checked = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS]
     for array in checked:

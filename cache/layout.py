@@ -15,12 +15,17 @@ D summary channels, h, w teacher grid (after pooling), C spatial channels, M cla
     summary          (N, V, D)     float16 or int8 (+ summary_scale (N, V))
     spatial          (N, V, h, w, C) float16 or int8 (+ spatial_scale (N, V, h, w))
     done             (n_shards,)   uint8, set only after the shard's data is written
-    moments/*        (K, ...)      float64 per-shard sums for the normalisation statistics
+    moments/*        (K, ...)      float64 per-shard sums for the normalisation statistics, and the
+                                   codec's fidelity: [sum, count, min] of token cosines (K, 3)
     norm/*           (C,) (C, C)   float64 mean and covariance, written when the build completes
     text/embeddings  (M, D)        float32 unit-norm class embeddings of a CLIP teacher's text tower
                                    (`radio-cache text`); attrs: classes, templates, identity
+  build.lock                       the one-writer lock a build holds (`lock.py`)
+  build.json                       the holder of that lock (host, pid, start, token), while a build runs
+  .partial/                        a store being created, moved in with zarr.json last (`create_store`)
 ```
-Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker.
+Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker; shard k of
+every target, scale and pixels array is one file, `c/k/0/...`, present once the shard is done.
 Sample arrays: chunk = S samples, written by the worker that owns the shard.
 """
 
@@ -35,6 +40,10 @@ ERRORS = "samples/errors"
 PIXELS = "samples/pixels"
 
 PENDING, OK, UNREADABLE = 0, 1, 2
+
+LOCK_FILE = "build.lock"
+HOLDER_FILE = "build.json"
+STAGING = ".partial"
 
 TARGETS = ("summary", "spatial")
 CODECS = ("fp16", "int8")
@@ -60,7 +69,8 @@ def done_array(teacher: str) -> str:
 
 
 def moment_array(teacher: str, target: str, moment: str) -> str:
-    """`moment` in ('count', 'sum', 'gram'): per statistics-shard sums of x and x xᵀ."""
+    """`moment` in ('count', 'sum', 'gram'): per statistics-shard sums of x and x xᵀ; 'fidelity':
+    [sum, count, min] of the cosines of stored tokens to the teacher's output."""
     return f"teachers/{teacher}/moments/{target}_{moment}"
 
 

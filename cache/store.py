@@ -8,6 +8,8 @@ Every array carries zstd + crc32c, so a corrupted chunk fails its checksum on re
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +20,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
-from ..errors import CacheLayoutError
+from ..errors import CacheLayoutError, RadioDistillError
 from . import layout as L
 from .dataset import Manifest
 
@@ -31,27 +33,88 @@ def _compressors():
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
-    """Open a store, checking it is ours and of this layout version."""
+    """Open a store, checking it is ours, of this layout version and whole (every array's metadata there).
+
+    Raises:
+        CacheLayoutError: one line saying what the folder holds and what to do.
+    """
     path = Path(path)
     if not (path / "zarr.json").is_file():
+        if (path / L.LOCK_FILE).exists():
+            raise CacheLayoutError(f"store '{path}' is not created yet: a build is creating it or was stopped while "
+                                   "creating it; rerun the same `radio-cache build` command")
         raise CacheLayoutError(f"'{path}' is not a radio-distill store (no zarr.json); build one with `radio-cache build`")
-    root = zarr.open_group(path, mode=mode)
+    try:
+        root = zarr.open_group(path, mode=mode)
+    except (ValueError, KeyError, TypeError) as e:  # zarr.json cut short by a kill or a full disk
+        raise CacheLayoutError(f"store '{path}' is half-created ({type(e).__name__} reading zarr.json); "
+                               "rebuild it with `radio-cache build ... --overwrite`") from None
     fmt, version = root.attrs.get("format"), root.attrs.get("layout_version")
     if fmt != L.FORMAT:
         raise CacheLayoutError(f"'{path}' is a Zarr group but not a radio-distill store (format {fmt!r})")
     if version != L.LAYOUT_VERSION:
         raise CacheLayoutError(f"store '{path}' is layout v{version}, this version reads v{L.LAYOUT_VERSION}; "
                                "rebuild it with `radio-cache build ... --overwrite`")
+    missing = _missing_arrays(path, root.attrs["settings"])
+    if missing:
+        raise CacheLayoutError(f"store '{path}' is half-created or damaged: {missing[0]} is missing"
+                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                               "rebuild it with `radio-cache build ... --overwrite`")
     return root
 
 
+def _missing_arrays(path: Path, settings: dict) -> list[str]:
+    """The arrays (or teacher groups) `create_store` makes for these settings whose metadata is absent."""
+    arrays = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS] + ([L.PIXELS] if settings["pixels"] else [])
+    missing = []
+    for name, storage in settings["storage"].items():
+        try:
+            attrs = json.loads((path / L.teacher_group(name) / "zarr.json").read_text())["attributes"]
+        except (OSError, ValueError, KeyError):  # absent, or cut short by a kill
+            missing.append(L.teacher_group(name))
+            continue
+        for target in ("spatial", "summary") if attrs["summary_dim"] is not None else ("spatial",):
+            arrays.append(L.target_array(name, target))
+            arrays += [L.scale_array(name, target)] if storage[target] == "int8" else []
+            arrays += [L.moment_array(name, target, m) for m in ("count", "sum", "gram")]
+        arrays.append(L.done_array(name))
+    return missing + [a for a in arrays if not (path / a / "zarr.json").is_file()]
+
+
 def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo]) -> zarr.Group:
-    """Create every array of a new store (overwriting `path`); targets start empty, no shard done.
+    """Create every array of a new store at `path`, replacing the store there; targets start empty, no shard done.
+
+    The caller holds the build lock (`lock.build_lock`). The store is made in `path/.partial` and moved
+    in with zarr.json last, so a kill or a full disk never leaves a store that looks whole but is not.
 
     Args:
         settings: the build's identity: teachers, storage, views, seed, shard_size, dataset fingerprint.
         infos: what each teacher produces, by teacher name.
+
+    Raises:
+        RadioDistillError: the store cannot be written (disk full...); `path` then holds no store.
     """
+    staging = path / L.STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed creation left
+    try:
+        _create(staging, manifest=manifest, settings=settings, infos=infos)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RadioDistillError(f"cannot create store '{path}': {e.strerror or e}; nothing was left there") from None
+    keep = {L.LOCK_FILE, L.HOLDER_FILE, L.STAGING}
+    (path / "zarr.json").unlink(missing_ok=True)  # first: from here on `path` is no store until the new zarr.json
+    for old in path.iterdir():
+        if old.name not in keep:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for new in staging.iterdir():
+        if new.name != "zarr.json":
+            new.rename(path / new.name)
+    (staging / "zarr.json").rename(path / "zarr.json")
+    staging.rmdir()
+    return open_store(path, mode="r+")
+
+
+def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo]) -> None:
     n, views, size = len(manifest), settings["views"], settings["shard_size"]
     root = zarr.open_group(path, mode="w")
     root.attrs.update({"format": L.FORMAT, "layout_version": L.LAYOUT_VERSION, "created_by": f"radio-distill {__version__}",
@@ -90,8 +153,8 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
             _array(root, L.moment_array(name, target, "count"), (n_stats,), "int64", (1,))
             _array(root, L.moment_array(name, target, "sum"), (n_stats, dim), "float64", (1, dim))
             _array(root, L.moment_array(name, target, "gram"), (n_stats, dim, dim), "float64", (1, dim, dim))
+            _array(root, L.moment_array(name, target, "fidelity"), (n_stats, 3), "float64", (1, 3))
         _array(root, L.done_array(name), (n_shards,), "uint8", (1,))
-    return root
 
 
 def _array(root: zarr.Group, name: str, shape, dtype, chunks, *, shards=None, fill=0):
@@ -111,8 +174,12 @@ def check_settings(root: zarr.Group, settings: dict, path: Path) -> None:
 
 
 def open_array(store: Path, name: str) -> ts.TensorStore:
-    """Open an existing array of the store with tensorstore (the hot path)."""
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(store) / name)}}
+    """Open an existing array of the store with tensorstore (the hot path).
+
+    Chunks equal to the fill value are written too (tensorstore skips them by default), so every
+    written shard has its file even when all its samples are unreadable: a missing file is a loss."""
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(store) / name)},
+            "store_data_equal_to_fill_value": True}
     return ts.open(spec, open=True).result()
 
 
@@ -120,6 +187,44 @@ def done_shards(root: zarr.Group, teachers: list[str]) -> np.ndarray:
     """(n_shards,) bool: shards done for every teacher."""
     flags = [root[L.done_array(t)][:] == 1 for t in teachers]
     return np.logical_and.reduce(flags)
+
+
+def missing_shards(path: Path, root: zarr.Group) -> list[tuple[str, int]]:
+    """(array, shard) of every shard marked done whose file is gone: Zarr would read it as zeros.
+
+    Checks the target, scale and pixels arrays (one file per shard) and the status chunks; one
+    `stat` per done shard and array."""
+    done = {name: root[L.done_array(name)][:] == 1 for name in teacher_names(root)}
+    found = []
+    for array, teachers in _shard_files(root).items():
+        meta = root[array].metadata
+        assert tuple(meta.chunk_grid.chunk_shape[1:]) == tuple(meta.shape[1:]), array  # one file per shard
+        for k in np.flatnonzero(np.logical_and.reduce([done[t] for t in teachers])):
+            key = meta.encode_chunk_key((int(k),) + (0,) * (len(meta.shape) - 1))
+            if not (path / array / key).is_file():
+                found.append((array, int(k)))
+    return found
+
+
+def _shard_files(root: zarr.Group) -> dict[str, list[str]]:
+    """{array: the teachers whose done flags say its shard is written} for arrays with one file per shard."""
+    names = teacher_names(root)
+    shared = [L.STATUS] + ([L.PIXELS] if root.attrs["settings"]["pixels"] else [])  # written before every flag
+    own = {p: [name] for name in names for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t))
+           if p in root}
+    return {**{p: names for p in shared}, **own}
+
+
+def resume_store(path: Path) -> zarr.Group:
+    """Open a store to resume its build (the caller holds the lock): done shards whose files are gone
+    lose their done flags, so the build redoes them."""
+    root = open_store(path, mode="r+")
+    owners = _shard_files(root)
+    for array, shard in missing_shards(path, root):
+        print(f"warning: {array}: shard {shard} was done but its file is gone; redoing it", file=sys.stderr)
+        for name in owners[array]:
+            root[L.done_array(name)][shard] = 0
+    return root
 
 
 def weights_label(identity: dict) -> str:

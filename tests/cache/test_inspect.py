@@ -8,6 +8,8 @@ import zarr
 
 from radio_distill.cache import layout as L
 from radio_distill.cache.inspect import store_info, verify_store
+from radio_distill.cache.lock import build_lock
+from radio_distill.cache.store import missing_shards, open_array, open_store, resume_store
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
 from radio_distill.errors import CacheIntegrityError
 
@@ -44,6 +46,21 @@ def test_info_describes_the_store(tiny_store, sample_dataset):
         teacher_disk = sum(p.stat().st_size for d in targets for p in d.rglob("*") if p.is_file())
         assert t["bytes"] == teacher_disk and t["bytes_per_view"] == pytest.approx(teacher_disk / (N * V))
     assert info["teachers"]["sam"]["summary_dim"] is None and info["teachers"]["clip"]["summary_dim"] == 32
+
+
+def test_info_counts_only_done_shards(store_copy):
+    """A shard whose statuses are written but whose done flag is not (a build killed mid-shard) is pending."""
+    root = zarr.open_group(store_copy, mode="r+")
+    ids, status = root[L.IDS][:], root[L.STATUS][:]
+    shard = list(ids).index("empty.jpg") // S
+    root[L.done_array("sam")][shard] = 0
+    rows = L.shard_rows(shard, S, N)
+    info = store_info(store_copy)
+    assert info["shards_done"] == L.shard_count(N, S) - 1 and info["pending"] == rows.stop - rows.start == S
+    outside = np.r_[status[:rows.start], status[rows.stop:]]
+    assert info["ok"] == int((outside == L.OK).sum()) == N - len(BAD_FILES) - int((status[rows] == L.OK).sum())
+    assert info["unreadable"] == {k: v for k, v in BAD_FILES.items() if k not in ids[rows]}
+    assert "empty.jpg" not in info["unreadable"] and info["unreadable"]
 
 
 def test_verify_passes_a_sound_store(tiny_store):
@@ -91,3 +108,38 @@ def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy
     summary[9] = value
     with pytest.raises(CacheIntegrityError, match=f"teachers/dinov2/summary: sample '{ids[9]}' holds NaN or inf"):
         verify_store(store_copy)
+
+
+@pytest.mark.parametrize("array", [L.target_array("clip", "spatial"), L.scale_array("clip", "spatial"),
+                                   L.target_array("dinov2", "summary"), L.STATUS])
+def test_verify_names_a_done_shard_whose_file_is_gone(store_copy, array):
+    """Zarr reads a missing shard as fill values: training would learn all-zero targets for it."""
+    root = open_store(store_copy)
+    key = root[array].metadata.encode_chunk_key((2,) + (0,) * (root[array].ndim - 1))
+    (store_copy / array / key).unlink()
+    assert missing_shards(store_copy, root) == [(array, 2)]
+    with pytest.raises(CacheIntegrityError) as e:
+        verify_store(store_copy)
+    assert str(e.value) == (f"{array}: shard 2 (samples 8-11) is done but its file is gone (1 shard files missing); "
+                            "rerun `radio-cache build` to redo it")
+
+
+def test_resume_redoes_done_shards_whose_files_are_gone(store_copy, capfd):
+    root = open_store(store_copy)
+    for array in (L.target_array("sam", "spatial"), L.STATUS):
+        key = root[array].metadata.encode_chunk_key((5,) + (0,) * (root[array].ndim - 1))
+        (store_copy / array / key).unlink()
+    with build_lock(store_copy):
+        root = resume_store(store_copy)
+    assert "warning: teachers/sam/spatial: shard 5 was done but its file is gone; redoing it" in capfd.readouterr().err
+    flags = {name: root[L.done_array(name)][:] for name in ("clip", "dinov2", "sam")}
+    assert all(f[5] == 0 and f.sum() == L.shard_count(N, S) - 1 for f in flags.values())  # status: every teacher
+    assert missing_shards(store_copy, root) == []
+
+
+def test_every_written_shard_has_its_file_even_when_all_zeros(store_copy):
+    """tensorstore skips chunks equal to the fill value: a shard of unreadable samples would look lost."""
+    array = L.target_array("clip", "spatial")
+    root = open_store(store_copy)
+    open_array(store_copy, array)[0:S].write(np.zeros((S, *root[array].shape[1:]), np.int8)).result()
+    assert missing_shards(store_copy, root) == []
