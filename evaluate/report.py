@@ -21,6 +21,7 @@ from ..cache import layout as L
 from ..cache.store import open_store, weights_label
 from ..errors import EvaluationError
 from ..student import load_student
+from ..train.config import check_device
 from .config import EvalConfig
 from .dense import load_masks, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image
@@ -39,6 +40,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         embeddings) hold {'skipped': reason} instead of results.
     """
     # 1. the run, its store, and the device
+    check_device(cfg.device)
     run = load_run(cfg.run)
     reader = open_reader(cfg.store, run)
     root = open_store(reader.path)
@@ -54,8 +56,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     held = reader.indices(holdout=run.holdout, split="holdout")
     train = reader.indices(holdout=run.holdout, split="train")
     if not len(held):
-        raise EvaluationError(f"run '{run.path}' holds out no usable sample of '{reader.path}' "
-                              f"(holdout {run.holdout}); train with --holdout > 0")
+        raise EvaluationError(f"the held-out split of run '{run.path}' is empty: --holdout {run.holdout} of the "
+                              f"{len(train)} usable samples of '{reader.path}' holds out none (the split is by a hash "
+                              "of each sample id); train again with a larger --holdout, or on more images")
     rng = np.random.default_rng(cfg.seed)
     bank = np.sort(rng.choice(train, cfg.max_bank, replace=False)) if len(train) > cfg.max_bank else train
     labelled = len(reader.classes) >= 2 and (reader.labels[bank] >= 0).any() and (reader.labels[held] >= 0).any()

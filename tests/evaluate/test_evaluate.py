@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -136,4 +137,34 @@ def test_a_run_from_another_store_is_refused(eval_setup, tmp_path):
     meta["store_settings"]["seed"] = 12345
     (run / "run.json").write_text(json.dumps(meta))
     with pytest.raises(EvaluationError, match="other teachers or settings"):
+        evaluate(EvalConfig(store=eval_setup.store, run=run, out=tmp_path / "e", **FAST), progress=False)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--pictures", "0"], "--pictures 0"), (["--max-bank", "0"], "--max-bank 0"), (["--k", "0"], "--k 0"),
+    (["--probe-images", "0"], "--probe-images 0"), (["--probe-steps", "0"], "--probe-steps 0"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--workers", "-1"], "--workers -1"),
+    (["--resolution", "0"], "--resolution 0"), (["--throughput-batch", "0"], "--throughput-batch 0"),
+    (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+])
+def test_silly_option_values_give_one_line_and_create_nothing(eval_setup, tmp_path, monkeypatch, args, option):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(eval_app, [str(eval_setup.store), str(eval_setup.run), "--out", str(out),
+                                           "--workers", "0", "--no-throughput", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {option}") and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+
+
+def test_an_empty_held_out_split_says_why_and_what_to_do(eval_setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(eval_setup.run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["config"]["holdout"] = 1e-9  # like --holdout 0.05 on a one-image store: nothing falls below it
+    (run / "run.json").write_text(json.dumps(meta))
+    usable = len(CacheReader(eval_setup.store).indices(holdout=0.0))
+    with pytest.raises(EvaluationError, match=rf"held-out split of run .* is empty: --holdout 1e-09 of the {usable} "
+                                              r"usable samples .* holds out none .* larger --holdout"):
         evaluate(EvalConfig(store=eval_setup.store, run=run, out=tmp_path / "e", **FAST), progress=False)

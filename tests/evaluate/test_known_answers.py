@@ -1,0 +1,82 @@
+"""Known answers: a student that outputs exactly the cached targets scores fidelity 1 and the teachers'
+own kNN accuracy; one that outputs their negation scores fidelity -1."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from radio_distill.cache import layout as L
+from radio_distill.cache.store import open_store
+from radio_distill.evaluate import EvalConfig
+from radio_distill.evaluate.features import collect
+from radio_distill.evaluate.metrics import knn_top1
+from radio_distill.evaluate.report import _fidelity, _knn
+from radio_distill.student import StudentOutput
+from radio_distill.student.model import Features
+from radio_distill.train.reader import CacheReader, decode_targets
+
+from .conftest import HOLDOUT
+
+RESOLUTION, BATCH = 32, 8
+
+
+class Oracle(torch.nn.Module):
+    """A 'student' that returns `sign` x the cached view-0 targets of `indices`, batch after batch in
+    order (as `collect` asks for them), at the teacher grids; its backbone summary is CLIP's."""
+
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def __init__(self, reader: CacheReader, indices: np.ndarray, sign: float = 1.0):
+        super().__init__()
+        batches = [[(int(i), 0) for i in indices[s:s + BATCH]] for s in range(0, len(indices), BATCH)]
+        loader = DataLoader(reader.dataset(resolution=RESOLUTION), batch_sampler=batches)
+        self.outputs = [decode_targets(batch, reader.teachers, torch.device("cpu")) for batch in loader]
+        self.sign = sign
+
+    def forward(self, pixels: torch.Tensor) -> StudentOutput:
+        targets = self.outputs.pop(0)
+        assert len(pixels) == len(targets["clip"]["spatial"])
+        teachers = {t: Features(None if v["summary"] is None else self.sign * v["summary"],
+                                self.sign * v["spatial"].permute(0, 3, 1, 2))  # (B, C, h, w) at the teacher grid
+                    for t, v in targets.items()}
+        return StudentOutput(Features(teachers["clip"].summary, teachers["clip"].spatial), teachers)
+
+
+def features(reader, indices, sign=1.0):
+    return collect(reader, Oracle(reader, indices, sign), indices, resolution=RESOLUTION, device=torch.device("cpu"),
+                   batch_size=BATCH, progress=False)
+
+
+@pytest.fixture(scope="module")
+def split(eval_setup):
+    reader = CacheReader(eval_setup.store)
+    return reader, reader.indices(holdout=HOLDOUT, split="holdout"), reader.indices(holdout=HOLDOUT, split="train")
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_fidelity_of_a_student_equal_to_its_teachers_is_one(split, sign):
+    reader, held, _ = split
+    fid = _fidelity(features(reader, held, sign), reader)
+    assert fid["samples"] == len(held) > 0
+    for t, v in fid["teachers"].items():
+        assert v["spatial"] == pytest.approx(sign, abs=1e-6), t
+        assert (v["summary"] is None) == (t == "sam")
+        if v["summary"] is not None:
+            assert v["summary"] == pytest.approx(sign, abs=1e-6), t
+
+
+def test_knn_of_a_student_equal_to_its_teachers_is_the_teachers(eval_setup, split):
+    reader, held, train = split
+    cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=eval_setup.root / "unused", knn_k=5)
+    knn = _knn(features(reader, held), features(reader, train), cfg)
+    root = open_store(reader.path)
+    labels = reader.labels
+    bank, queries = train[labels[train] >= 0], held[labels[held] >= 0]  # labelled samples only
+    for t in ("clip", "dinov2"):
+        summary = root[L.target_array(t, "summary")][:, 0].astype(np.float32)  # (N, D) view 0, read independently
+        expected = knn_top1(summary[bank], labels[bank], summary[queries], labels[queries], k=5, temperature=0.07,
+                            num_classes=int(labels.max()) + 1)
+        assert knn["teachers"][t] == {"teacher": pytest.approx(expected, abs=1e-9),
+                                      "student": pytest.approx(expected, abs=1e-9)}
+    assert knn["student_backbone"] == pytest.approx(knn["teachers"]["clip"]["teacher"], abs=1e-9)
