@@ -182,6 +182,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its checkpoint stopped.")] = False,
     stop_at: Annotated[Optional[int], typer.Option(help="End this session after this step, checkpointed (for time-limited jobs); continue with --resume.")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Train on the finished shards of an incomplete store.")] = False,
+    images: Annotated[Optional[Path], typer.Option(help="The image folder, when it moved since the build. [default: the root recorded in the store]")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Train on this many Ray Train workers (multi-node); default: this process, or torchrun's.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --ray-workers.")] = None,
 ):
@@ -199,7 +200,7 @@ def train(
     cfg = load_train_config(config, store=store, student=student, out=out, steps=steps, epochs=epochs,
                             batch_size=batch_size, resolution=resolution, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
-                            resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None,
+                            resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers:
         from .train.distributed import train_on_ray
@@ -250,6 +251,7 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. (default: cuda if available)")] = None,
     throughput: Annotated[bool, typer.Option(help="Measure images/s of the student and each teacher architecture.")] = True,
     throughput_batch: Annotated[Optional[int], typer.Option(help="Batch for throughput. (default: 64 on CUDA, 4 on CPU)")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="The image folder, when it moved since the build. (default: the root recorded in the store)")] = None,
 ):
     """Fidelity, kNN, zero-shot, dense-probe mIoU and throughput of RUN's student vs its teachers, from STORE."""
     from .evaluate import EvalConfig
@@ -257,7 +259,8 @@ def evaluate(
 
     cfg = EvalConfig(store=store, run=run, out=out, masks=masks, max_bank=max_bank, knn_k=k, probe_images=probe_images,
                      probe_steps=probe_steps, pictures=pictures, resolution=resolution, batch_size=batch_size,
-                     workers=workers, device=device, throughput=throughput, throughput_batch=throughput_batch)
+                     workers=workers, device=device, throughput=throughput, throughput_batch=throughput_batch,
+                     images=images)
     report = run_evaluation(cfg)
     skipped = [f"{name}: {section['skipped']}" for name, section in report.items()
                if isinstance(section, dict) and "skipped" in section]
