@@ -5,6 +5,8 @@ Each command parses options, builds a config and calls one library function; a
 """
 
 import json
+import shlex
+import sys
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
@@ -69,6 +71,8 @@ def build(
     from .cache.build import build_cache
     from .cache.config import load_cache_config
 
+    if teachers and teacher:
+        raise RadioDistillError(f"give --teachers {teachers} (a preset) or --teacher SPEC (repeatable), not both")
     cfg = load_cache_config(config, teachers=teachers or teacher, spatial_codec=spatial_codec,
                             summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
                             data=data, out=out, views=views, seed=seed, shard_size=shard_size, batch_size=batch_size,
@@ -77,6 +81,16 @@ def build(
     if report:
         report.write_text(json.dumps(result, indent=2))
     _print_report(result)
+    if result["failed"]:  # after the report: what was done is shown, and the exit status says it is not all
+        failed = list(result["failed"])
+        causes = sorted(set(result["failed"].values()), key=list(result["failed"].values()).count, reverse=True)
+        raise RadioDistillError(f"{len(failed)} of {result['shards']} shards failed (shard {_few(failed)}): {causes[0]}"
+                                f"{f' (and {len(causes) - 1} other causes above)' if len(causes) > 1 else ''}; "
+                                f"fix it, then rerun: {shlex.join(['radio-cache', *sys.argv[1:]])}")
+
+
+def _few(items: list, shown: int = 10) -> str:
+    return ", ".join(map(str, items[:shown])) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _print_report(r: dict) -> None:
@@ -92,10 +106,24 @@ def _print_report(r: dict) -> None:
         speed = f"{t['views_per_s']:.1f}" if t["views_per_s"] else "-"
         table.add_row(name, speed, f"{t['bytes_per_view']:,.0f}", cos)
     out.print(table)
-    if r["unreadable"]:
-        out.print(f"[yellow]{len(r['unreadable'])} unreadable images skipped:[/]")
-        for path, reason in r["unreadable"].items():
-            out.print(f"  {path}: {reason}", highlight=False)
+    bad = r["unreadable"]
+    for path, reason in list(bad.items())[:20]:
+        out.print(f"  unreadable: {escape(path)}: {escape(reason)}", highlight=False)
+    if len(bad) > 20:
+        out.print(f"  ... and {len(bad) - 20} more (`radio-cache info --json` lists them all)")
+    if r["ok"] < r["samples"]:  # said loudly: training would see only these
+        colour = "yellow" if r["complete"] and not r["retryable"] else "bold red"
+        out.print(f"[{colour}]only {r['ok']} of {r['samples']} samples ok ({r['ok'] / r['samples']:.1%}): "
+                  f"{len(bad)} unreadable, {r['samples'] - r['ok'] - len(bad)} not built[/]", highlight=False)
+    if r["retryable"]:
+        out.print(f"[bold red]{r['retryable']} unreadable samples may read on a rerun (missing file or I/O error): "
+                  "put the files back or give the dataset's current folder, then rerun the same command[/]",
+                  highlight=False)
+    by_cause = {}
+    for shard, cause in r["failed"].items():
+        by_cause.setdefault(cause, []).append(shard)
+    for cause, shards in by_cause.items():
+        out.print(f"[bold red]failed: shard {_few(shards)}: {escape(cause)}[/]", highlight=False)
 
 
 @cache_app.command()

@@ -4,11 +4,14 @@ The work unit is one shard of S samples. One `ShardWorker` actor per GPU (CPU ac
 none) loads all teachers once, decodes each image once for all of them, and writes its shard's
 bytes itself; only shard ids and small stats travel through Ray. A shard is marked done per
 teacher only after all its data is written, so rerunning the same command resumes, and a killed
-actor is restarted by Ray with its in-flight shards retried.
+actor is restarted by Ray with its in-flight shards retried. A shard that still fails is reported
+with its cause while the others go on. A rerun reads the images where it is told they are now, and
+also redoes the samples of done shards whose files were missing (`retryable`).
 
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
 
+import re
 import sys
 import threading
 import time
@@ -20,16 +23,21 @@ import numpy as np
 import torch
 
 from ..errors import RadioDistillError
+from ..progress import Progress
 from . import codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb, scan_dataset
 from .inspect import store_info
-from .store import check_settings, create_store, done_shards, finalize_norm, open_array, open_store
+from .lock import build_lock, check_token
+from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
+                    resume_store, teacher_names)
 from .teachers import TeacherSpec, build_teacher, check_spec, identity
 from .views import crop_resize, view_boxes
 
 
+START_TIMEOUT = 900  # seconds the first actor gets to be placed and load its teachers (big weights, slow disks)
 PLACE_TIMEOUT = 300  # seconds the other actors get to start once the first one is ready
+MOMENTS = ("count", "sum", "gram", "fidelity")  # per statistics shard (`layout.moment_array`)
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,12 @@ def _validate(cfg: CacheConfig) -> None:
                 raise RadioDistillError(f"teacher '{name}': unknown codec '{codec}'; choose from {', '.join(L.CODECS)}")
         if st.pool < 1:
             raise RadioDistillError(f"teacher '{name}': pool factor must be >= 1, got {st.pool}")
-    if cfg.views < 1 or cfg.shard_size < 1 or cfg.batch_size < 1 or (cfg.pixels is not None and cfg.pixels < 1):
-        raise RadioDistillError("--views, --shard-size, --batch-size and --pixels must be >= 1")
+    for option, value in (("--views", cfg.views), ("--shard-size", cfg.shard_size), ("--batch-size", cfg.batch_size),
+                          ("--pixels", cfg.pixels), ("--workers", cfg.workers), ("--max-shards", cfg.max_shards)):
+        if value is not None and value < 1:
+            raise RadioDistillError(f"{option} must be >= 1, got {value}")
+    if cfg.seed < 0:  # numpy's seed sequence takes no negative numbers
+        raise RadioDistillError(f"--seed must be >= 0, got {cfg.seed}")
     for spec in cfg.teachers:
         check_spec(spec)
 
@@ -89,86 +101,156 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
     out = Path(cfg.out).expanduser().resolve()
-    empty = not out.exists() or (out.is_dir() and not any(out.iterdir()))  # e.g. a new mkdir
-    if cfg.overwrite and not empty:
-        open_store(out)  # --overwrite only ever deletes a radio-distill store, never another folder
-    fresh = cfg.overwrite or empty
-    if not fresh:
-        check_settings(open_store(out), settings, out)
+    # one build per store; a folder that is not a store is refused (and never deleted by --overwrite)
+    with build_lock(out) as token:
+        fresh = cfg.overwrite or not (out / "zarr.json").exists()  # nothing, or a creation that was stopped
+        if not fresh:
+            check_settings(open_store(out), settings, out)
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
-    gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
-    n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
-    cpus = max(1, total_cpus // n_workers)
-    if gpus:  # the CPUs beside each GPU on the leanest GPU node, so every GPU's actor can be placed
-        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-        cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
-    # two shards per actor at once: one decodes or writes while the other computes
-    actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
-                                            max_restarts=3, max_task_retries=3)
-    workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
-    infos, workers = _start(workers)
-    root = create_store(out, manifest=manifest, settings=settings, infos=infos) if fresh else open_store(out)
+        if not ray.is_initialized():
+            ray.init(address=cfg.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+        n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
+        cpus = max(1, total_cpus // n_workers)
+        if gpus:  # the CPUs beside each GPU on the leanest GPU node, so every GPU's actor can be placed
+            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+            cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
+        # two shards per actor at once: one decodes or writes while the other computes
+        actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
+                                                max_restarts=3, max_task_retries=3)
+        workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
+        infos, workers = _start(workers)
+        root = create_store(out, manifest=manifest, settings=settings, infos=infos) if fresh else resume_store(out)
 
-    names = [t.name for t in cfg.teachers]
-    todo = [int(k) for k in np.flatnonzero(~done_shards(root, names))]
-    if cfg.max_shards is not None:
-        todo = todo[:cfg.max_shards]
-    started = time.perf_counter()
-    results = _run_shards(workers, todo, len(manifest), cfg.shard_size, progress=progress)
-    wall = time.perf_counter() - started
-    for w in workers:
-        ray.kill(w)
-    complete = bool(done_shards(root, names).all())
-    if complete:
-        finalize_norm(open_store(out, mode="r+"))
-    return _report(out, results, wall, complete)
+        if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
+            root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
+
+        names = [t.name for t in cfg.teachers]
+        todo = _todo(root, names, cfg.shard_size)
+        if cfg.max_shards is not None:
+            todo = todo[:cfg.max_shards]
+        started = time.perf_counter()
+        results, failed = _run_shards(workers, todo, len(manifest), cfg.shard_size, data_root=str(manifest.root),
+                                      token=token, progress=progress)
+        wall = time.perf_counter() - started
+        for w in workers:
+            ray.kill(w)
+        complete = bool(done_shards(root, names).all())
+        if complete:
+            root = open_store(out, mode="r+")
+            finalize_norm(root)
+            _finalize_fidelity(root)
+        return _report(out, results, failed, wall, complete)
+
+
+def retryable(reason: str) -> bool:
+    """Whether an unreadable sample may read on a rerun: its file was missing (not there yet, or looked
+    for at the dataset's old place), or the OS failed to read it (an `[Errno N]` I/O error, not the image)."""
+    return reason == "missing file" or "[Errno " in reason
+
+
+def _todo(root, names: list[str], size: int) -> list[int]:
+    """Shards to run: those not done, then done ones holding samples a rerun may now read."""
+    done = done_shards(root, names)
+    bad = np.flatnonzero(root[L.STATUS][:] == L.UNREADABLE)
+    reasons = root[L.ERRORS].get_coordinate_selection(bad) if bad.size else []
+    again = {int(k) // size for k, reason in zip(bad, reasons) if retryable(str(reason))}
+    return [int(k) for k in np.flatnonzero(~done)] + sorted(k for k in again if done[k])
 
 
 def _start(workers: list) -> tuple[dict, list]:
-    """Wait until the actors have loaded their teachers; go on without any the cluster cannot place
-    within PLACE_TIMEOUT of the first one being ready (they would otherwise hold shards forever)."""
+    """Wait until the actors have loaded their teachers; go on without those that fail to start or are
+    not up within PLACE_TIMEOUT of the first (they would otherwise hold shards forever).
+
+    Raises:
+        RadioDistillError: no actor is up within START_TIMEOUT (the cluster cannot place one, or loading
+            hangs), or every actor failed to start (its one-line cause).
+    """
     import ray
 
-    calls = {w.describe.remote(): w for w in workers}
-    [first], _ = ray.wait(list(calls), num_returns=1)
-    ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=PLACE_TIMEOUT)
-    for ref in late:
+    # no retries: an actor whose __init__ raised would have its traceback printed by Ray for each retry
+    calls = {w.describe.options(max_task_retries=0).remote(): w for w in workers}
+    pending, infos, errors = list(calls), {}, []
+
+    def collect(refs):
+        for ref in refs:
+            try:
+                infos[ref] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                errors.append(_cause(e))
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while pending and not infos and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        collect(ready)
+    if infos and pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=PLACE_TIMEOUT)
+        collect(ready)
+    for ref in calls.keys() - infos.keys():
         ray.kill(calls[ref])
-    if late:
-        print(f"warning: {len(late)} of {len(calls)} Ray workers could not start; building with {len(ready)}",
-              file=sys.stderr)
-    return ray.get(first), [calls[ref] for ref in ready]
+    if not infos:
+        if errors:
+            raise RadioDistillError(f"no Ray worker could start: {errors[0]}")
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        raise RadioDistillError(f"no Ray worker started within {START_TIMEOUT} s (free in the cluster now: {free}); "
+                                "the cluster cannot place one, or loading the teachers hangs")
+    if len(infos) < len(calls):
+        why = f": {errors[0]}" if errors else " in time"
+        print(f"warning: {len(calls) - len(infos)} of {len(calls)} Ray workers could not start{why}; "
+              f"building with {len(infos)}", file=sys.stderr)
+    return next(iter(infos.values())), [calls[ref] for ref in infos]
 
 
-def _run_shards(workers, shards: list[int], n: int, size: int, *, progress: bool) -> list[dict]:
-    """Feed shards to workers, two in flight each so decode never waits for dispatch."""
+def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str, token: str,
+                progress: bool) -> tuple[list[dict], dict[int, str]]:
+    """Feed shards to workers, two in flight each so decode never waits for dispatch.
+
+    A shard that fails (its exception, or its actor dying past Ray's restarts) is recorded with its
+    one-line cause and the others go on. Returns (results of the shards run, {shard: cause})."""
     import ray
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    queue, results, inflight = list(shards), [], {}
+    queue, results, failed, inflight = list(shards), [], {}, {}
     images = sum(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start for k in shards)
-    columns = (TextColumn("[bold]caching"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("build", total=images)
+
+    def submit(worker):
+        if queue:
+            k = queue.pop(0)
+            inflight[worker.run.remote(k, data_root, token)] = (worker, k)
+
+    with Progress("caching", total=images, unit="images", enabled=progress) as bar:
         for w in workers:
-            for _ in range(2):
-                if queue:
-                    inflight[w.run.remote(queue.pop(0))] = w
+            submit(w)
+            submit(w)
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
-            w = inflight.pop(ref)
-            result = ray.get(ref)
-            results.append(result)
-            bar.advance(task, result["images"])
-            if queue:
-                inflight[w.run.remote(queue.pop(0))] = w
-    return results
+            w, k = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                failed[k] = _cause(e)
+                if isinstance(e, ray.exceptions.RayActorError):  # gone for good: Ray's restarts are spent
+                    continue
+            else:
+                results.append(result)
+                bar.advance(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start)
+            submit(w)
+    failed.update({k: "not run: no Ray worker left" for k in queue})
+    return results, failed
 
 
-def _report(out: Path, results: list[dict], wall: float, complete: bool) -> dict:
+def _cause(e: Exception) -> str:
+    """One line saying why a Ray task or actor failed: the original exception, not Ray's traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        text = f"{type(cause).__name__}: {cause}"
+    else:  # e.g. an actor whose __init__ raised: only the traceback's text is left; its exception line
+        found = re.findall(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.*)$", str(e), re.M)
+        text = f"{found[-1][0]}: {found[-1][1]}" if found else str(e)
+    text = re.sub(r"\s*\[source locations=.*?\]", "", " ".join(text.split()))  # tensorstore's C++ file:line list
+    return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end
+
+
+def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float, complete: bool) -> dict:
     info = store_info(out)
     done_images = sum(r["images"] for r in results)
     teachers = {}
@@ -178,9 +260,10 @@ def _report(out: Path, results: list[dict], wall: float, complete: bool) -> dict
         teachers[name] = {"views_per_s": views_done / seconds if seconds else None,
                           "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"]}
     return {"store": str(out), "complete": complete, "samples": info["samples"], "views": info["views"],
-            "shards_run": len(results), "images_run": done_images, "seconds": wall,
-            "images_per_s": done_images / wall if wall else None, "teachers": teachers,
-            "unreadable": info["unreadable"]}
+            "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
+            "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],
+            "unreadable": info["unreadable"], "retryable": sum(map(retryable, info["unreadable"].values())),
+            "failed": dict(sorted(failed.items()))}
 
 
 class ShardWorker:
@@ -203,69 +286,91 @@ class ShardWorker:
             self._arrays[name] = open_array(self.store, name)
         return self._arrays[name]
 
-    def run(self, shard: int) -> dict:
+    def _base(self, path: str, rows: slice, retry: bool) -> np.ndarray:
+        """The values a shard's rows of an array start from: what is stored (a retry changes only
+        some samples, so the others keep their bytes), or zeros."""
+        arr = self._array(path)
+        if retry:
+            return arr[rows].read().result()
+        return np.zeros((rows.stop - rows.start, *arr.shape[1:]), arr.dtype.numpy_dtype)
+
+    def run(self, shard: int, data_root: str, token: str) -> dict:
+        """Compute and write one shard, reading images under `data_root`. A shard already done is a
+        retry: only its samples a rerun may now read (`retryable`) are redone, the others keep their
+        bytes. `token` is the build's lock token: a build that no longer holds the store writes nothing."""
+        check_token(self.store, token)
         root = open_store(self.store, mode="r+")
         n, views, seed, size = (root.attrs[k] for k in ("num_samples", "views", "seed", "shard_size"))
         rows = L.shard_rows(shard, size, n)
-        data_root = Path(root.attrs["dataset"]["root"])
-        min_side = max(t.resolution for t in self.teachers.values())
+        count = rows.stop - rows.start
         ids = [str(i) for i in root[L.IDS][rows]]
-        decoded = list(self.pool.map(lambda i: _decode(data_root / i, min_side), ids))
-
-        count = len(ids)
-        boxes = np.zeros((count, views, 4), np.float32)
-        status = np.full(count, L.OK, np.uint8)
-        errors = np.full(count, "", dtype=object)
-        for k, (sample_id, d) in enumerate(zip(ids, decoded)):
+        retry = bool(done_shards(root, list(self.teachers))[shard])
+        if retry:
+            boxes, status, errors = root[L.BOXES][rows], root[L.STATUS][rows], root[L.ERRORS][rows]
+            redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
+            for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
+                root[L.done_array(name)][shard] = 0
+        else:
+            boxes, errors = np.zeros((count, views, 4), np.float32), np.full(count, "", dtype=object)
+            status, redo = np.full(count, L.OK, np.uint8), list(range(count))
+        min_side = max(t.resolution for t in self.teachers.values())
+        decoded = dict(zip(redo, self.pool.map(lambda k: _decode(Path(data_root) / ids[k], min_side), redo)))
+        for k, d in decoded.items():
             if isinstance(d, str):
                 status[k], errors[k] = L.UNREADABLE, d
             else:
-                boxes[k] = view_boxes(d[2], d[3], views=views, seed=seed, sample_id=sample_id)
-        pairs = [(k, v) for k in np.flatnonzero(status == L.OK) for v in range(views)]
+                status[k], errors[k] = L.OK, ""
+                boxes[k] = view_boxes(d[2], d[3], views=views, seed=seed, sample_id=ids[k])
+        pairs = [(k, v) for k in decoded if status[k] == L.OK for v in range(views)]
 
-        seconds, writes = {}, []
+        seconds, arrays, moments = {}, {}, {}
         stat_shards = L.stat_shards(L.shard_count(n, size))
         stats = shard in stat_shards
         for name, teacher in self.teachers.items():
             storage = root.attrs["settings"]["storage"][name]
-            targets = self._run_teacher(teacher, decoded, boxes, pairs, count, views, storage, shard, stats)
-            seconds[name] = targets["seconds"]
-            writes.append((name, targets))
-
-        root[L.BOXES][rows] = boxes
-        root[L.STATUS][rows] = status
-        root[L.ERRORS][rows] = errors
+            out = {p: self._base(p, rows, retry) for t in L.TARGETS
+                   for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root}
+            seconds[name], found = self._run_teacher(teacher, decoded, boxes, pairs, out, storage, stats)
+            arrays.update(out)
+            moments.update(found)
         side = root.attrs["settings"]["pixels"]
         if side:  # the student's view pixels, resized once here instead of every epoch
-            pixels = np.zeros((count, views, side, side, 3), np.uint8)
+            arrays[L.PIXELS] = self._base(L.PIXELS, rows, retry)
             crops = self.pool.map(lambda p: crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], side,
                                                         span=decoded[p[0]][1]), pairs)
             for (k, v), crop in zip(pairs, crops):
-                pixels[k, v] = crop
-            self._array(L.PIXELS)[rows].write(pixels).result()
-        for name, targets in writes:
-            futures = [self._array(path)[rows].write(value) for path, value in targets["arrays"].items()]
-            for f in futures:
-                f.result()
-            if stats:
-                for path, value in targets["moments"].items():
-                    root[path][stat_shards.index(shard)] = value
-            if shard == 0:
-                root[L.teacher_group(name)].attrs["fidelity"] = targets["fidelity"]
+                arrays[L.PIXELS][k, v] = crop
+
+        check_token(self.store, token)
+        futures = [self._array(path)[rows].write(value) for path, value in arrays.items()]
+        for f in futures:
+            f.result()
+        root[L.BOXES][rows] = boxes
+        root[L.STATUS][rows] = status
+        root[L.ERRORS][rows] = errors
+        if stats:  # every row is written, zeros included: a rerun of the shard replaces what a killed one left
+            row = stat_shards.index(shard)
+            for name in self.teachers:
+                for path, moment in ((L.moment_array(name, t, m), m) for t in L.TARGETS for m in MOMENTS):
+                    if path in root:
+                        new = moments.get(path, np.zeros(root[path].shape[1:]))
+                        root[path][row] = _merge(moment, root[path][row], new) if retry else new
+        check_token(self.store, token)
         for name in self.teachers:  # only now is the shard done, teacher by teacher
             root[L.done_array(name)][shard] = 1
-        return {"shard": shard, "images": count, "views": len(pairs), "seconds": seconds,
-                "unreadable": int((status == L.UNREADABLE).sum())}
+        return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
+                "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo))}
 
-    def _run_teacher(self, teacher, decoded, boxes, pairs, count, views, storage, shard, stats) -> dict:
-        """Forward every (sample, view) of a shard through one teacher; encode into shard arrays.
+    def _run_teacher(self, teacher, decoded, boxes, pairs, out, storage, stats) -> tuple[float, dict]:
+        """Forward (sample, view) `pairs` through one teacher; encode them into the shard's arrays `out`
+        ({path: (S, V, ...)}, filled in place).
 
-        `stats`: accumulate the normalisation moments (statistics shards only). The returned
-        `seconds` time the forward + encode, not the CPU resizing that overlaps it."""
+        `stats`: accumulate the normalisation moments and the codec's fidelity (statistics shards only).
+        Returns (seconds of forward + encode, not the CPU resizing that overlaps it; {moment array: row})."""
         name, res = teacher.spec.name, teacher.resolution
         mean = torch.tensor(teacher.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(teacher.std, device=self.device).view(1, 3, 1, 1)
-        out, moments, fid = {}, {}, {}
+        moments = {}
         def crop(p):
             return crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], res, span=decoded[p[0]][1])
 
@@ -289,23 +394,15 @@ class ShardWorker:
                     stored = codecs.pool(value, storage["pool"]) if target == "spatial" else value
                     values, scale = codecs.encode(stored, storage[target])
                     decoded_value = codecs.decode(values, scale)
-                    if stats:
-                        _accumulate(moments, target, decoded_value)
-                    if shard == 0:  # fidelity: what is stored, back at the teacher's grid, vs the raw output
+                    if stats:  # fidelity: what is stored, back at the teacher's grid, vs the raw output
                         back = codecs.unpool(decoded_value, value.shape[1:3]) if target == "spatial" else decoded_value
-                        _accumulate_fidelity(fid, target, codecs.token_cosine(value, back))
+                        _accumulate(moments, target, decoded_value, codecs.token_cosine(value, back))
                     ks, vs = (list(c) for c in zip(*batch))
                     for path, arr in ((L.target_array(name, target), values), (L.scale_array(name, target), scale)):
-                        if arr is None:
-                            continue
-                        host = arr.cpu().numpy()
-                        if path not in out:
-                            out[path] = np.zeros((count, views, *host.shape[1:]), dtype=host.dtype)
-                        out[path][ks, vs] = host
+                        if arr is not None:
+                            out[path][ks, vs] = arr.cpu().numpy()
                 seconds += time.perf_counter() - started
-        moment_arrays = {L.moment_array(name, t, m): v for t, ms in moments.items() for m, v in ms.items()}
-        fidelity = {t: {"mean_cos": f["sum"] / f["n"], "min_cos": f["min"]} for t, f in fid.items()}
-        return {"arrays": out, "moments": moment_arrays, "fidelity": fidelity, "seconds": seconds}
+        return seconds, {L.moment_array(name, t, m): v for t, ms in moments.items() for m, v in ms.items()}
 
 
 def _decode(path: Path, min_side: int):
@@ -317,17 +414,34 @@ def _decode(path: Path, min_side: int):
     return image, span, width, height
 
 
-def _accumulate(moments: dict, target: str, x: torch.Tensor) -> None:
-    """Add count, sum and gram of the tokens of (..., C) `x` in float64."""
+def _accumulate(moments: dict, target: str, x: torch.Tensor, cos: torch.Tensor) -> None:
+    """Add count, sum and gram of the tokens of (..., C) `x` in float64, and [sum, count, min] of
+    their (T,) cosines `cos` to the unencoded output."""
     tokens = x.reshape(-1, x.shape[-1]).double()
-    m = moments.setdefault(target, {"count": 0, "sum": 0.0, "gram": 0.0})
+    m = moments.setdefault(target, {"count": 0, "sum": 0.0, "gram": 0.0, "fidelity": np.zeros(3)})
     m["count"] += tokens.shape[0]
     m["sum"] = m["sum"] + tokens.sum(0).cpu().numpy()
     m["gram"] = m["gram"] + (tokens.T @ tokens).cpu().numpy()
+    m["fidelity"] = _merge("fidelity", m["fidelity"], np.array([float(cos.sum()), cos.numel(), float(cos.min())]))
 
 
-def _accumulate_fidelity(fid: dict, target: str, cos: torch.Tensor) -> None:
-    f = fid.setdefault(target, {"sum": 0.0, "n": 0, "min": 1.0})
-    f["sum"] += float(cos.sum())
-    f["n"] += cos.numel()
-    f["min"] = min(f["min"], float(cos.min()))
+def _merge(moment: str, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Two statistics rows of one shard added up; a fidelity row is [sum, count, min] of cosines."""
+    if moment != "fidelity" or old[1] == 0 or new[1] == 0:  # an empty fidelity row is zeros: the sum is the other
+        return old + new
+    return np.array([old[0] + new[0], old[1] + new[1], min(old[2], new[2])])
+
+
+def _finalize_fidelity(root) -> None:
+    """Record each teacher's fidelity from the statistics shards (spread over the dataset): the mean
+    cosine over all their tokens and the worst token, per target."""
+    for name in teacher_names(root):
+        fidelity = {}
+        for target in L.TARGETS:
+            path = L.moment_array(name, target, "fidelity")
+            rows = root[path][:] if path in root else np.zeros((0, 3))
+            rows = rows[rows[:, 1] > 0]
+            if len(rows):
+                fidelity[target] = {"mean_cos": float(rows[:, 0].sum() / rows[:, 1].sum()),
+                                    "min_cos": float(rows[:, 2].min()), "shards": len(rows)}
+        root[L.teacher_group(name)].attrs["fidelity"] = fidelity

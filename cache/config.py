@@ -21,9 +21,10 @@ from pathlib import Path
 from .._toml import read_toml
 from ..errors import RadioDistillError
 from .build import CacheConfig, Storage
-from .teachers import parse_teacher, tiny_teachers
+from .teachers import PRESETS, parse_teacher
 
 _TEACHER_KEYS = {"spec", "spatial", "summary", "pool", "sam_spatial"}
+_INTS = ("views", "seed", "shard_size", "batch_size", "workers", "max_shards", "pixels")
 
 
 def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | str | None = None,
@@ -33,7 +34,7 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
     """Merge a TOML file (optional) with command-line values; command-line values win.
 
     Args:
-        teachers: "tiny", or teacher specs like "clip:ViT-L-14:openai@224".
+        teachers: a preset name ("tiny"), or a list of teacher specs like "clip:ViT-L-14:openai@224".
         spatial_codec, summary_codec: codec for every teacher without its own in the file.
         pools: spatial pooling factor by teacher name.
         overrides: CacheConfig fields (data, out, views, ...); None means "not given".
@@ -45,6 +46,9 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
         raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; known: {sorted(known | {'teachers'})}")
     values = {k: v for k, v in raw.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in _INTS:
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+            raise RadioDistillError(f"'{key}' must be an integer, got {values[key]!r}")
     for key in ("data", "out"):
         if values.get(key) is None:
             raise RadioDistillError(f"missing '{key}': give it on the command line or in the config file")
@@ -52,14 +56,17 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
 
     entries = teachers if teachers else raw.get("teachers", [])
     specs, storage = [], {}
-    if entries == "tiny" or entries == ["tiny"]:
-        specs = tiny_teachers()
+    if isinstance(entries, str):  # a preset; a single spec comes as a one-element list
+        if entries not in PRESETS:
+            raise RadioDistillError(f"unknown preset '{entries}'; choose from: {', '.join(PRESETS)} "
+                                    "(single teachers go in --teacher SPEC)")
+        specs = PRESETS[entries]()
         entries = [{} for _ in specs]
     else:
         entries = [{"spec": e} if isinstance(e, str) else e for e in entries]
         for e in entries:
-            extra = set(e) - _TEACHER_KEYS
-            if "spec" not in e or extra:
+            extra = set(e) - _TEACHER_KEYS if isinstance(e, dict) else None
+            if extra is None or "spec" not in e or extra:
                 raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have {sorted(_TEACHER_KEYS - {'spec'})}")
             specs.append(parse_teacher(e["spec"]))
     for i, (spec, e) in enumerate(zip(specs, entries)):

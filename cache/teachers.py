@@ -74,6 +74,8 @@ def parse_teacher(text: str) -> TeacherSpec:
     if family not in FAMILIES:
         raise TeacherSpecError(f"unknown teacher family '{family}' in '{text}'; available: {', '.join(FAMILIES)}")
     res = int(m["res"]) if m["res"] else None
+    if res == 0:
+        raise TeacherSpecError(f"teacher spec '{text}': resolution must be >= 1, got @0")
     return TeacherSpec(name=m["name"] or family, family=family, model=m["model"], weights=m["weights"], resolution=res)
 
 
@@ -85,6 +87,9 @@ def tiny_teachers() -> list[TeacherSpec]:
                     preset="tiny", model_kwargs=(("depth", 2), ("embed_dim", 48), ("num_heads", 2))),
         TeacherSpec("sam", "sam", "tiny", resolution=64, random_init=True, preset="tiny"),
     ]
+
+
+PRESETS = {"tiny": tiny_teachers}  # `--teachers NAME`: whole teacher sets by name
 
 
 def _is_file(weights: str | None) -> bool:

@@ -11,8 +11,13 @@ import zarr
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import load_cache_config
+from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import build_teacher, tiny_teachers
 from radio_distill.cli import cache_app
+
+SMALL_STORE = dict(teachers="tiny", views=2, shard_size=2, workers=2)  # 8 images -> 4 shards
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +67,31 @@ def cli_store(ray_session, sample_dataset, tmp_path_factory):
     result = CliRunner().invoke(cache_app, ["build", str(sample_dataset), "--out", str(out), "--teachers", "tiny",
                                             "--views", "2", "--shard-size", "4", "--workers", "2"])
     return out, result
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """8 labelled 64 px JPEGs in 4 class subfolders, no bad files: for tests that build several times."""
+    return make_sample_dataset(tmp_path_factory.mktemp("small"), images=8, size=64)
+
+
+@pytest.fixture(scope="session")
+def small_config(small_dataset):
+    """`small_config(out, **overrides)`: the CacheConfig of `small_store` (tiny teachers, 2 views, 4 shards of 2)."""
+
+    def make(out: Path, **overrides):
+        return load_cache_config(data=small_dataset, out=out, **{**SMALL_STORE, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_store(ray_session, small_config, tmp_path_factory) -> Path:
+    """A complete store of `small_dataset`, built in one go. Read-only: copy it to change it."""
+    out = tmp_path_factory.mktemp("small_store") / "cache.zarr"
+    report = build_cache(small_config(out), progress=False)
+    assert report["complete"] and report["ok"] == 8, report
+    return out
 
 
 @pytest.fixture(scope="session")

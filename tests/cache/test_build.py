@@ -65,7 +65,7 @@ def test_out_that_is_not_a_store_is_refused(tiny_config, tmp_path):
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path / "x.zarr", views=0)
-    with pytest.raises(RadioDistillError, match="--views, --shard-size, --batch-size and --pixels must be >= 1"):
+    with pytest.raises(RadioDistillError, match="--views must be >= 1, got 0"):
         build_cache(cfg, progress=False)
     cfg = replace(tiny_config(tmp_path / "x.zarr"), storage={"clip": Storage(spatial="bf16")})
     with pytest.raises(RadioDistillError, match="teacher 'clip': unknown codec 'bf16'; choose from fp16, int8"):
@@ -73,6 +73,23 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_config):
     with pytest.raises(RadioDistillError, match="teacher names must be unique"):
         build_cache(replace(cfg, teachers=cfg.teachers[:1] * 2, storage={}), progress=False)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_fidelity_is_measured_on_every_statistics_shard(tiny_store):
+    root = zarr.open_group(tiny_store, mode="r")
+    n, size = root.attrs["num_samples"], root.attrs["shard_size"]
+    status = root[L.STATUS][:]
+    ok = [int((status[L.shard_rows(k, size, n)] == L.OK).sum()) for k in L.stat_shards(SHARDS)]
+    assert len(ok) == SHARDS and min(ok) > 0  # every shard feeds the statistics, and each holds images
+    targets = [(name, target) for name in ("clip", "dinov2", "sam") for target in L.TARGETS
+               if (name, target) != ("sam", "summary")]
+    for name, target in targets:
+        rows = root[L.moment_array(name, target, "fidelity")][:]
+        tokens = 8 * 8 if target == "spatial" else 1  # every tiny teacher's grid is 8x8
+        assert rows[:, 1].tolist() == [k * 2 * tokens for k in ok], (name, target)  # 2 views
+        fidelity = root[L.teacher_group(name)].attrs["fidelity"][target]
+        assert fidelity["mean_cos"] == pytest.approx(rows[:, 0].sum() / rows[:, 1].sum(), rel=1e-12)
+        assert fidelity["min_cos"] == rows[:, 2].min() and fidelity["shards"] == SHARDS
 
 
 def test_killed_worker_still_yields_a_complete_identical_store(ray_session, tiny_config, tiny_store, tmp_path,

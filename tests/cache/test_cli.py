@@ -15,7 +15,7 @@ from radio_distill.cache import codecs
 from radio_distill.cache import layout as L
 from radio_distill.cache.dataset import load_rgb
 from radio_distill.cache.inspect import store_info
-from radio_distill.cache.sample_data import BAD_FILES, CLASSES
+from radio_distill.cache.sample_data import BAD_FILES, CLASSES, make_sample_dataset
 from radio_distill.cache.teachers import check_spec, parse_teacher
 from radio_distill.cache.views import crop_resize
 from radio_distill.cli import cache_app
@@ -96,6 +96,39 @@ def test_bad_build_options_are_one_line(tmp_path, args, culprit):
     assert culprit in _one_error_line(result)
 
 
+@pytest.mark.parametrize("args, culprit", [
+    (["--teachers", "small"], "unknown preset 'small'; choose from: tiny"),
+    (["--teachers", "tiny", "--teacher", "clip:ViT-B-16:openai"], "give --teachers tiny (a preset) or --teacher SPEC"),
+    (["--teacher", "clip:radio-tiny-clip@0"], "resolution must be >= 1, got @0"),
+    (["--teachers", "tiny", "--views", "0"], "--views must be >= 1, got 0"),
+    (["--teachers", "tiny", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    (["--teachers", "tiny", "--shard-size", "-1"], "--shard-size must be >= 1, got -1"),
+    (["--teachers", "tiny", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--teachers", "tiny", "--pixels", "0"], "--pixels must be >= 1, got 0"),
+    (["--teachers", "tiny", "--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--teachers", "tiny", "--max-shards", "-1"], "--max-shards must be >= 1, got -1"),
+    (["--teachers", "tiny", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--teachers", "tiny", "--pool", "sam=0"], "teacher 'sam': pool factor must be >= 1, got 0"),
+    (["--teachers", "tiny", "--pool", "dino=2"], "--pool names unknown teacher(s) ['dino']"),
+])
+def test_silly_build_values_are_one_line_and_create_nothing(tmp_path, args, culprit):
+    data = make_sample_dataset(tmp_path / "d", images=1, size=32)  # real images: only the option is wrong
+    out = tmp_path / "x.zarr"
+    assert culprit in _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(out), *args]))
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_and_missing_data_are_one_line(tmp_path):
+    data = make_sample_dataset(tmp_path / "d", images=1, size=32)
+    out = tmp_path / "x.zarr"
+    out.write_text("keep me")
+    message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(out), "--teachers", "tiny"]))
+    assert f"'{out}' is a file" in message and out.read_text() == "keep me"
+    message = _one_error_line(runner.invoke(cache_app, ["build", str(tmp_path / "nope"), "--out",
+                                                        str(tmp_path / "y.zarr"), "--teachers", "tiny"]))
+    assert "does not exist" in message and not (tmp_path / "y.zarr").exists()
+
+
 def test_missing_out_and_empty_data_are_one_line(tmp_path):
     assert "missing 'out'" in _one_error_line(runner.invoke(cache_app, ["build", str(tmp_path), "--teachers", "tiny"]))
     result = runner.invoke(cache_app, ["build", str(tmp_path), "--out", str(tmp_path / "x.zarr"), "--teachers", "tiny"])
@@ -107,9 +140,10 @@ def test_build_reports_the_store(cli_store):
     assert result.exit_code == 0, result.output
     out = _text(result)
     assert f"store {path}: 58 samples x 2 views, complete" in out and "ran 15 shards, 58 images" in out
-    assert "3 unreadable images skipped" in out
+    assert "only 55 of 58 samples ok (94.8%): 3 unreadable, 0 not built" in out  # in yellow: none retryable
+    assert "may read on a rerun" not in out
     for name, reason in BAD_FILES.items():
-        assert f"{name}: {reason}" in out
+        assert f"unreadable: {name}: {reason}" in out
 
 
 def test_info_prints_teachers_and_unreadable_files(cli_store):
@@ -264,3 +298,10 @@ def test_config_list_file_labels_and_missing_file(toml_build):
     assert root[L.STATUS][6] == L.UNREADABLE and root[L.ERRORS][6] == "missing file"
     assert store_info(out)["unreadable"] == {"gone.jpg": "missing file"}
     assert (root[L.STATUS][:6] == L.OK).all()
+
+
+def test_config_build_says_loudly_what_a_rerun_may_retry(toml_build):
+    _, _, built = toml_build
+    out = " ".join(built.stdout.split())
+    assert "only 6 of 7 samples ok (85.7%): 1 unreadable, 0 not built" in out and "unreadable: gone.jpg: missing file" in out
+    assert "1 unreadable samples may read on a rerun (missing file or I/O error)" in out

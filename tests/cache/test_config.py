@@ -69,6 +69,9 @@ def _preneck(spec):
     ('data = "d"\n', "missing 'out'"),
     ('data = "d\n', "config '.*cache.toml'"),
     ('data = "d"\nout = "o"\n[[teachers]]\nspec = "clip"\n', "bad teacher spec 'clip'"),
+    ('data = "d"\nout = "o"\nteachers = "small"\n', "unknown preset 'small'; choose from: tiny"),
+    ('data = "d"\nout = "o"\nviews = "2"\n', "'views' must be an integer, got '2'"),
+    ('data = "d"\nout = "o"\nshard_size = 1.5\n', "'shard_size' must be an integer, got 1.5"),
 ])
 def test_config_mistakes_name_the_key(tmp_path, text, culprit):
     (tmp_path / "cache.toml").write_text(text)
