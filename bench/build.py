@@ -28,6 +28,7 @@ import torch
 import common
 from radio_distill.cache.build import CacheConfig, build_cache
 from radio_distill.cache.teachers import build_teacher
+from radio_distill.ops import autocast, normalise
 
 FULL = dict(runs=["dinov2:1000,4000,16000", "three:1000"], batch_size=64, shard_size=256, raw_steps=10)
 QUICK = dict(runs=["tiny-dinov2:32,64,128", "tiny:32"], batch_size=16, shard_size=16, raw_steps=3)
@@ -37,10 +38,10 @@ def raw_forward(spec, *, listing, batch: int, steps: int, device: torch.device) 
     """img/s of one teacher's forward alone at `batch`, in this process."""
     teacher = build_teacher(spec, device=device)
     pixels = common.load_views(listing, min(batch, 16), teacher.resolution).to(device)
-    x = common.normalise(pixels[torch.arange(batch) % len(pixels)], teacher.mean, teacher.std)
+    x = normalise(pixels[torch.arange(batch) % len(pixels)], teacher.mean, teacher.std)
 
     def forward():
-        with torch.inference_mode(), common.autocast(device):
+        with torch.inference_mode(), autocast(device):
             teacher(x)
 
     return batch * steps / common.timed(forward, steps=steps, device=device)

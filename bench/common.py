@@ -135,11 +135,6 @@ def precision(device: torch.device) -> str:
     return "bf16 autocast" if device.type == "cuda" else "fp32"
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (as the build and the trainer run), nothing (fp32) on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -276,13 +271,6 @@ def load_views(listing: Path, count: int, resolution: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, 3, R, R) uint8 -> float normalised by `mean`, `std` (as the build and the trainer do)."""
-    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255 - m) / s
-
-
 # --- stores ------------------------------------------------------------------------------------
 
 def store_path(work: Path, preset: str, n: int) -> Path:
@@ -325,79 +313,38 @@ def ensure_store(preset: str, n: int, *, work: Path = WORK, shard_size: int = 25
     return path
 
 
-# --- the student step of train/loop.py -------------------------------------------------------------
+# --- the student step of radio-train --------------------------------------------------------------
 
-class DistillStep:
-    """One step of train/loop.py's loop (section 7) for a student: normalise pixels, bf16 forward,
-    AM-RADIO losses at each teacher's grid, backward, grad clip, AdamW, and the per-step loss sync
-    (`.tolist()`) and finiteness check the loop does. The lr schedule is left out (no cost).
+def student_step(student: str, teachers, device: torch.device, *, lr: float = 1e-3, seed: int = 0):
+    """radio-train's own step (`train.step.DistillStep`, default losses, AdamW, grad clip 1) for a fresh
+    `student`; call it on a loader batch, or `.update(pixels, targets)` on live targets.
 
     Args:
-        student: a `create_student` name.
         teachers: `TeacherMeta`s (from `CacheReader.teachers`, or made for live teachers).
     """
+    from radio_distill.student import TeacherDims, create_student
+    from radio_distill.train.losses import LossConfig
+    from radio_distill.train.step import DistillStep, make_optimizer
 
-    def __init__(self, student: str, teachers, device: torch.device, *, lr: float = 1e-3,
-                 weight_decay: float = 0.05, grad_clip: float = 1.0, seed: int = 0):
-        from radio_distill.student import TeacherDims, create_student
-
-        torch.manual_seed(seed)
-        self.teachers, self.device, self.grad_clip = list(teachers), device, grad_clip
-        dims = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in self.teachers}
-        self.model = create_student(student, teachers=dims).to(device).train()
-        named = list(self.model.named_parameters())
-        decay = [p for n, p in named if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
-        other = [p for n, p in named if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                            {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
-        self.mean = torch.tensor(self.model.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.model.std, device=device).view(1, 3, 1, 1)
-
-    def __call__(self, pixels: torch.Tensor, targets: dict) -> dict:
-        """pixels (B, 3, R, R) in 0..255 on the device; targets as `decode_targets` returns them."""
-        import math
-
-        from radio_distill.train.loop import _to_grid
-        from radio_distill.train.losses import amradio_spatial_loss, summary_loss
-
-        pixels = pixels.float().div_(255).sub_(self.mean).div_(self.std)
-        with autocast(self.device):
-            output = self.model(pixels)
-        losses, total = {}, 0.0
-        for t in self.teachers:
-            pred, target = output.teachers[t.name], targets[t.name]
-            if target["summary"] is not None:
-                losses[f"{t.name}/summary"] = summary_loss(pred.summary, target["summary"])
-                total = total + losses[f"{t.name}/summary"]
-            spatial = _to_grid(pred.spatial, t.grid)  # (B, T, C) at the teacher's grid
-            losses[f"{t.name}/spatial"] = amradio_spatial_loss(spatial, target["spatial"].flatten(1, 2))
-            total = total + losses[f"{t.name}/spatial"]
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.float()]).tolist()
-        assert all(math.isfinite(v) for v in values), values
-        return dict(zip(losses, values[:-1]))
+    torch.manual_seed(seed)
+    dims = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in teachers}
+    model = create_student(student, teachers=dims).to(device).train()
+    return DistillStep(model, make_optimizer(model, lr=lr, weight_decay=0.05), teachers, loss=LossConfig(),
+                       grad_clip=1.0, device=device)
 
 
-def to_device(batch: dict, teachers, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """What the loop does with a loader batch before the step: pixels to the device, targets decoded there."""
-    from radio_distill.train.reader import decode_targets
-
-    return batch["pixels"].to(device, non_blocking=True), decode_targets(batch, teachers, device)
-
-
-def loader_steps(reader, indices, step: DistillStep | None, *, resolution: int, batch_size: int, warmup: int,
+def loader_steps(reader, indices, step, *, resolution: int, batch_size: int, warmup: int,
                  steps: int, workers: int, device: torch.device, seed: int = 0) -> dict:
     """Run `warmup` + `steps` batches of `CacheReader.loader` (spawned workers, pinned memory on CUDA)
-    through `step` (None: only move and decode the batch, i.e. the data path alone).
+    through `step` (a `student_step`; None: only move and decode the batch, i.e. the data path alone).
 
     Returns:
         measured over the `steps` batches: images_per_s, wait_s (blocked on the loader), compute_s
         (device copy, target decode and the step, synchronised), wait_fraction, and p50/max wait per step.
     """
     import gc
+
+    from radio_distill.train.reader import decode_targets
 
     loader = reader.loader(indices, resolution=resolution, batch_size=batch_size, seed=seed, start_step=0,
                            steps=warmup + steps, workers=workers, pin_memory=device.type == "cuda")
@@ -407,9 +354,11 @@ def loader_steps(reader, indices, step: DistillStep | None, *, resolution: int, 
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        pixels, targets = to_device(batch, reader.teachers, device)
-        if step is not None:
-            step(pixels, targets)
+        if step is None:
+            batch["pixels"].to(device, non_blocking=True)
+            decode_targets(batch, reader.teachers, device)
+        else:
+            step(batch)
         sync(device)
         t2 = time.perf_counter()
         if i >= warmup:

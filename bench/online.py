@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import common
 from radio_distill.cache.teachers import build_teacher
+from radio_distill.ops import autocast, normalise
 from radio_distill.train.reader import CacheReader, TeacherMeta
 
 FULL = dict(teachers="three", images=1000, student="vit_base_patch16_224", resolution=224, batch_size=32, steps=10,
@@ -48,7 +49,7 @@ def online(args, device: torch.device) -> dict:
     for name, t in teachers.items():
         info = t.info()
         metas.append(TeacherMeta(name, info.summary_dim, info.spatial_dim, info.grid, (), {}))
-    step = common.DistillStep(args.student, metas, device)
+    step = common.student_step(args.student, metas, device)
     side = max([t.resolution for t in teachers.values()] + [args.resolution])
     listing = common.make_jpegs(args.images, work=args.work)
     pixels = common.load_views(listing, args.batch_size, side).to(device)  # (B, 3, R, R) uint8, on the device
@@ -58,13 +59,12 @@ def online(args, device: torch.device) -> dict:
         with watch("teachers"):
             targets = {}
             for name, t in teachers.items():
-                x = (resized(pixels, t.resolution) / 255 - torch.tensor(t.mean, device=device).view(1, 3, 1, 1)) \
-                    / torch.tensor(t.std, device=device).view(1, 3, 1, 1)
-                with torch.no_grad(), common.autocast(device):
+                x = normalise(resized(pixels, t.resolution), t.mean, t.std)
+                with torch.no_grad(), autocast(device):
                     summary, spatial = t(x)
                 targets[name] = {"summary": summary, "spatial": spatial}
         with watch("student"):
-            step(resized(pixels, args.resolution), targets)
+            step.update(resized(pixels, args.resolution), targets)
 
     seconds = common.timed(one_step, steps=args.steps, device=device, warmup=args.warmup)
     split = {k: v / (args.warmup + args.steps) for k, v in watch.seconds.items()}  # per step, warm-up included
@@ -76,7 +76,7 @@ def cached(args, device: torch.device) -> dict:
     store = args.store or common.ensure_store(args.teachers, args.images, work=args.work, shard_size=args.shard_size)
     reader = CacheReader(store)
     indices = reader.indices(holdout=0.0)
-    step = common.DistillStep(args.student, reader.teachers, device)
+    step = common.student_step(args.student, reader.teachers, device)
     warmup = args.cache_warmup if args.cache_warmup is not None else max(10, 2 * args.workers)
     run = common.loader_steps(reader, indices, step, resolution=args.resolution, batch_size=args.batch_size,
                               warmup=warmup, steps=args.cache_steps, workers=args.workers, device=device)

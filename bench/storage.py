@@ -36,6 +36,7 @@ import common
 from radio_distill.cache import codecs
 from radio_distill.cache.store import _compressors  # the store's own zstd-1 + crc32c chain
 from radio_distill.cache.teachers import build_teacher
+from radio_distill.ops import autocast, normalise
 
 FULL = dict(teachers="three", images=64, batch_size=16, pca=[0.5, 0.25, 0.125])
 QUICK = dict(teachers="tiny", images=8, batch_size=8, pca=[0.5, 0.25, 0.125])
@@ -48,8 +49,8 @@ def teacher_outputs(spec, args, device) -> tuple[torch.Tensor | None, torch.Tens
     pixels = common.load_views(common.make_jpegs(args.images, work=args.work), args.images, teacher.resolution)
     summaries, spatials = [], []
     for b in range(0, len(pixels), args.batch_size):
-        x = common.normalise(pixels[b:b + args.batch_size].to(device), teacher.mean, teacher.std)
-        with torch.inference_mode(), common.autocast(device):
+        x = normalise(pixels[b:b + args.batch_size].to(device), teacher.mean, teacher.std)
+        with torch.inference_mode(), autocast(device):
             summary, spatial = teacher(x)
         summaries.append(None if summary is None else summary.float().cpu())
         spatials.append(spatial.float().cpu())

@@ -16,6 +16,7 @@ import copy
 import torch
 
 import common
+from radio_distill.ops import autocast
 from radio_distill.student import TeacherDims, create_student
 
 MODELS = ["eradio_small", "eradio_base", "eradio_large", "vit_small_patch16_224",
@@ -39,7 +40,7 @@ def bench(name: str, res: int, *, device: torch.device, batch: int, steps: int, 
     s = model.input_stride
     side = max(s, round(res / s) * s)
     x = torch.randn(batch, 3, side, side, device=device)
-    amp = common.autocast(device)
+    amp = autocast(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():

@@ -27,6 +27,7 @@ import torch
 import common
 from radio_distill.cache import codecs
 from radio_distill.cache.teachers import build_teacher
+from radio_distill.ops import autocast, normalise
 
 FULL = dict(teachers="three", batch_size=None, sam_batch_size=16, steps=10, repeats=3, images=16, check_images=2)
 QUICK = dict(teachers="tiny", batch_size=8, sam_batch_size=8, steps=3, repeats=2, images=8, check_images=2)
@@ -78,9 +79,9 @@ def bench_teacher(spec, args, device: torch.device) -> dict:
     batch = args.sam_batch_size if spec.family == "sam" else (args.batch_size or BATCH)
     listing = common.make_jpegs(args.images, work=args.work)
     pixels = common.load_views(listing, args.images, teacher.resolution).to(device)
-    x = common.normalise(pixels, teacher.mean, teacher.std)
+    x = normalise(pixels, teacher.mean, teacher.std)
     x = x[torch.arange(batch) % len(x)].contiguous()  # (B, 3, R, R)
-    amp = common.autocast(device)
+    amp = autocast(device)
 
     def run(fn, inputs):
         with torch.inference_mode(), amp:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..errors import EvaluationError
-from ..train.loop import _to_grid
+from ..ops import autocast, normalise
 from ..train.reader import CacheReader, decode_targets
+from ..train.step import to_grid
 
 VIEW = 0
 
@@ -98,8 +99,6 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
     batches = [[(int(i), VIEW) for i in indices[s:s + batch_size]] for s in range(0, len(indices), batch_size)]
     loader = DataLoader(reader.dataset(resolution=resolution), batch_sampler=batches, num_workers=workers,
                         multiprocessing_context="spawn" if workers else None)
-    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
     names = [t.name for t in reader.teachers]
     acc = {"backbone_summary": [], "backbone_spatial": [], "summary": {n: [] for n in names},
            "target_summary": {n: [] for n in names}, "fid_summary": {n: [] for n in names},
@@ -113,9 +112,9 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
             kept = np.array([r in keep_set for r in rows])
             shown = np.array([r in show_set for r in rows])
             position += B
-            pixels = batch["pixels"].to(device).float().div_(255).sub_(mean).div_(std)
+            pixels = normalise(batch["pixels"].to(device), model.mean, model.std)
             targets = decode_targets(batch, reader.teachers, device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 out = model(pixels)
             acc["backbone_summary"].append(out.backbone.summary.float().cpu().numpy())
             if kept.any():
@@ -127,7 +126,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
                     acc["target_summary"][t.name].append(target["summary"].cpu().numpy())
                     acc["fid_summary"][t.name].append(F.cosine_similarity(pred.summary.float(), target["summary"], dim=-1)
                                                       .cpu().numpy())
-                grid = _to_grid(pred.spatial.float(), t.grid)  # (B, ht * wt, Ct), resized as in training
+                grid = to_grid(pred.spatial.float(), t.grid)  # (B, ht * wt, Ct), resized as in training
                 goal = target["spatial"].flatten(1, 2)  # (B, ht * wt, Ct)
                 acc["fid_spatial"][t.name].append(F.cosine_similarity(grid, goal, dim=-1).mean(1).cpu().numpy())
                 if kept.any():

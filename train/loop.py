@@ -1,32 +1,35 @@
 """`radio-train`: distil a student from a store's cached targets, never loading a teacher.
 
 One function, read top to bottom: processes, store, run folder, student, losses, data, loop, export.
-Letters: B batch, R student side, h, w a grid, T = h * w tokens, C channels, D summary dims.
+The device is waited on only every --log-every steps (and at checkpoints), where the metrics since
+the last wait are checked to be finite: a checkpoint never holds a non-finite step.
+Letters: B batch, R student side, K metrics per step, n steps since the last check.
 """
 
+import contextlib
 import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import TrainingError
+from ..errors import RadioDistillError, TrainingError
 from ..student import TeacherDims, create_student, save_student
 from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import setup, teardown
-from .losses import amradio_spatial_loss, phis_scale, phis_spatial_loss, summary_loss
-from .reader import CacheReader, decode_targets
+from .reader import CacheReader, worker_error
+from .step import DistillStep, make_optimizer
 
 
-RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store")
+RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images")
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
@@ -36,16 +39,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     device = procs.device
 
     # 2. the store: what each teacher produced, and the samples to train on
-    reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial)
+    reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images)
     indices = reader.indices(holdout=cfg.holdout)
     reader.check_images(indices, resolution=cfg.resolution)
+    note = reader.unusable_note()
+    if note and procs.main:
+        print(note, file=sys.stderr)
     steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / cfg.batch_size)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
     teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
     unknown = set(cfg.loss.teacher_weights) - set(teachers)
     if unknown:
         raise TrainingError(f"loss weights for unknown teachers {sorted(unknown)}; the store has {sorted(teachers)}")
-
     # 3. the run folder: a fresh run, or --resume of one trained from the same store settings
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
     run = {"student": cfg.student, "config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -72,19 +77,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(run, indent=2))
 
-    # 4. the student and its optimizer (no weight decay on norms, biases, tokens, position embeddings)
+    # 4. the student, its optimizer and the step (losses: statistics come from the store, never from a teacher)
     torch.manual_seed(cfg.seed)
     model = create_student(cfg.student, teachers=teachers, **cfg.student_overrides).to(device)
     if cfg.resolution % model.input_stride:
         raise TrainingError(f"--resolution {cfg.resolution} is not a multiple of {model.input_stride}, "
                             f"the input stride of '{cfg.student}'")
-    decays = {n: p.ndim >= 2 and "token" not in n and "pos_embed" not in n for n, p in model.named_parameters()}
-    decay = [p for n, p in model.named_parameters() if decays[n]]
-    other = [p for n, p in model.named_parameters() if not decays[n]]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(resume_from, model=model, optimizer=optimizer) if cfg.resume else 0
     net = DistributedDataParallel(model) if procs.world > 1 else model
+    distill = DistillStep(model, optimizer, reader.teachers, loss=cfg.loss, grad_clip=cfg.grad_clip, device=device,
+                          net=net)
 
     def lr_at(step: int) -> float:  # linear warmup, then cosine down to min_lr
         if step < warmup:
@@ -92,80 +95,74 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         t = (step - warmup) / max(1, steps - warmup)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
-    # 5. losses: statistics come from the store, never from a teacher
-    phis = {}
-    if cfg.loss.kind == "phis":
-        for t in reader.teachers:
-            if "spatial" not in t.norm:
-                raise TrainingError(f"--loss phis needs the normalisation statistics of teacher '{t.name}', "
-                                    "written when the store's build completes")
-            phis[t.name] = phis_scale(t.norm["spatial"]["cov"])
+    def checked(pending: list[torch.Tensor], step: int, *, reduce: bool = True) -> list[float]:
+        """Wait for the device once: the metrics of the steps up to `step` (all ranks' mean), each finite,
+        else a one-line error naming the first bad step (the last checkpoint is kept)."""
+        values = torch.stack(pending)  # (n, K)
+        if reduce and procs.world > 1:
+            dist.all_reduce(values)
+            values /= procs.world
+        rows = values.tolist()
+        for k, row in enumerate(rows):
+            bad = [name for name, v in zip(distill.names, row) if not math.isfinite(v)]
+            if bad:
+                at = step - len(rows) + 1 + k
+                what = f"loss of teacher '{bad[0].split('/')[0]}' ({bad[0]})" if "/" in bad[0] else bad[0]
+                raise TrainingError(f"{what} is not finite at step {at}; the last checkpoint in '{ckpt}' is kept")
+        return rows[-1]
 
-    # 6. data: one view per image per step, this process's slice of each global batch
+    # 5. data: one view per image per step, this process's slice of each global batch
     end = min(steps, cfg.stop_at or steps)
+    workers = _loader_workers(cfg.workers)
     loader = reader.loader(indices, resolution=cfg.resolution, batch_size=cfg.batch_size, seed=cfg.seed,
-                           start_step=start, steps=end, rank=procs.rank, world=procs.world,
-                           workers=_loader_workers(cfg.workers), pin_memory=device.type == "cuda")
-    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
+                           start_step=start, steps=end, rank=procs.rank, world=procs.world, workers=workers,
+                           pin_memory=device.type == "cuda")
     metrics = Metrics(out, start) if procs.main else None
 
-    # 7. the loop
+    # 6. the loop; a batch that cannot be read (corrupt chunk, vanished image) stops it with one line,
+    # after a checkpoint of the last step done
     net.train()
-    last, seen, tick = {}, 0, time.perf_counter()
-    with _progress(procs.main and progress, start, steps) as (bar, task):
-        for step, batch in zip(range(start, end), loader):
+    last, seen, tick, pending, batches, kept = {}, 0, time.perf_counter(), [], iter(loader), start
+    with _progress(procs.main and progress, start, steps) as (bar, task), _step_threads(device, workers):
+        for step in range(start, end):
+            try:
+                batch = next(batches)
+            except RadioDistillError as e:
+                error = worker_error(e)
+                if procs.main and step > kept:
+                    if pending:  # only this process may have failed: no collective here
+                        checked(pending, step - 1, reduce=False)
+                    save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step, run=run)
+                    kept = step
+                if kept:
+                    raise type(error)(f"{error}; the checkpoint in '{ckpt}' holds step {kept}: continue with "
+                                      "--resume once the store is repaired") from None
+                raise error from None
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pixels = batch["pixels"].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-            targets = decode_targets(batch, reader.teachers, device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                output = net(pixels)
-
-            losses, total = {}, 0.0
-            for t in reader.teachers:
-                pred, target = output.teachers[t.name], targets[t.name]
-                weight = cfg.loss.teacher_weights.get(t.name, 1.0)
-                if target["summary"] is not None:
-                    losses[f"{t.name}/summary"] = summary_loss(pred.summary, target["summary"])
-                    total = total + weight * cfg.loss.summary_weight * losses[f"{t.name}/summary"]
-                spatial = _to_grid(pred.spatial, t.grid)  # (B, T, C) at the teacher's grid
-                goal = target["spatial"].flatten(1, 2)
-                losses[f"{t.name}/spatial"] = (phis_spatial_loss(spatial, goal, phis[t.name]) if phis
-                                               else amradio_spatial_loss(spatial, goal))
-                total = total + weight * cfg.loss.spatial_weight * losses[f"{t.name}/spatial"]
-
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-
-            values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach(), grad_norm.float()])
-            if procs.world > 1:
-                dist.all_reduce(values)
-                values /= procs.world
-            values = values.tolist()
-            last = dict(zip(losses, values[:-2]))
-            bad = [k for k, v in last.items() if not math.isfinite(v)]
-            if bad:
-                raise TrainingError(f"loss of teacher '{bad[0].split('/')[0]}' ({bad[0]}) is not finite at step {step}; "
-                                    f"the last checkpoint in '{ckpt}' is kept")
-            seen += len(pixels) * procs.world
-            if procs.main and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
+            pending.append(distill(batch))
+            seen += len(batch["pixels"]) * procs.world
+            logs = (step + 1) % cfg.log_every == 0 or step + 1 == end
+            saves = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end
+            if logs or saves:
+                values, pending = checked(pending, step), []
+                last = dict(zip(distill.names[:-2], values[:-2]))
+            if procs.main and logs:
                 now = time.perf_counter()
                 metrics.log(step + 1, {"lr": lr, "loss": values[-2], "grad_norm": values[-1], **last,
                                        "images_per_s": seen / (now - tick)})
                 seen, tick = 0, now
                 bar.update(task, losses="  ".join(f"{k} {v:.4f}" for k, v in last.items()))
             bar.advance(task)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            if saves:
                 if procs.main:
                     save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step + 1, run=run)
+                kept = step + 1
                 if procs.world > 1:
                     dist.barrier()
 
-    # 8. export: a student loadable with `load_student`, without this package's training code
+    # 7. export: a student loadable with `load_student`, without this package's training code
     if procs.main:
         save_student(model, out / "student")
         metrics.close()
@@ -173,20 +170,27 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     return {"out": str(out), "steps": steps, "step": end, "losses": last}
 
 
+def _cores() -> int:
+    """This process's share of the machine's cores."""
+    return max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _loader_workers(workers: int | None) -> int:
     """Given, or the cores this process's share of the machine leaves after the main process."""
-    if workers is not None:
-        return workers
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (os.cpu_count() or 2) // local_world - 1)
+    return workers if workers is not None else max(1, _cores() - 1)
 
 
-def _to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, C, h, w) at the student grid -> (B, T, C) at the teacher grid (antialiased when shrinking)."""
-    if tuple(spatial.shape[-2:]) != tuple(grid):
-        shrink = spatial.shape[-2] > grid[0] or spatial.shape[-1] > grid[1]
-        spatial = F.interpolate(spatial.float(), size=grid, mode="bilinear", align_corners=False, antialias=shrink)
-    return spatial.flatten(2).transpose(1, 2)
+@contextlib.contextmanager
+def _step_threads(device: torch.device, workers: int):
+    """On the CPU, the step's intra-op threads leave the loader workers their cores: threads spinning
+    beside busy workers on the same cores halved radio-train's speed (BENCHMARKS.md)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, _cores() - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _progress:

@@ -5,11 +5,18 @@ the student resolution (uint8) — or, when the build stored view pixels at that
 (`--pixels`), those, with no JPEG decode — plus that view's stored targets for every teacher,
 still encoded.
 Decoding (int8 x scale) happens on the training device. Loader workers are spawned (zarr and
-tensorstore threads deadlock after fork) and open their tensorstore handles inside the worker.
+tensorstore threads deadlock after fork) and open their tensorstore handles inside the worker;
+they read a whole batch with one tensorstore read per array.
 
-Letters: B batch, R student side, V views, h, w teacher grid, C channels, D summary dims.
+Sized for ImageNet-scale stores (1.28M samples): the sample arrays are read with tensorstore
+(thousands of small chunks), the split is vectorised, sample ids travel to workers as one bytes
+buffer, and the image check looks at a seeded sample of the files (a file missing later is named
+when it is read).
+
+Letters: N samples, B batch, R student side, V views, h, w teacher grid, C channels, D summary dims.
 """
 
+import functools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +28,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..cache import codecs
 from ..cache import layout as L
 from ..cache.dataset import UnreadableImage, load_rgb
-from ..cache.store import done_shards, open_array, open_store, teacher_names
+from ..cache.store import missing_shards, open_array, open_store, teacher_names
 from ..cache.views import crop_resize
-from ..errors import CacheLayoutError, DatasetError
+from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError, RadioDistillError
+
+IMAGE_CHECKS = 1024  # image files looked at before training: enough to catch a moved or partly copied dataset
 
 
 @dataclass(frozen=True)
@@ -43,27 +52,69 @@ def is_held_out(sample_id: str, fraction: float) -> bool:
     return zlib.crc32(sample_id.encode()) / 2**32 < fraction
 
 
-class CacheReader:
-    """A store opened for training: teachers, the usable samples of a split, and loaders."""
+class SampleIds:
+    """Sample ids as one fixed-width UTF-8 bytes array; `ids[i]` is the id string.
 
-    def __init__(self, path: str | Path, *, allow_partial: bool = False):
+    A spawned loader worker receives it as one buffer (1.28M ImageNet ids: 41 MB, pickled in
+    milliseconds), where an object array of Python strings is ~110 MB and slow to pickle.
+    """
+
+    def __init__(self, ids):
+        self.data = np.strings.encode(np.asarray(ids, dtype=np.dtypes.StringDType()), "utf-8")  # (N,) bytes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        """The id of row `i` (str), or of rows `i` (an array of str)."""
+        picked = self.data[i]
+        return picked.decode() if isinstance(picked, bytes) else np.strings.decode(picked, "utf-8")
+
+    @functools.cached_property
+    def crc32(self) -> np.ndarray:
+        """(N,) uint32 crc32 of each id's UTF-8 bytes."""
+        return np.fromiter(map(zlib.crc32, self.data.tolist()), np.uint32, len(self.data))
+
+    def held_out(self, fraction: float) -> np.ndarray:
+        """(N,) bool: `is_held_out` of every id, vectorised."""
+        return self.crc32 / 2**32 < fraction
+
+
+class CacheReader:
+    """A store opened for training: teachers, the usable samples of a split, and loaders.
+
+    Args:
+        path: the store.
+        allow_partial: train on the done shards of an unfinished store.
+        images: the image folder, when it moved since the build (default: the root recorded in the store).
+    """
+
+    def __init__(self, path: str | Path, *, allow_partial: bool = False, images: str | Path | None = None):
         self.path = Path(path).expanduser().resolve()
         root = open_store(self.path)
         self.settings = root.attrs["settings"]
         self.views = root.attrs["views"]
-        self.root_dir = Path(root.attrs["dataset"]["root"])
+        self.root_dir = Path(images).expanduser().resolve() if images else Path(root.attrs["dataset"]["root"])
         self.classes = list(root.attrs["dataset"]["classes"])
         names = teacher_names(root)
-        done = done_shards(root, names)
+        # tensorstore reads the many small chunks of these arrays concurrently (zarr-python: one at a time)
+        arrays = [L.LABELS, L.BOXES, L.STATUS] + [L.done_array(name) for name in names]
+        reads = [open_array(self.path, a).read() for a in arrays]
+        self.ids = SampleIds(root[L.IDS][:])
+        self.labels, self.boxes, status, *flags = (r.result() for r in reads)
+        done = np.logical_and.reduce([f == 1 for f in flags])
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
                                    "finish it with the same `radio-cache build` command, or pass --allow-partial")
+        gone = missing_shards(self.path, root)
+        if gone:
+            (array, shard), more = gone[0], f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            raise CacheIntegrityError(f"store '{self.path}': {array} shard {shard} is marked done but its file is "
+                                      f"gone{more}, so its samples would train on zeros; rerun the same "
+                                      "`radio-cache build` command to redo it")
         size, n = root.attrs["shard_size"], root.attrs["num_samples"]
-        in_done = np.repeat(done, size)[:n]
-        self.ids = np.asarray(root[L.IDS][:], dtype=object)
-        self.labels = root[L.LABELS][:]
-        self.boxes = root[L.BOXES][:]
-        self.usable = in_done & (root[L.STATUS][:] == L.OK)
+        self.usable = np.repeat(done, size)[:n] & (status == L.OK)
+        self.unreadable = int((status == L.UNREADABLE).sum())
         self.teachers = [self._teacher(root, name) for name in names]
         self.pixels = self.settings.get("pixels")  # side of the stored view pixels, or None
 
@@ -79,21 +130,35 @@ class CacheReader:
 
     def indices(self, *, holdout: float, split: str = "train") -> np.ndarray:
         """Usable sample indices of the 'train' or 'holdout' split."""
-        held = np.array([is_held_out(i, holdout) for i in self.ids], dtype=bool)
+        held = self.ids.held_out(holdout)
         return np.flatnonzero(self.usable & (held if split == "holdout" else ~held))
 
+    def unusable_note(self) -> str | None:
+        """A warning line when fewer than all samples can be trained on (unreadable or missing images,
+        unfinished shards), with the count and share; None when all can."""
+        n, bad = len(self.usable), int((~self.usable).sum())
+        if not bad:
+            return None
+        pending = bad - self.unreadable
+        why = f"{self.unreadable} unreadable or missing images" + (f", {pending} in unfinished shards" if pending else "")
+        return (f"warning: {bad} of {n} samples ({bad / n:.1%}) of store '{self.path}' cannot be trained on ({why}); "
+                "`radio-cache info` lists them, and a rerun of the build retries missing files")
+
     def check_images(self, indices: np.ndarray, *, resolution: int | None = None) -> None:
-        """Fail early, naming the first missing image, when the dataset root moved (unless the store
-        holds the view pixels at `resolution`: then the images are not needed)."""
+        """Fail early, naming a missing image, when the dataset root moved (unless the store holds the
+        view pixels at `resolution`: then the images are not needed). Looks at a seeded sample of
+        IMAGE_CHECKS files (all of a small split): a file missing later is named when it is read."""
         if self.pixels == resolution:
             return
         if not self.root_dir.is_dir():
-            raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; "
-                               "move the images back or rebuild the store from their new place")
+            raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; move the images "
+                               "back, or give their new place with --images")
+        if len(indices) > IMAGE_CHECKS:
+            indices = np.sort(np.random.default_rng(0).choice(indices, IMAGE_CHECKS, replace=False))
         for i in indices:
             if not (self.root_dir / self.ids[i]).is_file():
-                raise DatasetError(f"image '{self.root_dir / self.ids[i]}' (sample {i}) is missing; "
-                                   "the dataset changed since the store was built")
+                raise DatasetError(f"image '{self.root_dir / self.ids[i]}' (sample {i}) is missing; the dataset "
+                                   "changed since the store was built, or lives elsewhere now (--images)")
 
     def dataset(self, *, resolution: int) -> "ViewDataset":
         return ViewDataset(self.path, self.root_dir, self.ids, self.boxes, self.teachers, resolution,
@@ -101,12 +166,23 @@ class CacheReader:
 
     def loader(self, indices: np.ndarray, *, resolution: int, batch_size: int, seed: int, start_step: int,
                steps: int, rank: int = 0, world: int = 1, workers: int = 2, pin_memory: bool = False) -> DataLoader:
-        """Batches for steps [start_step, steps): rank `rank` of `world` gets its slice of each global batch."""
+        """Batches for steps [start_step, steps): rank `rank` of `world` gets its slice of each global batch.
+
+        A worker's error reaches the caller wrapped in the worker's traceback: `worker_error` unwraps it."""
         sampler = StepSampler(indices, views=self.views, batch_size=batch_size, seed=seed, start_step=start_step,
                               steps=steps, rank=rank, world=world)
         return DataLoader(self.dataset(resolution=resolution), batch_sampler=sampler, num_workers=workers,
                           multiprocessing_context="spawn" if workers else None, pin_memory=pin_memory,
                           persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
+
+
+def worker_error(error: RadioDistillError) -> RadioDistillError:
+    """The one-line error a loader worker raised: DataLoader re-raises it with the worker's whole
+    traceback as its message, whose last line is 'module.Class: message'."""
+    text = str(error).rstrip()
+    if "Original Traceback" not in text:
+        return error
+    return type(error)(text.splitlines()[-1].split(": ", 1)[-1])
 
 
 class StepSampler(Sampler):
@@ -150,12 +226,20 @@ class StepSampler(Sampler):
 
 
 class ViewDataset(Dataset):
-    """Item (sample, view) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target values}."""
+    """Item (sample, view) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target values}.
 
-    def __init__(self, store: Path, root_dir: Path, ids, boxes, teachers: list[TeacherMeta], resolution: int, *,
-                 stored_pixels: bool = False):
+    The DataLoader hands a worker a whole batch (`__getitems__`): one tensorstore read per array.
+    Raises one line naming the array and the sample for a chunk that fails its checksum, and for
+    targets that read as the fill value (all zero: a shard file lost after the shard was done).
+    """
+
+    def __init__(self, store: Path, root_dir: Path, ids: SampleIds, boxes, teachers: list[TeacherMeta],
+                 resolution: int, *, stored_pixels: bool = False):
         self.store, self.root_dir, self.ids, self.boxes = store, root_dir, ids, boxes
         self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if stored_pixels else [])
+        # one per target: its scale when int8 (all zero only where never written), else its values
+        self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
+                       for t in teachers for x in L.TARGETS if L.target_array(t.name, x) in t.arrays]
         self.resolution = resolution
         self._handles = None
 
@@ -163,18 +247,45 @@ class ViewDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
-        i, v = item
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict]:
         if self._handles is None:  # opened here, inside the (spawned) worker
             self._handles = {p: open_array(self.store, p) for p in self.arrays}
-        reads = {p: h[i, v].read() for p, h in self._handles.items()}  # concurrent tensorstore reads
-        out = {"index": i, "view": v}
-        for p, r in reads.items():
-            out[p] = torch.from_numpy(np.ascontiguousarray(r.result()))
-        pixels = out.pop(L.PIXELS, None)
+        rows, views = (np.array(c, dtype=np.int64) for c in zip(*items))
+        reads = {p: h.vindex[rows, views].read() for p, h in self._handles.items()}  # concurrent, (B, ...) each
+        values = {p: self._result(p, r, items) for p, r in reads.items()}
+        for p in self.filled:
+            empty = ~values[p].reshape(len(items), -1).view(np.uint8).any(axis=1)
+            if empty.any():
+                i, v = items[int(np.argmax(empty))]
+                raise CacheIntegrityError(f"{p}: sample '{self.ids[i]}' (row {i}, view {v}) reads as all zeros, the "
+                                          f"fill value of a chunk never written, although its shard is done; run "
+                                          f"`radio-cache verify {self.store}`")
+        pixels = values.pop(L.PIXELS, None)
         if pixels is None:
-            pixels = torch.from_numpy(self.crop(i, v))
-        out["pixels"] = pixels.permute(2, 0, 1)
-        return out
+            pixels = np.stack([self.crop(i, v) for i, v in items])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (B, 3, R, R)
+        targets = {p: torch.from_numpy(a) for p, a in values.items()}
+        return [{"index": i, "view": v, "pixels": pixels[k], **{p: t[k] for p, t in targets.items()}}
+                for k, (i, v) in enumerate(items)]
+
+    def _result(self, array: str, read, items) -> np.ndarray:
+        """The values of a batch read; when a chunk fails (checksum, truncation), names its sample."""
+        try:
+            return read.result()
+        except ValueError as e:
+            failed = e
+        for i, v in items:  # which sample: read them one by one
+            try:
+                self._handles[array][i, v].read().result()
+            except ValueError as e:
+                failed, where = e, f"sample '{self.ids[i]}' (row {i}, view {v})"
+                break
+        else:
+            where = f"rows {min(i for i, _ in items)}-{max(i for i, _ in items)}"
+        reason = str(failed).splitlines()[0][:160]
+        raise CacheIntegrityError(f"{array}: {where} fails to decode: {reason}; run `radio-cache verify {self.store}`")
 
     def crop(self, i: int, v: int) -> np.ndarray:
         """(R, R, 3) uint8: the view decoded from the original image."""

@@ -1,0 +1,32 @@
+"""Tensor steps every stage shares (build, training, evaluation, benchmarks), written once.
+
+Here rather than in a sub-package: `cache/` never imports `train/`, `student/` knows nothing of
+`cache/`, and all of them normalise pixels and run under the same autocast.
+
+Letters: B batch, R side in pixels.
+"""
+
+import functools
+
+import torch
+
+
+def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, R, R) pixels in 0..255 (uint8 or float) -> new float32 (x / 255 - mean) / std per channel.
+
+    Args:
+        mean, std: 3 floats each, of the model the pixels feed (teacher or student).
+    """
+    m, s = _channel_stats(tuple(mean), tuple(std), pixels.device)
+    return (pixels.float() / 255).sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # once per (model, device): a tensor built from Python floats on a GPU is a blocking copy
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on the CPU a disabled one (fp32), as every stage runs."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")

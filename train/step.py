@@ -1,0 +1,85 @@
+"""One distillation step, the one `radio-train`'s loop runs and the benchmarks time.
+
+Letters: B batch, R student side, h, w a grid, T = h * w tokens, C channels, D summary dims,
+K metrics (the per-teacher losses, then the weighted total and the gradient norm).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import TrainingError
+from ..ops import autocast, normalise
+from .losses import LossConfig, amradio_spatial_loss, phis_scale, phis_spatial_loss, summary_loss
+from .reader import TeacherMeta, decode_targets
+
+
+def to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) at the student grid -> (B, T, C) at the teacher grid (antialiased when shrinking)."""
+    if tuple(spatial.shape[-2:]) != tuple(grid):
+        shrink = spatial.shape[-2] > grid[0] or spatial.shape[-1] > grid[1]
+        spatial = F.interpolate(spatial.float(), size=grid, mode="bilinear", align_corners=False, antialias=shrink)
+    return spatial.flatten(2).transpose(1, 2)
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on norms, biases, tokens and position embeddings."""
+    decays = {n: p.ndim >= 2 and "token" not in n and "pos_embed" not in n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    other = [p for n, p in model.named_parameters() if not decays[n]]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+
+
+class DistillStep:
+    """Normalise pixels, forward (bf16 autocast on CUDA), each teacher's losses at its grid, backward,
+    gradient clipping and the optimizer step.
+
+    Never waits for the device: the metrics come back as one device tensor, for the caller to read
+    (one host sync) only when it logs or checkpoints.
+
+    Args:
+        model: the student (its parameters are clipped).
+        teachers: what the store holds (`CacheReader.teachers`, or built for live teachers).
+        net: what runs the forward, when not `model` itself (its DDP wrapper).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, teachers: list[TeacherMeta], *,
+                 loss: LossConfig, grad_clip: float, device: torch.device, net: torch.nn.Module | None = None):
+        self.model, self.net, self.optimizer = model, net or model, optimizer
+        self.teachers, self.loss, self.grad_clip, self.device = list(teachers), loss, grad_clip, device
+        self.phis = {}  # statistics come from the store, never from a teacher
+        if loss.kind == "phis":
+            for t in self.teachers:
+                if "spatial" not in t.norm:
+                    raise TrainingError(f"--loss phis needs the normalisation statistics of teacher '{t.name}', "
+                                        "written when the store's build completes")
+                self.phis[t.name] = phis_scale(t.norm["spatial"]["cov"])
+        self.names = [f"{t.name}/{target}" for t in self.teachers for target in ("summary", "spatial")
+                      if target == "spatial" or t.summary_dim is not None] + ["loss", "grad_norm"]
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        """A loader batch ('pixels' (B, 3, R, R) uint8 and encoded targets) -> (K,) metrics on the device."""
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        return self.update(pixels, decode_targets(batch, self.teachers, self.device))
+
+    def update(self, pixels: torch.Tensor, targets: dict) -> torch.Tensor:
+        """pixels (B, 3, R, R) in 0..255 on the device; targets as `decode_targets` returns them -> (K,) metrics."""
+        with autocast(self.device):
+            output = self.net(normalise(pixels, self.model.mean, self.model.std))
+        losses, total = [], 0.0
+        for t in self.teachers:
+            pred, target = output.teachers[t.name], targets[t.name]
+            weight = self.loss.teacher_weights.get(t.name, 1.0)
+            if target["summary"] is not None:
+                losses.append(summary_loss(pred.summary, target["summary"]))
+                total = total + weight * self.loss.summary_weight * losses[-1]
+            spatial = to_grid(pred.spatial, t.grid)  # (B, T, C) at the teacher's grid
+            goal = target["spatial"].flatten(1, 2)
+            losses.append(phis_spatial_loss(spatial, goal, self.phis[t.name]) if self.phis
+                          else amradio_spatial_loss(spatial, goal))
+            total = total + weight * self.loss.spatial_weight * losses[-1]
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return torch.stack([v.detach().float() for v in losses] + [total.detach(), grad_norm.float()])
