@@ -1,20 +1,22 @@
 """Faults inside the Ray job: a shard that fails is reported in one line and the others go on; an
-actor that cannot start is reported, not waited on forever."""
+actor that cannot start is reported, not waited on forever; a superseded build's worker writes nothing."""
 
 import shutil
 import threading
 import time
 
 import pytest
+import torch
 import zarr
 from typer.testing import CliRunner
 
 from radio_distill.cache import build
 from radio_distill.cache import layout as L
-from radio_distill.cache.build import build_cache
+from radio_distill.cache.build import ShardWorker, build_cache
 from radio_distill.cache.config import load_cache_config
+from radio_distill.cache.lock import build_lock
 from radio_distill.cli import cache_app
-from radio_distill.errors import RadioDistillError
+from radio_distill.errors import CacheLayoutError, RadioDistillError
 
 NAMES = ("clip", "dinov2", "sam")
 
@@ -93,3 +95,20 @@ def test_a_teacher_that_fails_to_load_is_one_line(ray_session, small_dataset, tm
     assert message.startswith("no Ray worker could start: UnpicklingError: ") and "\n" not in message, message
     assert "Traceback" not in "".join(capfd.readouterr())  # Ray prints none of its own
     assert not (tmp_path / "x.zarr" / "zarr.json").exists()
+
+
+def test_a_worker_of_a_build_that_lost_the_store_writes_nothing(small_dataset, small_store, tiny_specs, tmp_path,
+                                                                 file_digests, assert_same_store):
+    """A killed driver's workers may live on; once a rerun holds the store's lock, they must not write."""
+    out = shutil.copytree(small_store, tmp_path / "cache.zarr")
+    root = zarr.open_group(out, mode="r+")
+    for name in NAMES:
+        root[L.done_array(name)][1] = 0
+    worker = ShardWorker(tuple(tiny_specs.values()), str(out), batch_size=64, threads=torch.get_num_threads())
+    with build_lock(out) as token:  # the rerun's
+        before = file_digests(out)
+        with pytest.raises(CacheLayoutError, match="no longer holds the lock"):
+            worker.run(1, str(small_dataset), "the-killed-build")
+        assert file_digests(out) == before
+        worker.run(1, str(small_dataset), token)
+    assert_same_store(out, small_store)
