@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import RadioDistillError
+from ..ops import autocast, normalise
 from ..progress import Progress
 from . import codecs
 from . import layout as L
@@ -368,8 +369,6 @@ class ShardWorker:
         `stats`: accumulate the normalisation moments and the codec's fidelity (statistics shards only).
         Returns (seconds of forward + encode, not the CPU resizing that overlaps it; {moment array: row})."""
         name, res = teacher.spec.name, teacher.resolution
-        mean = torch.tensor(teacher.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(teacher.std, device=self.device).view(1, 3, 1, 1)
         moments = {}
         def crop(p):
             return crop_resize(decoded[p[0]][0], boxes[p[0], p[1]], res, span=decoded[p[0]][1])
@@ -384,8 +383,8 @@ class ShardWorker:
             with self.device_lock:  # the other shard in flight waits here, so seconds are this teacher's own
                 started = time.perf_counter()
                 x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-                x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
-                with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+                x = normalise(x.permute(0, 3, 1, 2), teacher.mean, teacher.std)
+                with torch.inference_mode(), autocast(self.device):
                     summary, spatial = teacher(x)
                 raw = {"summary": summary, "spatial": spatial}
                 for target, value in raw.items():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..errors import RadioDistillError, TeacherSpecError
+from ..ops import autocast
 from . import layout as L
 from .store import _compressors, open_store, teacher_names
 
@@ -126,7 +127,7 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
     tokenizer = open_clip.get_tokenizer(ident["model"])
     prompts = [t.format(c.replace("_", " ")) for c in classes for t in templates]  # (M * P,)
     chunks = []
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start:start + batch_size]).to(device)
             chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))

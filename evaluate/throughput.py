@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..ops import autocast
+
 # open_clip model name -> timm architecture of the same image tower (pre-norm ViT, class token pooling, proj)
 CLIP_TIMM = {
     "ViT-B-32": "vit_base_patch32_clip_224", "ViT-B-16": "vit_base_patch16_clip_224",
@@ -72,7 +74,7 @@ def images_per_second(model: torch.nn.Module, *, resolution: int, batch: int, de
         if cuda:
             torch.cuda.synchronize(device)
 
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+    with torch.inference_mode(), autocast(device):
         for _ in range(warmup):
             model(x)
         sync()
