@@ -52,9 +52,10 @@ def load_run(run: str | Path) -> RunInfo:
                    data["store_settings"])
 
 
-def open_reader(store: str | Path, run: RunInfo) -> CacheReader:
-    """The store, checked to be the one the run was trained from."""
-    reader = CacheReader(store, allow_partial=run.allow_partial)
+def open_reader(store: str | Path, run: RunInfo, *, images: str | Path | None = None) -> CacheReader:
+    """The store, checked to be the one the run was trained from; `images` is the image folder when it
+    moved since the build (default: the root recorded in the store)."""
+    reader = CacheReader(store, allow_partial=run.allow_partial, images=images)
     if reader.settings != run.store_settings:
         raise EvaluationError(f"run '{run.path}' was trained from a store with other teachers or settings than "
                               f"'{reader.path}'; evaluate it with its own store")

@@ -42,7 +42,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     # 1. the run, its store, and the device
     check_device(cfg.device)
     run = load_run(cfg.run)
-    reader = open_reader(cfg.store, run)
+    reader = open_reader(cfg.store, run, images=cfg.images)
     root = open_store(reader.path)
     attrs = {t.name: dict(root[L.teacher_group(t.name)].attrs) for t in reader.teachers}
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,10 +66,11 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     probe_train = _probe_rows(reader, bank, masks, cfg.probe_images, rng)
     probe_test = _probe_rows(reader, held, masks, cfg.probe_images, rng)
     need_bank = labelled or (len(probe_train) and len(probe_test))
-    reader.check_images(held)
+    reader.check_images(held, resolution=resolution)
     if need_bank:
-        reader.check_images(bank)
+        reader.check_images(bank, resolution=resolution)
     shown = np.unique(np.linspace(0, len(held) - 1, min(cfg.pictures, len(held))).round().astype(int))
+    reader.check_images(held[shown], resolution=PICTURE_SIDE)  # pictures are decoded from the images
 
     # 3. features: one student pass per split, next to the cached targets
     kw = dict(resolution=resolution, device=device, batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)

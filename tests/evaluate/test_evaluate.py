@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from radio_distill.cli import eval_app
-from radio_distill.errors import EvaluationError
+from radio_distill.errors import DatasetError, EvaluationError
 from radio_distill.evaluate import EvalConfig, evaluate
 from radio_distill.train.reader import CacheReader, is_held_out
 
@@ -168,3 +168,17 @@ def test_an_empty_held_out_split_says_why_and_what_to_do(eval_setup, tmp_path):
     with pytest.raises(EvaluationError, match=rf"held-out split of run .* is empty: --holdout 1e-09 of the {usable} "
                                               r"usable samples .* holds out none .* larger --holdout"):
         evaluate(EvalConfig(store=eval_setup.store, run=run, out=tmp_path / "e", **FAST), progress=False)
+
+
+def test_images_points_the_store_at_a_moved_dataset(eval_setup, tmp_path):
+    import zarr
+    store = tmp_path / "moved.zarr"
+    shutil.copytree(eval_setup.store, store)
+    root = zarr.open_group(store, mode="r+")
+    root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(tmp_path / "gone")}  # the images moved away
+    cfg = dict(store=store, run=eval_setup.run, throughput=False, pictures=1, probe_images=4, **FAST)
+    with pytest.raises(DatasetError, match="--images"):
+        evaluate(EvalConfig(out=tmp_path / "a", **cfg), progress=False)
+    moved = evaluate(EvalConfig(out=tmp_path / "b", images=eval_setup.images, **cfg), progress=False)
+    same = evaluate(EvalConfig(out=tmp_path / "c", **{**cfg, "store": eval_setup.store}), progress=False)
+    assert moved["fidelity"] == same["fidelity"] and moved["split"] == same["split"]
