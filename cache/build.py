@@ -12,6 +12,7 @@ Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channe
 """
 
 import re
+import socket
 import sys
 import threading
 import time
@@ -89,6 +90,13 @@ def _validate(cfg: CacheConfig) -> None:
         raise RadioDistillError(f"--seed must be >= 0, got {cfg.seed}")
     for spec in cfg.teachers:
         check_spec(spec)
+    host_port = re.fullmatch(r"([^:/]+):(\d+)", cfg.address or "")
+    if host_port:  # ray.init retries an address nobody answers at for minutes, printing a warning a second
+        try:
+            socket.create_connection((host_port[1], int(host_port[2])), timeout=10).close()
+        except OSError as e:
+            raise RadioDistillError(f"no Ray cluster answers at --address {cfg.address} ({e.strerror or e}); start "
+                                    "one with `ray start --head`, or leave --address out to run Ray here") from None
 
 
 def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
@@ -307,7 +315,7 @@ class ShardWorker:
         ids = [str(i) for i in root[L.IDS][rows]]
         retry = bool(done_shards(root, list(self.teachers))[shard])
         if retry:
-            boxes, status, errors = root[L.BOXES][rows], root[L.STATUS][rows], root[L.ERRORS][rows]
+            boxes, status, errors = root[L.BOXES][rows], root[L.STATUS][rows], root[L.ERRORS][rows].astype(object)
             redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
             for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
                 root[L.done_array(name)][shard] = 0

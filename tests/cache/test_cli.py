@@ -110,6 +110,7 @@ def test_bad_build_options_are_one_line(tmp_path, args, culprit):
     (["--teachers", "tiny", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--teachers", "tiny", "--pool", "sam=0"], "teacher 'sam': pool factor must be >= 1, got 0"),
     (["--teachers", "tiny", "--pool", "dino=2"], "--pool names unknown teacher(s) ['dino']"),
+    (["--teachers", "tiny", "--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
 ])
 def test_silly_build_values_are_one_line_and_create_nothing(tmp_path, args, culprit):
     data = make_sample_dataset(tmp_path / "d", images=1, size=32)  # real images: only the option is wrong
@@ -303,5 +304,6 @@ def test_config_list_file_labels_and_missing_file(toml_build):
 def test_config_build_says_loudly_what_a_rerun_may_retry(toml_build):
     _, _, built = toml_build
     out = " ".join(built.stdout.split())
-    assert "only 6 of 7 samples ok (85.7%): 1 unreadable, 0 not built" in out and "unreadable: gone.jpg: missing file" in out
+    assert "only 6 of 7 samples ok (85.7%): 1 unreadable, 0 not built" in out
+    assert "unreadable: gone.jpg: missing file" in out
     assert "1 unreadable samples may read on a rerun (missing file or I/O error)" in out
