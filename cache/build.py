@@ -276,7 +276,7 @@ def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float,
 
 
 class ShardWorker:
-    """A Ray actor holding every teacher on one device; `run(shard)` computes and writes one shard."""
+    """A Ray actor holding every teacher on one device; `run(shard, ...)` computes and writes one shard."""
 
     def __init__(self, specs: tuple[TeacherSpec, ...], store: str, *, batch_size: int, threads: int):
         torch.set_num_threads(threads)
@@ -313,7 +313,7 @@ class ShardWorker:
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start
         ids = [str(i) for i in root[L.IDS][rows]]
-        retry = bool(done_shards(root, list(self.teachers))[shard])
+        retry = all(root[L.done_array(name)][shard] == 1 for name in self.teachers)  # this shard's flags only
         if retry:
             boxes, status, errors = root[L.BOXES][rows], root[L.STATUS][rows], root[L.ERRORS][rows].astype(object)
             redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
