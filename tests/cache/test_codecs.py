@@ -1,4 +1,5 @@
-"""Codecs: int8 per-token absmax keeps cos >= 0.999, fp16 is exact to half precision, pooling is exact."""
+"""Codecs: int8 per-token absmax keeps cos >= 0.999, fp16 is exact to half precision, pooling is exact,
+calibrated codecs decode by one matmul with the transform they encoded with."""
 
 import pytest
 import torch
@@ -36,8 +37,34 @@ def test_fp16_is_half_precision_without_scale():
 
 
 def test_unknown_codec_names_the_choices():
-    with pytest.raises(ValueError, match="unknown codec 'bf16'; choose from fp16, int8"):
+    with pytest.raises(ValueError, match="unknown codec 'bf16' for 2 channels; choose from fp16, int8, rot-int8"):
         codecs.encode(torch.zeros(1, 2), "bf16")
+    for bad in ("pca3-int8", "pca64-int8", "pca0-fp16", "pca8-bf16"):  # k not a power of two below C=64
+        with pytest.raises(ValueError, match=f"unknown codec '{bad}'"):
+            codecs.parse(bad, 64)
+
+
+def test_codec_sizes():
+    assert [codecs.parse(c, 64) for c in ("fp16", "int8", "rot-int8", "pca8-int8", "pca16-fp16")] == \
+        [("fp16", None), ("int8", None), ("int8", 64), ("int8", 8), ("fp16", 16)]
+    assert [codecs.token_bytes(c, 64) for c in ("fp16", "int8", "rot-int8", "pca8-int8", "pca16-fp16")] == \
+        [128, 66, 66, 10, 32]
+    assert codecs.stored_channels("pca8-int8", 64) == 8 and codecs.stored_channels("int8", 64) == 64
+
+
+def test_transform_codec_encodes_coefficients_and_decodes_by_one_matmul():
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(32, 8))  # (C, k) orthonormal columns
+    mean = torch.randn(32)
+    x = torch.randn(2, 3, 3, 8) @ basis.T + mean  # tokens inside the subspace: exact up to rounding
+    values, scale = codecs.encode(x, "pca8-fp16", (mean, basis))
+    assert scale is None and values.shape == (2, 3, 3, 8) and values.dtype == torch.float16
+    assert torch.allclose(values.float(), (x - mean) @ basis, atol=2e-3)
+    back = codecs.decode(values, None, (mean, basis))
+    assert back.shape == x.shape and torch.allclose(back, x, atol=5e-3)
+    values, scale = codecs.encode(x, "pca8-int8", (mean, basis))
+    assert values.dtype == torch.int8 and scale.shape == (2, 3, 3)
+    assert codecs.token_cosine(x - mean, codecs.decode(values, scale, (mean, basis)) - mean).min() > 0.999
 
 
 def test_pool_averages_and_unpool_restores_the_grid():
