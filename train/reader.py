@@ -60,7 +60,7 @@ class SampleIds:
     """
 
     def __init__(self, ids):
-        self.data = np.strings.encode(np.asarray(ids, dtype=np.dtypes.StringDType()), "utf-8")  # (N,) bytes
+        self.data = np.array([i.encode() for i in np.asarray(ids).tolist()], dtype=np.bytes_)  # (N,) bytes
 
     def __len__(self) -> int:
         return len(self.data)

@@ -21,11 +21,15 @@ def bench(tmp_path_factory):
     work, out = tmp_path_factory.mktemp("bench_work"), tmp_path_factory.mktemp("bench_out")
 
     def run(name: str, *args: str) -> dict:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        path = out / f"{name}.json"
-        returned = module.main(["--quick", "--device", "cpu", "--work", str(work), "--json", str(path), *args])
+        sys.modules[name] = module  # as when run as a script: spawned processes find its functions by name
+        try:
+            spec.loader.exec_module(module)
+            path = out / f"{name}.json"
+            returned = module.main(["--quick", "--device", "cpu", "--work", str(work), "--json", str(path), *args])
+        finally:
+            del sys.modules[name]
         written = json.loads(path.read_text())
         assert written["results"] and len(written["results"]) == len(returned["results"])
         for key in META:
@@ -92,6 +96,13 @@ def test_online(bench, ray_session):
 def test_student_speed(bench):
     rows = bench("student_speed", "--models", "test_vit", "--steps", "1")["results"]
     positive(rows[0], "infer_img_s", "train_img_s")
+
+
+def test_scale(bench):
+    [row] = bench("scale", "--samples", "3000", "--read", "16", "--workers", "1")["results"]
+    assert row["samples"] == 3000 and row["train_samples"] > 2500
+    positive(row, "open_s", "reader_s", "rss_main_mb", "rss_idle_worker_mb", "worker_peak_mb")
+    assert row["rss_worker_mb"] == row["worker_peak_mb"] - row["rss_idle_worker_mb"] and row["met"] is None
 
 
 def test_run_all_parses():
