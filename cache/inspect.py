@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CacheIntegrityError
+from ..progress import Progress
 from . import layout as L
 from .store import done_shards, missing_shards, open_array, open_store, teacher_names
 
@@ -52,8 +53,6 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
     Raises:
         CacheIntegrityError: naming the first failing array and sample.
     """
-    from rich.progress import track
-
     path = Path(path)
     root = open_store(path)
     n, size = root.attrs["num_samples"], root.attrs["shard_size"]
@@ -80,22 +79,30 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
         raise CacheIntegrityError(f"{L.STATUS}: sample '{ids[k]}' was never processed")
     targets = [p for name in names for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t))
                if p in root] + ([L.PIXELS] if L.PIXELS in root else [])
-    for array in targets:
-        handle = open_array(path, array)
-        expected = root[array].shape
-        if tuple(handle.shape) != tuple(expected) or handle.shape[0] != n:
-            raise CacheIntegrityError(f"{array}: shape {tuple(handle.shape)} != expected ({n}, ...)")
-        for shard in track(range(L.shard_count(n, size)), description=f"verify {array}", disable=not progress):
-            rows = L.shard_rows(shard, size, n)
-            try:
-                values = handle[rows].read().result()
-            except Exception:
-                _locate(handle, array, rows, ids)
-                raise
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                bad = rows.start + int(np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(1))[0])
-                raise CacheIntegrityError(f"{array}: sample '{ids[bad]}' holds NaN or inf")
+    n_shards = L.shard_count(n, size)
+    with Progress("verifying", total=len(targets) * n_shards, unit="shards", enabled=progress) as bar:
+        for array in targets:
+            _verify_array(path, root, array, n, size, ids, bar)
     return {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True}
+
+
+def _verify_array(path: Path, root, array: str, n: int, size: int, ids, bar: Progress) -> None:
+    """Every shard of one target array decodes, and float values are finite."""
+    handle = open_array(path, array)
+    expected = root[array].shape
+    if tuple(handle.shape) != tuple(expected) or handle.shape[0] != n:
+        raise CacheIntegrityError(f"{array}: shape {tuple(handle.shape)} != expected ({n}, ...)")
+    for shard in range(L.shard_count(n, size)):
+        bar.advance(info=array)
+        rows = L.shard_rows(shard, size, n)
+        try:
+            values = handle[rows].read().result()
+        except Exception:
+            _locate(handle, array, rows, ids)
+            raise
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = rows.start + int(np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(1))[0])
+            raise CacheIntegrityError(f"{array}: sample '{ids[bad]}' holds NaN or inf")
 
 
 def _read(path, root, array, rows, ids):
