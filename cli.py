@@ -280,18 +280,22 @@ def evaluate(
     throughput: Annotated[bool, typer.Option(help="Measure images/s of the student and each teacher architecture.")] = True,
     throughput_batch: Annotated[Optional[int], typer.Option(help="Batch for throughput. (default: 64 on CUDA, 4 on CPU)")] = None,
     images: Annotated[Optional[Path], typer.Option(help="The image folder, when it moved since the build. (default: the root recorded in the store)")] = None,
+    sam: Annotated[bool, typer.Option(help="SAM mask IoU of the student as SAM's image encoder, where the store has a SAM teacher (the tiny preset's decoder is seeded; a real one needs --sam-checkpoint).")] = True,
+    sam_checkpoint: Annotated[Optional[Path], typer.Option(help="The SAM teacher's checkpoint file (its prompt encoder and mask decoder), for the SAM metric.")] = None,
+    sam_images: Annotated[int, typer.Option(help="Held-out images of the SAM metric (a seeded subset when more).")] = 200,
 ):
-    """Fidelity, kNN, zero-shot, dense-probe mIoU and throughput of RUN's student vs its teachers, from STORE."""
+    """Fidelity, kNN, zero-shot, dense-probe mIoU, SAM mask IoU and throughput of RUN's student vs its teachers, from STORE."""
     from .evaluate import EvalConfig
     from .evaluate import evaluate as run_evaluation
 
     cfg = EvalConfig(store=store, run=run, out=out, masks=masks, max_bank=max_bank, knn_k=k, probe_images=probe_images,
                      probe_steps=probe_steps, pictures=pictures, resolution=resolution, batch_size=batch_size,
                      workers=workers, device=device, throughput=throughput, throughput_batch=throughput_batch,
-                     images=images)
+                     images=images, sam=sam, sam_checkpoint=sam_checkpoint, sam_images=sam_images)
     report = run_evaluation(cfg)
     skipped = [f"{name}: {section['skipped']}" for name, section in report.items()
                if isinstance(section, dict) and "skipped" in section]
-    Console().print(f"wrote {out / 'report.md'}, report.json, features.png, curves.png")
+    pictures = [v for k, v in report["pictures"].items() if k != "skipped" and v]
+    Console().print(f"wrote {out / 'report.md'}, report.json, {', '.join(pictures)}")
     for line in skipped:
         Console().print(f"[yellow]skipped[/] {line}", highlight=False)

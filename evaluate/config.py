@@ -27,6 +27,9 @@ class EvalConfig:
     throughput_seconds: float | None = None  # timed seconds per model; default 2 on CUDA, 0.5 on CPU
     seed: int = 0  # of the bank / probe subsets
     images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
+    sam: bool = True  # SAM mask agreement, where the store has a SAM teacher (neck target)
+    sam_checkpoint: Path | None = None  # the SAM teacher's checkpoint (its decoder); the tiny preset needs none
+    sam_images: int = 200  # held-out images of the SAM metric (a seeded subset when more)
 
     def __post_init__(self):
         check_fields(self, _RULES, optional=_OPTIONAL, options=_OPTIONS)
@@ -34,6 +37,7 @@ class EvalConfig:
 
 _RULES = {"resolution": "count", "max_bank": "count", "knn_k": "count", "knn_temperature": "positive",
           "probe_images": "count", "probe_steps": "count", "pictures": "count", "batch_size": "count",
-          "workers": "index", "throughput_batch": "count", "throughput_seconds": "positive", "seed": "index"}
+          "workers": "index", "throughput_batch": "count", "throughput_seconds": "positive", "seed": "index",
+          "sam_images": "count"}
 _OPTIONAL = {"resolution", "throughput_batch", "throughput_seconds"}
 _OPTIONS = {"knn_k": "--k", "knn_temperature": "knn_temperature", "throughput_seconds": "throughput_seconds"}

@@ -4,7 +4,8 @@ Every sample is seen through its view 0 (the canonical centred square) at the ru
 Teacher features are the store's cached targets; no teacher is ever loaded.
 
 Letters: N samples, R student side, S*D backbone summary width, Dt / Ct a teacher's summary /
-spatial width, h, w the student grid, ht, wt a teacher grid, M samples whose maps are kept.
+spatial width, h, w the student grid, ht, wt a teacher grid, M samples whose maps are kept,
+Ms samples kept for the SAM metric.
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ class SplitFeatures:
     shown: np.ndarray = None  # (P,) positions whose maps are kept for pictures
     shown_student: dict = field(default_factory=dict)  # teacher -> (P, ht, wt, Ct) adaptor maps at the teacher grid
     shown_teacher: dict = field(default_factory=dict)  # teacher -> (P, ht, wt, Ct) cached targets
+    sam_rows: np.ndarray = None  # (Ms,) positions whose SAM teachers' maps are kept
+    sam_student: dict = field(default_factory=dict)  # SAM teacher -> (Ms, Ct, h, w) float16 adaptor maps
+    sam_target: dict = field(default_factory=dict)  # SAM teacher -> (Ms, ht, wt, Ct) float16 cached targets
 
 
 def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int, device: torch.device,
             batch_size: int = 64, workers: int = 0, keep: np.ndarray | None = None, show: np.ndarray | None = None,
-            progress: bool = True, what: str = "features") -> SplitFeatures:
+            sam_rows: np.ndarray | None = None, sam_teachers: tuple[str, ...] = (), progress: bool = True,
+            what: str = "features") -> SplitFeatures:
     """Run the student over `indices` (view 0) and gather its outputs with the cached targets.
 
     Args:
@@ -92,11 +97,14 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
         resolution: student input side R.
         keep: positions in `indices` whose spatial maps (backbone + cached teacher) are kept.
         show: positions whose adaptor and cached spatial maps are kept (pictures).
+        sam_rows: positions whose adaptor maps at the student grid and cached targets of `sam_teachers`
+            are kept (the SAM metric decodes both).
         workers: spawned DataLoader processes (0 = in this process).
     """
     keep = np.asarray([] if keep is None else keep, dtype=np.int64)
     show = np.asarray([] if show is None else show, dtype=np.int64)
-    keep_set, show_set = set(keep.tolist()), set(show.tolist())
+    sam_rows = np.asarray([] if sam_rows is None else sam_rows, dtype=np.int64)
+    keep_set, show_set, sam_set = set(keep.tolist()), set(show.tolist()), set(sam_rows.tolist())
     batches = [[(int(i), VIEW) for i in indices[s:s + batch_size]] for s in range(0, len(indices), batch_size)]
     loader = DataLoader(reader.dataset(resolution=resolution), batch_sampler=batches, num_workers=workers,
                         multiprocessing_context="spawn" if workers else None)
@@ -104,7 +112,8 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
     acc = {"backbone_summary": [], "backbone_spatial": [], "summary": {n: [] for n in names},
            "target_summary": {n: [] for n in names}, "fid_summary": {n: [] for n in names},
            "fid_spatial": {n: [] for n in names}, "target_spatial": {n: [] for n in names},
-           "shown_student": {n: [] for n in names}, "shown_teacher": {n: [] for n in names}}
+           "shown_student": {n: [] for n in names}, "shown_teacher": {n: [] for n in names},
+           "sam_student": {n: [] for n in sam_teachers}, "sam_target": {n: [] for n in sam_teachers}}
     position = 0
     with _bar(progress, what, len(batches)) as advance, torch.inference_mode():
         for batch in loader:
@@ -112,6 +121,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
             rows = np.arange(position, position + B)
             kept = np.array([r in keep_set for r in rows])
             shown = np.array([r in show_set for r in rows])
+            sam = np.array([r in sam_set for r in rows])
             position += B
             pixels = normalise(batch["pixels"].to(device), model.mean, model.std)
             targets = decode_targets(batch, reader.teachers, device)
@@ -135,6 +145,9 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
                 if shown.any():
                     acc["shown_student"][t.name].append(grid[shown].reshape(-1, *t.grid, grid.shape[-1]).cpu().numpy())
                     acc["shown_teacher"][t.name].append(target["spatial"][shown].cpu().numpy())
+                if sam.any() and t.name in sam_teachers:
+                    acc["sam_student"][t.name].append(pred.spatial[sam].float().cpu().half().numpy())
+                    acc["sam_target"][t.name].append(target["spatial"][sam].cpu().half().numpy())
             advance()
 
     def cat(parts):
@@ -142,7 +155,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
 
     feats = SplitFeatures(indices=np.asarray(indices), labels=reader.labels[indices],
                           backbone_summary=cat(acc["backbone_summary"]), kept=np.sort(keep), shown=np.sort(show),
-                          backbone_spatial=cat(acc["backbone_spatial"]))
+                          backbone_spatial=cat(acc["backbone_spatial"]), sam_rows=np.sort(sam_rows))
     for t in reader.teachers:
         n = t.name
         if acc["summary"][n]:
@@ -154,6 +167,8 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
         if acc["shown_student"][n]:
             feats.shown_student[n] = cat(acc["shown_student"][n])
             feats.shown_teacher[n] = cat(acc["shown_teacher"][n])
+    for n in sam_teachers:
+        feats.sam_student[n], feats.sam_target[n] = cat(acc["sam_student"][n]), cat(acc["sam_target"][n])
     return feats
 
 

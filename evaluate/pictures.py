@@ -1,4 +1,5 @@
-"""Pictures: PCA-to-RGB feature maps of teachers next to the student, and training curves.
+"""Pictures: PCA-to-RGB feature maps of teachers next to the student, training curves, and the
+SAM metric's per-prompt IoU histogram.
 
 Drawn with matplotlib's Agg canvas (no display, no pyplot state). Per teacher, one PCA basis is
 fitted on the teacher's cached maps of the shown images; the student's adaptor maps are projected
@@ -124,6 +125,23 @@ def curves_png(path: Path, metrics: dict[str, np.ndarray]) -> Path:
     ax.legend(fontsize=7)
     for a in axes:
         a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def sam_png(path: Path, ious: dict[str, np.ndarray]) -> Path:
+    """One histogram per SAM teacher: per-prompt IoU of the student's masks to the teacher's ({name: (Q,)})."""
+    fig = _figure(3.6 * len(ious), 2.8)
+    axes = fig.subplots(1, len(ious), squeeze=False)[0]
+    for ax, (name, iou) in zip(axes, ious.items()):
+        ax.hist(iou, bins=np.linspace(0, 1, 21), color="tab:blue")
+        ax.axvline(float(np.mean(iou)), color="black", linestyle="--", label=f"mean {np.mean(iou):.3f}")
+        ax.set_title(f"{name}: student mask IoU per prompt ({len(iou)})", fontsize=9)
+        ax.set_xlabel("IoU to the teacher's mask", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -3,7 +3,8 @@
 One function, read top to bottom: run and store, splits, features, metrics, throughput, pictures,
 report. Queries are always held-out samples (the split recorded by training); a bank or probe
 training set, where a metric needs one, comes from the train split. Teachers are never loaded:
-their features are the store's cached targets, their speed is measured on timm equivalents.
+their features are the store's cached targets, their speed is measured on timm equivalents. The
+one exception is SAM's prompt encoder and mask decoder (not its image encoder), for the SAM metric.
 
 Letters: N samples, K classes.
 """
@@ -26,10 +27,12 @@ from .config import EvalConfig
 from .dense import load_masks, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image
 from .metrics import IGNORE, knn_top1, zero_shot_top1
-from .pictures import curves_png, features_png, read_metrics
+from .pictures import curves_png, features_png, read_metrics, sam_png
+from .sam import load_sam, mask_agreement, to_sam_grid
 from .throughput import measure_throughput
 
 PICTURE_SIDE = 128
+SAM_POINTS = 4  # the SAM metric's prompts: a 4 x 4 grid of jittered single points per image
 
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
@@ -51,6 +54,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     if resolution % model.input_stride:
         raise EvaluationError(f"--resolution {resolution} is not a multiple of {model.input_stride}, "
                               f"the input stride of '{run.student}'")
+    sams, sam_notes = _sam_decoders(cfg, run, device) if cfg.sam else ({}, ["turned off (--no-sam)"])
 
     # 2. splits: queries = held-out; bank and probe training images = a seeded subset of the train split
     held = reader.indices(holdout=run.holdout, split="holdout")
@@ -70,11 +74,13 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     if need_bank:
         reader.check_images(bank, resolution=resolution)
     shown = np.unique(np.linspace(0, len(held) - 1, min(cfg.pictures, len(held))).round().astype(int))
+    sam_rows = np.sort(rng.permutation(len(held))[:cfg.sam_images]) if sams else None
     reader.check_images(held[shown], resolution=PICTURE_SIDE)  # pictures are decoded from the images
 
     # 3. features: one student pass per split, next to the cached targets
     kw = dict(resolution=resolution, device=device, batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)
-    test = collect(reader, model, held, keep=probe_test, show=shown, what="held-out", **kw)
+    test = collect(reader, model, held, keep=probe_test, show=shown, sam_rows=sam_rows, sam_teachers=tuple(sams),
+                   what="held-out", **kw)
     fit = collect(reader, model, bank, keep=probe_train, what="train bank", **kw) if need_bank else None
 
     # 4. metrics
@@ -94,6 +100,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
                                       "samples (mask of a/b.jpg = MASKS/a/b.png)"}
     else:
         report["dense"] = _dense(reader, masks, bank, held, fit, test, cfg, device)
+    report["sam"], sam_ious = _sam(test, sams, sam_notes, cfg) if sams else ({"skipped": "; ".join(sam_notes)}, {})
 
     # 5. throughput of the student and of each teacher's architecture on this device
     if cfg.throughput:
@@ -118,6 +125,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     else:
         report["pictures"]["curves"] = None
         report["pictures"]["skipped"] = f"no training metrics in '{metrics_csv}'"
+    if sam_ious:
+        sam_png(out / "sam_iou.png", sam_ious)
+        report["pictures"]["sam"] = "sam_iou.png"
     report = _plain(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
@@ -141,6 +151,26 @@ def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) 
         return np.zeros(0, dtype=np.int64)
     rows = [p for p, i in enumerate(indices) if mask_path(masks, reader.ids[i]).is_file()]
     return np.sort(rng.permutation(np.asarray(rows, dtype=np.int64))[:cap])
+
+
+def _sam_decoders(cfg: EvalConfig, run, device) -> tuple[dict, list[str]]:
+    """{SAM teacher: its `Sam` (prompt encoder + mask decoder used) on `device`} and why others are left out.
+
+    Loaded before any pass, so a wrong --sam-checkpoint fails in seconds, not after the features."""
+    teachers = {n: i for n, i in run.store_settings["teachers"].items() if i["family"] == "sam"}
+    if not teachers:
+        return {}, ["the store has no SAM teacher"]
+    sams, notes = {}, []
+    for name, ident in teachers.items():
+        if ident.get("spatial", "neck") != "neck":
+            notes.append(f"{name}: cached pre-neck; SAM's mask decoder needs the neck target (--sam-spatial neck)")
+        elif ident.get("preset") != "tiny" and cfg.sam_checkpoint is None:
+            notes.append(f"{name} ({ident['model']}): pass its checkpoint with --sam-checkpoint FILE")
+        else:
+            sam = load_sam(ident, cfg.sam_checkpoint, name)
+            sam.image_encoder = None  # never run here (2.5 GB for SAM-H): only the prompt side is
+            sams[name] = sam.to(device).eval()
+    return sams, notes
 
 
 def _teacher_label(name: str, ident: dict) -> str:
@@ -213,6 +243,36 @@ def _dense(reader, masks: Path, bank, held, fit: SplitFeatures, test: SplitFeatu
             "student_backbone": {"miou": score(fit.backbone_spatial, test.backbone_spatial, student_grid),
                                  "grid": list(student_grid)},
             "teachers": teachers}
+
+
+def _sam(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
+    """Per-prompt mask IoU, decoded from the student's SAM adaptor maps (resized to SAM's grid, as the
+    drop-in does) and from the cached teacher features (resized from a pooled grid), vs the latter
+    decoded once more: the teacher's own IoU, 1.0 for a deterministic decoder.
+
+    Returns:
+        the report section and {teacher: (Ms * P,) student IoUs} for the histogram.
+    """
+    out, ious = {}, {}
+    for name, sam in sams.items():
+        grid = tuple(sam.prompt_encoder.image_embedding_size)
+        target = torch.from_numpy(test.sam_target[name])  # (Ms, ht, wt, C)
+        teacher = to_sam_grid(target.permute(0, 3, 1, 2), grid)  # (Ms, C, g, g)
+        student = to_sam_grid(torch.from_numpy(test.sam_student[name]), grid)
+        iou = mask_agreement(sam, teacher, {"student": student, "teacher": teacher.clone()}, points=SAM_POINTS,
+                             seed=cfg.seed)
+        ious[name] = iou["student"].flatten().numpy()
+        out[name] = {"student": _distribution(ious[name]), "teacher": _distribution(iou["teacher"].flatten().numpy()),
+                     "grid": list(grid), "stored_grid": list(target.shape[1:3])}
+    section = {"images": int(len(test.sam_rows)), "prompts_per_image": SAM_POINTS ** 2, "teachers": out}
+    if notes:
+        section["notes"] = notes
+    return section, ious
+
+
+def _distribution(x: np.ndarray) -> dict:
+    q = np.percentile(x, [0, 25, 50, 75, 100])
+    return {"mean": float(x.mean()), **dict(zip(("min", "q1", "median", "q3", "max"), q.tolist()))}
 
 
 def _plain(x):
@@ -295,6 +355,24 @@ def render_markdown(r: dict) -> str:
                                         if v["overrides"] else "")
             lines.append(f"| {r['teachers'][t]} | {arch} | {v['resolution']} | {_f(v['images_per_s'], 1)} |")
         lines.append("")
+
+    s = r["sam"]
+    lines += ["## SAM mask IoU", ""]
+    if not skipped(s):
+        lines += [f"SAM's prompt decoder on {s['images']} held-out images (view 0), {s['prompts_per_image']} seeded "
+                  "single-point prompts each (a jittered grid): masks from the student's SAM adaptor output, resized "
+                  "to SAM's embedding grid as `sam_predictor` does, vs masks from the cached teacher features. "
+                  "IoU per prompt; the teacher row decodes the cached features again.", "",
+                  "| teacher | embeddings | grid | mean IoU | min | q1 | median | q3 | max |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t, v in s["teachers"].items():
+            for who, label in (("student", "student (adaptor)"), ("teacher", "teacher (cached)")):
+                d = v[who]
+                lines.append(f"| {r['teachers'][t]} | {label} | {'x'.join(map(str, v['grid']))} | {_f(d['mean'])} | "
+                             + " | ".join(_f(d[k], 3) for k in ("min", "q1", "median", "q3", "max")) + " |")
+        lines += [f"- {n}" for n in s.get("notes", [])] + [""]
+        if r["pictures"].get("sam"):
+            lines += ["![SAM mask IoU per prompt](sam_iou.png)", ""]
 
     lines += ["## Pictures", "", "![feature maps](features.png)", ""]
     if r["pictures"].get("curves"):

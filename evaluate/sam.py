@@ -45,8 +45,14 @@ class StudentImageEncoder(nn.Module):
         x = (x * self.sam_std + self.sam_mean - self.mean) / self.std
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                           align_corners=False)
-        spatial = self.student(x).teachers[self.teacher].spatial  # (B, C, h, w)
-        return F.interpolate(spatial.float(), size=self.grid, mode="bilinear", align_corners=False)
+        return to_sam_grid(self.student(x).teachers[self.teacher].spatial, self.grid)
+
+
+def to_sam_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, g, g) float32, bilinear: the drop-in's resize, shared by `radio-eval`'s SAM metric."""
+    if tuple(spatial.shape[-2:]) == tuple(grid):
+        return spatial.float()
+    return F.interpolate(spatial.float(), size=tuple(grid), mode="bilinear", align_corners=False)
 
 
 def sam_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,
@@ -75,7 +81,7 @@ def sam_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher:
     if ident.get("spatial", "neck") != "neck":
         raise EvaluationError(f"SAM teacher '{name}' was cached pre-neck; SAM's mask decoder needs the neck target "
                               "(build the store with --sam-spatial neck)")
-    sam = _load_sam(ident, checkpoint, name)
+    sam = load_sam(ident, checkpoint, name)
     student = load_student(info.path)
     sam.image_encoder = StudentImageEncoder(
         student, name, resolution=info.resolution, img_size=sam.image_encoder.img_size,
@@ -91,11 +97,15 @@ def sam_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teac
     return SamPredictor(sam_model(run, checkpoint, teacher=teacher, device=device))
 
 
-def _load_sam(ident: dict, checkpoint: str | Path | None, name: str):
-    """The SAM teacher's model as its library loads it, after checking the file is the one cached from."""
+def load_sam(ident: dict, checkpoint: str | Path | None, name: str):
+    """The SAM teacher `name` (its store identity `ident`) as its library loads it, after checking the
+    file is the one cached from; the tiny preset needs no file (seeded)."""
     from ..cache.teachers import TeacherSpec, build_teacher, sha256_file, tiny_teachers
 
     if ident.get("preset") == "tiny":
+        if checkpoint is not None:
+            raise EvaluationError(f"SAM teacher '{name}' is the tiny preset (seeded weights): it takes no checkpoint "
+                                  f"file, got '{checkpoint}'")
         spec = next(s for s in tiny_teachers() if s.family == "sam")
         return build_teacher(spec).model  # seeded: the decoder the store's targets were made beside
     if checkpoint is None:
@@ -121,7 +131,7 @@ def prompt_masks(sam, embeddings: torch.Tensor, *, points: int = 4, seed: int = 
     Returns:
         (B, points**2, 4g, 4g) bool masks at the decoder's output size.
     """
-    S = sam.image_encoder.img_size
+    S = sam.prompt_encoder.input_image_size[0]
     rng = torch.Generator().manual_seed(seed)
     centres = (torch.arange(points) + 0.5) * S / points
     grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 1, 2)  # (P, 1, 2) x, y
@@ -141,3 +151,28 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of bool masks (..., H, W) -> (...); two empty masks agree fully (IoU 1)."""
     inter, union = (a & b).flatten(-2).sum(-1), (a | b).flatten(-2).sum(-1)
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter, dtype=torch.float))
+
+
+@torch.no_grad()
+def mask_agreement(sam, reference: torch.Tensor, candidates: dict[str, torch.Tensor], *, points: int = 4,
+                   seed: int = 0, batch: int = 16) -> dict[str, torch.Tensor]:
+    """Per-prompt IoU of the masks each candidate's embeddings give vs those of `reference`, same prompts.
+
+    Args:
+        sam: a segment_anything `Sam` (its prompt encoder and mask decoder are used).
+        reference: (M, C, g, g) embeddings, e.g. the cached SAM teacher features.
+        candidates: name -> (M, C, g, g) embeddings.
+        batch: images decoded at a time (the masks of a batch are (batch, points**2, 4g, 4g) bools).
+
+    Returns:
+        name -> (M, points**2) float IoUs, on the CPU.
+    """
+    device = sam.prompt_encoder.get_dense_pe().device
+    out = {name: [] for name in candidates}
+    for start in range(0, len(reference), batch):
+        part = slice(start, start + batch)
+        ref = prompt_masks(sam, reference[part].to(device), points=points, seed=seed + start)
+        for name, emb in candidates.items():
+            masks = prompt_masks(sam, emb[part].to(device), points=points, seed=seed + start)
+            out[name].append(mask_iou(ref, masks).cpu())
+    return {name: torch.cat(parts) for name, parts in out.items()}

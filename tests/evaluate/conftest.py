@@ -33,10 +33,8 @@ def eval_setup(tmp_path_factory):
     return SimpleNamespace(root=root, images=images, store=cfg.out, run=root / "run")
 
 
-@pytest.fixture(scope="session")
-def evaluated(eval_setup):
+def evaluate_in_subprocess(setup, out, **overrides) -> SimpleNamespace:
     """`evaluate` in a fresh interpreter; records the rows each feature pass ran on and the modules loaded."""
-    out = eval_setup.root / "eval"
     code = f"""
         import json, sys
         import radio_distill.evaluate.report as R
@@ -46,8 +44,8 @@ def evaluated(eval_setup):
             calls.append([kw["what"], [int(i) for i in indices]])
             return collect(reader, model, indices, **kw)
         R.collect = spy
-        evaluate(EvalConfig(store={str(eval_setup.store)!r}, run={str(eval_setup.run)!r}, out={str(out)!r},
-                            **{FAST!r}), progress=False)
+        evaluate(EvalConfig(store={str(setup.store)!r}, run={str(setup.run)!r}, out={str(out)!r},
+                            **{ {**FAST, **overrides}!r}), progress=False)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("open_clip", "segment_anything")
                         or m.startswith("radio_distill.cache.teachers"))
         print("RESULT", json.dumps({{"calls": calls, "loaded": loaded}}))
@@ -57,3 +55,9 @@ def evaluated(eval_setup):
     line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     return SimpleNamespace(out=out, report=json.loads((out / "report.json").read_text()), **result)
+
+
+@pytest.fixture(scope="session")
+def evaluated(eval_setup):
+    """Every metric of the tiny run, evaluated in a fresh interpreter."""
+    return evaluate_in_subprocess(eval_setup, eval_setup.root / "eval")

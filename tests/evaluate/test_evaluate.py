@@ -14,16 +14,16 @@ from radio_distill.errors import DatasetError, EvaluationError
 from radio_distill.evaluate import EvalConfig, evaluate
 from radio_distill.train.reader import CacheReader, is_held_out
 
-from .conftest import FAST, HOLDOUT
+from .conftest import FAST, HOLDOUT, evaluate_in_subprocess
 
 TEACHERS = ["clip", "dinov2", "sam"]
 
 
 def test_report_has_every_section_with_results(evaluated):
     r = evaluated.report
-    for section in ("fidelity", "knn", "zero_shot", "dense", "throughput", "pictures", "split"):
+    for section in ("fidelity", "knn", "zero_shot", "dense", "sam", "throughput", "pictures", "split"):
         assert section in r and "skipped" not in r[section], section
-    assert (evaluated.out / "report.md").read_text().count("## ") == 6
+    assert (evaluated.out / "report.md").read_text().count("## ") == 7
 
 
 def test_fidelity_per_teacher_summary_and_spatial(evaluated):
@@ -62,8 +62,19 @@ def test_throughput_of_student_and_teacher_architectures(evaluated):
     assert p["teachers"]["sam"]["architecture"] == "samvit_base_patch16"
 
 
+def test_sam_mask_iou_of_the_student_next_to_the_teachers_own(evaluated):
+    s = evaluated.report["sam"]
+    assert s["images"] == evaluated.report["split"]["held_out"] and s["prompts_per_image"] == 16
+    v = s["teachers"]["sam"]
+    assert v["grid"] == v["stored_grid"] == [8, 8] and v["teacher"]["min"] == 1.0  # the cached features, decoded twice
+    d = v["student"]
+    assert 0 <= d["min"] <= d["q1"] <= d["median"] <= d["q3"] <= d["max"] <= 1 and d["min"] <= d["mean"] <= d["max"]
+    assert evaluated.report["pictures"]["sam"] == "sam_iou.png"
+    assert "## SAM mask IoU" in (evaluated.out / "report.md").read_text()
+
+
 def test_pictures_are_written_and_readable(evaluated):
-    for name in ("features.png", "curves.png"):
+    for name in ("features.png", "curves.png", "sam_iou.png"):
         with Image.open(evaluated.out / name) as im:
             im.load()
             assert im.size[0] > 0 and im.size[1] > 0
@@ -79,8 +90,13 @@ def test_queries_are_held_out_and_the_bank_is_train_split(evaluated, eval_setup)
     assert evaluated.report["split"]["held_out"] == len(queries)
 
 
-def test_evaluation_never_imports_a_teacher(evaluated):
-    assert evaluated.loaded == []
+def test_evaluation_imports_only_sams_decoder_and_without_the_sam_metric_no_teacher(evaluated, eval_setup):
+    assert any(m.startswith("segment_anything") for m in evaluated.loaded)  # prompt encoder + mask decoder
+    assert not any(m.startswith("open_clip") for m in evaluated.loaded)
+    bare = evaluate_in_subprocess(eval_setup, eval_setup.root / "eval_nosam", sam=False, throughput=False, pictures=1,
+                                  probe_images=4, max_bank=8)
+    assert bare.loaded == []
+    assert bare.report["sam"] == {"skipped": "turned off (--no-sam)"} and "sam" not in bare.report["pictures"]
 
 
 def test_bank_cap_is_deterministic(eval_setup, tmp_path):
@@ -95,18 +111,20 @@ def test_bank_cap_is_deterministic(eval_setup, tmp_path):
 def test_cli_help_and_a_real_run_without_text_embeddings(eval_setup, tmp_path):
     runner = CliRunner()
     result = runner.invoke(eval_app, ["--help"])
-    assert result.exit_code == 0 and "--max-bank" in result.output
+    assert result.exit_code == 0 and "--max-bank" in result.output and "--sam-checkpoint" in result.output
     store = tmp_path / "notext.zarr"
     shutil.copytree(eval_setup.store, store)
     shutil.rmtree(store / "teachers" / "clip" / "text")
     out = tmp_path / "eval"
     result = runner.invoke(eval_app, [str(store), str(eval_setup.run), "--out", str(out), "--workers", "0",
-                                      "--device", "cpu", "--no-throughput", "--pictures", "2", "--probe-steps", "20"])
+                                      "--device", "cpu", "--no-throughput", "--pictures", "2", "--probe-steps", "20",
+                                      "--sam-images", "3"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "radio-cache text" in report["zero_shot"]["skipped"]
     assert "radio-cache text" in (out / "report.md").read_text()
     assert "skipped zero_shot" in result.output.replace("\n", " ")
+    assert report["sam"]["images"] == 3 and "sam_iou.png" in result.output
 
 
 def test_cli_errors_are_one_line(eval_setup, tmp_path):
@@ -116,6 +134,12 @@ def test_cli_errors_are_one_line(eval_setup, tmp_path):
     result = runner.invoke(eval_app, [str(eval_setup.store), str(eval_setup.run), "--out", str(tmp_path / "e"),
                                       "--masks", str(tmp_path / "none")])
     assert result.exit_code == 2 and "--masks" in result.output
+    ckpt = tmp_path / "sam.pth"
+    ckpt.write_bytes(b"x")
+    result = runner.invoke(eval_app, [str(eval_setup.store), str(eval_setup.run), "--out", str(tmp_path / "e"),
+                                      "--sam-checkpoint", str(ckpt)])
+    assert result.exit_code == 2 and "tiny preset" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_unlabelled_store_skips_knn_and_zero_shot(eval_setup, tmp_path):
@@ -146,7 +170,7 @@ def test_a_run_from_another_store_is_refused(eval_setup, tmp_path):
     (["--batch-size", "0"], "--batch-size 0"), (["--workers", "-1"], "--workers -1"),
     (["--resolution", "0"], "--resolution 0"), (["--throughput-batch", "0"], "--throughput-batch 0"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"),
-    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--device", "cuda:7"], "--device cuda:7"), (["--sam-images", "0"], "--sam-images 0"),
 ])
 def test_silly_option_values_give_one_line_and_create_nothing(eval_setup, tmp_path, monkeypatch, args, option):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine

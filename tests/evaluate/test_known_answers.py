@@ -1,5 +1,5 @@
-"""Known answers: a student that outputs exactly the cached targets scores fidelity 1 and the teachers'
-own kNN accuracy; one that outputs their negation scores fidelity -1."""
+"""Known answers: a student that outputs exactly the cached targets scores fidelity 1, the teachers'
+own kNN accuracy and SAM mask IoU 1; one that outputs their negation scores fidelity -1."""
 
 import numpy as np
 import pytest
@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader
 from radio_distill.cache import layout as L
 from radio_distill.cache.store import open_store
 from radio_distill.evaluate import EvalConfig
-from radio_distill.evaluate.features import collect
+from radio_distill.evaluate.features import collect, load_run
 from radio_distill.evaluate.metrics import knn_top1
-from radio_distill.evaluate.report import _fidelity, _knn
+from radio_distill.evaluate.report import _fidelity, _knn, _sam, _sam_decoders
 from radio_distill.student import StudentOutput
 from radio_distill.student.model import Features
 from radio_distill.train.reader import CacheReader, decode_targets
@@ -43,9 +43,9 @@ class Oracle(torch.nn.Module):
         return StudentOutput(Features(teachers["clip"].summary, teachers["clip"].spatial), teachers)
 
 
-def features(reader, indices, sign=1.0):
+def features(reader, indices, sign=1.0, **kw):
     return collect(reader, Oracle(reader, indices, sign), indices, resolution=RESOLUTION, device=torch.device("cpu"),
-                   batch_size=BATCH, progress=False)
+                   batch_size=BATCH, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,21 @@ def test_knn_of_a_student_equal_to_its_teachers_is_the_teachers(eval_setup, spli
         assert knn["teachers"][t] == {"teacher": pytest.approx(expected, abs=1e-9),
                                       "student": pytest.approx(expected, abs=1e-9)}
     assert knn["student_backbone"] == pytest.approx(knn["teachers"]["clip"]["teacher"], abs=1e-9)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sam_mask_iou_of_a_student_equal_to_its_teacher_is_one(eval_setup, split, sign):
+    reader, held, _ = split
+    cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=eval_setup.root / "unused")
+    sams, notes = _sam_decoders(cfg, load_run(eval_setup.run), torch.device("cpu"))
+    assert list(sams) == ["sam"] and notes == []
+    rows = np.arange(0, len(held), 2)
+    feats = features(reader, held, sign, sam_rows=rows, sam_teachers=("sam",))
+    section, ious = _sam(feats, sams, notes, cfg)
+    assert section["images"] == len(rows) and ious["sam"].shape == (len(rows) * 16,)
+    v = section["teachers"]["sam"]
+    assert v["teacher"]["mean"] == 1.0
+    if sign > 0:
+        assert v["student"]["min"] == 1.0
+    else:  # negated embeddings draw other masks
+        assert v["student"]["mean"] < 0.9

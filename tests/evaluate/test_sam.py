@@ -1,12 +1,17 @@
 """The student as SAM's image encoder, and the mask-agreement metric behind `radio-eval --sam`."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from radio_distill.errors import EvaluationError
-from radio_distill.evaluate.sam import mask_iou, prompt_masks, sam_model, sam_predictor
+from radio_distill.evaluate import EvalConfig
+from radio_distill.evaluate.features import SplitFeatures
+from radio_distill.evaluate.report import _sam, _sam_decoders
+from radio_distill.evaluate.sam import mask_iou, prompt_masks, sam_model, sam_predictor, to_sam_grid
 from radio_distill.student import load_student
 
 
@@ -67,3 +72,32 @@ def test_wrong_checkpoint_is_refused(eval_setup, tmp_path, monkeypatch):
     other.write_bytes(b"not sam")
     with pytest.raises(EvaluationError, match="is not the file teacher 'sam' was cached from"):
         sam_model(run, other)
+
+
+def test_pooled_targets_and_student_maps_are_resized_to_sams_grid(eval_setup):
+    """A store pooled 8x8 -> 4x4: the cached map is resized to SAM's 8x8 grid; a student equal to the
+    pooled map (at its own 4x4 grid) draws the same masks, its negation does not."""
+    sam = sam_model(eval_setup.run)
+    target = torch.randn(3, 4, 4, 32, generator=torch.Generator().manual_seed(0)).half()  # (Ms, ht, wt, C)
+    cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=eval_setup.root / "unused")
+    for sign, check in ((1, lambda d: d["min"] == 1.0), (-1, lambda d: d["mean"] < 0.9)):
+        feats = SplitFeatures(indices=np.arange(3), labels=np.zeros(3), backbone_summary=None, sam_rows=np.arange(3),
+                              sam_target={"sam": target.numpy()},
+                              sam_student={"sam": (sign * target).permute(0, 3, 1, 2).numpy()})
+        section, ious = _sam(feats, {"sam": sam}, [], cfg)
+        v = section["teachers"]["sam"]
+        assert v["grid"] == [8, 8] and v["stored_grid"] == [4, 4] and v["teacher"]["min"] == 1.0
+        assert check(v["student"]), v["student"]
+    assert to_sam_grid(target.permute(0, 3, 1, 2), (8, 8)).shape == (3, 32, 8, 8)
+
+
+def test_sam_decoders_say_why_a_sam_teacher_is_left_out(eval_setup, tmp_path):
+    settings = {"teachers": {"clip": {"family": "clip"},
+                             "sam_pre": {"family": "sam", "model": "tiny", "preset": "tiny", "spatial": "preneck"},
+                             "sam_h": {"family": "sam", "model": "vit_h", "preset": None, "spatial": "neck"}}}
+    cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=tmp_path)
+    sams, notes = _sam_decoders(cfg, SimpleNamespace(store_settings=settings), "cpu")
+    assert sams == {} and len(notes) == 2
+    assert "sam_pre: cached pre-neck" in notes[0] and "sam_h (vit_h): pass its checkpoint with --sam-checkpoint" in notes[1]
+    none, why = _sam_decoders(cfg, SimpleNamespace(store_settings={"teachers": {"clip": {"family": "clip"}}}), "cpu")
+    assert none == {} and why == ["the store has no SAM teacher"]
