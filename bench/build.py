@@ -15,23 +15,42 @@ Each actor runs two shards at once (cache/build.py, `max_concurrency=2`), so tho
 seconds can overlap the other shard's work and then under-state the teacher's speed; `teacher s /
 wall` shows how much (above 1 = overlapping). The overall img/s vs ideal is the figure to judge.
 
-Target: per-teacher build speed close to its raw forward, build time linear in images.
+Per-stage CPU seconds per 1k images (process CPU time, all threads), measured in this process on
+`--stage-images` photos with the build's own functions, since the build's actors report only their
+forward + encode seconds: decode (`load_rgb` at the largest teacher side), resize (`crop_resize` to
+each teacher's side), forward (each teacher on normalised pixels), quantise (`codecs.encode` of each
+target with its default codec) and write (tensorstore writes of one shard's encoded arrays into the
+built store, the same bytes again, as the worker writes them).
+
+Target: per-teacher build speed close to its raw forward, build time linear in images (s/1k images
+within 1.2x from the smallest to the largest build).
 
     python bench/build.py --json build.json          # dinov2 at 1k/4k/16k images, three teachers at 1k
     python bench/build.py --quick                    # CPU smoke: tiny teachers, 32/64/128 images
+    python bench/build.py --device cpu --runs tiny:1000,4000,16000 --batch-size 32   # linearity on a CPU
 """
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 
 import common
-from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache import codecs
+from radio_distill.cache import layout as L
+from radio_distill.cache.build import CacheConfig, Storage, build_cache
+from radio_distill.cache.dataset import load_rgb
+from radio_distill.cache.store import open_array
 from radio_distill.cache.teachers import build_teacher
+from radio_distill.cache.views import crop_resize, view_boxes
 from radio_distill.ops import autocast, normalise
 
-FULL = dict(runs=["dinov2:1000,4000,16000", "three:1000"], batch_size=64, shard_size=256, raw_steps=10)
-QUICK = dict(runs=["tiny-dinov2:32,64,128", "tiny:32"], batch_size=16, shard_size=16, raw_steps=3)
+FULL = dict(runs=["dinov2:1000,4000,16000", "three:1000"], batch_size=64, shard_size=256, raw_steps=10,
+            stage_images=256)
+QUICK = dict(runs=["tiny-dinov2:32,64,128", "tiny:32"], batch_size=16, shard_size=16, raw_steps=3, stage_images=16)
+STAGES = ("decode", "resize", "forward", "quantise", "write")
 
 
 def raw_forward(spec, *, listing, batch: int, steps: int, device: torch.device) -> float:
@@ -45,6 +64,48 @@ def raw_forward(spec, *, listing, batch: int, steps: int, device: torch.device) 
             teacher(x)
 
     return batch * steps / common.timed(forward, steps=steps, device=device)
+
+
+def stage_cpu(specs, *, listing, count: int, batch: int, store, shard_size: int, device: torch.device) -> dict:
+    """CPU seconds per 1k images of each build stage (see the module docstring), in this process."""
+    teachers = [build_teacher(s, device=device) for s in specs]
+    folder, names = listing.parent, listing.read_text().split()[:count]
+    cpu = dict.fromkeys(STAGES, 0.0)
+
+    def timed(stage, fn, *a, **kw):
+        start = time.process_time()
+        out = fn(*a, **kw)
+        cpu[stage] += time.process_time() - start
+        return out
+
+    side = max(t.resolution for t in teachers)
+    decoded = [timed("decode", load_rgb, folder / n, min_side=side) for n in names]
+    boxes = [view_boxes(*d.size, views=1, seed=0, sample_id=n)[0] for d, n in zip(decoded, names)]
+    for t in teachers:
+        pixels = np.stack([timed("resize", crop_resize, d.image, b, t.resolution, span=d.span)
+                           for d, b in zip(decoded, boxes)])
+        storage = Storage()
+        for start in range(0, count, batch):
+            x = torch.from_numpy(pixels[start:start + batch]).to(device)
+
+            def forward():
+                with torch.inference_mode(), autocast(device):
+                    out = t(normalise(x.permute(0, 3, 1, 2), t.mean, t.std))
+                common.sync(device)
+                return out
+
+            summary, spatial = timed("forward", forward)
+            for target, value in (("summary", summary), ("spatial", spatial)):
+                if value is not None:
+                    timed("quantise", codecs.encode, codecs.pool(value, storage.pool) if target == "spatial" else value,
+                          getattr(storage, target))
+    rows = slice(0, min(shard_size, count))  # one shard of the built store, written again as the worker does
+    arrays = [p for s in specs for t in L.TARGETS for p in (L.target_array(s.name, t), L.scale_array(s.name, t))
+              if (store / p / "zarr.json").is_file()]
+    values = {p: open_array(store, p)[rows].read().result() for p in arrays}
+    timed("write", lambda: [f.result() for f in [open_array(store, p)[rows].write(v) for p, v in values.items()]])
+    cpu["write"] *= count / (rows.stop - rows.start)
+    return {stage: seconds / count * 1000 for stage, seconds in cpu.items()}
 
 
 def bench_run(preset: str, sizes: list[int], raw: dict, args, device: torch.device) -> list[dict]:
@@ -75,6 +136,12 @@ def bench_run(preset: str, sizes: list[int], raw: dict, args, device: torch.devi
                      "teachers": teachers,
                      "per_teacher": "  ".join(f"{k} {common.num(v['build_views_per_s'])}/{common.num(v['raw_img_per_s'])}"
                                               f" ({v['of_raw']:.0%})" for k, v in teachers.items())})
+    stages = stage_cpu(specs, listing=common.make_jpegs(args.stage_images, work=args.work), count=args.stage_images,
+                       batch=args.batch_size, store=common.store_path(args.work, preset, sizes[-1]),
+                       shard_size=args.shard_size, device=device)
+    for r in rows:
+        r["stage_cpu_s_per_1k"] = stages
+        r["stages"] = "  ".join(f"{k} {v:.1f}" for k, v in stages.items())
     first, last = rows[0], rows[-1]
     for r in rows:  # s/image relative to the smallest build: 1.0 = perfectly linear
         r["linearity"] = r["s_per_1k"] / first["s_per_1k"] if len(rows) > 1 else None
@@ -87,7 +154,8 @@ COLUMNS = [("run", "run", ""), ("images", "images", "d"), ("seconds", "wall s", 
            ("linearity", "vs smallest", ".2f"), ("images_per_s", "build img/s", "n"),
            ("ideal_images_per_s", "ideal img/s", "n"), ("of_ideal", "of ideal", ".0%"),
            ("teacher_s_per_wall", "teacher s / wall", ".2f"),
-           ("per_teacher", "per teacher: build/raw fwd img/s", "")]
+           ("per_teacher", "per teacher: build/raw fwd img/s", ""),
+           ("stages", "CPU s per 1k images by stage", "")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int)
     p.add_argument("--raw-steps", type=int, help="timed batches of each raw forward")
     p.add_argument("--workers", type=int, help="CPU-only runs: Ray workers (default 1; one per GPU on CUDA)")
+    p.add_argument("--stage-images", type=int, help="photos the per-stage CPU times are measured on")
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     device = torch.device(args.device)
     runs = [(r.split(":")[0], [int(n) for n in r.split(":")[1].split(",")]) for r in args.runs]

@@ -69,13 +69,14 @@ def test_storage(bench):
 
 
 def test_build(bench, ray_session):
-    rows = bench("build", "--runs", "tiny:8,16", "--shard-size", "8", "--raw-steps", "1")["results"]
+    rows = bench("build", "--runs", "tiny:8,16", "--shard-size", "8", "--raw-steps", "1", "--stage-images", "8")["results"]
     assert [r["images"] for r in rows] == [8, 16]
     for r in rows:
         positive(r, "seconds", "images_per_s", "ideal_images_per_s", "s_per_1k", "linearity")
         assert set(r["teachers"]) == {"clip", "dinov2", "sam"}
         for t in r["teachers"].values():
             positive(t, "build_views_per_s", "raw_img_per_s", "of_raw", "bytes_per_view")
+        positive(r["stage_cpu_s_per_1k"], "decode", "resize", "forward", "quantise", "write")
     assert isinstance(rows[-1]["marginal_s_per_1k"], float)  # may be <= 0 at 8 vs 16 images: first-call costs
 
 
