@@ -8,17 +8,28 @@ Fidelity is the per-token cosine of the decoded spatial map (bilinearly unpooled
 grid where pooled) to the unquantised output: mean and min. The summary is stored fp16 (the
 build's default) in every row and counted in the bytes.
 
-Codecs: `fp16`; `int8` (the default: per-token absmax int8 + one fp16 scale per token); `int8+pool2`
-(2x2 average pooling first, `--pool`); and `pca<k>+int8`, which the store does NOT have yet: a
-channel PCA computed here (basis fit on the first half of the images, measured on the other half,
-which is also the half every other codec is measured on), keeping the top k components per token,
-stored as int8 + scale, the basis once per store (`basis_kb`). It shows what such a codec would give.
+Codecs (`cache/codecs.py`): `fp16`; `int8` (the default: per-token absmax int8 + one fp16 scale per
+token); `int8+pool2` (2x2 average pooling first, `--pool`); and the calibrated ones a `--fidelity`
+budget may pick: `rot-int8` (PHI-S rotation, then per-token int8) and `pca<k>-int8` (k leading
+components, k a power of two). Their transforms are fit (`cache/calibrate.py`) on the first half of
+the images and every codec is measured on the other half; the transform is stored once per store
+(`basis_kb`). `picked at 0.99` marks what `--fidelity 0.99` would pick among the rows shown.
 
 Caveat: the teachers have random weights. Trained ViTs have a few huge outlier channels and a
 steep PCA spectrum; random ones do not, so per-token absmax int8 may do worse and PCA better on
-real weights. The cosines here test the codecs, not the real teachers' compressibility.
+real weights. The cosines here test the codecs, not the real teachers' compressibility. Hence also
+`known_structure`: features whose structure is known, made here (not by a teacher), each codec
+measured on held-back tokens and the budget's pick marked `chosen`:
+- `outlier_100x`, `outlier_10x`: 1024 N(0, 1) channels around a fixed mean; in half the tokens one
+  of 4 fixed channels reaches 100 (10) -- the massive activations of trained CLIP and DINOv2;
+  budget 0.999. `cos_rest_*` is the cosine over the other 1020 channels: what outliers crush.
+- `low_rank`: 1024 channels, 99.5 % of the energy in 64 components plus isotropic noise (the
+  64-component projection has cos ~ sqrt(0.995) = 0.9975); budget 0.99.
+Their ratio is raw bytes per token vs fp16 (random values do not compress), the basis not counted.
 
-Targets: a default >= 2x smaller than raw fp16 at cos >= 0.999; an option >= 4x smaller at cos >= 0.99.
+Targets: a default >= 2x smaller than raw fp16 at cos >= 0.999; an option >= 4x smaller at cos >= 0.99;
+outlier_100x: rot-int8 mean cos >= 0.999 and min >= 0.99; low_rank: budget 0.99 picks >= 8x smaller
+than fp16 at mean cos >= 0.99.
 
     python bench/storage.py --json storage.json      # CLIP-L/14@224, DINOv2-L/14@224, SAM-B@1024 on 64 photos
     python bench/storage.py --quick                  # CPU smoke: tiny teachers, 8 photos
@@ -26,6 +37,7 @@ Targets: a default >= 2x smaller than raw fp16 at cos >= 0.999; an option >= 4x 
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -33,14 +45,17 @@ import torch
 import zarr
 
 import common
-from radio_distill.cache import codecs
+from radio_distill.cache import calibrate, codecs
 from radio_distill.cache.store import _compressors  # the store's own zstd-1 + crc32c chain
 from radio_distill.cache.teachers import build_teacher
 from radio_distill.ops import autocast, normalise
 
-FULL = dict(teachers="three", images=64, batch_size=16, pca=[0.5, 0.25, 0.125])
-QUICK = dict(teachers="tiny", images=8, batch_size=8, pca=[0.5, 0.25, 0.125])
+FULL = dict(teachers="three", images=64, batch_size=16, pca=[0.5, 0.25, 0.125], tokens=16384)
+QUICK = dict(teachers="tiny", images=8, batch_size=8, pca=[0.5, 0.25, 0.125], tokens=4096)
 DEFAULT_RATIO, DEFAULT_COS, OPTION_RATIO, OPTION_COS = 2.0, 0.999, 4.0, 0.99
+KNOWN_C, OUTLIER_CHANNELS = 1024, (3, 100, 517, 900)
+KNOWN_BUDGETS = {"outlier_100x": 0.999, "outlier_10x": 0.999, "low_rank": 0.99}
+KNOWN_CODECS = ("fp16", "int8", "rot-int8", "pca64-int8", "pca64-fp16", "pca128-int8")
 
 
 def teacher_outputs(spec, args, device) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -72,15 +87,6 @@ def disk_bytes(arrays: dict[str, torch.Tensor]) -> int:
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
-def pca_basis(tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, C) fit tokens -> mean (C,), basis (C, k) of the top-k principal components."""
-    t = tokens.double()
-    mean = t.mean(0)
-    cov = (t - mean).T @ (t - mean) / max(1, len(t) - 1)
-    _, vecs = torch.linalg.eigh(cov)  # ascending
-    return mean.float(), vecs[:, -k:].flip(1).float()
-
-
 def encodings(fit: torch.Tensor, x: torch.Tensor, args) -> dict[str, tuple[dict, torch.Tensor, int]]:
     """codec name -> (arrays to store, decoded spatial at the teacher grid, once-per-store bytes)."""
     out = {}
@@ -89,13 +95,56 @@ def encodings(fit: torch.Tensor, x: torch.Tensor, args) -> dict[str, tuple[dict,
         back = codecs.unpool(codecs.decode(values, scale), tuple(x.shape[1:3]))
         out[name] = ({"spatial": values} | ({} if scale is None else {"spatial_scale": scale}), back, 0)
     C = x.shape[-1]
-    for fraction in args.pca:
-        k = max(1, round(C * fraction))
-        mean, basis = pca_basis(fit.reshape(-1, C), k)
-        values, scale = codecs.encode((x - mean) @ basis, "int8")  # (N, h, w, k)
-        back = codecs.decode(values, scale) @ basis.T + mean
-        out[f"pca{k}+int8"] = ({"spatial": values, "spatial_scale": scale}, back, (C * k + C) * 2)
+    stats = calibrate.Moments(C).add(fit).statistics()
+    ks = dict.fromkeys(2 ** int(math.log2(C * f)) for f in args.pca if C * f >= 1)
+    for codec in ["rot-int8"] + [f"pca{k}-int8" for k in ks if k < C]:
+        transform = (stats.mean.float(), calibrate.basis(codec, stats))
+        values, scale = codecs.encode(x, codec, transform)
+        back = codecs.decode(values, scale, transform)
+        out[codec] = ({"spatial": values, "spatial_scale": scale}, back, transform[1].numel() * 4 + C * 8)
     return out
+
+
+def outliers(tokens: int, factor: float, seed: int) -> torch.Tensor:
+    """(T, C): N(0, 1) channels around a fixed mean; in half the tokens one of OUTLIER_CHANNELS is `factor`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, KNOWN_C, generator=g) + 0.5 * torch.randn(KNOWN_C, generator=torch.Generator().manual_seed(99))
+    rows = torch.nonzero(torch.rand(tokens, generator=g) < 0.5).squeeze(1)
+    x[rows, torch.tensor(OUTLIER_CHANNELS)[torch.randint(0, 4, (len(rows),), generator=g)]] = factor
+    return x
+
+
+def low_rank(tokens: int, seed: int, rank: int = 64, energy: float = 0.995) -> torch.Tensor:
+    """(T, C): `rank` unit-variance components on a fixed subspace, plus isotropic noise holding 1 - energy."""
+    g = torch.Generator().manual_seed(seed)
+    subspace, _ = torch.linalg.qr(torch.randn(KNOWN_C, rank, generator=torch.Generator().manual_seed(99)))
+    noise = math.sqrt(rank * (1 - energy) / energy / KNOWN_C)
+    return torch.randn(tokens, rank, generator=g) @ subspace.T + noise * torch.randn(tokens, KNOWN_C, generator=g)
+
+
+def known_structure(tokens: int) -> list[dict]:
+    """One entry per case and codec (KNOWN_CODECS and the budget's pick): fit on `tokens` tokens,
+    measured on `tokens // 2` others."""
+    cases = {"outlier_100x": lambda seed, t: outliers(t, 100, seed), "outlier_10x": lambda seed, t: outliers(t, 10, seed),
+             "low_rank": lambda seed, t: low_rank(t, seed)}
+    rest = torch.ones(KNOWN_C, dtype=torch.bool)
+    rest[list(OUTLIER_CHANNELS)] = False
+    entries = []
+    for case, make in cases.items():
+        stats, held = calibrate.Moments(KNOWN_C).add(make(0, tokens)).statistics(), make(1, tokens // 2)
+        choice = calibrate.choose(stats, held, KNOWN_BUDGETS[case])
+        for codec in dict.fromkeys(KNOWN_CODECS + (choice.codec,)):
+            b = calibrate.basis(codec, stats)
+            transform = None if b is None else (stats.mean.float(), b)
+            back = codecs.decode(*codecs.encode(held, codec, transform), transform)
+            cos, cos_rest = codecs.token_cosine(held, back), codecs.token_cosine(held[:, rest], back[:, rest])
+            entries.append({"case": case, "codec": codec, "budget": KNOWN_BUDGETS[case],
+                            "ratio_vs_fp16": codecs.token_bytes("fp16", KNOWN_C) / codecs.token_bytes(codec, KNOWN_C),
+                            "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                            "cos_rest_mean": float(cos_rest.mean()) if case != "low_rank" else None,
+                            "cos_rest_min": float(cos_rest.min()) if case != "low_rank" else None,
+                            "chosen": codec == choice.codec})
+    return entries
 
 
 def bench_teacher(spec, args, device) -> list[dict]:
@@ -113,10 +162,12 @@ def bench_teacher(spec, args, device) -> list[dict]:
                      "stored_shape": "x".join(map(str, arrays["spatial"].shape[1:])),
                      "bytes_per_view": per_view, "kb_per_view": per_view / 1e3, "raw_fp16_bytes": raw,
                      "x_vs_raw_fp16": raw / per_view, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                     "basis_kb": once / 1e3 if once else None, "default": name == "int8",
-                     "computed_in_benchmark_only": name.startswith("pca")})
+                     "basis_kb": once / 1e3 if once else None, "default": name == "int8"})
     fp16 = next(r for r in rows if r["codec"] == "fp16")["bytes_per_view"]
+    picked = next((r for r in sorted(rows, key=lambda r: r["bytes_per_view"])
+                   if r["cos_mean"] >= OPTION_COS and "pool" not in r["codec"]), None)
     for r in rows:
+        r["picked_at_0.99"] = r is picked
         r["x_vs_fp16_zstd"] = fp16 / r["bytes_per_view"]
         r["meets"] = ", ".join(
             label for label, ok in ((f">={DEFAULT_RATIO:g}x @ cos {DEFAULT_COS}", r["x_vs_raw_fp16"] >= DEFAULT_RATIO
@@ -129,7 +180,11 @@ def bench_teacher(spec, args, device) -> list[dict]:
 COLUMNS = [("teacher", "teacher", ""), ("codec", "codec", ""), ("stored_shape", "stored h x w x C", ""),
            ("kb_per_view", "KB/view", ".1f"), ("x_vs_raw_fp16", "x vs raw fp16", ".2f"),
            ("x_vs_fp16_zstd", "x vs fp16+zstd", ".2f"), ("cos_mean", "cos mean", ".6f"), ("cos_min", "cos min", ".6f"),
-           ("basis_kb", "basis KB/store", ".0f"), ("meets", "meets", "")]
+           ("basis_kb", "basis KB/store", ".0f"), ("picked_at_0.99", "picked at 0.99", ""), ("meets", "meets", "")]
+KNOWN_COLUMNS = [("case", "case", ""), ("codec", "codec", ""), ("budget", "budget", ""),
+                 ("ratio_vs_fp16", "x vs fp16", ".1f"), ("cos_mean", "cos mean", ".6f"), ("cos_min", "cos min", ".6f"),
+                 ("cos_rest_mean", "rest cos mean", ".6f"), ("cos_rest_min", "rest cos min", ".6f"),
+                 ("chosen", "chosen", "")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, help="photos: half fit the PCA basis, half are measured")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--pool", type=int, default=2, help="pooling factor of the int8+pool row")
-    p.add_argument("--pca", type=float, nargs="+", help="PCA ranks as fractions of the channels")
+    p.add_argument("--pca", type=float, nargs="+", help="PCA ranks as fractions of the channels (rounded down to a power of two)")
+    p.add_argument("--tokens", type=int, help="known-structure tokens the transforms are fit on (half as many measured)")
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     device = torch.device(args.device)
     rows = [row for spec in common.teacher_specs(args.teachers) for row in bench_teacher(spec, args, device)]
@@ -150,11 +206,22 @@ def main(argv: list[str] | None = None) -> dict:
             "default_2x_at_0.999": default["x_vs_raw_fp16"] >= DEFAULT_RATIO and default["cos_mean"] >= DEFAULT_COS,
             "option_4x_at_0.99": [r["codec"] for r in mine
                                   if r["x_vs_raw_fp16"] >= OPTION_RATIO and r["cos_mean"] >= OPTION_COS]}
+    known = known_structure(args.tokens)
+    known_targets = {
+        "outlier_100x_rot_int8": any(e["case"] == "outlier_100x" and e["codec"] == "rot-int8" and e["cos_mean"] >= 0.999
+                                     and e["cos_min"] >= 0.99 for e in known),
+        "low_rank_budget_8x": any(e["case"] == "low_rank" and e["chosen"] and e["ratio_vs_fp16"] >= 8
+                                  and e["cos_mean"] >= 0.99 for e in known)}
+    common.report({"device": "generated features", "precision": "fp32", "torch": torch.__version__, "date": ""},
+                  known, KNOWN_COLUMNS, None, title=f"Known-structure features ({args.tokens} tokens fit, "
+                                                    f"{args.tokens // 2} measured)")
     payload = common.meta(device, __file__, args.argv, images_measured=args.images - args.images // 2,
                           images_fit=args.images // 2, compressors="zstd(level=1) + crc32c, as cache/store.py",
-                          random_init=True, targets=targets)
+                          random_init=True, targets=targets, known_structure=known, known_structure_targets=known_targets)
     out = common.report(payload, rows, COLUMNS, args.json_out,
-                        title="Target storage per image-view (random-init teachers; pca rows are not a store codec yet)")
+                        title="Target storage per image-view (random-init teachers)")
+    print(f"known structure: outlier_100x rot-int8 >= 0.999/0.99: {'yes' if known_targets['outlier_100x_rot_int8'] else 'NO'}; "
+          f"low_rank budget 0.99 >= 8x: {'yes' if known_targets['low_rank_budget_8x'] else 'NO'}")
     for teacher, t in targets.items():
         print(f"{teacher}: default int8 >= 2x @ cos 0.999: {'yes' if t['default_2x_at_0.999'] else 'NO'}; "
               f">= 4x @ cos 0.99: {', '.join(t['option_4x_at_0.99']) or 'none'}")

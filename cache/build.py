@@ -26,7 +26,7 @@ import torch
 from ..errors import RadioDistillError
 from ..ops import autocast, normalise
 from ..progress import Progress
-from . import codecs
+from . import calibrate, codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb, scan_dataset
 from .inspect import store_info
@@ -44,11 +44,17 @@ MOMENTS = ("count", "sum", "gram", "fidelity")  # per statistics shard (`layout.
 
 @dataclass(frozen=True)
 class Storage:
-    """How one teacher's targets are stored: codec per target, spatial pooling factor."""
+    """How one teacher's targets are stored: codec per target, spatial pooling factor. With a `fidelity`
+    budget (a mean token cosine) the codecs are 'auto': the calibration pass picks them per target."""
 
     spatial: str = "int8"
     summary: str = "fp16"
     pool: int = 1
+    fidelity: float | None = None
+
+    def settings(self) -> dict:
+        """As recorded in the store's settings (no fidelity key without a budget, as before budgets)."""
+        return {k: v for k, v in asdict(self).items() if k != "fidelity" or v is not None}
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,15 @@ def _validate(cfg: CacheConfig) -> None:
     for name, st in cfg.storage.items():
         if name not in names:
             raise RadioDistillError(f"storage settings for unknown teacher '{name}'; teachers: {', '.join(names)}")
+        if st.fidelity is not None and not 0 < st.fidelity < 1:
+            raise RadioDistillError(f"teacher '{name}': --fidelity must be a mean cosine in (0, 1), e.g. 0.99, "
+                                    f"got {st.fidelity}")
         for codec in (st.spatial, st.summary):
-            if codec not in L.CODECS:
+            if codec not in (*L.CODECS, "auto"):
                 raise RadioDistillError(f"teacher '{name}': unknown codec '{codec}'; choose from {', '.join(L.CODECS)}")
+            if (codec == "auto") != (st.fidelity is not None):
+                raise RadioDistillError(f"teacher '{name}': codec '{codec}' {'with' if st.fidelity else 'without'} a "
+                                        "fidelity budget; a budget picks the codecs ('auto'), else name them")
         if st.pool < 1:
             raise RadioDistillError(f"teacher '{name}': pool factor must be >= 1, got {st.pool}")
     for option, value in (("--views", cfg.views), ("--shard-size", cfg.shard_size), ("--batch-size", cfg.batch_size),
@@ -105,7 +117,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
 
     _validate(cfg)
     manifest = scan_dataset(cfg.data)
-    storage = {t.name: asdict(cfg.storage.get(t.name, Storage())) for t in cfg.teachers}
+    storage = {t.name: cfg.storage.get(t.name, Storage()).settings() for t in cfg.teachers}
     settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage, "pixels": cfg.pixels,
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
@@ -129,7 +141,11 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                                                 max_restarts=3, max_task_retries=3)
         workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
         infos, workers = _start(workers)
-        root = create_store(out, manifest=manifest, settings=settings, infos=infos) if fresh else resume_store(out)
+        if fresh:
+            calibration = _calibrate(workers[0], root_dir=str(manifest.root), ids=manifest.ids, settings=settings)
+            root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
+        else:  # the stored calibration is reused: the codecs of done shards must not change
+            root = resume_store(out)
 
         if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
             root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
@@ -150,6 +166,28 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             finalize_norm(root)
             _finalize_fidelity(root)
         return _report(out, results, failed, wall, complete)
+
+
+def _calibrate(worker, *, root_dir: str, ids: list[str], settings: dict) -> dict | None:
+    """Run the calibration pass of the teachers with a fidelity budget on one worker (None when none has one).
+
+    Its arrays come back through Ray, once per build (tens of MB for the largest teachers): the store's
+    target arrays cannot be created before their codecs are chosen.
+
+    Raises:
+        RadioDistillError: the calibration failed (its one-line cause), or too few calibration images read.
+    """
+    import ray
+
+    budgets = {name: st for name, st in settings["storage"].items() if st.get("fidelity") is not None}
+    if not budgets:
+        return None
+    rows = L.calibration_rows(len(ids))
+    try:
+        return ray.get(worker.calibrate.options(max_task_retries=0).remote(
+            rows, [ids[r] for r in rows], root_dir, budgets, settings["seed"]))
+    except ray.exceptions.RayError as e:
+        raise RadioDistillError(f"calibration failed: {_cause(e)}") from None
 
 
 def retryable(reason: str) -> bool:
@@ -267,8 +305,9 @@ def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float,
         seconds = sum(r["seconds"][name] for r in results)
         views_done = sum(r["views"] for r in results)
         teachers[name] = {"views_per_s": views_done / seconds if seconds else None,
-                          "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"]}
+                          "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"], "storage": t["storage"]}
     return {"store": str(out), "complete": complete, "samples": info["samples"], "views": info["views"],
+            "calibration": info["calibration"],
             "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],
             "unreadable": info["unreadable"], "retryable": sum(map(retryable, info["unreadable"].values())),
@@ -285,10 +324,83 @@ class ShardWorker:
         self.store, self.batch_size = Path(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
         self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not
-        self._arrays = {}
+        self._arrays, self._transforms = {}, {}
 
     def describe(self) -> dict:
         return {name: t.info() for name, t in self.teachers.items()}
+
+    def _forward(self, teacher, pixels: np.ndarray) -> dict:
+        """(B, R, R, 3) uint8 -> {'summary': (B, D) | None, 'spatial': (B, h, w, C)} on the device."""
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        x = normalise(x.permute(0, 3, 1, 2), teacher.mean, teacher.std)
+        with torch.inference_mode(), autocast(self.device):
+            summary, spatial = teacher(x)
+        return {"summary": summary, "spatial": spatial}
+
+    def calibrate(self, rows: np.ndarray, ids: list[str], data_root: str, budgets: dict, seed: int) -> dict:
+        """Calibrate the codecs of the teachers in `budgets` ({name: storage settings with a fidelity}) on
+        view 0 of the samples `rows` (`ids` theirs): per target, moments of the fit samples, a codec
+        chosen on the held-back ones (`calibrate.choose`), then statistics and transforms of all of them.
+
+        Returns:
+            {'rows': (Q,) rows read, 'seconds', 'held', 'teachers': {name: {target: {'codec', 'budget',
+            'cos_mean', 'cos_min', 'met', 'tried', 'arrays': {'mean': (C,), 'cov': (C, C), 'phis': (C, C),
+            'basis': (C, k) or absent}}}}}
+        """
+        started = time.perf_counter()
+        teachers = {name: self.teachers[name] for name in budgets}
+        min_side = max(t.resolution for t in teachers.values())
+        decoded = [(r, d) for r, d in zip(rows, self.pool.map(lambda i: _decode(Path(data_root) / i, min_side), ids))
+                   if not isinstance(d, str)]  # an unreadable calibration sample is left out
+        if len(decoded) < 2:
+            raise RadioDistillError(f"calibration needs at least 2 readable images, {len(decoded)} of the "
+                                    f"{len(rows)} calibration samples read")
+        stride = max(2, -(-len(decoded) // L.CALIBRATION_HELD))
+        held_back = np.arange(len(decoded)) % stride == 1
+        boxes = [view_boxes(d[2], d[3], views=1, seed=seed, sample_id=str(r))[0] for r, d in decoded]  # view 0
+        out = {}
+        for name, teacher in teachers.items():
+            pool = budgets[name]["pool"]
+            fit, held = {}, {}
+            for b in range(0, len(decoded), self.batch_size):
+                batch = range(b, min(b + self.batch_size, len(decoded)))
+                pixels = np.stack(list(self.pool.map(lambda i: crop_resize(decoded[i][1][0], boxes[i], teacher.resolution,
+                                                                           span=decoded[i][1][1]), batch)))
+                for target, value in self._forward(teacher, pixels).items():
+                    if value is None:
+                        continue
+                    value = value.float()
+                    stored = codecs.pool(value, pool) if target == "spatial" else value
+                    mask = torch.from_numpy(held_back[batch.start:batch.stop]).to(value.device)
+                    fit.setdefault(target, calibrate.Moments(value.shape[-1], value.device)).add(stored[~mask])
+                    held.setdefault(target, []).append(value[mask].cpu())
+            out[name] = {}
+            for target, moments in fit.items():
+                x = torch.cat(held[target])
+                choice = calibrate.choose(moments.statistics(), x, budgets[name]["fidelity"], pool=pool)
+                stats = moments.merged(calibrate.Moments(x.shape[-1]).add(codecs.pool(x, pool) if x.dim() == 4 else x))
+                stats = stats.statistics()
+                arrays = {"mean": stats.mean.numpy(), "cov": stats.cov.numpy(),
+                          "phis": calibrate.phis(stats).float().numpy()}
+                basis = calibrate.basis(choice.codec, stats)
+                if basis is not None:
+                    arrays["basis"] = basis.numpy()
+                out[name][target] = {"codec": choice.codec, "budget": budgets[name]["fidelity"], "met": choice.met,
+                                     "cos_mean": choice.cos_mean, "cos_min": choice.cos_min, "tried": choice.tried,
+                                     "arrays": arrays}
+        return {"rows": np.array([r for r, _ in decoded], dtype=np.int64), "held": int(held_back.sum()),
+                "seconds": time.perf_counter() - started, "teachers": out}
+
+    def _transform(self, name: str, target: str, codec: str):
+        """(mean (C,), basis (C, k)) float32 on the device of a calibrated codec, read from the store once; or None."""
+        if codec in codecs.PLAIN:
+            return None
+        key = (name, target)
+        if key not in self._transforms:
+            read = [open_array(self.store, L.calib_array(name, target, a)).read() for a in ("mean", "basis")]
+            mean, basis = (torch.from_numpy(np.asarray(r.result())).float().to(self.device) for r in read)
+            self._transforms[key] = (mean, basis)
+        return self._transforms[key]
 
     def _array(self, name: str):
         if name not in self._arrays:
@@ -336,7 +448,7 @@ class ShardWorker:
         stat_shards = L.stat_shards(L.shard_count(n, size))
         stats = shard in stat_shards
         for name, teacher in self.teachers.items():
-            storage = root.attrs["settings"]["storage"][name]
+            storage = root[L.teacher_group(name)].attrs["storage"]  # the codecs chosen (a budget's, or the user's)
             out = {p: self._base(p, rows, retry) for t in L.TARGETS
                    for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root}
             seconds[name], found = self._run_teacher(teacher, decoded, boxes, pairs, out, storage, stats)
@@ -390,17 +502,13 @@ class ShardWorker:
                 pending = [self.pool.submit(crop, p) for p in batches[i + 1]]
             with self.device_lock:  # the other shard in flight waits here, so seconds are this teacher's own
                 started = time.perf_counter()
-                x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-                x = normalise(x.permute(0, 3, 1, 2), teacher.mean, teacher.std)
-                with torch.inference_mode(), autocast(self.device):
-                    summary, spatial = teacher(x)
-                raw = {"summary": summary, "spatial": spatial}
-                for target, value in raw.items():
+                for target, value in self._forward(teacher, pixels).items():
                     if value is None:
                         continue
                     stored = codecs.pool(value, storage["pool"]) if target == "spatial" else value
-                    values, scale = codecs.encode(stored, storage[target])
-                    decoded_value = codecs.decode(values, scale)
+                    transform = self._transform(name, target, storage[target])
+                    values, scale = codecs.encode(stored, storage[target], transform)
+                    decoded_value = codecs.decode(values, scale, transform)
                     if stats:  # fidelity: what is stored, back at the teacher's grid, vs the raw output
                         back = codecs.unpool(decoded_value, value.shape[1:3]) if target == "spatial" else decoded_value
                         _accumulate(moments, target, decoded_value, codecs.token_cosine(value, back))

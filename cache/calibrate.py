@@ -19,15 +19,17 @@ ROTATION_SEED = 0  # of the random rotation used where C is not a power of two (
 
 
 class Moments:
-    """Running count, sum and gram of tokens in float64: mean and covariance of any number of tokens."""
+    """Running count, sum and gram of tokens in float64 on `device` (the teacher's: a thousand maps of
+    CLIP-H are ~1e12 multiply-adds): mean and covariance of any number of tokens."""
 
-    def __init__(self, channels: int):
-        self.count, self.sum, self.gram = 0, torch.zeros(channels, dtype=torch.float64), \
-            torch.zeros(channels, channels, dtype=torch.float64)
+    def __init__(self, channels: int, device: torch.device | str = "cpu"):
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> "Moments":
-        """Add the tokens of (..., C) `x`."""
-        t = x.reshape(-1, x.shape[-1]).double().cpu()
+        """Add the tokens of (..., C) `x` (on this device)."""
+        t = x.reshape(-1, x.shape[-1]).double()
         self.count += t.shape[0]
         self.sum += t.sum(0)
         self.gram += t.T @ t
@@ -35,12 +37,13 @@ class Moments:
 
     def merged(self, other: "Moments") -> "Moments":
         out = Moments(len(self.sum))
-        out.count, out.sum, out.gram = self.count + other.count, self.sum + other.sum, self.gram + other.gram
+        out.count = self.count + other.count
+        out.sum, out.gram = self.sum.cpu() + other.sum.cpu(), self.gram.cpu() + other.gram.cpu()
         return out
 
     def statistics(self) -> "Statistics":
-        mean = self.sum / max(self.count, 1)
-        cov = self.gram / max(self.count, 1) - torch.outer(mean, mean)
+        mean = self.sum.cpu() / max(self.count, 1)
+        cov = self.gram.cpu() / max(self.count, 1) - torch.outer(mean, mean)
         values, vectors = torch.linalg.eigh(((cov + cov.T) / 2).float())  # ascending; float32 is 3x faster, and
         return Statistics(mean, cov, values.flip(0).clamp_min(0).double(), vectors.flip(1).double())  # enough
 

@@ -4,6 +4,7 @@
 data = "images/"            # folder or list file
 out = "cache.zarr"
 views = 2
+fidelity = 0.99             # optional: every teacher's codecs picked by this budget (mean token cosine)
 [[teachers]]
 spec = "clip:ViT-L-14:openai@224"
 [[teachers]]
@@ -11,6 +12,7 @@ spec = "sam:vit_h:/weights/sam_vit_h_4b8939.pth@1024"
 spatial = "int8"            # codec of the spatial target: fp16 | int8
 pool = 2                    # average-pool the spatial grid by this factor
 sam_spatial = "preneck"     # SAM only: neck (default) | preneck
+fidelity = 0.995            # this teacher's budget, instead of codecs
 ```
 `teachers = "tiny"` selects the offline preset.
 """
@@ -23,27 +25,30 @@ from ..errors import RadioDistillError
 from .build import CacheConfig, Storage
 from .teachers import PRESETS, parse_teacher
 
-_TEACHER_KEYS = {"spec", "spatial", "summary", "pool", "sam_spatial"}
+_TEACHER_KEYS = {"spec", "spatial", "summary", "pool", "sam_spatial", "fidelity"}
 _INTS = ("views", "seed", "shard_size", "batch_size", "workers", "max_shards", "pixels")
 
 
 def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | str | None = None,
                       spatial_codec: str | None = None, summary_codec: str | None = None,
                       pools: dict[str, int] | None = None, sam_spatial: str | None = None,
-                      **overrides) -> CacheConfig:
+                      fidelity: dict[str | None, float] | None = None, **overrides) -> CacheConfig:
     """Merge a TOML file (optional) with command-line values; command-line values win.
 
     Args:
         teachers: a preset name ("tiny"), or a list of teacher specs like "clip:ViT-L-14:openai@224".
         spatial_codec, summary_codec: codec for every teacher without its own in the file.
         pools: spatial pooling factor by teacher name.
+        fidelity: budget by teacher name, key None for every teacher; the teacher's codecs are then picked
+            by the calibration pass (`calibrate.choose`) and may not be given too.
         overrides: CacheConfig fields (data, out, views, ...); None means "not given".
     """
     raw = read_toml(path)
     known = {f.name for f in fields(CacheConfig)} - {"teachers", "storage"}
-    unknown = set(raw) - known - {"teachers"}
+    unknown = set(raw) - known - {"teachers", "fidelity"}
     if unknown:
-        raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; known: {sorted(known | {'teachers'})}")
+        raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; "
+                                f"known: {sorted(known | {'teachers', 'fidelity'})}")
     values = {k: v for k, v in raw.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None})
     for key in _INTS:
@@ -69,13 +74,27 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
             if extra is None or "spec" not in e or extra:
                 raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have {sorted(_TEACHER_KEYS - {'spec'})}")
             specs.append(parse_teacher(e["spec"]))
+    fidelity = fidelity or {}
     for i, (spec, e) in enumerate(zip(specs, entries)):
         if spec.family == "sam" and (e.get("sam_spatial") or sam_spatial):
             specs[i] = spec = replace(spec, sam_spatial=e.get("sam_spatial") or sam_spatial)
-        storage[spec.name] = Storage(spatial=e.get("spatial") or spatial_codec or "int8",
-                                     summary=e.get("summary") or summary_codec or "fp16",
-                                     pool=int((pools or {}).get(spec.name, e.get("pool", 1))))
-    unknown_pools = set(pools or {}) - set(storage)
-    if unknown_pools:
-        raise RadioDistillError(f"--pool names unknown teacher(s) {sorted(unknown_pools)}; teachers: {sorted(storage)}")
+        pool = int((pools or {}).get(spec.name, e.get("pool", 1)))
+        budget = next((b for b in (fidelity.get(spec.name), fidelity.get(None), e.get("fidelity"), raw.get("fidelity"))
+                       if b is not None), None)
+        codecs = {"spatial": e.get("spatial") or spatial_codec, "summary": e.get("summary") or summary_codec}
+        if budget is None:
+            storage[spec.name] = Storage(spatial=codecs["spatial"] or "int8", summary=codecs["summary"] or "fp16",
+                                         pool=pool)
+            continue
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool):
+            raise RadioDistillError(f"teacher '{spec.name}': fidelity must be a number like 0.99, got {budget!r}")
+        given = [f"{t} codec {c}" for t, c in codecs.items() if c]
+        if given:
+            raise RadioDistillError(f"teacher '{spec.name}': {given[0]} and fidelity {budget} both given; a fidelity "
+                                    "budget picks the codecs: give one or the other")
+        storage[spec.name] = Storage(spatial="auto", summary="auto", pool=pool, fidelity=float(budget))
+    for option, named in (("--pool", pools or {}), ("--fidelity", {k for k in fidelity if k is not None})):
+        unknown_names = set(named) - set(storage)
+        if unknown_names:
+            raise RadioDistillError(f"{option} names unknown teacher(s) {sorted(unknown_names)}; teachers: {sorted(storage)}")
     return CacheConfig(teachers=tuple(specs), storage=storage, **values)

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import CacheIntegrityError
 from ..progress import Progress
+from . import codecs
 from . import layout as L
 from .store import done_shards, missing_shards, open_array, open_store, teacher_names
 
@@ -31,7 +32,8 @@ def store_info(path: str | Path) -> dict:
         teachers[name] = {
             "identity": attrs["identity"], "resolution": attrs["resolution"], "grid": attrs["grid"],
             "summary_dim": attrs["summary_dim"], "spatial_dim": attrs["spatial_dim"], "storage": attrs["storage"],
-            "fidelity": attrs.get("fidelity"), "bytes": size, "bytes_per_view": size / max(1, n * views),
+            "fidelity": attrs.get("fidelity"), "calibration": attrs.get("calibration"),
+            "bytes": size, "bytes_per_view": size / max(1, n * views),
             "shards_done": int((root[L.done_array(name)][:] == 1).sum()),
         }
     return {"store": str(path), "layout_version": root.attrs["layout_version"], "created_by": root.attrs["created_by"],
@@ -40,7 +42,8 @@ def store_info(path: str | Path) -> dict:
             "shards_total": int(done.size), "shards_done": int(done.sum()),
             "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
-            "bytes": _disk_bytes(path), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels")}
+            "bytes": _disk_bytes(path), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
+            "calibration": root.attrs.get("calibration")}
 
 
 def _disk_bytes(path: Path) -> int:
@@ -73,6 +76,7 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
     checked = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS]
     for array in checked:
         _read(path, root, array, slice(0, n), ids)
+    checked += _verify_calibration(path, root, names, n, ids)
     status = root[L.STATUS][:]
     if (status == L.PENDING).any():
         k = int(np.flatnonzero(status == L.PENDING)[0])
@@ -84,6 +88,38 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
         for array in targets:
             _verify_array(path, root, array, n, size, ids, bar)
     return {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True}
+
+
+def _verify_calibration(path: Path, root, names: list[str], n: int, ids) -> list[str]:
+    """The calibration arrays of calibrated teachers decode, are finite and fit their targets: mean (C,),
+    cov and PHI-S transform (C, C), a basis (C, k) with orthonormal columns, k the stored channels.
+    Returns the arrays checked."""
+    checked = []
+    if "calibration" in root.attrs:
+        rows = _read(path, root, L.CALIBRATION, slice(None), ids)
+        if rows.size and not (0 <= rows.min() and rows.max() < n):
+            raise CacheIntegrityError(f"{L.CALIBRATION}: rows outside 0..{n - 1}")
+        checked.append(L.CALIBRATION)
+    for name in names:
+        attrs = root[L.teacher_group(name)].attrs
+        for target in attrs.get("calibration", {}):
+            dim, codec = attrs[f"{target}_dim"], attrs["storage"][target]
+            k = root[L.target_array(name, target)].shape[-1]
+            shapes = {"mean": (dim,), "cov": (dim, dim), "phis": (dim, dim)}
+            if codec not in codecs.PLAIN:
+                shapes["basis"] = (dim, codecs.stored_channels(codec, dim))
+            for a, shape in shapes.items():
+                array = L.calib_array(name, target, a)
+                values = _read(path, root, array, slice(None), ids)
+                if values.shape != shape or not np.isfinite(values).all():
+                    raise CacheIntegrityError(f"{array}: shape {values.shape} (expected {shape}) or values not finite")
+                checked.append(array)
+            if "basis" in shapes:
+                basis = root[L.calib_array(name, target, "basis")][...].astype(np.float64)
+                if basis.shape[1] != k or not np.allclose(basis.T @ basis, np.eye(k), atol=1e-3):
+                    raise CacheIntegrityError(f"{L.calib_array(name, target, 'basis')}: not {k} orthonormal columns "
+                                              f"(its target stores {k} channels); the targets cannot be decoded")
+    return checked
 
 
 def _verify_array(path: Path, root, array: str, n: int, size: int, ids, bar: Progress) -> None:

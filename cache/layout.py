@@ -1,7 +1,8 @@
 """The store layout: the one contract between `radio-cache build` and `radio-train`.
 
 Letters: N samples, V views per sample, R stored pixel side, S samples per shard, K statistics shards,
-D summary channels, h, w teacher grid (after pooling), C spatial channels, M classes.
+D summary channels, h, w teacher grid (after pooling), C spatial channels, M classes, k stored channels of a
+calibrated codec, Q calibration samples.
 
 ```
 <store>.zarr/                 attrs: FORMAT, LAYOUT_VERSION, settings (the build's identity), ...
@@ -11,9 +12,13 @@ D summary channels, h, w teacher grid (after pooling), C spatial channels, M cla
   samples/status     (N,)          uint8, PENDING / OK / UNREADABLE
   samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
   samples/pixels     (N, V, R, R, 3) uint8, each view at the student resolution R (`--pixels R`, optional)
-  teachers/<t>/                    attrs: teacher info, codecs, fidelity, norm
-    summary          (N, V, D)     float16 or int8 (+ summary_scale (N, V))
-    spatial          (N, V, h, w, C) float16 or int8 (+ spatial_scale (N, V, h, w))
+  samples/calibration (Q,)         int64, rows whose view 0 calibrated the codecs (with `--fidelity` only)
+  teachers/<t>/                    attrs: teacher info, storage (the codecs chosen), calibration, fidelity, norm
+    summary          (N, V, D|k)   float16 or int8 (+ summary_scale (N, V))
+    spatial          (N, V, h, w, C|k) float16 or int8 (+ spatial_scale (N, V, h, w))
+    calib/*          (C,) (C, C) (C, k)  the calibration of a teacher with a fidelity budget, per target:
+                                   float64 mean and cov, float32 PHI-S transform W (C, C) and, for a
+                                   calibrated codec (`codecs.py`), its basis; decoded x = y @ basisᵀ + mean
     done             (n_shards,)   uint8, set only after the shard's data is written
     moments/*        (K, ...)      float64 per-shard sums for the normalisation statistics, and the
                                    codec's fidelity: [sum, count, min] of token cosines (K, 3)
@@ -27,10 +32,16 @@ D summary channels, h, w teacher grid (after pooling), C spatial channels, M cla
 Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker; shard k of
 every target, scale and pixels array is one file, `c/k/0/...`, present once the shard is done.
 Sample arrays: chunk = S samples, written by the worker that owns the shard.
+
+Layout v2 added the calibrated codecs (`calib/*`, `samples/calibration`); a v1 store has none of them
+and reads as before, while an older version refuses a v2 store instead of misreading its codes.
 """
 
+import numpy as np
+
 FORMAT = "radio-distill-cache"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+READS = (1, 2)  # layout versions this version opens
 
 IDS = "samples/ids"
 LABELS = "samples/labels"
@@ -38,6 +49,7 @@ BOXES = "samples/boxes"
 STATUS = "samples/status"
 ERRORS = "samples/errors"
 PIXELS = "samples/pixels"
+CALIBRATION = "samples/calibration"
 
 PENDING, OK, UNREADABLE = 0, 1, 2
 
@@ -46,8 +58,11 @@ HOLDER_FILE = "build.json"
 STAGING = ".partial"
 
 TARGETS = ("summary", "spatial")
-CODECS = ("fp16", "int8")
+CODECS = ("fp16", "int8")  # the ones a user names; a fidelity budget also picks the calibrated ones
 STAT_SHARDS = 16  # normalisation statistics come from K shards spread over the dataset: plenty of tokens, bounded cost
+CALIBRATION_SAMPLES = 2048  # view 0 of this many samples, spread over the dataset, calibrate the codecs
+CALIBRATION_HELD = 128  # of which at most this many are held back to measure the candidates (kept in memory)
+CALIB = ("mean", "cov", "phis", "basis")
 
 
 def teacher_group(teacher: str) -> str:
@@ -77,6 +92,16 @@ def moment_array(teacher: str, target: str, moment: str) -> str:
 def norm_array(teacher: str, target: str, stat: str) -> str:
     """`stat` in ('mean', 'cov')."""
     return f"teachers/{teacher}/norm/{target}_{stat}"
+
+
+def calib_array(teacher: str, target: str, name: str) -> str:
+    """`name` in CALIB: a calibrated teacher's statistics and transforms of one target."""
+    return f"teachers/{teacher}/calib/{target}_{name}"
+
+
+def calibration_rows(num_samples: int) -> np.ndarray:
+    """(Q,) int64 rows spread evenly over the dataset (sorted by path: leading rows are few classes)."""
+    return np.unique(np.linspace(0, num_samples - 1, min(num_samples, CALIBRATION_SAMPLES)).round().astype(np.int64))
 
 
 def text_group(teacher: str) -> str:

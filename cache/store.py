@@ -21,6 +21,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import CacheLayoutError, RadioDistillError
+from . import codecs
 from . import layout as L
 from .dataset import Manifest
 
@@ -33,7 +34,8 @@ def _compressors():
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
-    """Open a store, checking it is ours, of this layout version and whole (every array's metadata there).
+    """Open a store, checking it is ours, of a layout version this version reads and whole (every array's
+    metadata there).
 
     Raises:
         CacheLayoutError: one line saying what the folder holds and what to do.
@@ -52,9 +54,9 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     fmt, version = root.attrs.get("format"), root.attrs.get("layout_version")
     if fmt != L.FORMAT:
         raise CacheLayoutError(f"'{path}' is a Zarr group but not a radio-distill store (format {fmt!r})")
-    if version != L.LAYOUT_VERSION:
-        raise CacheLayoutError(f"store '{path}' is layout v{version}, this version reads v{L.LAYOUT_VERSION}; "
-                               "rebuild it with `radio-cache build ... --overwrite`")
+    if version not in L.READS:
+        raise CacheLayoutError(f"store '{path}' is layout v{version}, this version reads "
+                               f"{' and '.join(f'v{v}' for v in L.READS)}; rebuild it with `radio-cache build ... --overwrite`")
     missing = _missing_arrays(path, root.attrs["settings"])
     if missing:
         raise CacheLayoutError(f"store '{path}' is half-created or damaged: {missing[0]} is missing"
@@ -67,21 +69,26 @@ def _missing_arrays(path: Path, settings: dict) -> list[str]:
     """The arrays (or teacher groups) `create_store` makes for these settings whose metadata is absent."""
     arrays = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS] + ([L.PIXELS] if settings["pixels"] else [])
     missing = []
-    for name, storage in settings["storage"].items():
+    for name in settings["storage"]:
         try:
             attrs = json.loads((path / L.teacher_group(name) / "zarr.json").read_text())["attributes"]
         except (OSError, ValueError, KeyError):  # absent, or cut short by a kill
             missing.append(L.teacher_group(name))
             continue
+        storage, calibrated = attrs["storage"], attrs.get("calibration", {})  # the codecs chosen
         for target in ("spatial", "summary") if attrs["summary_dim"] is not None else ("spatial",):
+            codec = storage[target]
             arrays.append(L.target_array(name, target))
-            arrays += [L.scale_array(name, target)] if storage[target] == "int8" else []
+            arrays += [L.scale_array(name, target)] if codecs.parse(codec, attrs[f"{target}_dim"])[0] == "int8" else []
             arrays += [L.moment_array(name, target, m) for m in ("count", "sum", "gram")]
+            if target in calibrated:
+                arrays += [L.calib_array(name, target, a) for a in L.CALIB if a != "basis" or codec not in codecs.PLAIN]
         arrays.append(L.done_array(name))
     return missing + [a for a in arrays if not (path / a / "zarr.json").is_file()]
 
 
-def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo]) -> zarr.Group:
+def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo],
+                 calibration: dict | None = None) -> zarr.Group:
     """Create every array of a new store at `path`, replacing the store there; targets start empty, no shard done.
 
     The caller holds the build lock (`lock.build_lock`). The store is made in `path/.partial` and moved
@@ -90,6 +97,8 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     Args:
         settings: the build's identity: teachers, storage, views, seed, shard_size, dataset fingerprint.
         infos: what each teacher produces, by teacher name.
+        calibration: what the calibration pass returned (`ShardWorker.calibrate`) when a teacher has a
+            fidelity budget: its codecs, statistics and transforms are stored, and its targets use them.
 
     Raises:
         RadioDistillError: the store cannot be written (disk full...); `path` then holds no store.
@@ -97,7 +106,7 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     staging = path / L.STAGING
     shutil.rmtree(staging, ignore_errors=True)  # what a killed creation left
     try:
-        _create(staging, manifest=manifest, settings=settings, infos=infos)
+        _create(staging, manifest=manifest, settings=settings, infos=infos, calibration=calibration or {})
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise RadioDistillError(f"cannot create store '{path}': {e.strerror or e}; nothing was left there") from None
@@ -114,7 +123,7 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     return open_store(path, mode="r+")
 
 
-def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo]) -> None:
+def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo], calibration: dict) -> None:
     n, views, size = len(manifest), settings["views"], settings["shard_size"]
     root = zarr.open_group(path, mode="w")
     root.attrs.update({"format": L.FORMAT, "layout_version": L.LAYOUT_VERSION, "created_by": f"radio-distill {__version__}",
@@ -130,24 +139,35 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
     if settings["pixels"]:
         r = settings["pixels"]
         _array(root, L.PIXELS, (n, views, r, r, 3), "uint8", (1, 1, r, r, 3), shards=(size, views, r, r, 3))
+    if calibration:
+        root.attrs["calibration"] = {"samples": len(calibration["rows"]), "held": calibration["held"],
+                                     "seconds": calibration["seconds"]}
+        _array(root, L.CALIBRATION, (len(calibration["rows"]),), "int64", (len(calibration["rows"]),))[:] = \
+            calibration["rows"]
     n_shards = L.shard_count(n, size)
     n_stats = len(L.stat_shards(n_shards))
     for name, info in infos.items():
-        storage = settings["storage"][name]
+        calibrated = calibration.get("teachers", {}).get(name, {})
+        storage = {**settings["storage"][name], **{t: c["codec"] for t, c in calibrated.items()}}
         grid = tuple(g // storage["pool"] for g in info.grid)
         group = root.create_group(L.teacher_group(name))
         group.attrs.update({"identity": settings["teachers"][name], "storage": storage, "grid": list(grid),
                             **{k: v for k, v in asdict(info).items() if k != "grid"}, "source_grid": list(info.grid)})
+        if calibrated:  # what the budget tried, measured on held-back calibration samples
+            group.attrs["calibration"] = {t: {k: v for k, v in c.items() if k != "arrays"} for t, c in calibrated.items()}
+        for target, c in calibrated.items():
+            for a, value in c["arrays"].items():
+                _array(root, L.calib_array(name, target, a), value.shape, value.dtype.name, value.shape)[...] = value
         dims = {"summary": info.summary_dim, "spatial": info.spatial_dim}
         token_shape = {"summary": (), "spatial": grid}
         for target, dim in dims.items():
             if dim is None:
                 continue
-            codec = storage[target]
+            number, k = codecs.parse(storage[target], dim)
             shape, chunk = (n, views, *token_shape[target]), (1, 1, *token_shape[target])
-            _array(root, L.target_array(name, target), (*shape, dim), "float16" if codec == "fp16" else "int8",
-                   (*chunk, dim), shards=(size, views, *token_shape[target], dim))
-            if codec == "int8":
+            _array(root, L.target_array(name, target), (*shape, k or dim), "float16" if number == "fp16" else "int8",
+                   (*chunk, k or dim), shards=(size, views, *token_shape[target], k or dim))
+            if number == "int8":
                 _array(root, L.scale_array(name, target), shape, "float16", chunk,
                        shards=(size, views, *token_shape[target]))
             _array(root, L.moment_array(name, target, "count"), (n_stats,), "int64", (1,))

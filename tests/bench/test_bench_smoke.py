@@ -57,15 +57,21 @@ def test_teachers_sam_sdpa_matches_stock(bench):
 
 
 def test_storage(bench):
-    result = bench("storage", "--images", "4", "--teachers", "tiny-sam,tiny-clip")
+    result = bench("storage", "--images", "4", "--teachers", "tiny-sam,tiny-clip", "--tokens", "2048")
     rows = {(r["teacher"].split()[1], r["codec"]): r for r in result["results"]}
-    assert {c for t, c in rows if t == "sam"} == {"fp16", "int8", "int8+pool2", "pca16+int8", "pca8+int8", "pca4+int8"}
+    assert {c for t, c in rows if t == "sam"} == {"fp16", "int8", "int8+pool2", "rot-int8", "pca16-int8", "pca8-int8", "pca4-int8"}
     for r in rows.values():
         positive(r, "bytes_per_view", "x_vs_raw_fp16", "x_vs_fp16_zstd", "cos_mean")
     assert rows["sam", "fp16"]["cos_min"] > 0.9999 and rows["sam", "int8"]["cos_mean"] > 0.999
     assert rows["sam", "int8"]["bytes_per_view"] < rows["sam", "fp16"]["bytes_per_view"]
     assert rows["sam", "int8+pool2"]["bytes_per_view"] < rows["sam", "int8"]["bytes_per_view"]
     assert set(result["targets"]) == {r["teacher"] for r in result["results"]}
+    known = {(e["case"], e["codec"]): e for e in result["known_structure"]}
+    assert {c for c, _ in known} == {"outlier_100x", "outlier_10x", "low_rank"}
+    assert all(set(e) >= {"case", "codec", "ratio_vs_fp16", "cos_mean", "cos_min", "chosen"} for e in known.values())
+    assert [c for (case, c), e in known.items() if case == "low_rank" and e["chosen"]] == ["pca64-int8"]
+    assert known["outlier_100x", "rot-int8"]["chosen"] and known["outlier_100x", "int8"]["cos_mean"] < 0.999
+    assert result["known_structure_targets"] == {"outlier_100x_rot_int8": True, "low_rank_budget_8x": True}
 
 
 def test_build(bench, ray_session):
