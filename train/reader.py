@@ -4,7 +4,8 @@ Each item is one (sample, view): the view's box cropped from the original image 
 the student resolution (uint8) — or, when the build stored view pixels at that resolution
 (`--pixels`), those, with no JPEG decode — plus that view's stored targets for every teacher,
 still encoded.
-Decoding (int8 x scale) happens on the training device. Loader workers are spawned (zarr and
+Decoding (int8 x scale, then for a calibrated codec one matmul with its stored basis, plus the mean)
+happens on the training device. Loader workers are spawned (zarr and
 tensorstore threads deadlock after fork) and open their tensorstore handles inside the worker;
 they read a whole batch with one tensorstore read per array.
 
@@ -18,7 +19,7 @@ Letters: N samples, B batch, R student side, V views, h, w teacher grid, C chann
 
 import functools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ class TeacherMeta:
     grid: tuple[int, int]
     arrays: tuple[str, ...]  # target and scale arrays present
     norm: dict  # {'summary'|'spatial': {'mean': (C,), 'cov': (C, C)}} float64 numpy
+    transforms: dict = field(default_factory=dict)  # {target: {device: (mean (C,), basis (C, k))}} float32 of
+    # calibrated codecs ('cpu' as read, other devices added by `decode_targets`)
 
 
 def is_held_out(sample_id: str, fraction: float) -> bool:
@@ -123,10 +126,15 @@ class CacheReader:
         attrs = root[L.teacher_group(name)].attrs
         arrays = tuple(p for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root)
         norm = {}
+        transforms = {}
         for target in L.TARGETS:
             if L.norm_array(name, target, "mean") in root:
                 norm[target] = {s: root[L.norm_array(name, target, s)][...] for s in ("mean", "cov")}
-        return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm)
+            if L.target_array(name, target) in root and attrs["storage"][target] not in codecs.PLAIN:
+                mean, basis = (torch.from_numpy(root[L.calib_array(name, target, a)][...]).float() for a in ("mean", "basis"))
+                transforms[target] = {"cpu": (mean, basis)}
+        return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
+                           transforms)
 
     def indices(self, *, holdout: float, split: str = "train") -> np.ndarray:
         """Usable sample indices of the 'train' or 'holdout' split."""
@@ -298,7 +306,9 @@ class ViewDataset(Dataset):
 
 
 def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.device) -> dict:
-    """Encoded batch arrays -> {teacher: {'summary': (B, D) | None, 'spatial': (B, h, w, C)}} float32 on `device`."""
+    """Encoded batch arrays -> {teacher: {'summary': (B, D) | None, 'spatial': (B, h, w, C)}} float32 on `device`.
+
+    A calibrated codec's transform is copied to `device` once and kept in `TeacherMeta.transforms`."""
     out = {}
     for t in teachers:
         out[t.name] = {}
@@ -309,5 +319,9 @@ def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.devic
                 continue
             scale = batch.get(L.scale_array(t.name, target))
             scale = None if scale is None else scale.to(device, non_blocking=True)
-            out[t.name][target] = codecs.decode(values.to(device, non_blocking=True), scale)
+            placed = t.transforms.get(target)
+            if placed is not None and str(device) not in placed:
+                placed[str(device)] = tuple(x.to(device) for x in placed["cpu"])
+            transform = None if placed is None else placed[str(device)]
+            out[t.name][target] = codecs.decode(values.to(device, non_blocking=True), scale, transform)
     return out
