@@ -19,6 +19,13 @@ from rich.table import Table
 from .errors import RadioDistillError
 
 console = Console(stderr=True)
+
+
+def _stdout() -> Console:
+    """Results on stdout; without a terminal (Slurm, CI, `| tee`) lines are never wrapped at 80 columns."""
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
+
+
 cache_app = typer.Typer(help="Cache teacher targets once into a Zarr store: build, info, verify, sample.",
                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -94,7 +101,7 @@ def _few(items: list, shown: int = 10) -> str:
 
 
 def _print_report(r: dict) -> None:
-    out = Console()
+    out = _stdout()
     state = "complete" if r["complete"] else "partial (rerun the same command to resume)"
     out.print(f"store {r['store']}: {r['samples']} samples x {r['views']} views, {state}")
     out.print(f"ran {r['shards_run']} shards, {r['images_run']} images in {r['seconds']:.1f} s"
@@ -137,7 +144,7 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
     if as_json:
         print(json.dumps(i, indent=2))
         return
-    out = Console()
+    out = _stdout()
     out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']})", highlight=False)
     out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}, {len(i['classes'])} classes; "
               f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk"
@@ -167,7 +174,7 @@ def verify(store: Annotated[Path, typer.Argument(help="A store made by `radio-ca
     from .cache.inspect import verify_store
 
     r = verify_store(store, progress=True)
-    Console().print(f"ok: {r['store']}: {r['samples']} samples, {r['arrays']} arrays verified")
+    _stdout().print(f"ok: {r['store']}: {r['samples']} samples, {r['arrays']} arrays verified")
 
 
 @cache_app.command()
@@ -180,7 +187,7 @@ def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample 
     from .cache.sample_data import make_sample_dataset
 
     folder = make_sample_dataset(out, images=images, size=size, bad=bad)
-    Console().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
+    _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
 
 train_app = typer.Typer(help="Distil a student from a store's cached targets, never loading a teacher.",
@@ -235,7 +242,7 @@ def train(
         train_on_ray(cfg, workers=ray_workers, address=address)
         return
     result = run_training(cfg)
-    Console().print(f"trained to step {result['step']} of {result['steps']}; student saved to {Path(result['out']) / 'student'} "
+    _stdout().print(f"trained to step {result['step']} of {result['steps']}; student saved to {Path(result['out']) / 'student'} "
                     "(load it with radio_distill.student.load_student)")
 
 
@@ -253,7 +260,7 @@ def text(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
     r = write_text_embeddings(store, teacher=teacher, classes=read_lines(classes, "classes") if classes else None,
                               templates=read_lines(templates, "templates") if templates else None,
                               weights=weights, device=device)
-    Console().print(f"wrote {r['classes']} class embeddings ({r['dim']} dims, {r['templates']} templates each) "
+    _stdout().print(f"wrote {r['classes']} class embeddings ({r['dim']} dims, {r['templates']} templates each) "
                     f"to {r['store']}/{r['array']}")
 
 
@@ -296,6 +303,6 @@ def evaluate(
     skipped = [f"{name}: {section['skipped']}" for name, section in report.items()
                if isinstance(section, dict) and "skipped" in section]
     pictures = [v for k, v in report["pictures"].items() if k != "skipped" and v]
-    Console().print(f"wrote {out / 'report.md'}, report.json, {', '.join(pictures)}")
+    _stdout().print(f"wrote {out / 'report.md'}, report.json, {', '.join(pictures)}")
     for line in skipped:
-        Console().print(f"[yellow]skipped[/] {line}", highlight=False)
+        _stdout().print(f"[yellow]skipped[/] {line}", highlight=False)
