@@ -51,6 +51,18 @@ def _pairs(values: list[str], option: str) -> dict[str, int]:
     return out
 
 
+def _budgets(values: list[str]) -> dict[str | None, float]:
+    """--fidelity values: '0.99' for every teacher, 'NAME=0.995' for one."""
+    out = {}
+    for v in values:
+        name, _, budget = v.rpartition("=")
+        try:
+            out[name or None] = float(budget)
+        except ValueError:
+            raise RadioDistillError(f"--fidelity '{v}': expected a mean cosine like 0.99, or NAME=0.995") from None
+    return out
+
+
 @cache_app.command()
 @_one_line_errors
 def build(
@@ -67,6 +79,7 @@ def build(
     summary_codec: Annotated[Optional[str], typer.Option(help="Summary target codec: fp16 or int8. [default: fp16]")] = None,
     pool: Annotated[Optional[list[str]], typer.Option(help="Average-pool a teacher's spatial grid: NAME=FACTOR, e.g. sam=2.")] = None,
     sam_spatial: Annotated[Optional[str], typer.Option(help="SAM spatial target: neck (256 ch) or preneck. [default: neck]")] = None,
+    fidelity: Annotated[Optional[list[str]], typer.Option(help="Fidelity budget instead of codecs: a calibration pass picks, per teacher and target, the smallest encoding (int8, rotated int8, PCA...) whose mean token cosine on held-back samples is at least this; 0.99 for all, or NAME=0.995 for one (repeatable).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray workers when there is no GPU (with GPUs: one per GPU).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default starts Ray locally.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out first.")] = False,
@@ -82,6 +95,7 @@ def build(
         raise RadioDistillError(f"give --teachers {teachers} (a preset) or --teacher SPEC (repeatable), not both")
     cfg = load_cache_config(config, teachers=teachers or teacher, spatial_codec=spatial_codec,
                             summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
+                            fidelity=_budgets(fidelity or []),
                             data=data, out=out, views=views, seed=seed, shard_size=shard_size, batch_size=batch_size,
                             workers=workers, address=address, overwrite=overwrite or None, max_shards=max_shards, pixels=pixels)
     result = build_cache(cfg)
@@ -106,12 +120,17 @@ def _print_report(r: dict) -> None:
     out.print(f"store {r['store']}: {r['samples']} samples x {r['views']} views, {state}")
     out.print(f"ran {r['shards_run']} shards, {r['images_run']} images in {r['seconds']:.1f} s"
               + (f" ({r['images_per_s']:.1f} images/s)" if r["images_per_s"] else ""))
-    table = Table("teacher", "views/s (forward)", "bytes/view", "fidelity (mean/min cos)")
+    cal = r["calibration"]
+    if cal:  # its cost: a share of this run's time, or reused from the run that made the store
+        share = f"{cal['seconds'] / (cal['seconds'] + r['seconds']):.1%} of this run" if cal["ran"] else "reused"
+        out.print(f"calibration: {cal['samples']} samples ({cal['held']} held back) in {cal['seconds']:.1f} s ({share})")
+    table = Table("teacher", "codecs (spatial/summary)", "views/s (forward)", "bytes/view", "fidelity (mean/min cos)")
     for name, t in r["teachers"].items():
         fid = t["fidelity"] or {}
         cos = "  ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items())
         speed = f"{t['views_per_s']:.1f}" if t["views_per_s"] else "-"
-        table.add_row(name, speed, f"{t['bytes_per_view']:,.0f}", cos)
+        st = t["storage"]
+        table.add_row(name, f"{st['spatial']}/{st['summary']}", speed, f"{t['bytes_per_view']:,.0f}", cos)
     out.print(table)
     bad = r["unreadable"]
     for path, reason in list(bad.items())[:20]:
@@ -159,9 +178,17 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
                   f"spatial {t['spatial_dim']}", highlight=False)
         codecs = f"spatial {st['spatial']}" + (f" pooled x{st['pool']}" if st["pool"] > 1 else "")
         codecs += f", summary {st['summary']}" if t["summary_dim"] else ""
+        if t["calibration"]:  # what the budget picked, and how it measured on held-back calibration samples
+            codecs += f" (picked by --fidelity {st['fidelity']}; held-back cos " + ", ".join(
+                f"{k} {v['cos_mean']:.5f}/{v['cos_min']:.5f}{'' if v['met'] else ' BUDGET NOT MET'}"
+                for k, v in t["calibration"].items()) + ")"
         cos = ", ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items()) or "not measured yet"
         out.print(f"  codecs {codecs}; fidelity (mean/min cos) {cos}; {t['bytes_per_view']:,.0f} bytes/view; "
                   f"shards {t['shards_done']}/{i['shards_total']}", highlight=False)
+    if i["calibration"]:
+        c = i["calibration"]
+        out.print(f"calibration: view 0 of {c['samples']} samples spread over the dataset ({c['held']} held back), "
+                  f"{c['seconds']:.1f} s", highlight=False)
     out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
     for path, reason in i["unreadable"].items():
         out.print(f"  unreadable: {path}: {reason}", highlight=False)

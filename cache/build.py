@@ -165,7 +165,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             root = open_store(out, mode="r+")
             finalize_norm(root)
             _finalize_fidelity(root)
-        return _report(out, results, failed, wall, complete)
+        return _report(out, results, failed, wall, complete, calibrated=fresh)
 
 
 def _calibrate(worker, *, root_dir: str, ids: list[str], settings: dict) -> dict | None:
@@ -184,10 +184,16 @@ def _calibrate(worker, *, root_dir: str, ids: list[str], settings: dict) -> dict
         return None
     rows = L.calibration_rows(len(ids))
     try:
-        return ray.get(worker.calibrate.options(max_task_retries=0).remote(
+        result = ray.get(worker.calibrate.options(max_task_retries=0).remote(
             rows, [ids[r] for r in rows], root_dir, budgets, settings["seed"]))
     except ray.exceptions.RayError as e:
         raise RadioDistillError(f"calibration failed: {_cause(e)}") from None
+    for name, targets in result["teachers"].items():
+        for target, c in targets.items():
+            if not c["met"]:  # pooling alone costs more: the most faithful codec is used
+                print(f"warning: teacher '{name}' {target}: no codec meets --fidelity {c['budget']} (best {c['codec']}, "
+                      f"held-back mean cos {c['cos_mean']:.5f}); using it. Less pooling may help", file=sys.stderr)
+    return result
 
 
 def retryable(reason: str) -> bool:
@@ -297,7 +303,8 @@ def _cause(e: Exception) -> str:
     return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end
 
 
-def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float, complete: bool) -> dict:
+def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
+            calibrated: bool) -> dict:
     info = store_info(out)
     done_images = sum(r["images"] for r in results)
     teachers = {}
@@ -307,7 +314,7 @@ def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float,
         teachers[name] = {"views_per_s": views_done / seconds if seconds else None,
                           "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"], "storage": t["storage"]}
     return {"store": str(out), "complete": complete, "samples": info["samples"], "views": info["views"],
-            "calibration": info["calibration"],
+            "calibration": info["calibration"] and {**info["calibration"], "ran": calibrated},
             "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],
             "unreadable": info["unreadable"], "retryable": sum(map(retryable, info["unreadable"].values())),

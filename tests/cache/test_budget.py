@@ -5,6 +5,7 @@ calibration, verify checks it, and the store trains and evaluates unchanged; lay
 Letters: N samples, V views, h, w grid, C channels, k stored channels.
 """
 
+import json
 import shutil
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_rerun_reuses_the_calibration_and_redoes_shards_to_the_same_bytes(budget
         root[L.done_array(name)][1] = 0
     report = build_cache(small_config(copy, fidelity=BUDGETS), progress=False)
     assert report["complete"] and report["shards_run"] == 1
-    assert report["calibration"] == store_info(budget_store)["calibration"]  # not run again: same seconds
+    assert report["calibration"] == {**store_info(budget_store)["calibration"], "ran": False}  # same seconds
     assert_same_store(copy, budget_store)
 
 
@@ -151,3 +152,47 @@ def test_toml_budget_per_teacher_and_for_all(small_dataset, tmp_path):
         load_cache_config(path)
     cfg = load_cache_config(path, teachers=["clip:ViT-B-16", "sam:vit_b"], fidelity={"sam": 0.9})
     assert {n: (s.fidelity, s.spatial) for n, s in cfg.storage.items()} == {"clip": (0.98, "auto"), "sam": (0.9, "auto")}
+
+
+def test_budget_store_trains_with_radio_train_and_evaluates_with_radio_eval(budget_store, tmp_path):
+    """The targets of calibrated codecs reach the losses and the evaluation decoded, like any store's."""
+    from typer.testing import CliRunner
+
+    from radio_distill.cli import eval_app, train_app
+
+    run = tmp_path / "run"
+    for loss in ("amradio", "phis"):
+        result = CliRunner().invoke(train_app, [str(budget_store), "--student", "test_vit", "--out", str(run / loss),
+                                                "--steps", "2", "--batch-size", "4", "--resolution", "32",
+                                                "--holdout", "0.4", "--workers", "0", "--device", "cpu",
+                                                "--loss", loss, "--log-every", "1"])
+        assert result.exit_code == 0, result.output
+    metrics = (run / "phis" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) >= 3 and "nan" not in metrics[-1]
+    result = CliRunner().invoke(eval_app, [str(budget_store), str(run / "amradio"), "--out", str(tmp_path / "eval"),
+                                           "--workers", "0", "--device", "cpu", "--no-throughput", "--probe-steps", "3",
+                                           "--pictures", "1"])
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads((tmp_path / "eval" / "report.json").read_text())["fidelity"]["teachers"]
+    assert set(fidelity) == {"clip", "dinov2", "sam"}
+    assert all(-1 <= v["spatial"] <= 1 for v in fidelity.values())  # finite cosines to the decoded targets
+
+
+def test_cli_info_shows_the_choice_and_build_takes_budgets(budget_store, small_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from radio_distill.cli import cache_app
+
+    result = CliRunner().invoke(cache_app, ["info", str(budget_store)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "picked by --fidelity 0.95; held-back cos summary" in text and "picked by --fidelity 0.999" in text
+    assert "calibration: view 0 of 8 samples spread over the dataset (4 held back)" in text
+    assert "layout v2" in text and "bytes/view" in text
+    base = ["build", str(small_dataset), "--out", str(tmp_path / "x.zarr"), "--teachers", "tiny"]
+    for args, message in ((["--fidelity", "0.9", "--fidelity", "sam=1.5"], "teacher 'sam': --fidelity must be a mean cosine"),
+                          (["--fidelity", "sam=high"], "--fidelity 'sam=high': expected a mean cosine like 0.99"),
+                          (["--fidelity", "dino=0.9"], r"--fidelity names unknown teacher(s) ['dino']")):
+        result = CliRunner().invoke(cache_app, base + args)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x.zarr").exists()
