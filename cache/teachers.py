@@ -1,4 +1,5 @@
-"""Teachers: CLIP (open_clip), DINOv2 (timm) and SAM (segment_anything) behind one interface.
+"""Teachers: CLIP (open_clip), DINOv2 (timm), SAM (segment_anything) and any timm image model with
+patch tokens (DINOv3, SigLIP/SigLIP2, EVA...) behind one interface.
 
 A teacher maps normalised pixels to a summary vector (none for SAM) and a spatial feature map.
 Each is loaded by its own library exactly as users load it: a pretrained tag or a local file.
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import TeacherSpecError
 
-FAMILIES = ("clip", "dinov2", "sam")
+FAMILIES = ("clip", "dinov2", "sam", "timm")
 SAM_SPATIAL = ("neck", "preneck")
 TINY_CLIP = "radio-tiny-clip"
 _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -31,9 +32,10 @@ _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 class TeacherSpec:
     """What to load: `[name=]family:model[:weights][@resolution]` on the command line.
 
-    `weights` is a pretrained tag (open_clip) or a local file; DINOv2 tags live in the timm model
-    name. `random_init` builds the architecture with seeded random weights instead (the tiny
-    preset, architecture benchmarks); `model_kwargs` only serves the tiny preset's toy sizes.
+    `weights` is a pretrained tag (open_clip) or a local file; DINOv2 and timm tags live in the timm
+    model name. `random_init` builds the architecture with seeded random weights instead (the tiny
+    preset, architecture benchmarks); `model_kwargs` (timm `create_model` kwargs, not on the command
+    line) only serves toy sizes of the dinov2 and timm families.
     """
 
     name: str
@@ -113,19 +115,27 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.weights is not None and not _is_file(spec.weights) and spec.weights not in tags:
             raise TeacherSpecError(f"teacher '{spec.name}': unknown pretrained tag '{spec.weights}' for "
                                    f"'{spec.model}'; available: {', '.join(tags) or 'none'}")
-    elif spec.family == "dinov2":
+    elif spec.family in ("dinov2", "timm"):
         import timm
         if not timm.is_model(spec.model):
-            raise TeacherSpecError(f"teacher '{spec.name}': unknown timm model '{spec.model}'; "
-                                   "see timm.list_models('*dinov2*')")
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown timm model '{spec.model}'; see timm.list_models("
+                                   + ("'*dinov2*')" if spec.family == "dinov2" else "'*siglip*'), '*dinov3*', '*eva*'"))
         arch, _, tag = spec.model.partition(".")
         if tag and spec.model not in timm.list_pretrained(spec.model):
             raise TeacherSpecError(f"teacher '{spec.name}': unknown pretrained tag '{tag}' for timm model '{arch}'; "
                                    f"available: {', '.join(timm.list_pretrained(arch + '.*')) or 'none'}")
         if spec.weights is not None and not _is_file(spec.weights):
-            raise TeacherSpecError(f"teacher '{spec.name}': DINOv2 weights '{spec.weights}' must be a local file "
-                                   "(.pth, .safetensors); pretrained tags go in the timm model name, "
-                                   "e.g. vit_large_patch14_reg4_dinov2.lvd142m")
+            label, example = (("DINOv2", "vit_large_patch14_reg4_dinov2.lvd142m") if spec.family == "dinov2"
+                              else ("timm", "vit_so400m_patch14_siglip_384.webli"))
+            raise TeacherSpecError(f"teacher '{spec.name}': {label} weights '{spec.weights}' must be a local file "
+                                   f"(.pth, .safetensors); pretrained tags go in the timm model name, e.g. {example}")
+        if spec.family == "timm":
+            with torch.device("meta"):  # the architecture only: no memory, no weights
+                model = timm.create_model(spec.model, pretrained=False, **dict(spec.model_kwargs))
+            if not hasattr(model, "num_prefix_tokens") or not getattr(model, "global_pool", None):
+                raise TeacherSpecError(f"teacher '{spec.name}': timm model '{spec.model}' has no patch tokens and "
+                                       "pooled feature (a ViT-like model with num_prefix_tokens and a global_pool); "
+                                       "e.g. vit_base_patch16_siglip_224, vit_large_patch16_dinov3, eva02_base_patch14_224")
     elif spec.family == "sam":
         if spec.model not in _sam_builders():
             raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM model '{spec.model}'; "
@@ -187,12 +197,37 @@ class Teacher(nn.Module):
 
 
 class ClipTeacher(Teacher):
-    """Summary: the pooled, projected (text-aligned) embedding. Spatial: trunk tokens after ln_post."""
+    """Summary: the pooled, projected (text-aligned) embedding, `encode_image` unnormalised. Spatial:
+    trunk tokens after ln_post; for a timm image tower (SigLIP...), its patch tokens after its final
+    norm (open_clip returns only the pooled output of those, so the trunk is called here)."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module, *, timm_tower: bool, **kwargs):
+        super().__init__(spec, model, **kwargs)
+        self.timm_tower = timm_tower
 
     def forward(self, x):
-        pooled, tokens = self.model.visual(x)
+        visual = self.model.visual
+        if self.timm_tower:
+            tokens = visual.trunk.forward_features(x)  # (B, prefix + h * w, C)
+            pooled = visual.head(visual.trunk.forward_head(tokens))
+            tokens = tokens[:, visual.trunk.num_prefix_tokens:]
+        else:
+            pooled, tokens = visual(x)
         h = w = x.shape[-1] // self.patch
         return pooled.float(), tokens.float().reshape(x.shape[0], h, w, -1)
+
+
+class TimmTeacher(Teacher):
+    """Summary: the pooled pre-logits feature (`forward_head(forward_features(x), pre_logits=True)`:
+    SigLIP's attention pool, an average or the CLS token, as the model's `global_pool` says).
+    Spatial: the patch tokens of `forward_features`, prefix tokens (CLS, registers) dropped."""
+
+    def forward(self, x):
+        tokens = self.model.forward_features(x)  # (B, prefix + h * w, C)
+        h = w = x.shape[-1] // self.patch
+        summary = self.model.forward_head(tokens, pre_logits=True)
+        patches = tokens[:, self.model.num_prefix_tokens:]
+        return summary.float(), patches.float().reshape(x.shape[0], h, w, -1)
 
 
 class Dinov2Teacher(Teacher):
@@ -249,12 +284,17 @@ def build_clip(spec: TeacherSpec) -> Teacher:
         model = open_clip.create_model(spec.model, pretrained=spec.weights, **kwargs)
     finally:
         root.setLevel(level)
-    model.visual.output_tokens = True
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"]
     resolution = size if isinstance(size, int) else size[0]
-    return ClipTeacher(spec, model, resolution=resolution, mean=cfg["mean"], std=cfg["std"],
-                       patch=model.visual.patch_size[0])
+    visual = model.visual
+    timm_tower = isinstance(visual, open_clip.timm_model.TimmModel)
+    if timm_tower and not hasattr(visual.trunk, "num_prefix_tokens"):
+        raise TeacherSpecError(f"teacher '{spec.name}': open_clip model '{spec.model}' has a timm image tower "
+                               f"without patch tokens ({type(visual.trunk).__name__})")
+    visual.output_tokens = True  # open_clip's own ViT returns (pooled, tokens); a timm tower ignores it
+    return ClipTeacher(spec, model, timm_tower=timm_tower, resolution=resolution, mean=cfg["mean"], std=cfg["std"],
+                       patch=(visual.trunk.patch_embed if timm_tower else visual).patch_size[0])
 
 
 def build_dinov2(spec: TeacherSpec) -> Teacher:
@@ -269,6 +309,20 @@ def build_dinov2(spec: TeacherSpec) -> Teacher:
     cfg = model.pretrained_cfg
     return Dinov2Teacher(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
                          patch=model.patch_embed.patch_size[0])
+
+
+def build_timm(spec: TeacherSpec) -> Teacher:
+    import timm
+    kwargs = dict(spec.model_kwargs)
+    if spec.resolution:
+        kwargs["img_size"] = spec.resolution
+    if spec.weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.weights).expanduser())}
+    pretrained = not spec.random_init or spec.weights is not None
+    model = timm.create_model(spec.model, pretrained=pretrained, num_classes=0, **kwargs)
+    cfg = model.pretrained_cfg
+    return TimmTeacher(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
+                       patch=model.patch_embed.patch_size[0])
 
 
 def build_tiny_sam(checkpoint: str | None = None):
@@ -340,7 +394,7 @@ def build_sam(spec: TeacherSpec) -> Teacher:
                       std=(sam.pixel_std / 255).flatten().tolist(), patch=enc.patch_embed.proj.kernel_size[0])
 
 
-TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam}
+TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam, "timm": build_timm}
 
 
 def build_teacher(spec: TeacherSpec, *, device: str | torch.device = "cpu") -> Teacher:

@@ -7,6 +7,7 @@ stored resolution. bf16 autocast on CUDA, fp32 on CPU, a few warm-up iterations 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -40,8 +41,12 @@ def timm_equivalent(ident: dict, resolution: int) -> tuple[str, dict]:
     kwargs = {"img_size": resolution, "num_classes": 0}
     if family == "clip":
         config = MODEL_CONFIGS / f"{model}.json"
-        if config.is_file():  # our own configs (the tiny preset): a timm CLIP ViT of the same dims
-            raw = json.loads(config.read_text())
+        if not config.is_file():  # open_clip's own configs, found without importing open_clip
+            config = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs" / config.name
+        raw = json.loads(config.read_text()) if config.is_file() else {"vision_cfg": {}}
+        if "timm_model_name" in raw["vision_cfg"]:  # a timm image tower (SigLIP...): that very architecture
+            return raw["vision_cfg"]["timm_model_name"], kwargs
+        if config.parent == MODEL_CONFIGS:  # our own configs (the tiny preset): a timm CLIP ViT of the same dims
             v = raw["vision_cfg"]
             return "vit_base_patch16_clip_224", {**kwargs, "patch_size": v["patch_size"], "embed_dim": v["width"],
                                                  "depth": v["layers"], "num_heads": v["width"] // v.get("head_width", 64),
@@ -51,7 +56,7 @@ def timm_equivalent(ident: dict, resolution: int) -> tuple[str, dict]:
             raise LookupError(f"no timm equivalent known for open_clip model '{model}' "
                               f"(known: {', '.join(CLIP_TIMM)})")
         return CLIP_TIMM[base], kwargs
-    if family == "dinov2":
+    if family in ("dinov2", "timm"):  # timm models themselves
         return model.partition(".")[0], {**kwargs, **(ident.get("model_kwargs") or {})}
     if family == "sam":
         if model == "tiny":

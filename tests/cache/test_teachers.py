@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from radio_distill.cache.teachers import (FAMILIES, TEACHERS, TeacherSpec, build_teacher, check_spec, identity,
                                           parse_teacher, tiny_teachers)
@@ -12,17 +13,30 @@ from radio_distill.errors import TeacherSpecError
 
 # (grid, summary dims, spatial dims) the tiny configs define: CLIP 64 px / 8 px patches, width 64,
 # embed 32; DINOv2 112 px / 14 px patches, width 48; SAM 64 px / 8 px patches, neck 32 channels.
-TINY_SHAPES = {"clip": ((8, 8), 32, 64), "dinov2": ((8, 8), 48, 48), "sam": ((8, 8), None, 32)}
+# The timm family at toy sizes (random init): SigLIP (no prefix tokens, attention-pool summary) at
+# 64 px / 8 px patches, width 48; DINOv3 (CLS + 4 registers, average-pool summary) at 64 px / 16 px.
+TOY = (("depth", 2), ("embed_dim", 48), ("num_heads", 2))
+TIMM = {"siglip": TeacherSpec("siglip", "timm", "vit_base_patch16_siglip_224", resolution=64, random_init=True,
+                              model_kwargs=(*TOY, ("patch_size", 8))),
+        "dinov3": TeacherSpec("dinov3", "timm", "vit_small_patch16_dinov3", resolution=64, random_init=True,
+                              model_kwargs=TOY)}
+TINY_SHAPES = {"clip": ((8, 8), 32, 64), "dinov2": ((8, 8), 48, 48), "sam": ((8, 8), None, 32), "timm": ((8, 8), 48, 48)}
+
+
+@pytest.fixture(scope="module")
+def family_teachers(teachers) -> dict:
+    """One built teacher per family: the tiny preset plus the toy SigLIP for `timm`."""
+    return {**teachers, "timm": build_teacher(TIMM["siglip"])}
 
 
 def test_registry_covers_every_family_and_the_tiny_preset():
     assert set(TEACHERS) == set(FAMILIES)
-    assert sorted(s.family for s in tiny_teachers()) == sorted(FAMILIES)
+    assert sorted(s.family for s in tiny_teachers()) == ["clip", "dinov2", "sam"]  # timm models join by name
 
 
 @pytest.mark.parametrize("name", sorted(TEACHERS))
-def test_teacher_contract(teachers, name):
-    teacher = teachers[name]
+def test_teacher_contract(family_teachers, name):
+    teacher = family_teachers[name]
     grid, summary_dim, spatial_dim = TINY_SHAPES[name]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     info = teacher.info()
@@ -41,10 +55,63 @@ def test_teacher_contract(teachers, name):
 
 
 @pytest.mark.parametrize("name", sorted(TEACHERS))
-def test_tiny_teachers_are_seeded(tiny_specs, teachers, name):
-    again = build_teacher(tiny_specs[name])
-    for (k, a), (_, b) in zip(teachers[name].state_dict().items(), again.state_dict().items()):
+def test_random_init_teachers_are_seeded(family_teachers, name):
+    again = build_teacher(family_teachers[name].spec)
+    for (k, a), (_, b) in zip(family_teachers[name].state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("which, prefix", [("siglip", 0), ("dinov3", 5)])
+def test_timm_teacher_is_pre_logits_summary_and_non_prefix_tokens(which, prefix):
+    teacher = build_teacher(TIMM[which])
+    model = teacher.model
+    assert model.num_prefix_tokens == prefix
+    assert (teacher.mean, teacher.std) == (tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        summary, spatial = teacher(x)
+        tokens = model.forward_features(x)  # (B, prefix + h * w, C)
+        pooled = model.forward_head(tokens, pre_logits=True)
+    grid = 64 // model.patch_embed.patch_size[0]
+    assert tokens.shape[1] == prefix + grid * grid
+    torch.testing.assert_close(summary, pooled, rtol=0, atol=0)
+    torch.testing.assert_close(spatial, tokens[:, prefix:].reshape(2, grid, grid, -1), rtol=0, atol=0)
+
+
+def test_timm_weight_file_is_loaded_by_timm(tmp_path):
+    spec = TIMM["dinov3"]
+    g = torch.Generator().manual_seed(7)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in build_teacher(spec).model.state_dict().items()}
+    path = tmp_path / "dinov3.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    loaded = build_teacher(replace(spec, weights=str(path)))
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    ident = identity(loaded.spec)
+    assert ident["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and ident["weights"] == path.name
+    assert ident["family"] == "timm" and ident["model_kwargs"] == dict(spec.model_kwargs)
+
+
+@pytest.mark.parametrize("spec", [tiny_teachers()[0], TeacherSpec("siglip", "clip", "ViT-B-16-SigLIP", resolution=64,
+                                                                  random_init=True)], ids=["open_clip-vit", "siglip"])
+def test_clip_summary_is_encode_image_also_for_a_timm_tower(spec):
+    """open_clip's SigLIP image tower is a timm ViT that returns only its pooled output: the teacher
+    reads the patch tokens from the trunk, and its summary stays exactly `encode_image`."""
+    teacher = build_teacher(spec)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        summary, spatial = teacher(x)
+        want = teacher.model.encode_image(x)
+    want = want[0] if isinstance(want, tuple) else want  # open_clip's ViT with output_tokens: (pooled, tokens)
+    torch.testing.assert_close(summary, want.float(), rtol=1e-5, atol=1e-5)
+    assert spatial.shape[:3] == (2, 64 // teacher.patch, 64 // teacher.patch)
+    if spec.model == "ViT-B-16-SigLIP":
+        trunk = teacher.model.visual.trunk
+        with torch.inference_mode():
+            tokens = trunk.forward_features(x)
+        assert trunk.num_prefix_tokens == 0 and spatial.shape == (2, 4, 4, 768)
+        torch.testing.assert_close(spatial, tokens.reshape(2, 4, 4, -1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("label", ["clip", "dinov2-safetensors", "dinov2-pth", "sam"])
@@ -99,6 +166,10 @@ def test_parse_teacher_refuses(text, culprit):
     ("sam:vit_x", "unknown SAM model 'vit_x'; available: .*vit_h"),
     ("sam:vit_b", "SAM needs a checkpoint file"),
     ("sam:vit_b:sam_b", "SAM checkpoint 'sam_b' is not a file"),
+    ("timm:vit_nope_patch16", "unknown timm model 'vit_nope_patch16'; see timm.list_models.*siglip"),
+    ("timm:vit_base_patch16_siglip_224.nope", "unknown pretrained tag 'nope' for timm model"),
+    ("timm:vit_base_patch16_siglip_224:webli", "timm weights 'webli' must be a local file"),
+    ("timm:resnet18", "timm model 'resnet18' has no patch tokens"),
 ])
 def test_check_spec_refuses_before_loading(text, culprit):
     with pytest.raises(TeacherSpecError, match=culprit):
@@ -108,6 +179,8 @@ def test_check_spec_refuses_before_loading(text, culprit):
 def test_check_spec_accepts_known_models_without_loading():
     check_spec(parse_teacher("clip:ViT-B-16:openai@224"))
     check_spec(parse_teacher("dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448"))
+    check_spec(parse_teacher("timm:vit_so400m_patch14_siglip_384.webli@384"))
+    check_spec(parse_teacher("timm:vit_large_patch16_dinov3.lvd1689m"))
     for spec in tiny_teachers():
         check_spec(spec)
 
