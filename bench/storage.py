@@ -27,6 +27,12 @@ measured on held-back tokens and the budget's pick marked `chosen`:
   64-component projection has cos ~ sqrt(0.995) = 0.9975); budget 0.99.
 Their ratio is raw bytes per token vs fp16 (random values do not compress), the basis not counted.
 
+`radio25` (bytes only): the RADIOv2.5 teacher set -- DFN CLIP-H/14@378 (open_clip), SigLIP-SO400M/14@384
+(timm), DINOv2-g/14-reg4@224, SAM ViT-H@1024 -- built on the meta device (architecture, no weights, no
+memory) and run there for their output shapes; raw bytes per image-view per codec (summaries fp16) and
+the store for ImageNet-1k x 2 views. zstd is not applied (1.07-1.09x on the measured rows above). No
+fidelity: that needs trained weights (random ones have neither outliers nor a PCA spectrum to find).
+
 Targets: a default >= 2x smaller than raw fp16 at cos >= 0.999; an option >= 4x smaller at cos >= 0.99;
 outlier_100x: rot-int8 mean cos >= 0.999 and min >= 0.99; low_rank: budget 0.99 picks >= 8x smaller
 than fp16 at mean cos >= 0.99.
@@ -122,6 +128,54 @@ def low_rank(tokens: int, seed: int, rank: int = 64, energy: float = 0.995) -> t
     return torch.randn(tokens, rank, generator=g) @ subspace.T + noise * torch.randn(tokens, KNOWN_C, generator=g)
 
 
+RADIO25 = (("DFN CLIP-H/14@378", "ViT-H-14-378-quickgelu", 378), ("SigLIP-SO400M/14@384", "vit_so400m_patch14_siglip_384", 384),
+           ("DINOv2-g/14-reg4@224", "vit_giant_patch14_reg4_dinov2", 224), ("SAM ViT-H@1024", "vit_h", 1024))
+RADIO25_CODECS = ("fp16", "int8", "pca128-int8", "pca64-int8", "pca32-int8")
+
+
+def radio25_shapes() -> list[tuple[str, int, int, int | None]]:
+    """(label, spatial tokens, spatial channels C, summary dims D or None) of the RADIOv2.5 set, from
+    forwards of the real architectures on the meta device (shapes only: no weights, no compute)."""
+    import open_clip
+    import timm
+
+    from radio_distill.cache.teachers import TeacherSpec
+
+    out = []
+    with torch.device("meta"):
+        (clip_label, clip_name, r), (siglip_label, siglip_name, rs), (dino_label, dino_name, rd), (sam_label, sam_name, rm) = RADIO25
+        clip = open_clip.create_model(clip_name, pretrained=None, device="meta").visual
+        clip.output_tokens = True
+        summary, tokens = clip(torch.zeros(1, 3, r, r))
+        out.append((clip_label, tokens.shape[1], tokens.shape[2], summary.shape[-1]))
+        siglip = timm.create_model(siglip_name, pretrained=False)
+        tokens = siglip.forward_features(torch.zeros(1, 3, rs, rs))
+        out.append((siglip_label, tokens.shape[1] - siglip.num_prefix_tokens, tokens.shape[2],
+                    siglip.forward_head(tokens, pre_logits=True).shape[-1]))
+        for label, family, name, res in ((dino_label, "dinov2", dino_name, rd), (sam_label, "sam", sam_name, rm)):
+            info = build_teacher(TeacherSpec(family, family, name, resolution=res, random_init=True), device="meta").info()
+            out.append((label, info.grid[0] * info.grid[1], info.spatial_dim, info.summary_dim))
+    return out
+
+
+def radio25_bytes() -> list[dict]:
+    """Raw MB (1e6 bytes) per image-view of each RADIOv2.5 teacher per spatial codec (+ the fp16
+    summary), of the whole set, and the ImageNet-1k x 2 views store in TB."""
+    rows, total = [], {c: 0.0 for c in RADIO25_CODECS}
+    for label, tokens, channels, summary in radio25_shapes():
+        row = {"teacher": label, "spatial": f"{tokens}x{channels}", "summary": summary, "unit": "MB/view"}
+        for codec in RADIO25_CODECS:
+            row[codec] = (tokens * codecs.token_bytes(codec, channels) + 2 * (summary or 0)) / 1e6
+            total[codec] += row[codec]
+        if "SAM" in label:  # 64x64 -> 32x32
+            row["int8+pool2"] = tokens // 4 * codecs.token_bytes("int8", channels) / 1e6
+        rows.append(row)
+    rows.append({"teacher": "whole set", "unit": "MB/view", **total})
+    rows.append({"teacher": "ImageNet-1k x 2 views", "unit": "TB",
+                 **{c: v * 1e6 * common.IMAGENET_TRAIN * 2 / 1e12 for c, v in total.items()}})
+    return rows
+
+
 def known_structure(tokens: int) -> list[dict]:
     """One entry per case and codec (KNOWN_CODECS and the budget's pick): fit on `tokens` tokens,
     measured on `tokens // 2` others."""
@@ -215,9 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
     common.report({"device": "generated features", "precision": "fp32", "torch": torch.__version__, "date": ""},
                   known, KNOWN_COLUMNS, None, title=f"Known-structure features ({args.tokens} tokens fit, "
                                                     f"{args.tokens // 2} measured)")
+    radio25 = radio25_bytes()
+    common.report({"device": "meta device (shapes only)", "precision": "-", "torch": torch.__version__, "date": ""},
+                  radio25, [("teacher", "teacher", ""), ("spatial", "tokens x C", ""), ("unit", "unit", "")]
+                  + [(c, c, ".3f") for c in RADIO25_CODECS + ("int8+pool2",)], None,
+                  title="RADIOv2.5 teacher set: raw size per image-view (summary fp16) and of an ImageNet-1k x 2 views store")
     payload = common.meta(device, __file__, args.argv, images_measured=args.images - args.images // 2,
                           images_fit=args.images // 2, compressors="zstd(level=1) + crc32c, as cache/store.py",
-                          random_init=True, targets=targets, known_structure=known, known_structure_targets=known_targets)
+                          random_init=True, targets=targets, known_structure=known, known_structure_targets=known_targets,
+                          radio25_bytes_per_view=radio25)
     out = common.report(payload, rows, COLUMNS, args.json_out,
                         title="Target storage per image-view (random-init teachers)")
     print(f"known structure: outlier_100x rot-int8 >= 0.999/0.99: {'yes' if known_targets['outlier_100x_rot_int8'] else 'NO'}; "

@@ -72,6 +72,8 @@ def test_storage(bench):
     assert [c for (case, c), e in known.items() if case == "low_rank" and e["chosen"]] == ["pca64-int8"]
     assert known["outlier_100x", "rot-int8"]["chosen"] and known["outlier_100x", "int8"]["cos_mean"] < 0.999
     assert result["known_structure_targets"] == {"outlier_100x_rot_int8": True, "low_rank_budget_8x": True}
+    whole = next(r for r in result["radio25_bytes_per_view"] if r["teacher"] == "whole set")
+    assert whole["fp16"] == pytest.approx(6.44, abs=0.01)  # the 6.4 MB per view: shapes of the real models
 
 
 def test_build(bench, ray_session):
