@@ -6,7 +6,7 @@ out = "runs/vit_b"
 student = "vit_base_patch16_224"
 steps = 20000
 batch_size = 256
-resolution = 224
+resolution = 224                    # or several, e.g. [224, 384, 512]: see resolution_policy
 lr = 1e-3
 [loss]
 kind = "phis"                       # amradio | phis
@@ -35,8 +35,12 @@ class TrainConfig:
     student_overrides: dict = field(default_factory=dict)
     steps: int | None = None  # or epochs; one of them
     epochs: float | None = None
-    batch_size: int = 64  # global, over all processes
-    resolution: int = 224
+    batch_size: int | tuple[int, ...] = 64  # global, over all processes; 'partition': one per resolution
+    resolution: int | tuple[int, ...] = 224  # student input side, or several (a list of one is that one side)
+    # several resolutions: 'random' draws one per step (seeded by (seed, step): every rank the same);
+    # 'partition' splits every step's global batch into one part per resolution (RADIOv2.5's low/high
+    # partitions), with its own --batch-size so the high-resolution part's memory stays bounded
+    resolution_policy: str = "random"
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -55,7 +59,26 @@ class TrainConfig:
     images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
 
     def __post_init__(self):
+        for name in ("resolution", "batch_size"):  # TOML lists and 1-tuples: one form per setting
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value)[0] if len(value) == 1 else tuple(value))
         check_fields(self, _RULES, optional=_OPTIONAL)
+        for side in self.sides:
+            check_option("--resolution", side, "count")
+        for size in self.batch_sizes:
+            check_option("--batch-size", size, "count")
+        if not self.sides or len(set(self.sides)) < len(self.sides):
+            raise RadioDistillError(f"--resolution {_listed(self.resolution)}: give one side or several different ones")
+        if self.resolution_policy not in POLICIES:
+            raise RadioDistillError(f"--resolution-policy {self.resolution_policy!r}: choose from {', '.join(POLICIES)}")
+        partition = self.resolution_policy == "partition" and len(self.sides) > 1
+        if len(self.batch_sizes) != (len(self.sides) if partition else 1):
+            raise RadioDistillError(
+                f"--batch-size {_listed(self.batch_size)} with --resolution {_listed(self.resolution)}: "
+                + ("--resolution-policy partition needs one batch size per resolution, in the same order "
+                   "(e.g. --resolution 224,512 --batch-size 64,16)" if partition
+                   else "several batch sizes need --resolution-policy partition and one resolution each"))
         if self.loss.kind not in KINDS:
             raise RadioDistillError(f"unknown loss '{self.loss.kind}'; choose from {', '.join(KINDS)}")
         check_option("[loss] summary_weight", self.loss.summary_weight, "non-negative")
@@ -63,8 +86,25 @@ class TrainConfig:
         for name, weight in self.loss.teacher_weights.items():
             check_option(f"--teacher-weight {name}", weight, "non-negative", sep="=")
 
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """The student resolutions."""
+        return self.resolution if isinstance(self.resolution, tuple) else (self.resolution,)
 
-_RULES = {"steps": "count", "epochs": "positive", "batch_size": "count", "resolution": "count", "lr": "positive",
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The global batch size, or one per part ('partition')."""
+        return self.batch_size if isinstance(self.batch_size, tuple) else (self.batch_size,)
+
+
+POLICIES = ("random", "partition")
+
+
+def _listed(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+_RULES = {"steps": "count", "epochs": "positive", "lr": "positive",
           "min_lr": "non-negative", "weight_decay": "non-negative", "warmup_steps": "index", "grad_clip": "positive",
           "seed": "index", "holdout": "fraction", "workers": "index", "log_every": "count",
           "checkpoint_every": "count", "stop_at": "count"}

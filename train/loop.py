@@ -1,6 +1,6 @@
 """`radio-train`: distil a student from a store's cached targets, never loading a teacher.
 
-One function, read top to bottom: processes, store, run folder, student, losses, data, loop, export.
+One function, read top to bottom: processes, store, student, run folder, losses, data, loop, export.
 The device is waited on only every --log-every steps (and at checkpoints), where the metrics since
 the last wait are checked to be finite: a checkpoint never holds a non-finite step.
 Letters: B batch, R student side, K metrics per step, n steps since the last check.
@@ -41,17 +41,31 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # 2. the store: what each teacher produced, and the samples to train on
     reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images)
     indices = reader.indices(holdout=cfg.holdout)
-    reader.check_images(indices, resolution=cfg.resolution)
+    per_step = sum(cfg.batch_sizes)  # samples a step, over all its parts
+    if 0 < len(indices) < per_step:
+        sizes = ",".join(map(str, cfg.batch_sizes))
+        raise TrainingError(f"--batch-size {sizes} takes {per_step} samples a step, more than the "
+                            f"{len(indices)} of the training split (--holdout {cfg.holdout} of {int(reader.usable.sum())} "
+                            "usable): every batch would repeat samples; lower --batch-size")
+    reader.check_images(indices, resolution=max(cfg.sides))
     note = reader.unusable_note()
     if note and procs.main:
         print(note, file=sys.stderr)
-    steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / cfg.batch_size)
+    steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / per_step)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
     teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
     unknown = set(cfg.loss.teacher_weights) - set(teachers)
     if unknown:
         raise TrainingError(f"loss weights for unknown teachers {sorted(unknown)}; the store has {sorted(teachers)}")
-    # 3. the run folder: a fresh run, or --resume of one trained from the same store settings
+    # 3. the student (built before the run folder: a bad name or resolution creates nothing)
+    torch.manual_seed(cfg.seed)
+    model = create_student(cfg.student, teachers=teachers, **cfg.student_overrides).to(device)
+    bad = [side for side in cfg.sides if side % model.input_stride]
+    if bad:
+        raise TrainingError(f"--resolution {bad[0]} is not a multiple of {model.input_stride}, "
+                            f"the input stride of '{cfg.student}'")
+
+    # 4. the run folder: a fresh run, or --resume of one trained from the same store settings
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
     run = {"student": cfg.student, "config": json.loads(json.dumps(asdict(cfg), default=str)),
            "store": str(reader.path), "store_settings": reader.settings, "steps": steps,
@@ -77,12 +91,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(run, indent=2))
 
-    # 4. the student, its optimizer and the step (losses: statistics come from the store, never from a teacher)
-    torch.manual_seed(cfg.seed)
-    model = create_student(cfg.student, teachers=teachers, **cfg.student_overrides).to(device)
-    if cfg.resolution % model.input_stride:
-        raise TrainingError(f"--resolution {cfg.resolution} is not a multiple of {model.input_stride}, "
-                            f"the input stride of '{cfg.student}'")
+    # 5. the optimizer and the step (losses: statistics come from the store, never from a teacher)
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(resume_from, model=model, optimizer=optimizer) if cfg.resume else 0
     net = DistributedDataParallel(model) if procs.world > 1 else model
@@ -111,22 +120,23 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 raise TrainingError(f"{what} is not finite at step {at}; the last checkpoint in '{ckpt}' is kept")
         return rows[-1]
 
-    # 5. data: one view per image per step, this process's slice of each global batch
+    # 6. data: one view per image per step, this process's slice of each global batch (one loader batch per part)
     end = min(steps, cfg.stop_at or steps)
     workers = _loader_workers(cfg.workers)
-    loader = reader.loader(indices, resolution=cfg.resolution, batch_size=cfg.batch_size, seed=cfg.seed,
-                           start_step=start, steps=end, rank=procs.rank, world=procs.world, workers=workers,
-                           pin_memory=device.type == "cuda")
+    loader = reader.loader(indices, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                           policy=cfg.resolution_policy, seed=cfg.seed, start_step=start, steps=end, rank=procs.rank,
+                           world=procs.world, workers=workers, pin_memory=device.type == "cuda")
+    parts = len(cfg.batch_sizes)  # loader batches per step
     metrics = Metrics(out, start) if procs.main else None
 
-    # 6. the loop; a batch that cannot be read (corrupt chunk, vanished image) stops it with one line,
+    # 7. the loop; a batch that cannot be read (corrupt chunk, vanished image) stops it with one line,
     # after a checkpoint of the last step done
     net.train()
     last, seen, tick, pending, batches, kept = {}, 0, time.perf_counter(), [], iter(loader), start
     with _progress(procs.main and progress, start, steps) as (bar, task), _step_threads(device, workers):
         for step in range(start, end):
             try:
-                batch = next(batches)
+                batch = [next(batches) for _ in range(parts)]
             except RadioDistillError as e:
                 error = worker_error(e)
                 if procs.main and step > kept:
@@ -141,8 +151,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pending.append(distill(batch))
-            seen += len(batch["pixels"]) * procs.world
+            pending.append(distill(*batch))
+            seen += sum(len(part["pixels"]) for part in batch) * procs.world
             logs = (step + 1) % cfg.log_every == 0 or step + 1 == end
             saves = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end
             if logs or saves:
@@ -162,7 +172,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 if procs.world > 1:
                     dist.barrier()
 
-    # 7. export: a student loadable with `load_student`, without this package's training code
+    # 8. export: a student loadable with `load_student`, without this package's training code
     if procs.main:
         save_student(model, out / "student")
         metrics.close()

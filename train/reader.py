@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..cache import codecs
@@ -154,9 +155,9 @@ class CacheReader:
 
     def check_images(self, indices: np.ndarray, *, resolution: int | None = None) -> None:
         """Fail early, naming a missing image, when the dataset root moved (unless the store holds the
-        view pixels at `resolution`: then the images are not needed). Looks at a seeded sample of
-        IMAGE_CHECKS files (all of a small split): a file missing later is named when it is read."""
-        if self.pixels == resolution:
+        view pixels at `resolution` (the largest side) or more: then the images are not needed). Looks at a
+        seeded sample of IMAGE_CHECKS files (all of a small split): a file missing later is named when it is read."""
+        if self.pixels and resolution is not None and resolution <= self.pixels:
             return
         if not self.root_dir.is_dir():
             raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; move the images "
@@ -170,16 +171,19 @@ class CacheReader:
 
     def dataset(self, *, resolution: int) -> "ViewDataset":
         return ViewDataset(self.path, self.root_dir, self.ids, self.boxes, self.teachers, resolution,
-                           stored_pixels=self.pixels == resolution)
+                           pixels=self.pixels)
 
-    def loader(self, indices: np.ndarray, *, resolution: int, batch_size: int, seed: int, start_step: int,
-               steps: int, rank: int = 0, world: int = 1, workers: int = 2, pin_memory: bool = False) -> DataLoader:
-        """Batches for steps [start_step, steps): rank `rank` of `world` gets its slice of each global batch.
+    def loader(self, indices: np.ndarray, *, resolution: int | tuple[int, ...], batch_size: int | tuple[int, ...],
+               seed: int, start_step: int, steps: int, policy: str = "random", rank: int = 0, world: int = 1,
+               workers: int = 2, pin_memory: bool = False) -> DataLoader:
+        """Batches for steps [start_step, steps): rank `rank` of `world` gets its slice of each global batch;
+        one loader batch per part of a step (`StepSampler`), each at one resolution.
 
         A worker's error reaches the caller wrapped in the worker's traceback: `worker_error` unwraps it."""
-        sampler = StepSampler(indices, views=self.views, batch_size=batch_size, seed=seed, start_step=start_step,
-                              steps=steps, rank=rank, world=world)
-        return DataLoader(self.dataset(resolution=resolution), batch_sampler=sampler, num_workers=workers,
+        sampler = StepSampler(indices, views=self.views, resolution=resolution, batch_size=batch_size, policy=policy,
+                              seed=seed, start_step=start_step, steps=steps, rank=rank, world=world)
+        sides = resolution if isinstance(resolution, tuple) else (resolution,)
+        return DataLoader(self.dataset(resolution=sides[0]), batch_sampler=sampler, num_workers=workers,
                           multiprocessing_context="spawn" if workers else None, pin_memory=pin_memory,
                           persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
 
@@ -197,20 +201,31 @@ class StepSampler(Sampler):
     """Global batches as a pure function of (seed, step): exact resume needs only the step.
 
     Each epoch is a seeded permutation of the samples; each sample draws one of its V stored views
-    per epoch. Rank r of `world` takes items r, r + world, ... of every global batch.
+    per epoch. A step is one part at one side drawn from `resolution` (policy 'random', seeded by
+    (seed, step), so every rank draws the same), or, with policy 'partition', one part per side: the
+    global batch's first batch_size[0] items at resolution[0], the next batch_size[1] at resolution[1]...
+    Rank r of `world` takes items r, r + world, ... of every part. Yields one list of
+    (sample, view, side) per part: a loader batch holds one side.
     """
 
-    def __init__(self, indices, *, views, batch_size, seed, start_step, steps, rank=0, world=1):
-        if batch_size % world:
-            raise ValueError(f"global batch {batch_size} is not divisible by {world} processes")
+    def __init__(self, indices, *, views, resolution, batch_size, seed, start_step, steps, policy="random", rank=0,
+                 world=1):
+        self.sides = resolution if isinstance(resolution, tuple) else (resolution,)
+        self.sizes = batch_size if isinstance(batch_size, tuple) else (batch_size,)
+        self.partition = policy == "partition" and len(self.sides) > 1
+        if len(self.sizes) != (len(self.sides) if self.partition else 1):
+            raise ValueError(f"batch sizes {self.sizes} do not match sides {self.sides} under policy {policy!r}")
+        for size in self.sizes:
+            if size % world:
+                raise ValueError(f"global batch {size} is not divisible by {world} processes")
         if len(indices) == 0:
             raise DatasetError("no usable samples to train on (all unreadable, held out, or in unfinished shards)")
-        self.indices, self.views, self.batch_size, self.seed = np.asarray(indices), views, batch_size, seed
+        self.indices, self.views, self.batch_size, self.seed = np.asarray(indices), views, sum(self.sizes), seed
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
         self._epochs = {}
 
     def __len__(self) -> int:
-        return self.steps - self.start_step
+        return (self.steps - self.start_step) * len(self.sizes)
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, view per position) of an epoch; the last two are kept (a batch may straddle two)."""
@@ -228,40 +243,65 @@ class StepSampler(Sampler):
             out.append((int(order[pos % n]), int(views[pos % n])))
         return out
 
+    def parts(self, step: int) -> list[tuple[int, int]]:
+        """(side, global part size) of each part of `step`."""
+        if self.partition:
+            return list(zip(self.sides, self.sizes))
+        if len(self.sides) == 1:
+            return [(self.sides[0], self.sizes[0])]
+        # a stream of its own (3 words: never an epoch's [seed, epoch])
+        pick = np.random.default_rng([self.seed, step, SIDE_STREAM]).integers(len(self.sides))
+        return [(self.sides[pick], self.sizes[0])]
+
     def __iter__(self):
         for step in range(self.start_step, self.steps):
-            yield self.global_batch(step)[self.rank::self.world]
+            items, start = self.global_batch(step), 0
+            for side, size in self.parts(step):
+                yield [(i, v, side) for i, v in items[start:start + size][self.rank::self.world]]
+                start += size
+
+
+SIDE_STREAM = 0x5349  # the random policy's draws: a seed word no epoch permutation uses
 
 
 class ViewDataset(Dataset):
-    """Item (sample, view) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target values}.
+    """Item (sample, view[, side R]) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target values}.
 
-    The DataLoader hands a worker a whole batch (`__getitems__`): one tensorstore read per array.
+    R defaults to `resolution`; a batch holds one R. The DataLoader hands a worker a whole batch
+    (`__getitems__`): one tensorstore read per array. View pixels stored by the build at side P
+    (`pixels`) serve every R <= P, resized from them when smaller (antialiased, like the crop:
+    within a few grey levels of a decode, and no JPEG decode); R > P decodes the image, since
+    upsampled pixels would miss the detail the image has.
     Raises one line naming the array and the sample for a chunk that fails its checksum, and for
     targets that read as the fill value (all zero: a shard file lost after the shard was done).
     """
 
     def __init__(self, store: Path, root_dir: Path, ids: SampleIds, boxes, teachers: list[TeacherMeta],
-                 resolution: int, *, stored_pixels: bool = False):
+                 resolution: int, *, pixels: int | None = None):
         self.store, self.root_dir, self.ids, self.boxes = store, root_dir, ids, boxes
-        self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if stored_pixels else [])
+        self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if pixels else [])
         # one per target: its scale when int8 (all zero only where never written), else its values
         self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
                        for t in teachers for x in L.TARGETS if L.target_array(t.name, x) in t.arrays]
-        self.resolution = resolution
+        self.resolution, self.pixels = resolution, pixels
         self._handles = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict:
+    def __getitem__(self, item: tuple[int, ...]) -> dict:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict]:
+    def __getitems__(self, items: list[tuple[int, ...]]) -> list[dict]:
         if self._handles is None:  # opened here, inside the (spawned) worker
             self._handles = {p: open_array(self.store, p) for p in self.arrays}
+        side = items[0][2] if len(items[0]) > 2 else self.resolution
+        assert all(len(x) == 2 or x[2] == side for x in items), "a batch holds one side"
+        items = [(i, v) for i, v, *_ in items]
+        stored = bool(self.pixels) and side <= self.pixels
         rows, views = (np.array(c, dtype=np.int64) for c in zip(*items))
-        reads = {p: h.vindex[rows, views].read() for p, h in self._handles.items()}  # concurrent, (B, ...) each
+        reads = {p: h.vindex[rows, views].read() for p, h in self._handles.items()  # concurrent, (B, ...) each
+                 if p != L.PIXELS or stored}
         values = {p: self._result(p, r, items) for p, r in reads.items()}
         for p in self.filled:
             empty = ~values[p].reshape(len(items), -1).view(np.uint8).any(axis=1)
@@ -272,7 +312,10 @@ class ViewDataset(Dataset):
                                           f"`radio-cache verify {self.store}`")
         pixels = values.pop(L.PIXELS, None)
         if pixels is None:
-            pixels = np.stack([self.crop(i, v) for i, v in items])
+            pixels = np.stack([self.crop(i, v, side) for i, v in items])
+        elif side < self.pixels:
+            whole = np.array([0, 0, self.pixels, self.pixels])
+            pixels = np.stack([crop_resize(Image.fromarray(p), whole, side) for p in pixels])
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (B, 3, R, R)
         targets = {p: torch.from_numpy(a) for p, a in values.items()}
         return [{"index": i, "view": v, "pixels": pixels[k], **{p: t[k] for p, t in targets.items()}}
@@ -295,14 +338,14 @@ class ViewDataset(Dataset):
         reason = str(failed).splitlines()[0][:160]
         raise CacheIntegrityError(f"{array}: {where} fails to decode: {reason}; run `radio-cache verify {self.store}`")
 
-    def crop(self, i: int, v: int) -> np.ndarray:
-        """(R, R, 3) uint8: the view decoded from the original image."""
-        path = self.root_dir / self.ids[i]
+    def crop(self, i: int, v: int, side: int | None = None) -> np.ndarray:
+        """(R, R, 3) uint8: the view decoded from the original image at `side` (default: `resolution`)."""
+        path, side = self.root_dir / self.ids[i], side or self.resolution
         try:
-            image, span, _ = load_rgb(path, min_side=self.resolution)
+            image, span, _ = load_rgb(path, min_side=side)
         except UnreadableImage as e:
             raise DatasetError(f"image '{path}' (sample {i}) became unreadable: {e}") from None
-        return crop_resize(image, self.boxes[i, v], self.resolution, span=span)
+        return crop_resize(image, self.boxes[i, v], side, span=span)
 
 
 def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.device) -> dict:

@@ -4,6 +4,8 @@ Letters: B batch, R student side, h, w a grid, T = h * w tokens, C channels, D s
 K metrics (the per-teacher losses, then the weighted total and the gradient norm).
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -57,13 +59,38 @@ class DistillStep:
         self.names = [f"{t.name}/{target}" for t in self.teachers for target in ("summary", "spatial")
                       if target == "spatial" or t.summary_dim is not None] + ["loss", "grad_norm"]
 
-    def __call__(self, batch: dict) -> torch.Tensor:
-        """A loader batch ('pixels' (B, 3, R, R) uint8 and encoded targets) -> (K,) metrics on the device."""
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        return self.update(pixels, decode_targets(batch, self.teachers, self.device))
+    def __call__(self, *parts: dict) -> torch.Tensor:
+        """Loader batches ('pixels' (B, 3, R, R) uint8 and encoded targets), one per part of the step
+        (one R each) -> (K,) metrics on the device."""
+        return self.update_parts([(part["pixels"].to(self.device, non_blocking=True),
+                                   decode_targets(part, self.teachers, self.device)) for part in parts])
 
     def update(self, pixels: torch.Tensor, targets: dict) -> torch.Tensor:
         """pixels (B, 3, R, R) in 0..255 on the device; targets as `decode_targets` returns them -> (K,) metrics."""
+        return self.update_parts([(pixels, targets)])
+
+    def update_parts(self, parts: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
+        """One optimizer step on the parts ((pixels, targets) as `update` takes them) -> (K,) metrics.
+
+        Each part's losses are weighted by its share of the samples, so the parts train (and report) as
+        one batch would; each part runs backward at once, so the memory held is that of the largest part."""
+        total_size = sum(len(pixels) for pixels, _ in parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = 0.0
+        for k, (pixels, targets) in enumerate(parts):
+            share = len(pixels) / total_size
+            # DDP: gradients are averaged over processes once, after the last part
+            sync = k == len(parts) - 1 or not hasattr(self.net, "no_sync")
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                losses, total = self._losses(pixels, targets)
+                (total * share if len(parts) > 1 else total).backward()
+            metrics = metrics + torch.stack([v.detach().float() for v in losses] + [total.detach()]) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return torch.cat([metrics, grad_norm.float()[None]])
+
+    def _losses(self, pixels: torch.Tensor, targets: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The per-teacher losses of one part (in `names` order) and their weighted sum."""
         with autocast(self.device):
             output = self.net(normalise(pixels, self.model.mean, self.model.std))
         losses, total = [], 0.0
@@ -78,8 +105,4 @@ class DistillStep:
             losses.append(phis_spatial_loss(spatial, goal, self.phis[t.name]) if self.phis
                           else amradio_spatial_loss(spatial, goal))
             total = total + weight * self.loss.spatial_weight * losses[-1]
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        return torch.stack([v.detach().float() for v in losses] + [total.detach(), grad_norm.float()])
+        return losses, total

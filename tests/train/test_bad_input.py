@@ -53,9 +53,25 @@ def test_unknown_student_names_where_to_look(train_store, tmp_path):
     with pytest.raises(UnknownStudentError, match="list_students.*timm.list_models"):
         train(config(train_store, tmp_path / "run", student="vit_nonexistent_patch16"), progress=False)
     result = CliRunner().invoke(train_app, [str(train_store), "--student", "nope_net", "--out", str(tmp_path / "r"),
-                                            "--steps", "1"])
+                                            "--steps", "1", "--batch-size", "8"])
     assert result.exit_code == 2
     assert "unknown student 'nope_net'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # the student is built before the run folder
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--resolution", "40"], "error: --resolution 40 is not a multiple of 16, the input stride of 'test_vit'"),
+    (["--batch-size", "48"], "error: --batch-size 48 takes 48 samples a step, more than the 42 of the training split "
+                             "(--holdout 0.1 of 46 usable): every batch would repeat samples; lower --batch-size"),
+])
+def test_a_bad_resolution_or_a_batch_larger_than_the_split_creates_nothing(train_store, tmp_path, args, line):
+    out = tmp_path / "r"
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(out), "--steps", "1",
+                                            "--holdout", "0.1", "--workers", "0", "--batch-size", "8", *args])
+    # one line, after the store's warning line
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == line, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_nan_loss_stops_naming_step_and_teacher_and_keeps_checkpoint(store_copy, tmp_path):

@@ -43,10 +43,30 @@ def test_bad_recipes_name_the_culprit(tmp_path, text, message):
     (dict(loss={"teacher_weights": {"sam": float("inf")}}), r"--teacher-weight sam=inf: must be a finite number >= 0"),
     (dict(loss={"spatial_weight": -1}), r"\[loss\] spatial_weight -1: must be"),
     (dict(batch_size="8"), r"--batch-size '8': must be a whole number >= 1"),  # a string from a TOML recipe
+    (dict(resolution=[224, 0]), r"--resolution 0: must be a whole number >= 1"),
+    (dict(resolution=[224, 384, 224]), r"--resolution 224,384,224: give one side or several different ones"),
+    (dict(resolution=[]), r"--resolution : give one side or several"),
+    (dict(resolution=[224, 384], resolution_policy="mixed"), r"--resolution-policy 'mixed': choose from random, partition"),
+    (dict(resolution=[224, 384], resolution_policy="partition"),
+     r"--batch-size 64 with --resolution 224,384: --resolution-policy partition needs one batch size per resolution"),
+    (dict(resolution=[224, 384], batch_size=[64, 16]),
+     r"--batch-size 64,16 with --resolution 224,384: several batch sizes need --resolution-policy partition"),
+    (dict(resolution=[224, 384], batch_size=[64, 16, 8], resolution_policy="partition"), r"needs one batch size per"),
+    (dict(resolution=[224, 384], batch_size=[64, -16], resolution_policy="partition"), r"--batch-size -16: must be"),
 ])
 def test_bad_values_are_refused_naming_the_option(values, message):
     with pytest.raises(RadioDistillError, match=message):
         load_train_config(**{"store": "s.zarr", "out": "run", "steps": 3, **values})
+
+
+def test_resolution_sets_from_a_recipe_and_one_side_as_today(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\nresolution = [224, 512]\nbatch_size = [64, 16]\n'
+                      'resolution_policy = "partition"\n')
+    cfg = load_train_config(recipe)
+    assert (cfg.resolution, cfg.batch_size, cfg.sides, cfg.batch_sizes) == ((224, 512), (64, 16), (224, 512), (64, 16))
+    one = load_train_config(store="s", out="o", steps=3, resolution=[224], batch_size=[32], resolution_policy="partition")
+    assert (one.resolution, one.batch_size, one.sides) == (224, 32, (224,))  # a list of one is that value
 
 
 def test_good_edge_values_pass():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from radio_distill.errors import DatasetError
 from radio_distill.student import load_student
 from radio_distill.train.loop import train
 
@@ -128,6 +129,10 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     decoded = reader.dataset(resolution=64).crop(i, 1)  # another resolution decodes the image
     assert stored.shape == (32, 32, 3) and decoded.shape == (64, 64, 3)
     assert np.array_equal(stored, reader.dataset(resolution=32).crop(i, 1))
+    # a smaller side is resized from the stored pixels: within a few grey levels of a decode at that side
+    small = reader.dataset(resolution=32).__getitems__([(i, 1, 16)])[0]["pixels"].permute(1, 2, 0).numpy()
+    decoded_small = reader.dataset(resolution=16).crop(i, 1)
+    assert small.shape == (16, 16, 3) and 0 < np.abs(small.astype(int) - decoded_small).mean() < 4
 
     from_images = config(train_store, tmp_path / "images", steps=3)
     train(from_images, progress=False)
@@ -135,6 +140,10 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     images.rename(moved)  # the pixel store needs no images at the student resolution
     try:
         train(replace(from_images, store=with_pixels, out=tmp_path / "pixels"), progress=False)
+        train(replace(from_images, store=with_pixels, out=tmp_path / "smaller", resolution=[16, 32], steps=2),
+              progress=False)  # nor at smaller sides
+        with pytest.raises(DatasetError, match="images root .* is missing"):  # a larger side decodes them
+            train(replace(from_images, store=with_pixels, out=tmp_path / "larger", resolution=[32, 64]), progress=False)
     finally:
         moved.rename(images)
     a, b = read_metrics(tmp_path / "images"), read_metrics(tmp_path / "pixels")

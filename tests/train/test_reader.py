@@ -19,8 +19,8 @@ from .conftest import config
 
 def first_drawn(reader: CacheReader, *, after: int, holdout: float = 0.1, batch_size: int = 8) -> tuple[int, int, int]:
     """(sample, view, step): a sample the loop (seed 0) first draws at a step >= `after`, and that draw."""
-    sampler = StepSampler(reader.indices(holdout=holdout), views=reader.views, batch_size=batch_size, seed=0,
-                          start_step=0, steps=after + 3)
+    sampler = StepSampler(reader.indices(holdout=holdout), views=reader.views, resolution=32, batch_size=batch_size,
+                          seed=0, start_step=0, steps=after + 3)
     seen = set()
     for step in range(after + 3):
         for i, v in sampler.global_batch(step):

@@ -12,12 +12,14 @@ INDICES = np.array([3, 5, 8, 13, 21, 34, 55, 89, 144, 233])  # store rows of a s
 
 
 def sampler(**kw):
-    return StepSampler(INDICES, **{"views": 3, "batch_size": 4, "seed": 0, "start_step": 0, "steps": 10, **kw})
+    return StepSampler(INDICES, **{"views": 3, "resolution": 32, "batch_size": 4, "seed": 0, "start_step": 0,
+                                   "steps": 10, **kw})
 
 
 def test_every_sample_once_per_epoch_with_one_of_its_views():
     items = [item for batch in sampler() for item in batch]  # 10 steps x 4 = 4 epochs of 10
-    assert len(items) == 40
+    assert len(items) == 40 and {side for _, _, side in items} == {32}
+    items = [(i, v) for i, v, _ in items]
     for epoch in range(4):
         rows = [i for i, _ in items[10 * epoch:10 * (epoch + 1)]]
         assert sorted(rows) == INDICES.tolist(), epoch
@@ -33,7 +35,7 @@ def test_ranks_take_disjoint_slices_covering_the_global_batch():
         a, b = parts[0][step], parts[1][step]
         assert len(a) == len(b) == 2
         assert Counter(a) + Counter(b) == Counter(batch)
-        assert not {i for i, _ in a} & {i for i, _ in b}
+        assert not {i for i, _, _ in a} & {i for i, _, _ in b}
     with pytest.raises(ValueError, match="global batch 4 is not divisible by 3 processes"):
         sampler(world=3)
 
@@ -44,3 +46,37 @@ def test_resume_at_step_k_yields_the_batches_of_an_uninterrupted_run():
         assert list(sampler(start_step=k)) == whole[k:]
         assert len(sampler(start_step=k)) == 10 - k
     assert list(sampler(seed=1)) != whole
+
+
+def sides_of(batches) -> list[set]:
+    return [{side for _, _, side in batch} for batch in batches]
+
+
+def test_random_policy_draws_each_step_one_side_from_seed_and_step_alone():
+    whole = list(sampler(resolution=(32, 48, 64)))
+    sides = sides_of(whole)
+    assert len(whole) == 10 and all(len(s) == 1 for s in sides) and set().union(*sides) == {32, 48, 64}
+    plain = list(sampler())  # the side drawn changes no sample or view of a step
+    assert [[(i, v) for i, v, _ in b] for b in whole] == [[(i, v) for i, v, _ in b] for b in plain]
+    ranks = [list(sampler(resolution=(32, 48, 64), rank=r, world=2)) for r in range(2)]
+    assert sides_of(ranks[0]) == sides_of(ranks[1]) == sides  # every DDP rank: the same side each step
+    assert list(sampler(resolution=(32, 48, 64), start_step=6)) == whole[6:]  # resume
+    assert sides_of(sampler(resolution=(32, 48, 64), seed=1)) != sides
+
+
+def test_partition_policy_splits_every_global_batch_into_one_part_per_side():
+    kw = dict(resolution=(32, 64), batch_size=(4, 2), policy="partition")
+    parts = list(sampler(**kw))
+    assert len(parts) == len(sampler(**kw)) == 20 and [len(p) for p in parts[:2]] == [4, 2]
+    assert sides_of(parts) == [{32}, {64}] * 10
+    whole = sampler(**kw)
+    for step in range(10):  # the parts of step t are global batch t of 6 samples, the first 4 at 32
+        assert [(i, v) for i, v, _ in parts[2 * step] + parts[2 * step + 1]] == whole.global_batch(step)
+    rows = [i for p in parts for i, _, _ in p]  # 60 = 6 epochs, each sample once per epoch
+    assert all(sorted(rows[10 * e:10 * (e + 1)]) == INDICES.tolist() for e in range(6))
+    ranks = [list(sampler(**kw, rank=r, world=2)) for r in range(2)]
+    assert [len(p) for p in ranks[0][:2]] == [2, 1]
+    assert all(Counter(a) + Counter(b) == Counter(p) for a, b, p in zip(*ranks, parts))
+    assert list(sampler(**kw, start_step=3)) == parts[6:]
+    with pytest.raises(ValueError, match="global batch 2 is not divisible by 4 processes"):
+        sampler(**kw, world=4)

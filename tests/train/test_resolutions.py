@@ -1,0 +1,101 @@
+"""Multi-resolution training from one store: one side trains exactly as before, 'random' gives each
+step one side, 'partition' each step one part per side that trains as one batch would."""
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from radio_distill.errors import TrainingError
+from radio_distill.student import TeacherDims, create_student
+from radio_distill.train.loop import train
+from radio_distill.train.reader import CacheReader, StepSampler
+from radio_distill.train.step import DistillStep
+
+from .conftest import config
+
+# radio-train's first 3 steps on the shared tiny store (test_vit, side 32, batch 8, seed 0), logged by
+# the commit before multi-resolution training (35486af): one side must still give exactly these
+BEFORE = [
+    {"clip/summary": 0.9571611881256104, "clip/spatial": 0.9733842611312866, "dinov2/summary": 1.135464072227478,
+     "dinov2/spatial": 0.9216858148574829, "sam/spatial": 0.95220547914505, "loss": 4.939900875091553,
+     "grad_norm": 34.136295318603516},
+    {"clip/summary": 0.43167656660079956, "clip/spatial": 0.8520910143852234, "dinov2/summary": 0.8090649247169495,
+     "dinov2/spatial": 0.8333294987678528, "sam/spatial": 0.8788023591041565, "loss": 3.804964303970337,
+     "grad_norm": 8.034090995788574},
+    {"clip/summary": 0.3005540072917938, "clip/spatial": 0.8362692594528198, "dinov2/summary": 0.4454905390739441,
+     "dinov2/spatial": 0.7468464374542236, "sam/spatial": 0.6569517850875854, "loss": 2.986112117767334,
+     "grad_norm": 3.507016181945801},
+]
+
+
+def read_metrics(run) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def spy_parts(monkeypatch) -> list:
+    """Records the pixel shapes of every step's parts."""
+    seen, update = [], DistillStep.update_parts
+    monkeypatch.setattr(DistillStep, "update_parts",
+                        lambda self, parts: seen.append([tuple(p.shape) for p, _ in parts]) or update(self, parts))
+    return seen
+
+
+def test_one_side_trains_exactly_as_before(train_store, tmp_path, monkeypatch):
+    seen = spy_parts(monkeypatch)
+    cfg = config(train_store, tmp_path / "run", steps=3, resolution=[32], batch_size=[8])
+    assert (cfg.resolution, cfg.batch_size) == (32, 8)
+    train(cfg, progress=False)
+    assert seen == [[(8, 3, 32, 32)]] * 3
+    for row, before in zip(read_metrics(tmp_path / "run"), BEFORE, strict=True):
+        for key, value in before.items():
+            assert row[key] == pytest.approx(value, rel=1e-6), (row["step"], key)
+
+
+def test_random_policy_trains_each_step_at_the_side_the_sampler_drew(train_store, tmp_path, monkeypatch):
+    seen = spy_parts(monkeypatch)
+    cfg = config(train_store, tmp_path / "run", steps=6, resolution=[32, 48, 64])
+    train(cfg, progress=False)
+    drawn = StepSampler([0], views=1, resolution=cfg.resolution, batch_size=8, seed=cfg.seed, start_step=0, steps=6)
+    assert [[p[-1] for p in parts] for parts in seen] == [[drawn.parts(s)[0][0]] for s in range(6)]
+    assert {p[0][-1] for p in seen} == {32, 48, 64} and all(p[0][0] == 8 for p in seen)
+    assert all(np.isfinite(list(r.values())).all() for r in read_metrics(tmp_path / "run"))
+
+
+def test_partition_trains_every_side_each_step_and_resume_needs_the_same_set(train_store, tmp_path, monkeypatch):
+    seen = spy_parts(monkeypatch)
+    run = tmp_path / "run"
+    kw = dict(steps=4, resolution=[32, 64], batch_size=[6, 2], resolution_policy="partition")
+    train(config(train_store, run, stop_at=2, **kw), progress=False)
+    assert seen == [[(6, 3, 32, 32), (2, 3, 64, 64)]] * 2
+    saved = json.loads((run / "run.json").read_text())["config"]
+    assert (saved["resolution"], saved["batch_size"], saved["resolution_policy"]) == ([32, 64], [6, 2], "partition")
+    with pytest.raises(TrainingError, match=r"started with resolution=\[32, 64\]; an exact resume needs"):
+        train(config(train_store, run, resume=True, **{**kw, "resolution": [32, 48]}), progress=False)
+    train(config(train_store, run, resume=True, **kw), progress=False)
+    assert len(seen) == 4 and [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
+def test_parts_at_one_side_train_and_report_as_one_batch(train_store):
+    """A batch split in two parts (5 + 3 samples) gives the metrics and the update of the whole batch."""
+    reader = CacheReader(train_store)
+    batch = next(iter(reader.loader(reader.indices(holdout=0.1), resolution=32, batch_size=8, seed=0, start_step=0,
+                                    steps=1, workers=0)))
+    torch.manual_seed(0)
+    model = create_student("test_vit", teachers={t.name: TeacherDims(t.summary_dim, t.spatial_dim)
+                                                 for t in reader.teachers})
+    twin = copy.deepcopy(model)
+    # plain SGD: the update is the gradient (Adam's first step is about lr * sign, which hides it)
+    steps = [DistillStep(m, torch.optim.SGD(m.parameters(), lr=1.0), reader.teachers, loss=config(0, 0).loss,
+                         grad_clip=1.0, device=torch.device("cpu")) for m in (model, twin)]
+    whole = steps[0](batch)
+    parts = steps[1]({k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()})
+    assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert not torch.equal(model.state_dict()["backbone.model.pos_embed"],
+                           create_student("test_vit", teachers=model.teachers).state_dict()["backbone.model.pos_embed"])
