@@ -308,6 +308,7 @@ def evaluate(
     probe_steps: Annotated[int, typer.Option(help="Full-batch AdamW steps of each dense linear probe.")] = 300,
     pictures: Annotated[int, typer.Option(help="Held-out images shown in features.png.")] = 4,
     resolution: Annotated[Optional[int], typer.Option(help="Student input side. (default: the run's)")] = None,
+    resolutions: Annotated[Optional[str], typer.Option(help="Also measure fidelity at each of these input sides, e.g. 224,448 (a table and fidelity_resolution.png).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader processes (0 = read in this process).")] = 2,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. (default: cuda if available)")] = None,
@@ -322,8 +323,12 @@ def evaluate(
     from .evaluate import EvalConfig
     from .evaluate import evaluate as run_evaluation
 
+    sides = [v.strip() for v in (resolutions or "").split(",") if v.strip()]
+    if not all(v.isdigit() for v in sides):
+        raise RadioDistillError(f"--resolutions '{resolutions}': expected input sides separated by commas, e.g. 224,448")
     cfg = EvalConfig(store=store, run=run, out=out, masks=masks, max_bank=max_bank, knn_k=k, probe_images=probe_images,
-                     probe_steps=probe_steps, pictures=pictures, resolution=resolution, batch_size=batch_size,
+                     probe_steps=probe_steps, pictures=pictures, resolution=resolution,
+                     resolutions=tuple(int(v) for v in sides), batch_size=batch_size,
                      workers=workers, device=device, throughput=throughput, throughput_batch=throughput_batch,
                      images=images, sam=sam, sam_checkpoint=sam_checkpoint, sam_images=sam_images)
     report = run_evaluation(cfg)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.config import check_fields
+from ..train.config import check_fields, check_option
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,7 @@ class EvalConfig:
     out: Path  # where report.md, report.json, features.png and curves.png go
     masks: Path | None = None  # mask folder; default <images root>/../masks when it exists
     resolution: int | None = None  # student input side; default the run's training resolution
+    resolutions: tuple[int, ...] = ()  # also measure fidelity at each of these sides (the same held-out views)
     max_bank: int = 10000  # train-split samples in the kNN bank (a seeded subset when more)
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -33,6 +34,8 @@ class EvalConfig:
 
     def __post_init__(self):
         check_fields(self, _RULES, optional=_OPTIONAL, options=_OPTIONS)
+        for side in self.resolutions:
+            check_option("--resolutions", side, "count")
 
 
 _RULES = {"resolution": "count", "max_bank": "count", "knn_k": "count", "knn_temperature": "positive",

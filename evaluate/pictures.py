@@ -1,5 +1,5 @@
-"""Pictures: PCA-to-RGB feature maps of teachers next to the student, training curves, and the
-SAM metric's per-prompt IoU histogram.
+"""Pictures: PCA-to-RGB feature maps of teachers next to the student, training curves, the SAM
+metric's per-prompt IoU histogram, and fidelity vs the student's input side.
 
 Drawn with matplotlib's Agg canvas (no display, no pyplot state). Per teacher, one PCA basis is
 fitted on the teacher's cached maps of the shown images; the student's adaptor maps are projected
@@ -142,6 +142,29 @@ def sam_png(path: Path, ious: dict[str, np.ndarray]) -> Path:
         ax.set_xlim(0, 1)
         ax.legend(fontsize=7)
         ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def resolution_png(path: Path, sweep: dict) -> Path:
+    """Fidelity vs student input side, one line per teacher and target (the report's fidelity_by_resolution)."""
+    fig = _figure(4.8, 3.2)
+    ax = fig.subplots()
+    sides = sweep["resolutions"]
+    for i, (t, v) in enumerate(sweep["teachers"].items()):
+        colour = f"C{i}"
+        ax.plot(sides, v["spatial"], marker="o", color=colour, label=f"{t} spatial")
+        if v["summary"][0] is not None:
+            ax.plot(sides, v["summary"], marker="s", linestyle="--", color=colour, label=f"{t} summary")
+    ax.axvline(sweep["trained"], color="grey", linestyle=":", label=f"trained at {sweep['trained']} px")
+    ax.set_xticks(sides)
+    ax.set_xlabel("student input side (px)", fontsize=8)
+    ax.set_ylabel("mean cosine to the cached targets", fontsize=8)
+    ax.set_title("fidelity vs resolution", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -27,7 +27,7 @@ from .config import EvalConfig
 from .dense import load_masks, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image
 from .metrics import IGNORE, knn_top1, zero_shot_top1
-from .pictures import curves_png, features_png, read_metrics, sam_png
+from .pictures import curves_png, features_png, read_metrics, resolution_png, sam_png
 from .sam import load_sam, mask_agreement, to_sam_grid
 from .throughput import measure_throughput
 
@@ -51,9 +51,12 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_student(run.path / "student", device=device)
     resolution = cfg.resolution or run.resolution
-    if resolution % model.input_stride:
-        raise EvaluationError(f"--resolution {resolution} is not a multiple of {model.input_stride}, "
-                              f"the input stride of '{run.student}'")
+    sweep = sorted(set(cfg.resolutions))
+    for option, sides in (("--resolution", [resolution]), ("--resolutions", sweep)):
+        bad = [r for r in sides if r % model.input_stride]
+        if bad:
+            raise EvaluationError(f"{option} {','.join(map(str, bad))} is not a multiple of {model.input_stride}, "
+                                  f"the input stride of '{run.student}'")
     sams, sam_notes = _sam_decoders(cfg, run, device) if cfg.sam else ({}, ["turned off (--no-sam)"])
 
     # 2. splits: queries = held-out; bank and probe training images = a seeded subset of the train split
@@ -70,7 +73,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     probe_train = _probe_rows(reader, bank, masks, cfg.probe_images, rng)
     probe_test = _probe_rows(reader, held, masks, cfg.probe_images, rng)
     need_bank = labelled or (len(probe_train) and len(probe_test))
-    reader.check_images(held, resolution=resolution)
+    for side in {resolution, *sweep}:
+        reader.check_images(held, resolution=side)
     if need_bank:
         reader.check_images(bank, resolution=resolution)
     shown = np.unique(np.linspace(0, len(held) - 1, min(cfg.pictures, len(held))).round().astype(int))
@@ -82,6 +86,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     test = collect(reader, model, held, keep=probe_test, show=shown, sam_rows=sam_rows, sam_teachers=tuple(sams),
                    what="held-out", **kw)
     fit = collect(reader, model, bank, keep=probe_train, what="train bank", **kw) if need_bank else None
+    # the student at each of --resolutions on the same views (mode switching shows as a number)
+    by_side = {side: test if side == resolution else
+               collect(reader, model, held, what=f"held-out @{side}", **{**kw, "resolution": side}) for side in sweep}
 
     # 4. metrics
     labels = {t: _teacher_label(t, a["identity"]) for t, a in attrs.items()}
@@ -90,6 +97,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
               "split": {"holdout": run.holdout, "view": 0, "held_out": int(len(held)), "train": int(len(train)),
                         "bank": int(len(bank))}}
     report["fidelity"] = _fidelity(test, reader)
+    if sweep:
+        report["fidelity_by_resolution"] = _fidelity_by_resolution(by_side, reader, trained=run.resolution)
     report["knn"] = _knn(test, fit, cfg) if labelled else {"skipped": f"store '{reader.path}' is unlabelled "
                                                            "(fewer than 2 classes, or no labelled train/held-out samples)"}
     report["zero_shot"] = _zero_shot(root, reader, test) if labelled else {"skipped": "store is unlabelled"}
@@ -128,6 +137,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     if sam_ious:
         sam_png(out / "sam_iou.png", sam_ious)
         report["pictures"]["sam"] = "sam_iou.png"
+    if sweep:
+        resolution_png(out / "fidelity_resolution.png", report["fidelity_by_resolution"])
+        report["pictures"]["resolutions"] = "fidelity_resolution.png"
     report = _plain(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
@@ -185,6 +197,15 @@ def _fidelity(test: SplitFeatures, reader) -> dict:
         out[t.name] = {"summary": None if fid["summary"] is None else float(fid["summary"].mean()),
                        "spatial": float(fid["spatial"].mean()), "grid": list(t.grid)}
     return {"samples": int(len(test.indices)), "teachers": out}
+
+
+def _fidelity_by_resolution(by_side: dict[int, SplitFeatures], reader, *, trained: int) -> dict:
+    """Fidelity per teacher at each student input side: lists aligned with 'resolutions'."""
+    per_side = {side: _fidelity(feats, reader)["teachers"] for side, feats in by_side.items()}
+    teachers = {t.name: {target: [per_side[side][t.name][target] for side in by_side] for target in ("summary", "spatial")}
+                for t in reader.teachers}
+    return {"resolutions": list(by_side), "trained": trained, "samples": int(len(next(iter(by_side.values())).indices)),
+            "teachers": teachers}
 
 
 def _knn(test: SplitFeatures, fit: SplitFeatures, cfg: EvalConfig) -> dict:
@@ -310,6 +331,17 @@ def render_markdown(r: dict) -> str:
     for t, v in r["fidelity"]["teachers"].items():
         lines.append(f"| {r['teachers'][t]} | {_f(v['summary'])} | {_f(v['spatial'])} | {'x'.join(map(str, v['grid']))} |")
     lines.append("")
+
+    if "fidelity_by_resolution" in r:
+        fr = r["fidelity_by_resolution"]
+        sides = fr["resolutions"]
+        lines += ["## Fidelity by resolution", "", f"The same {fr['samples']} held-out views at each student input side "
+                  f"(trained at {fr['trained']} px); adaptor outputs resized to each teacher grid as usual.", "",
+                  "| teacher | target | " + " | ".join(f"{s} px" for s in sides) + " |", "|---|---|" + "---|" * len(sides)]
+        for t, v in fr["teachers"].items():
+            lines += [f"| {r['teachers'][t]} | {target} | " + " | ".join(_f(x) for x in v[target]) + " |"
+                      for target in ("summary", "spatial") if v[target][0] is not None]
+        lines += ["", "![fidelity vs resolution](fidelity_resolution.png)", ""]
 
     k = r["knn"]
     lines += ["## kNN top-1", ""]

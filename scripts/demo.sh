@@ -17,6 +17,7 @@ radio-train demo/cache.zarr --student vit_small_patch16_224 --out demo/run --ste
 radio-train demo/cache.zarr --student resnet18 --out demo/run_cnn --steps 10 --batch-size 16 \
     --resolution 64 --workers 2 --log-every 5 --holdout 0.25
 radio-cache text demo/cache.zarr
-# the SAM metric runs by default here: the tiny SAM teacher's decoder is seeded (a real one needs --sam-checkpoint)
-radio-eval demo/cache.zarr demo/run --out demo/eval
+# also at 128 px (--resolutions: fidelity per side); the SAM metric runs by default here: the tiny SAM
+# teacher's decoder is seeded (a real one needs --sam-checkpoint)
+radio-eval demo/cache.zarr demo/run --out demo/eval --resolutions 64,128
 sed -n '/^## SAM mask IoU/,/^## Pictures/p' demo/eval/report.md | grep '^|'

@@ -34,6 +34,30 @@ def test_fidelity_per_teacher_summary_and_spatial(evaluated):
     assert 0 < fid["clip"]["summary"] <= 1  # 10 steps already point the summaries the right way
 
 
+def test_fidelity_at_several_resolutions(evaluated, eval_setup, tmp_path):
+    """Main side 64 with a sweep over 64 and 32: the sweep's fresh pass at 32, the run's own side,
+    equals the default (single-resolution) evaluation's fidelity; its 64 is the main pass's."""
+    r = evaluate(EvalConfig(store=eval_setup.store, run=eval_setup.run, out=tmp_path / "e", resolution=64,
+                            resolutions=(64, 32), throughput=False, sam=False, pictures=1, probe_images=4, max_bank=8,
+                            **FAST), progress=False)
+    sweep = r["fidelity_by_resolution"]
+    assert sweep["resolutions"] == [32, 64] and sweep["trained"] == 32 and sweep["samples"] == r["fidelity"]["samples"]
+    for t in TEACHERS:
+        at, single, main = sweep["teachers"][t], evaluated.report["fidelity"]["teachers"][t], r["fidelity"]["teachers"][t]
+        for target in ("summary", "spatial"):
+            if single[target] is None:
+                assert at[target] == [None, None]
+                continue
+            assert at[target][0] == pytest.approx(single[target], abs=1e-6)
+            assert at[target][1] == pytest.approx(main[target], abs=1e-12)
+        assert at["spatial"][0] != pytest.approx(at["spatial"][1], abs=1e-4)  # the side changes what the student sees
+    assert r["pictures"]["resolutions"] == "fidelity_resolution.png"
+    with Image.open(tmp_path / "e" / "fidelity_resolution.png") as im:
+        assert im.size[0] > 0
+    assert "## Fidelity by resolution" in (tmp_path / "e" / "report.md").read_text()
+    assert "fidelity_by_resolution" not in evaluated.report  # only when asked for
+
+
 def test_knn_for_backbone_adaptors_and_cached_teachers(evaluated):
     knn = evaluated.report["knn"]
     assert knn["k"] == 20 and knn["temperature"] == 0.07 and knn["queries"] > 0 and knn["bank"] > knn["queries"]
@@ -171,6 +195,8 @@ def test_a_run_from_another_store_is_refused(eval_setup, tmp_path):
     (["--resolution", "0"], "--resolution 0"), (["--throughput-batch", "0"], "--throughput-batch 0"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"),
     (["--device", "cuda:7"], "--device cuda:7"), (["--sam-images", "0"], "--sam-images 0"),
+    (["--resolutions", "32,x"], "--resolutions '32,x'"), (["--resolutions", "32,0"], "--resolutions 0"),
+    (["--resolutions", "32,20"], "--resolutions 20 is not a multiple of 16"),
 ])
 def test_silly_option_values_give_one_line_and_create_nothing(eval_setup, tmp_path, monkeypatch, args, option):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
