@@ -12,8 +12,8 @@ class EvalConfig:
     run: Path  # a `radio-train` run folder (run.json, student/, metrics.csv)
     out: Path  # where report.md, report.json, features.png and curves.png go
     masks: Path | None = None  # mask folder; default <images root>/../masks when it exists
-    resolution: int | None = None  # student input side; default the run's training resolution
-    resolutions: tuple[int, ...] = ()  # also measure fidelity at each of these sides (the same held-out views)
+    resolution: int | None = None  # student input side; default the run's (the largest of a multi-resolution run's)
+    resolutions: tuple[int, ...] = ()  # fidelity at each of these sides too (same views); default a multi-res run's
     max_bank: int = 10000  # train-split samples in the kNN bank (a seeded subset when more)
     knn_k: int = 20
     knn_temperature: float = 0.07

@@ -34,9 +34,14 @@ class RunInfo:
     path: Path
     student: str
     holdout: float
-    resolution: int
+    sides: tuple[int, ...]  # the training resolutions (several for a multi-resolution run)
     allow_partial: bool
     store_settings: dict
+
+    @property
+    def resolution(self) -> int:
+        """The side evaluation runs at by default: the run's, the largest of several."""
+        return max(self.sides)
 
 
 def load_run(run: str | Path) -> RunInfo:
@@ -49,8 +54,9 @@ def load_run(run: str | Path) -> RunInfo:
                               "finish it with `radio-train ... --resume`")
     data = json.loads(meta.read_text())
     cfg = data["config"]
-    return RunInfo(path, data["student"], float(cfg["holdout"]), int(cfg["resolution"]), bool(cfg.get("allow_partial")),
-                   data["store_settings"])
+    sides = cfg["resolution"] if isinstance(cfg["resolution"], list) else [cfg["resolution"]]
+    return RunInfo(path, data["student"], float(cfg["holdout"]), tuple(int(s) for s in sides),
+                   bool(cfg.get("allow_partial")), data["store_settings"])
 
 
 def open_reader(store: str | Path, run: RunInfo, *, images: str | Path | None = None) -> CacheReader:

@@ -157,7 +157,9 @@ def resolution_png(path: Path, sweep: dict) -> Path:
         ax.plot(sides, v["spatial"], marker="o", color=colour, label=f"{t} spatial")
         if v["summary"][0] is not None:
             ax.plot(sides, v["summary"], marker="s", linestyle="--", color=colour, label=f"{t} summary")
-    ax.axvline(sweep["trained"], color="grey", linestyle=":", label=f"trained at {sweep['trained']} px")
+    for k, side in enumerate(sweep["trained"]):
+        ax.axvline(side, color="grey", linestyle=":", label=None if k else "trained at " +
+                   ", ".join(map(str, sweep["trained"])) + " px")
     ax.set_xticks(sides)
     ax.set_xlabel("student input side (px)", fontsize=8)
     ax.set_ylabel("mean cosine to the cached targets", fontsize=8)

@@ -51,7 +51,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_student(run.path / "student", device=device)
     resolution = cfg.resolution or run.resolution
-    sweep = sorted(set(cfg.resolutions))
+    # fidelity per side: the sides asked for, else a multi-resolution run's own
+    sweep = sorted(set(cfg.resolutions or (run.sides if len(run.sides) > 1 else ())))
     for option, sides in (("--resolution", [resolution]), ("--resolutions", sweep)):
         bad = [r for r in sides if r % model.input_stride]
         if bad:
@@ -98,7 +99,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
                         "bank": int(len(bank))}}
     report["fidelity"] = _fidelity(test, reader)
     if sweep:
-        report["fidelity_by_resolution"] = _fidelity_by_resolution(by_side, reader, trained=run.resolution)
+        report["fidelity_by_resolution"] = _fidelity_by_resolution(by_side, reader, trained=run.sides)
     report["knn"] = _knn(test, fit, cfg) if labelled else {"skipped": f"store '{reader.path}' is unlabelled "
                                                            "(fewer than 2 classes, or no labelled train/held-out samples)"}
     report["zero_shot"] = _zero_shot(root, reader, test) if labelled else {"skipped": "store is unlabelled"}
@@ -199,12 +200,12 @@ def _fidelity(test: SplitFeatures, reader) -> dict:
     return {"samples": int(len(test.indices)), "teachers": out}
 
 
-def _fidelity_by_resolution(by_side: dict[int, SplitFeatures], reader, *, trained: int) -> dict:
+def _fidelity_by_resolution(by_side: dict[int, SplitFeatures], reader, *, trained: tuple[int, ...]) -> dict:
     """Fidelity per teacher at each student input side: lists aligned with 'resolutions'."""
     per_side = {side: _fidelity(feats, reader)["teachers"] for side, feats in by_side.items()}
     teachers = {t.name: {target: [per_side[side][t.name][target] for side in by_side] for target in ("summary", "spatial")}
                 for t in reader.teachers}
-    return {"resolutions": list(by_side), "trained": trained, "samples": int(len(next(iter(by_side.values())).indices)),
+    return {"resolutions": list(by_side), "trained": list(trained), "samples": int(len(next(iter(by_side.values())).indices)),
             "teachers": teachers}
 
 
@@ -336,7 +337,7 @@ def render_markdown(r: dict) -> str:
         fr = r["fidelity_by_resolution"]
         sides = fr["resolutions"]
         lines += ["## Fidelity by resolution", "", f"The same {fr['samples']} held-out views at each student input side "
-                  f"(trained at {fr['trained']} px); adaptor outputs resized to each teacher grid as usual.", "",
+                  f"(trained at {', '.join(map(str, fr['trained']))} px); adaptor outputs resized to each teacher grid as usual.", "",
                   "| teacher | target | " + " | ".join(f"{s} px" for s in sides) + " |", "|---|---|" + "---|" * len(sides)]
         for t, v in fr["teachers"].items():
             lines += [f"| {r['teachers'][t]} | {target} | " + " | ".join(_f(x) for x in v[target]) + " |"

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from radio_distill.cli import eval_app
 from radio_distill.errors import DatasetError, EvaluationError
 from radio_distill.evaluate import EvalConfig, evaluate
+from radio_distill.train.config import TrainConfig
+from radio_distill.train.loop import train
 from radio_distill.train.reader import CacheReader, is_held_out
 
 from .conftest import FAST, HOLDOUT, evaluate_in_subprocess
@@ -41,7 +43,7 @@ def test_fidelity_at_several_resolutions(evaluated, eval_setup, tmp_path):
                             resolutions=(64, 32), throughput=False, sam=False, pictures=1, probe_images=4, max_bank=8,
                             **FAST), progress=False)
     sweep = r["fidelity_by_resolution"]
-    assert sweep["resolutions"] == [32, 64] and sweep["trained"] == 32 and sweep["samples"] == r["fidelity"]["samples"]
+    assert sweep["resolutions"] == [32, 64] and sweep["trained"] == [32] and sweep["samples"] == r["fidelity"]["samples"]
     for t in TEACHERS:
         at, single, main = sweep["teachers"][t], evaluated.report["fidelity"]["teachers"][t], r["fidelity"]["teachers"][t]
         for target in ("summary", "spatial"):
@@ -56,6 +58,18 @@ def test_fidelity_at_several_resolutions(evaluated, eval_setup, tmp_path):
         assert im.size[0] > 0
     assert "## Fidelity by resolution" in (tmp_path / "e" / "report.md").read_text()
     assert "fidelity_by_resolution" not in evaluated.report  # only when asked for
+
+
+def test_a_multi_resolution_run_evaluates_at_each_of_its_sides(eval_setup, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(store=eval_setup.store, out=run, student="test_vit", steps=4, batch_size=8, resolution=(32, 64),
+                      workers=0, device="cpu", holdout=HOLDOUT, log_every=2), progress=False)
+    r = evaluate(EvalConfig(store=eval_setup.store, run=run, out=tmp_path / "e", throughput=False, sam=False,
+                            pictures=1, probe_images=4, max_bank=8, **FAST), progress=False)
+    sweep = r["fidelity_by_resolution"]
+    assert r["resolution"] == 64 and sweep["resolutions"] == sweep["trained"] == [32, 64]
+    assert sweep["teachers"]["clip"]["spatial"][1] == r["fidelity"]["teachers"]["clip"]["spatial"]
+    assert "trained at 32, 64 px" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_knn_for_backbone_adaptors_and_cached_teachers(evaluated):
