@@ -99,3 +99,18 @@ def test_parts_at_one_side_train_and_report_as_one_batch(train_store):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     assert not torch.equal(model.state_dict()["backbone.model.pos_embed"],
                            create_student("test_vit", teachers=model.teachers).state_dict()["backbone.model.pos_embed"])
+
+
+def test_a_cpe_student_at_random_sides_resumes_exactly(train_store, tmp_path):
+    """The CPE crops and the sides drawn continue after --resume as in an uninterrupted run."""
+    kw = dict(steps=4, resolution=[32, 48], student_overrides={"cpe_size": 128}, checkpoint_every=2)
+    train(config(train_store, tmp_path / "full", **kw), progress=False)
+    train(config(train_store, tmp_path / "part", stop_at=2, **kw), progress=False)
+    train(config(train_store, tmp_path / "part", resume=True, **kw), progress=False)
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in BEFORE[0]:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    saved = json.loads((tmp_path / "full/student/config.json").read_text())
+    assert saved["overrides"] == {"cpe_size": 128}
