@@ -217,6 +217,16 @@ def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample 
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
 
+def _numbers(option: str, text: str | None) -> tuple[int, ...] | None:
+    """'224' or '224,384,512' -> (224,) or (224, 384, 512); the config checks the values."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise RadioDistillError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. 224,384") from None
+
+
 train_app = typer.Typer(help="Distil a student from a store's cached targets, never loading a teacher.",
                         pretty_exceptions_enable=False, add_completion=False)
 
@@ -229,8 +239,9 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: checkpoint/, student/, metrics.csv, tensorboard/.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (or give --epochs).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Epochs over the training split (or give --steps).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size over all processes. [default: 64]")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Student input side; a multiple of its stride. [default: 224]")] = None,
+    batch_size: Annotated[Optional[str], typer.Option(help="Global batch size over all processes; with --resolution-policy partition one per resolution, e.g. 64,16. [default: 64]")] = None,
+    resolution: Annotated[Optional[str], typer.Option(help="Student input side, or several, e.g. 224,384,512: each a multiple of the student's stride; every side trains on the same stored views and targets. [default: 224]")] = None,
+    resolution_policy: Annotated[Optional[str], typer.Option(help="With several resolutions: random (one per step, seeded) or partition (every step one part per resolution, its own --batch-size). [default: random]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
@@ -260,7 +271,8 @@ def train(
         except ValueError:
             raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
     cfg = load_train_config(config, store=store, student=student, out=out, steps=steps, epochs=epochs,
-                            batch_size=batch_size, resolution=resolution, lr=lr, holdout=holdout, seed=seed,
+                            batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution),
+                            resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
                             loss={"kind": loss, "teacher_weights": weights or None})

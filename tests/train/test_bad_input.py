@@ -118,6 +118,11 @@ def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
     (["--stop-at", "0"], "--stop-at 0"), (["--seed", "-1"], "--seed -1"),
     (["--teacher-weight", "sam=-1"], "--teacher-weight sam=-1"), (["--teacher-weight", "sam=nan"], "--teacher-weight sam=nan"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"), (["--device", "cuda:7"], "--device cuda:7"),
+    (["--resolution", "32,abc"], "--resolution '32,abc': expected whole numbers"), (["--resolution", "32,0"], "--resolution 0"),
+    (["--resolution", "32,48,32"], "--resolution 32,48,32: give one side or several different ones"),
+    (["--resolution-policy", "mixed"], "--resolution-policy 'mixed': choose from random, partition"),
+    (["--batch-size", "4,4"], "--batch-size 4,4 with --resolution 32: several batch sizes need --resolution-policy partition"),
+    (["--resolution", "32,48", "--resolution-policy", "partition"], "--batch-size 4 with --resolution 32,48: "),
 ])
 def test_silly_option_values_give_one_line_and_create_nothing(train_store, tmp_path, monkeypatch, args, option):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine

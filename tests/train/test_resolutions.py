@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from radio_distill.cli import train_app
 from radio_distill.errors import TrainingError
 from radio_distill.student import TeacherDims, create_student
 from radio_distill.train.loop import train
@@ -78,6 +80,16 @@ def test_partition_trains_every_side_each_step_and_resume_needs_the_same_set(tra
         train(config(train_store, run, resume=True, **{**kw, "resolution": [32, 48]}), progress=False)
     train(config(train_store, run, resume=True, **kw), progress=False)
     assert len(seen) == 4 and [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
+def test_the_command_line_takes_sides_batch_sizes_and_policy(train_store, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(out), "--steps", "1",
+                                            "--resolution", "32,48", "--resolution-policy", "partition",
+                                            "--batch-size", "4,2", "--workers", "0", "--holdout", "0.1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "run.json").read_text())["config"]
+    assert (saved["resolution"], saved["batch_size"], saved["resolution_policy"]) == ([32, 48], [4, 2], "partition")
 
 
 def test_parts_at_one_side_train_and_report_as_one_batch(train_store):
