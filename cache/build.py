@@ -380,13 +380,13 @@ class ShardWorker:
                     stored = codecs.pool(value, pool) if target == "spatial" else value
                     mask = torch.from_numpy(held_back[batch.start:batch.stop]).to(value.device)
                     fit.setdefault(target, calibrate.Moments(value.shape[-1], value.device)).add(stored[~mask])
-                    held.setdefault(target, []).append(value[mask].cpu())
+                    held.setdefault(target, []).append(value[mask])  # on the device: the candidates are measured there
             out[name] = {}
             for target, moments in fit.items():
                 x = torch.cat(held[target])
                 choice = calibrate.choose(moments.statistics(), x, budgets[name]["fidelity"], pool=pool)
-                stats = moments.merged(calibrate.Moments(x.shape[-1]).add(codecs.pool(x, pool) if x.dim() == 4 else x))
-                stats = stats.statistics()
+                pooled = codecs.pool(x, pool) if x.dim() == 4 else x
+                stats = moments.merged(calibrate.Moments(x.shape[-1], x.device).add(pooled)).statistics()
                 arrays = {"mean": stats.mean.numpy(), "cov": stats.cov.numpy(),
                           "phis": calibrate.phis(stats).float().numpy()}
                 basis = calibrate.basis(choice.codec, stats)
