@@ -26,7 +26,7 @@ from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import setup, teardown
 from .reader import CacheReader, worker_error
-from .step import DistillStep, make_optimizer
+from .step import DistillStep, make_optimizer, pair_teachers
 
 
 RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images")
@@ -66,10 +66,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                             f"the input stride of '{cfg.student}'")
 
     # 4. the run folder: a fresh run, or --resume of one trained from the same store settings
+    pairing = pair_teachers(reader.teachers, cfg.sides)  # a teacher cached at several sides: the closest trains
+    partial = any(len(names) < len(teachers) for names in pairing.values())
+    if partial and procs.main:
+        print("teachers trained per student resolution: " + "; ".join(f"{side}: {', '.join(names)}"
+                                                                       for side, names in pairing.items()))
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
     run = {"student": cfg.student, "config": json.loads(json.dumps(asdict(cfg), default=str)),
            "store": str(reader.path), "store_settings": reader.settings, "steps": steps,
-           "teachers": {n: asdict(d) for n, d in teachers.items()}}
+           "teachers": {n: asdict(d) for n, d in teachers.items()}, "pairing": {str(s): n for s, n in pairing.items()}}
     if cfg.resume:
         resume_from = latest(ckpt)
         if resume_from is None:
@@ -94,9 +99,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # 5. the optimizer and the step (losses: statistics come from the store, never from a teacher)
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(resume_from, model=model, optimizer=optimizer) if cfg.resume else 0
-    net = DistributedDataParallel(model) if procs.world > 1 else model
+    # heads of teachers not paired with a step's side get no gradient at that step
+    net = DistributedDataParallel(model, find_unused_parameters=partial) if procs.world > 1 else model
     distill = DistillStep(model, optimizer, reader.teachers, loss=cfg.loss, grad_clip=cfg.grad_clip, device=device,
-                          net=net)
+                          net=net, pairing=pairing if partial else None)
 
     def lr_at(step: int) -> float:  # linear warmup, then cosine down to min_lr
         if step < warmup:

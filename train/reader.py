@@ -18,6 +18,7 @@ Letters: N samples, B batch, R student side, V views, h, w teacher grid, C chann
 """
 
 import functools
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class TeacherMeta:
     norm: dict  # {'summary'|'spatial': {'mean': (C,), 'cov': (C, C)}} float64 numpy
     transforms: dict = field(default_factory=dict)  # {target: {device: (mean (C,), basis (C, k))}} float32 of
     # calibrated codecs ('cpu' as read, other devices added by `decode_targets`)
+    resolution: int | None = None  # the teacher's input side
+    model: str | None = None  # the teacher without its resolution: entries of one model at several sides share it
 
 
 def is_held_out(sample_id: str, fraction: float) -> bool:
@@ -134,8 +137,9 @@ class CacheReader:
             if L.target_array(name, target) in root and attrs["storage"][target] not in codecs.PLAIN:
                 mean, basis = (torch.from_numpy(root[L.calib_array(name, target, a)][...]).float() for a in ("mean", "basis"))
                 transforms[target] = {"cpu": (mean, basis)}
+        model = json.dumps({k: v for k, v in attrs["identity"].items() if k != "resolution"}, sort_keys=True)
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
-                           transforms)
+                           transforms, attrs["resolution"], model)
 
     def indices(self, *, holdout: float, split: str = "train") -> np.ndarray:
         """Usable sample indices of the 'train' or 'holdout' split."""

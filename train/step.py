@@ -23,6 +23,18 @@ def to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return spatial.flatten(2).transpose(1, 2)
 
 
+def pair_teachers(teachers: list[TeacherMeta], sides: tuple[int, ...]) -> dict[int, list[str]]:
+    """The teachers each student side trains: of the entries of one teacher model cached at several
+    resolutions (e.g. dinov2_lo@224, dinov2_hi@448), the one closest to the side (a tie: the higher);
+    every other teacher at every side."""
+    models = {}
+    for t in teachers:
+        models.setdefault(t.model, []).append(t)
+    pick = {side: {min(group, key=lambda t: (abs(t.resolution - side), -t.resolution)).name
+                   for group in models.values()} for side in sides}
+    return {side: [t.name for t in teachers if t.name in pick[side]] for side in sides}
+
+
 def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with no weight decay on norms, biases, tokens and position embeddings."""
     decays = {n: p.ndim >= 2 and "token" not in n and "pos_embed" not in n for n, p in model.named_parameters()}
@@ -43,12 +55,16 @@ class DistillStep:
         model: the student (its parameters are clipped).
         teachers: what the store holds (`CacheReader.teachers`, or built for live teachers).
         net: what runs the forward, when not `model` itself (its DDP wrapper).
+        pairing: {student side: teachers trained at it} (`pair_teachers`); None: every teacher at every
+            side. The metrics hold every teacher's losses, trained or not.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, teachers: list[TeacherMeta], *,
-                 loss: LossConfig, grad_clip: float, device: torch.device, net: torch.nn.Module | None = None):
+                 loss: LossConfig, grad_clip: float, device: torch.device, net: torch.nn.Module | None = None,
+                 pairing: dict[int, list[str]] | None = None):
         self.model, self.net, self.optimizer = model, net or model, optimizer
         self.teachers, self.loss, self.grad_clip, self.device = list(teachers), loss, grad_clip, device
+        self.pairing = pairing
         self.phis = {}  # statistics come from the store, never from a teacher
         if loss.kind == "phis":
             for t in self.teachers:
@@ -94,15 +110,19 @@ class DistillStep:
         with autocast(self.device):
             output = self.net(normalise(pixels, self.model.mean, self.model.std))
         losses, total = [], 0.0
+        trained = self.pairing[pixels.shape[-1]] if self.pairing else [t.name for t in self.teachers]
         for t in self.teachers:
             pred, target = output.teachers[t.name], targets[t.name]
-            weight = self.loss.teacher_weights.get(t.name, 1.0)
+            # a teacher not paired with this side: its losses are reported, its heads get no gradient
+            weight = self.loss.teacher_weights.get(t.name, 1.0) if t.name in trained else None
             if target["summary"] is not None:
                 losses.append(summary_loss(pred.summary, target["summary"]))
-                total = total + weight * self.loss.summary_weight * losses[-1]
+                if weight is not None:
+                    total = total + weight * self.loss.summary_weight * losses[-1]
             spatial = to_grid(pred.spatial, t.grid)  # (B, T, C) at the teacher's grid
             goal = target["spatial"].flatten(1, 2)
             losses.append(phis_spatial_loss(spatial, goal, self.phis[t.name]) if self.phis
                           else amradio_spatial_loss(spatial, goal))
-            total = total + weight * self.loss.spatial_weight * losses[-1]
+            if weight is not None:
+                total = total + weight * self.loss.spatial_weight * losses[-1]
         return losses, total
