@@ -14,6 +14,8 @@ from radio_distill.evaluate.report import _sam, _sam_decoders
 from radio_distill.evaluate.sam import mask_iou, prompt_masks, sam_model, sam_predictor, to_sam_grid
 from radio_distill.student import load_student
 
+from .conftest import FAST
+
 
 def test_sam_predictor_runs_unchanged_on_the_student(eval_setup):
     predictor = sam_predictor(eval_setup.run)
@@ -101,3 +103,38 @@ def test_sam_decoders_say_why_a_sam_teacher_is_left_out(eval_setup, tmp_path):
     assert "sam_pre: cached pre-neck" in notes[0] and "sam_h (vit_h): pass its checkpoint with --sam-checkpoint" in notes[1]
     none, why = _sam_decoders(cfg, SimpleNamespace(store_settings={"teachers": {"clip": {"family": "clip"}}}), "cpu")
     assert none == {} and why == ["the store has no SAM teacher"]
+
+
+def test_a_real_sam_teacher_needs_its_checkpoint_and_then_scores_the_same(eval_setup, evaluated, tmp_path):
+    """The tiny store and run re-labelled as built from a SAM checkpoint file (the tiny SAM's own
+    weights): skipped without --sam-checkpoint; with the file, the same masks as the seeded decoder."""
+    import json
+    import shutil
+
+    import zarr
+
+    from radio_distill.cache.teachers import build_teacher, sha256_file, tiny_teachers
+    from radio_distill.evaluate import evaluate
+
+    checkpoint = tmp_path / "sam_tiny.pth"
+    torch.save(build_teacher(next(s for s in tiny_teachers() if s.family == "sam")).model.state_dict(), checkpoint)
+    real = {"preset": None, "random_init": False, "weights": checkpoint.name, "sha256": sha256_file(checkpoint)}
+    store, run = tmp_path / "cache.zarr", tmp_path / "run"
+    shutil.copytree(eval_setup.store, store)
+    shutil.copytree(eval_setup.run, run)
+    root = zarr.open_group(store, mode="r+")
+    settings = root.attrs["settings"]
+    settings["teachers"]["sam"].update(real)
+    root.attrs["settings"] = settings
+    meta = json.loads((run / "run.json").read_text())
+    meta["store_settings"]["teachers"]["sam"].update(real)
+    (run / "run.json").write_text(json.dumps(meta))
+    cfg = dict(store=store, run=run, throughput=False, pictures=1, probe_images=4, max_bank=8, **FAST)
+    skipped = evaluate(EvalConfig(out=tmp_path / "a", **cfg), progress=False)
+    assert "sam (tiny): pass its checkpoint with --sam-checkpoint FILE" in skipped["sam"]["skipped"]
+    scored = evaluate(EvalConfig(out=tmp_path / "b", sam_checkpoint=checkpoint, **cfg), progress=False)
+    got, want = scored["sam"]["teachers"]["sam"], evaluated.report["sam"]["teachers"]["sam"]
+    assert got["grid"] == want["grid"] and scored["sam"]["images"] == evaluated.report["sam"]["images"]
+    for who in ("student", "teacher"):
+        assert got[who] == pytest.approx(want[who], abs=1e-6), who
+    assert sam_predictor(run, checkpoint).model.image_encoder.teacher == "sam"
