@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import RadioDistillError, TrainingError
+from ..progress import Progress, fmt
 from ..student import TeacherDims, create_student, save_student
 from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
@@ -139,7 +140,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # after a checkpoint of the last step done
     net.train()
     last, seen, tick, pending, batches, kept = {}, 0, time.perf_counter(), [], iter(loader), start
-    with _progress(procs.main and progress, start, steps) as (bar, task), _step_threads(device, workers):
+    with Progress("training", total=steps, unit="steps", start=start, enabled=procs.main and progress) as bar, \
+            _step_threads(device, workers):
         for step in range(start, end):
             try:
                 batch = [next(batches) for _ in range(parts)]
@@ -169,8 +171,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 metrics.log(step + 1, {"lr": lr, "loss": values[-2], "grad_norm": values[-1], **last,
                                        "images_per_s": seen / (now - tick)})
                 seen, tick = 0, now
-                bar.update(task, losses="  ".join(f"{k} {v:.4f}" for k, v in last.items()))
-            bar.advance(task)
+            bar.advance(info="  ".join(f"{k} {fmt(v)}" for k, v in last.items()) if logs else None)
             if saves:
                 if procs.main:
                     save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step + 1, run=run)
@@ -207,23 +208,6 @@ def _step_threads(device: torch.device, workers: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class _progress:
-    """A rich progress bar with a losses field, or a no-op one."""
-
-    def __init__(self, enabled: bool, start: int, steps: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        self.bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[losses]}"), disable=not enabled)
-        self.task = self.bar.add_task("train", total=steps, completed=start, losses="")
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self.bar, self.task
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
 
 
 class Metrics:
