@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import EvaluationError
 from ..ops import autocast, normalise
+from ..progress import Progress
 from ..train.reader import CacheReader, decode_targets
 from ..train.step import to_grid
 
@@ -121,7 +122,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
            "shown_student": {n: [] for n in names}, "shown_teacher": {n: [] for n in names},
            "sam_student": {n: [] for n in sam_teachers}, "sam_target": {n: [] for n in sam_teachers}}
     position = 0
-    with _bar(progress, what, len(batches)) as advance, torch.inference_mode():
+    with Progress(what, total=len(batches), unit="batches", enabled=progress) as bar, torch.inference_mode():
         for batch in loader:
             B = len(batch["pixels"])
             rows = np.arange(position, position + B)
@@ -154,7 +155,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
                 if sam.any() and t.name in sam_teachers:
                     acc["sam_student"][t.name].append(pred.spatial[sam].float().cpu().half().numpy())
                     acc["sam_target"][t.name].append(target["spatial"][sam].cpu().half().numpy())
-            advance()
+            bar.advance()
 
     def cat(parts):
         return np.concatenate(parts) if parts else None
@@ -176,23 +177,6 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
     for n in sam_teachers:
         feats.sam_student[n], feats.sam_target[n] = cat(acc["sam_student"][n]), cat(acc["sam_target"][n])
     return feats
-
-
-class _bar:
-    """A rich progress bar over `total` steps (a no-op when disabled); yields its advance function."""
-
-    def __init__(self, enabled: bool, what: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        self.bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            disable=not enabled, transient=False)
-        self.task = self.bar.add_task(what, total=total)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return lambda: self.bar.advance(self.task)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
 
 
 def view_image(reader: CacheReader, index: int, size: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..ops import autocast
+from ..progress import Progress
 
 # open_clip model name -> timm architecture of the same image tower (pre-norm ViT, class token pooling, proj)
 CLIP_TIMM = {
@@ -108,7 +109,6 @@ def measure_throughput(student: torch.nn.Module, teachers: dict[str, dict], *, r
         {'device', 'batch', 'dtype', 'student': {...}, 'teachers': {name: {...} or {'n/a': reason}}}.
     """
     import timm
-    from rich.progress import track
 
     batch = batch or (64 if device.type == "cuda" else 4)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -117,21 +117,23 @@ def measure_throughput(student: torch.nn.Module, teachers: dict[str, dict], *, r
                        "images_per_s": images_per_second(student, resolution=resolution, batch=batch, device=device,
                                                          **timing)},
            "teachers": {}}
-    for t, attrs in track(teachers.items(), description="teacher throughput", disable=not progress):
-        res = int(attrs["resolution"])
-        try:
-            arch, kwargs = timm_equivalent(attrs["identity"], res)
-        except LookupError as e:
-            out["teachers"][t] = {"n/a": str(e), "resolution": res}
-            continue
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = timm.create_model(arch, pretrained=False, **kwargs).to(device).eval()
-        out["teachers"][t] = {"architecture": arch, "resolution": res,
-                              "overrides": {k: v for k, v in kwargs.items() if k not in ("img_size", "num_classes")},
-                              "images_per_s": images_per_second(model, resolution=res, batch=batch, device=device,
-                                                                **timing)}
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with Progress("teacher throughput", total=len(teachers), unit="teachers", enabled=progress) as bar:
+        for t, attrs in teachers.items():
+            bar.advance()
+            res = int(attrs["resolution"])
+            try:
+                arch, kwargs = timm_equivalent(attrs["identity"], res)
+            except LookupError as e:
+                out["teachers"][t] = {"n/a": str(e), "resolution": res}
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = timm.create_model(arch, pretrained=False, **kwargs).to(device).eval()
+            out["teachers"][t] = {"architecture": arch, "resolution": res,
+                                  "overrides": {k: v for k, v in kwargs.items() if k not in ("img_size", "num_classes")},
+                                  "images_per_s": images_per_second(model, resolution=res, batch=batch, device=device,
+                                                                    **timing)}
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return out
