@@ -297,7 +297,8 @@ def build_clip(spec: TeacherSpec) -> Teacher:
                        patch=(visual.trunk.patch_embed if timm_tower else visual).patch_size[0])
 
 
-def build_dinov2(spec: TeacherSpec) -> Teacher:
+def _timm_teacher(spec: TeacherSpec, cls: type) -> Teacher:
+    """A timm model as users load it: pretrained by the tag in its name, or from a local file, or random-init."""
     import timm
     kwargs = dict(spec.model_kwargs)
     if spec.resolution:
@@ -307,22 +308,16 @@ def build_dinov2(spec: TeacherSpec) -> Teacher:
     pretrained = not spec.random_init or spec.weights is not None
     model = timm.create_model(spec.model, pretrained=pretrained, num_classes=0, **kwargs)
     cfg = model.pretrained_cfg
-    return Dinov2Teacher(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
-                         patch=model.patch_embed.patch_size[0])
+    return cls(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
+               patch=model.patch_embed.patch_size[0])
+
+
+def build_dinov2(spec: TeacherSpec) -> Teacher:
+    return _timm_teacher(spec, Dinov2Teacher)
 
 
 def build_timm(spec: TeacherSpec) -> Teacher:
-    import timm
-    kwargs = dict(spec.model_kwargs)
-    if spec.resolution:
-        kwargs["img_size"] = spec.resolution
-    if spec.weights is not None:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.weights).expanduser())}
-    pretrained = not spec.random_init or spec.weights is not None
-    model = timm.create_model(spec.model, pretrained=pretrained, num_classes=0, **kwargs)
-    cfg = model.pretrained_cfg
-    return TimmTeacher(spec, model, resolution=model.patch_embed.img_size[0], mean=cfg["mean"], std=cfg["std"],
-                       patch=model.patch_embed.patch_size[0])
+    return _timm_teacher(spec, TimmTeacher)
 
 
 def build_tiny_sam(checkpoint: str | None = None):
