@@ -13,7 +13,8 @@ device copy, target decode, bf16 forward, losses at each teacher's grid, backwar
      1 / (1/compute + 1/data), the speed with no overlap of compute and data at all (target >= 0.8);
   5. per item, in this process: ms of a worker's batch read (targets + decode) and of the JPEG decode
      + crop + resize alone (x workers = the loader's ceiling on free cores).
-The first `--warmup` batches are not timed (worker spawn, prefetch, kernel selection).
+The first `--warmup` batches are not timed (worker spawn, prefetch, kernel selection). On the CPU every
+mode runs the step at the intra-op threads radio-train uses beside its loader workers (cores - workers).
 
 Target: training from the cache at the student's compute speed (train img/s ~ compute img/s,
 wait fraction ~ 0); on the CPU, where loader workers and the step share the cores, radio-train
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     args.warmup = args.warmup if args.warmup is not None else max(10, 2 * args.workers)
     device = torch.device(args.device)
+    if device.type == "cpu":  # every mode's step at the threads radio-train gives it beside its loader workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
     store = args.store or common.ensure_store(args.teachers, args.images, work=args.work, shard_size=args.shard_size)
     reader = CacheReader(store)
     indices = reader.indices(holdout=0.0)
