@@ -115,6 +115,8 @@ def export_timm(run: str | Path, file: str | Path) -> dict:
     backbone = model.backbone.model
     not_timm = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}
     kwargs = {k: v for k, v in model.overrides.items() if k not in not_timm}
+    if kwargs.get("cpe_size") is not None:  # CPE at evaluation is timm's own grid resize of a class-free table
+        kwargs.update(img_size=kwargs.pop("cpe_size"), no_embed_class=True)
     kwargs.update(num_classes=0, global_pool="", class_token=False, reg_tokens=backbone.num_reg_tokens,
                   dynamic_img_size=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}

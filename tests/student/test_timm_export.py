@@ -25,9 +25,10 @@ print(sorted(m for m in sys.modules if m.startswith("radio_distill")))
 """
 
 
-def test_timm_loads_the_exported_backbone(tmp_path):
+@pytest.mark.parametrize("overrides", [{}, {"cpe_size": 128}], ids=["plain", "cpe"])
+def test_timm_loads_the_exported_backbone(tmp_path, overrides):
     torch.manual_seed(0)
-    student = create_student("test_vit", teachers=TEACHERS, num_registers=2)
+    student = create_student("test_vit", teachers=TEACHERS, num_registers=2, **overrides)
     run = tmp_path / "run"
     save_student(student, run / "student")
     spec = export_timm(run, tmp_path / "vit.safetensors")  # the run folder, not its student/
