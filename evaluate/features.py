@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..errors import EvaluationError
+from ..errors import EvaluationError, RadioDistillError
 from ..ops import autocast, normalise
 from ..progress import Progress
-from ..train.reader import CacheReader, decode_targets
+from ..train.reader import CacheReader, decode_targets, worker_error
 from ..train.step import to_grid
 
 VIEW = 0
@@ -123,7 +123,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
            "sam_student": {n: [] for n in sam_teachers}, "sam_target": {n: [] for n in sam_teachers}}
     position = 0
     with Progress(what, total=len(batches), unit="batches", enabled=progress) as bar, torch.inference_mode():
-        for batch in loader:
+        for batch in _batches(loader):
             B = len(batch["pixels"])
             rows = np.arange(position, position + B)
             kept = np.array([r in keep_set for r in rows])
@@ -177,6 +177,15 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
     for n in sam_teachers:
         feats.sam_student[n], feats.sam_target[n] = cat(acc["sam_student"][n]), cat(acc["sam_target"][n])
     return feats
+
+
+def _batches(loader: DataLoader):
+    """The loader's batches; an error a worker raised (a corrupt chunk, an image gone) comes out as its
+    one line naming the array or image and the sample, not as the worker's traceback."""
+    try:
+        yield from loader
+    except RadioDistillError as e:
+        raise worker_error(e) from None
 
 
 def view_image(reader: CacheReader, index: int, size: int) -> np.ndarray:

@@ -1,0 +1,31 @@
+"""A corrupt chunk met by radio-eval's spawned loader worker: one line naming array and sample."""
+
+import shutil
+
+import pytest
+import torch
+
+from radio_distill.cache import layout as L
+from radio_distill.errors import CacheIntegrityError
+from radio_distill.evaluate.features import collect
+from radio_distill.student import load_student
+from radio_distill.train.reader import CacheReader
+
+
+def test_corrupt_chunk_through_a_worker_is_one_line(eval_setup, tmp_path):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(eval_setup.store, store)
+    array = L.target_array("clip", "spatial")
+    shard_file = store / array / "c" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 32] = bytes(b ^ 0xFF for b in data[mid:mid + 32])
+    shard_file.write_bytes(bytes(data))
+    reader = CacheReader(store)
+    rows = [i for i in range(8) if reader.usable[i]]
+    with pytest.raises(CacheIntegrityError) as e:
+        collect(reader, load_student(eval_setup.run), rows, resolution=32, device=torch.device("cpu"), batch_size=8,
+                workers=1, progress=False)
+    message = str(e.value)
+    assert message.startswith(f"{array}: sample '") and "\n" not in message
+    assert message.split("'")[1] in [reader.ids[i] for i in rows]
