@@ -5,6 +5,7 @@ Each command parses options, builds a config and calls one library function; a
 """
 
 import json
+import os
 import shlex
 import sys
 from functools import wraps
@@ -19,6 +20,8 @@ from rich.table import Table
 from .errors import RadioDistillError
 
 console = Console(stderr=True)
+if not sys.stdout.isatty():  # --help into a log or a pipe: wide enough that no option name is cut (typer reads it lazily)
+    os.environ.setdefault("TERMINAL_WIDTH", "150")
 
 
 def _stdout() -> Console:

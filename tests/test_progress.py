@@ -43,3 +43,14 @@ def test_terminal_gets_a_bar():
     with Progress("training", total=3, unit="steps", every=0, stream=out) as p:
         p.advance(3, info="loss 0.5")
     assert "training" in out.getvalue() and "3/3" in out.getvalue()
+
+
+def test_help_into_a_pipe_cuts_no_option_name():
+    import subprocess
+    import sys
+
+    code = "import sys; from radio_distill.cli import train_app; sys.argv = ['radio-train', '--help']; train_app()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    options = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("│ --")]
+    assert "--resolution-policy" in options and not [o for o in options if "…" in o]
