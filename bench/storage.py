@@ -51,6 +51,7 @@ import torch
 import zarr
 
 import common
+from known_features import KNOWN_C, OUTLIER_CHANNELS, low_rank, outliers
 from radio_distill.cache import calibrate, codecs
 from radio_distill.cache.store import _compressors  # the store's own zstd-1 + crc32c chain
 from radio_distill.cache.teachers import build_teacher
@@ -59,7 +60,6 @@ from radio_distill.ops import autocast, normalise
 FULL = dict(teachers="three", images=64, batch_size=16, pca=[0.5, 0.25, 0.125], tokens=16384)
 QUICK = dict(teachers="tiny", images=8, batch_size=8, pca=[0.5, 0.25, 0.125], tokens=4096)
 DEFAULT_RATIO, DEFAULT_COS, OPTION_RATIO, OPTION_COS = 2.0, 0.999, 4.0, 0.99
-KNOWN_C, OUTLIER_CHANNELS = 1024, (3, 100, 517, 900)
 KNOWN_BUDGETS = {"outlier_100x": 0.999, "outlier_10x": 0.999, "low_rank": 0.99}
 KNOWN_CODECS = ("fp16", "int8", "rot-int8", "pca64-int8", "pca64-fp16", "pca128-int8")
 
@@ -109,23 +109,6 @@ def encodings(fit: torch.Tensor, x: torch.Tensor, args) -> dict[str, tuple[dict,
         back = codecs.decode(values, scale, transform)
         out[codec] = ({"spatial": values, "spatial_scale": scale}, back, transform[1].numel() * 4 + C * 8)
     return out
-
-
-def outliers(tokens: int, factor: float, seed: int) -> torch.Tensor:
-    """(T, C): N(0, 1) channels around a fixed mean; in half the tokens one of OUTLIER_CHANNELS is `factor`."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, KNOWN_C, generator=g) + 0.5 * torch.randn(KNOWN_C, generator=torch.Generator().manual_seed(99))
-    rows = torch.nonzero(torch.rand(tokens, generator=g) < 0.5).squeeze(1)
-    x[rows, torch.tensor(OUTLIER_CHANNELS)[torch.randint(0, 4, (len(rows),), generator=g)]] = factor
-    return x
-
-
-def low_rank(tokens: int, seed: int, rank: int = 64, energy: float = 0.995) -> torch.Tensor:
-    """(T, C): `rank` unit-variance components on a fixed subspace, plus isotropic noise holding 1 - energy."""
-    g = torch.Generator().manual_seed(seed)
-    subspace, _ = torch.linalg.qr(torch.randn(KNOWN_C, rank, generator=torch.Generator().manual_seed(99)))
-    noise = math.sqrt(rank * (1 - energy) / energy / KNOWN_C)
-    return torch.randn(tokens, rank, generator=g) @ subspace.T + noise * torch.randn(tokens, KNOWN_C, generator=g)
 
 
 RADIO25 = (("DFN CLIP-H/14@378", "ViT-H-14-378-quickgelu", 378), ("SigLIP-SO400M/14@384", "vit_so400m_patch14_siglip_384", 384),

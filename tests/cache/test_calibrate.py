@@ -8,32 +8,20 @@
 Letters: T tokens, C channels.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from radio_distill.cache import calibrate, codecs
 
-C = 1024
-
-
-def outliers(tokens: int, factor: float, seed: int) -> torch.Tensor:
-    """(T, C): N(0, 1) channels around a fixed mean; in half the tokens one of 4 fixed channels is `factor`."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, C, generator=g) + 0.5 * torch.randn(C, generator=torch.Generator().manual_seed(99))
-    rows = torch.nonzero(torch.rand(tokens, generator=g) < 0.5).squeeze(1)
-    channels = torch.tensor([3, 100, 517, 900])[torch.randint(0, 4, (len(rows),), generator=g)]
-    x[rows, channels] = factor
-    return x
-
-
-def low_rank(tokens: int, seed: int, rank: int = 64, energy: float = 0.995) -> torch.Tensor:
-    """(T, C): `rank` unit-variance components on a fixed subspace, plus isotropic noise holding 1 - energy."""
-    g = torch.Generator().manual_seed(seed)
-    subspace, _ = torch.linalg.qr(torch.randn(C, rank, generator=torch.Generator().manual_seed(99)))
-    noise = math.sqrt(rank * (1 - energy) / energy / C)
-    return torch.randn(tokens, rank, generator=g) @ subspace.T + noise * torch.randn(tokens, C, generator=g)
+# the same generators bench/storage.py reports on
+_spec = importlib.util.spec_from_file_location("known_features", Path(__file__).parents[2] / "bench" / "known_features.py")
+known = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(known)
+C, outliers, low_rank = known.KNOWN_C, known.outliers, known.low_rank
 
 
 def fit(x: torch.Tensor) -> calibrate.Statistics:
