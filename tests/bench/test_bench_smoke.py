@@ -102,6 +102,17 @@ def test_online(bench, ray_session):
     assert 0 < row["online_teacher_share"] < 1
 
 
+def test_fidelity(bench, ray_session, tmp_path):
+    result = bench("fidelity", "--plot", str(tmp_path / "fidelity.png"))
+    rows = result["results"]
+    assert {(r["views"], r["trained"]) for r in rows} == {(1, "32"), (2, "32"), (2, "32,48"), ("online", "32")}
+    assert {(r["side"], r["held"]) for r in rows} == {(s, h) for s in (32, 48) for h in ("view 0", "crops")}
+    for r in rows:
+        assert all(-1 <= r[k] <= 1 for k in r if "/" in k) and len([k for k in r if "/" in k]) == 5
+        positive(r, "train_s", "run_s", *(("teacher_s",) if r["views"] == "online" else ("build_s",)))
+    assert (tmp_path / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_student_speed(bench):
     rows = bench("student_speed", "--models", "test_vit", "--steps", "1")["results"]
     positive(rows[0], "infer_img_s", "train_img_s")
