@@ -237,6 +237,12 @@ class Images:
         self.files, self.column = tuple(source.get("files", ())), source.get("column")
         self._parquet, self._lock = {}, threading.Lock()  # open Parquet files (footers parsed once)
 
+    def __getstate__(self) -> dict:  # a spawned loader worker opens its own Parquet files
+        return {**self.__dict__, "_parquet": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     @property
     def packed(self) -> bool:
         return self.kind in ("tar", "parquet")

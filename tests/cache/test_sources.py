@@ -240,3 +240,68 @@ def test_unreadable_members_and_rows_are_recorded_with_their_reasons(ray_session
         assert report["complete"] and report["ok"] == 2, report
         reason = "no image bytes (null)" if culprit.endswith("/2") else "not an image (unidentified format)"
         assert [k for k, v in report["unreadable"].items() if v == reason] == [culprit], report["unreadable"]
+
+
+def _write_masks(datasets, stores) -> Path:
+    """Masks mirroring the tar and Parquet ids, where evaluation looks by default (next to the shards' folder)."""
+    folder_masks = datasets["folder"].parent / "masks"
+    masks = datasets["root"] / "masks"
+    for kind in ("tar", "parquet"):
+        for sample_id in open_store(stores[kind])[L.IDS][:]:
+            key = _key(kind, str(sample_id), [str(i) for i in open_store(stores["folder"])[L.IDS][:]])
+            source = folder_masks / Path(key).with_suffix(".png")
+            if source.is_file():
+                target = masks / f"{sample_id}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target)
+    return masks
+
+
+def test_training_and_evaluation_read_tar_and_parquet_images_by_location(stores, datasets, tmp_path, monkeypatch):
+    from radio_distill.evaluate import EvalConfig, evaluate
+    from radio_distill.train.config import TrainConfig
+    from radio_distill.train.loop import train
+    from radio_distill.train.reader import CacheReader
+
+    _write_masks(datasets, stores)
+    folder = CacheReader(stores["folder"])
+    folder_ids = [str(i) for i in folder.ids[np.arange(len(folder.ids))]]
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("a tar was scanned while training")
+
+    monkeypatch.setattr(tarfile, "open", no_scan)
+    for kind in ("tar", "parquet"):
+        reader = CacheReader(stores[kind])
+        reader.check_images(reader.indices(holdout=0.0))
+        rows = reader.indices(holdout=0.0)
+        crops = reader.dataset(resolution=32).crops([(int(r), 0) for r in rows])
+        for r, crop in zip(rows, crops):  # the same pixels as decoded from the folder's file
+            f = folder_ids.index(_key(kind, reader.ids[int(r)], folder_ids))
+            assert np.array_equal(crop, folder.dataset(resolution=32).crop(f, 0)), (kind, reader.ids[int(r)])
+        run = tmp_path / f"run_{kind}"
+        result = train(TrainConfig(store=stores[kind], out=run, student="test_vit", steps=3, batch_size=4,
+                                   resolution=32, workers=1 if kind == "tar" else 0, device="cpu", holdout=0.3,
+                                   log_every=1), progress=False)
+        assert result["step"] == 3
+        report = evaluate(EvalConfig(store=stores[kind], run=run, out=tmp_path / f"eval_{kind}", throughput=False,
+                                     pictures=1, probe_images=4, workers=0, device="cpu", probe_steps=5,
+                                     batch_size=8, sam=False), progress=False)
+        assert "skipped" not in report["dense"] and report["dense"]["train_images"] > 0, report["dense"]
+        assert "skipped" not in report["fidelity"] and "skipped" not in report["knn"]
+
+
+def test_a_missing_or_cut_tar_is_named_before_training(stores, datasets, tmp_path):
+    from radio_distill.train.reader import CacheReader
+
+    shards = tmp_path / "shards"
+    shutil.copytree(datasets["root"] / "shards", shards)
+    reader = CacheReader(stores["tar"], images=shards)
+    rows = reader.indices(holdout=0.0)
+    reader.check_images(rows)
+    _cut(shards / "000001.tar", 3000)
+    with pytest.raises(DatasetError, match=r"image '.*000001\.tar \(cut short: 3000 bytes, its members reach byte"):
+        reader.check_images(rows)
+    (shards / "000001.tar").unlink()
+    with pytest.raises(DatasetError, match=r"image '.*000001\.tar' is missing; .*--images"):
+        reader.check_images(rows)
