@@ -51,7 +51,7 @@ def test_sample_arrays(root, sample_dataset):
         assert kind in "TU" if dtype == "str" else root[path].dtype == np.dtype(dtype), path
     assert tuple(root[L.IDS][:]) == manifest.ids
     assert tuple(root[L.LABELS][:]) == manifest.labels
-    assert root.attrs["dataset"] == {"root": str(sample_dataset.resolve()), "classes": list(CLASSES),
+    assert root.attrs["dataset"] == {"root": str(sample_dataset.resolve()), "kind": "folder", "classes": list(CLASSES),
                                      "fingerprint": manifest.fingerprint()}
     ids, labels = root[L.IDS][:], root[L.LABELS][:]
     for i, label in zip(ids, labels):  # labels come from the class subfolders

@@ -1,0 +1,124 @@
+"""Build input formats: `radio-cache build` from tar shards and from Parquet vs from image files, same run.
+
+The same generated photos (bench/common.py) are given three ways: as files (a list file, one file per
+image, read like a folder), as WebDataset tar shards (`<key>.jpg` + `<key>.cls`, --per-tar samples
+each) and as Hugging Face style Parquet files (image struct {bytes, path} + label, --per-tar rows each
+in row groups of --row-group). Per format, interleaved over --repeats rounds (the best round kept):
+
+- scan s: listing the dataset (`sources.scan_source`: a list file read, tar headers, Parquet footers
+  and label columns), before any Ray worker starts;
+- read+decode img/s: one process, one thread, reading a shard's images as the build worker does
+  (`Images.read`: a file each, one read per tar span, one read per Parquet row group) and decoding
+  them at the teachers' side (`load_rgb`): the input path alone;
+- build img/s: the whole build (`build_cache`, one view, tiny teachers, --workers Ray workers) from
+  the build report, actor start excluded.
+
+    python bench/sources.py --json sources.json      # 4k photos, tars of 500
+    python bench/sources.py --quick                  # 256 photos, tars of 64
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import common
+from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache.dataset import load_rgb
+from radio_distill.cache.sources import Images, scan_source
+
+FULL = dict(images=4000, per_tar=500, row_group=100, shard_size=256, batch_size=32, workers=1, repeats=2)
+QUICK = dict(images=256, per_tar=64, row_group=32, shard_size=64, batch_size=32, workers=1, repeats=1)
+SIDE = 224  # decode side of the read+decode measure: the tiny teachers' largest is smaller; real ones are 224+
+
+
+def write_packed(listing: Path, *, per_tar: int, row_group: int) -> dict[str, str]:
+    """Tar shards and Parquet files of the listed photos (written once); {format: build data argument}."""
+    folder, names = listing.parent, listing.read_text().split()
+    out = listing.parent.parent / f"packed-{len(names)}-{per_tar}-{row_group}"
+    tars, parquets = out / "shards", out / "parquet"
+    count = -(-len(names) // per_tar)
+    if not (out / "done").is_file():
+        tars.mkdir(parents=True, exist_ok=True)
+        parquets.mkdir(parents=True, exist_ok=True)
+        for t in range(count):
+            chunk = names[t * per_tar:(t + 1) * per_tar]
+            images = [(folder / n).read_bytes() for n in chunk]
+            with tarfile.open(tars / f"{t:06d}.tar", "w") as tar:
+                for n, data in zip(chunk, images):
+                    key = n.rsplit(".", 1)[0]
+                    for ext, value in (("jpg", data), ("cls", str(int(key) % 10).encode())):
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(value)
+                        tar.addfile(info, io.BytesIO(value))
+            table = pa.table({"image": [{"bytes": d, "path": n} for n, d in zip(chunk, images)],
+                              "label": [int(n.rsplit(".", 1)[0]) % 10 for n in chunk]})
+            pq.write_table(table, parquets / f"train-{t:05d}.parquet", row_group_size=row_group)
+        (out / "done").write_text("")
+    return {"files": str(listing), "tar": str(tars / f"{{000000..{count - 1:06d}}}.tar"),
+            "parquet": str(parquets / "*.parquet")}
+
+
+def read_decode(data: str, *, shard_size: int) -> float:
+    """img/s of reading (as a build worker, shard by shard) and decoding every image, one thread."""
+    manifest = scan_source(data)
+    images = Images(manifest.source())
+    start = time.perf_counter()
+    for s in range(0, len(manifest), shard_size):
+        rows = slice(s, s + shard_size)
+        locations = None if manifest.locations is None else manifest.locations[rows]
+        for payload in images.read(manifest.ids[rows], locations):
+            load_rgb(payload, min_side=SIDE)
+    return len(manifest) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__)
+    for flag in ("images", "per-tar", "row-group", "shard-size", "batch-size", "workers", "repeats"):
+        p.add_argument(f"--{flag}", type=int)
+    args = common.parse(p, argv, full=FULL, quick=QUICK)
+    device = torch.device(args.device)
+    listing = common.make_jpegs(args.images, work=args.work)
+    inputs = write_packed(listing, per_tar=args.per_tar, row_group=args.row_group)
+    specs = tuple(common.teacher_specs("tiny"))
+    best = {}
+    for r in range(args.repeats):
+        for fmt, data in inputs.items():
+            started = time.perf_counter()
+            scan_source(data)
+            scan = time.perf_counter() - started
+            decode = read_decode(data, shard_size=args.shard_size)
+            rep = build_cache(CacheConfig(data=Path(data), out=args.work / "stores" / f"sources-{fmt}.zarr",
+                                          teachers=specs, views=1, shard_size=args.shard_size,
+                                          batch_size=args.batch_size, workers=args.workers, overwrite=True),
+                              progress=False)
+            assert rep["complete"] and rep["ok"] == args.images, rep
+            row = {"format": fmt, "round": r, "images": rep["images_run"], "scan_s": scan,
+                   "read_decode_images_per_s": decode, "build_seconds": rep["seconds"],
+                   "build_images_per_s": rep["images_per_s"]}
+            print(json.dumps(row))
+            if fmt not in best or row["build_images_per_s"] > best[fmt]["build_images_per_s"]:
+                best[fmt] = row
+    rows = list(best.values())
+    for row in rows:
+        row["build_vs_files"] = row["build_images_per_s"] / best["files"]["build_images_per_s"]
+        row["read_decode_vs_files"] = row["read_decode_images_per_s"] / best["files"]["read_decode_images_per_s"]
+    payload = common.meta(device, __file__, args.argv, teachers="tiny (toy size, random weights)",
+                          photos=common.jpeg_stats(listing), per_tar=args.per_tar, row_group=args.row_group)
+    columns = [("format", "input", ""), ("images", "images", "d"), ("scan_s", "scan s", ".2f"),
+               ("read_decode_images_per_s", "read+decode img/s", "n"), ("read_decode_vs_files", "vs files", ".2f"),
+               ("build_images_per_s", "build img/s", "n"), ("build_vs_files", "vs files", ".2f")]
+    return common.report(payload, rows, columns, args.json_out,
+                         title=f"Build input formats: {args.images} photos, tars of {args.per_tar}, Parquet row "
+                               f"groups of {args.row_group}, tiny teachers, {args.workers} Ray worker(s)")
+
+
+if __name__ == "__main__":
+    main()
