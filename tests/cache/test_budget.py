@@ -188,7 +188,7 @@ def test_cli_info_shows_the_choice_and_build_takes_budgets(budget_store, small_d
     text = " ".join(result.output.split())
     assert "picked by --fidelity 0.95; held-back cos summary" in text and "picked by --fidelity 0.999" in text
     assert "calibration: view 0 of 8 samples spread over the dataset (4 held back)" in text
-    assert "layout v2" in text and "bytes/view" in text
+    assert f"layout v{L.LAYOUT_VERSION}" in text and "bytes/view" in text
     base = ["build", str(small_dataset), "--out", str(tmp_path / "x.zarr"), "--teachers", "tiny"]
     for args, message in ((["--fidelity", "0.9", "--fidelity", "sam=1.5"], "teacher 'sam': --fidelity must be a mean cosine"),
                           (["--fidelity", "sam=high"], "--fidelity 'sam=high': expected a mean cosine like 0.99"),
