@@ -349,8 +349,9 @@ class ShardWorker:
     def calibrate(self, rows: np.ndarray, ids: list[str], locations: np.ndarray | None, source: dict, budgets: dict,
                   seed: int) -> dict:
         """Calibrate the codecs of the teachers in `budgets` ({name: storage settings with a fidelity}) on
-        view 0 of the samples `rows` (`ids`, `locations` theirs; `source`: `Manifest.source`): per target, moments of the fit samples, a codec
-        chosen on the held-back ones (`calibrate.choose`), then statistics and transforms of all of them.
+        view 0 of the samples `rows` (`ids`, `locations` theirs; `source`: `Manifest.source`): per target,
+        moments of the fit samples, a codec chosen on the held-back ones (`calibrate.choose`), then
+        statistics and transforms of all of them.
 
         Returns:
             {'rows': (Q,) rows read, 'seconds', 'held', 'teachers': {name: {target: {'codec', 'budget',

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from radio_distill.cache import layout as L
@@ -305,3 +306,37 @@ def test_a_missing_or_cut_tar_is_named_before_training(stores, datasets, tmp_pat
     (shards / "000001.tar").unlink()
     with pytest.raises(DatasetError, match=r"image '.*000001\.tar' is missing; .*--images"):
         reader.check_images(rows)
+
+
+def test_calibration_reads_tar_samples_by_location(ray_session, datasets, tmp_path):
+    out = tmp_path / "budget.zarr"
+    report = build_cache(load_cache_config(data=datasets["tar_pattern"], out=out, fidelity={None: 0.99},
+                                           **BUILD), progress=False)
+    assert report["complete"] and report["calibration"]["ran"]
+    rows = open_store(out)[L.CALIBRATION][:]
+    ids = open_store(out)[L.IDS][:]
+    assert len(rows) == report["calibration"]["samples"] >= 10 and all("/" in str(ids[r]) for r in rows)
+
+
+def test_a_keys_image_by_extension_order_labels_from_json_and_a_binary_parquet_column(tmp_path):
+    jpg, png = io.BytesIO(), io.BytesIO()
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    image.save(jpg, "JPEG")
+    image.save(png, "PNG")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for name, data in (("x/k1.png", png.getvalue()), ("x/k1.JPG", jpg.getvalue()), ("x/k1.json", b'{"cls": 3}'),
+                           ("k2.webp.txt", b"caption"), ("k2.png", png.getvalue()), ("README", b"not a member")):
+            _add(tar, name, data)
+    m = scan_source(tmp_path / "a.tar")
+    assert m.ids == ("a.tar/x/k1", "a.tar/k2") and m.labels == (3, -1) and m.classes == ("0", "1", "2", "3")
+    assert Images(m.source()).read(m.ids, m.locations) == [jpg.getvalue(), png.getvalue()]  # jpg before png
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        _add(tar, "k.jpg", jpg.getvalue())
+        _add(tar, "k.cls", b"cat")
+    with pytest.raises(DatasetError, match=r"tar member '.*b\.tar: k\.cls': the label is not an integer \(b'cat'\)"):
+        scan_source(tmp_path / "b.tar")
+    pq.write_table(pa.table({"caption": ["a", "b"], "jpg": [png.getvalue(), None]}), tmp_path / "c.parquet")
+    m = scan_source(tmp_path / "c.parquet")
+    assert m.column == "jpg" and m.labels == (-1, -1) and m.classes == ()
+    got = Images(m.source()).read(m.ids, m.locations)
+    assert got[0] == png.getvalue() and str(got[1]) == "no image bytes (null)"
