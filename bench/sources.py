@@ -3,8 +3,8 @@
 The same generated photos (bench/common.py) are given three ways: as files (a list file, one file per
 image, read like a folder), as WebDataset tar shards (`<key>.jpg` + `<key>.cls`, --per-tar samples
 each) and as Hugging Face style Parquet files (image struct {bytes, path} + label, --per-tar rows each
-in row groups of --row-group). Per format, interleaved over --repeats rounds (the median of each
-figure is reported; every round is in the JSON):
+in row groups of --row-group). Per format, interleaved over --repeats rounds, the formats' order
+rotated each round (the median of each figure is reported; every round is in the JSON):
 
 - scan s: listing the dataset (`sources.scan_source`: a list file read, tar headers, Parquet footers
   and label columns), before any Ray worker starts;
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     specs = tuple(common.teacher_specs("tiny"))
     rounds = []
     for r in range(args.repeats):
-        for fmt, data in inputs.items():
+        order = list(inputs)[r % len(inputs):] + list(inputs)[:r % len(inputs)]  # each format first once
+        for fmt, data in ((f, inputs[f]) for f in order):
             started = time.perf_counter()
             scan_source(data)
             scan = time.perf_counter() - started

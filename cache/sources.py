@@ -50,8 +50,8 @@ def scan_source(data: str | Path) -> Manifest:
     """List the samples of DATA: an image folder, a list file, or tar / Parquet files (a path or a pattern)."""
     text = str(data)
     path = Path(text).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix not in PACKED) or \
-            (not any(c in text for c in "*?[{") and path.suffix not in PACKED):
+    pattern = any(c in text for c in "*?[{")
+    if path.is_dir() or (path.suffix not in PACKED and (path.is_file() or not pattern)):
         return scan_dataset(path)
     files = _expand(text)
     kinds = {PACKED.get(f.suffix) for f in files}
