@@ -49,8 +49,9 @@ class Manifest:
     kind: str = "folder"  # folder | list | tar | parquet (the last two: `sources.py`)
     files: tuple[str, ...] = ()  # tar, parquet: the files, relative to root, that `locations` index
     column: str | None = None  # parquet: the image column
-    locations: np.ndarray | None = None  # tar, parquet: (N, 3) int64 where each image is (`sources.py`)
-    reasons: dict[int, str] = field(default_factory=dict)  # samples known unreadable from the scan: why
+    # tar, parquet: (N, 3) int64 where each image is (`sources.py`); an array and a dict: not compared or hashed
+    locations: np.ndarray | None = field(default=None, compare=False)
+    reasons: dict[int, str] = field(default_factory=dict, compare=False)  # samples known unreadable from the scan: why
 
     def __len__(self) -> int:
         return len(self.ids)
