@@ -69,7 +69,7 @@ def _budgets(values: list[str]) -> dict[str | None, float]:
 @cache_app.command()
 @_one_line_errors
 def build(
-    data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels) or list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused).")] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels), list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused), WebDataset tar shards or Parquet files: a path, glob or brace pattern, quoted, e.g. 'shards/{000000..000123}.tar' or 'data/train-*.parquet'.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output store, e.g. cache.zarr.")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024.")] = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights.")] = None,

@@ -28,9 +28,10 @@ from ..ops import autocast, normalise
 from ..progress import Progress
 from . import calibrate, codecs
 from . import layout as L
-from .dataset import UnreadableImage, load_rgb, scan_dataset
+from .dataset import UnreadableImage, load_rgb
 from .inspect import store_info
 from .lock import build_lock, check_token
+from .sources import Images, scan_source
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
                     resume_store, teacher_names)
 from .teachers import TeacherSpec, build_teacher, check_spec, identity
@@ -116,7 +117,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     import ray
 
     _validate(cfg)
-    manifest = scan_dataset(cfg.data)
+    manifest = scan_source(cfg.data)
     storage = {t.name: cfg.storage.get(t.name, Storage()).settings() for t in cfg.teachers}
     settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage, "pixels": cfg.pixels,
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
@@ -142,7 +143,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
         workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
         infos, workers = _start(workers)
         if fresh:
-            calibration = _calibrate(workers[0], root_dir=str(manifest.root), ids=manifest.ids, settings=settings)
+            calibration = _calibrate(workers[0], manifest, settings=settings)
             root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
         else:  # the stored calibration is reused: the codecs of done shards must not change
             root = resume_store(out)
@@ -168,7 +169,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
         return _report(out, results, failed, wall, complete, calibrated=fresh)
 
 
-def _calibrate(worker, *, root_dir: str, ids: list[str], settings: dict) -> dict | None:
+def _calibrate(worker, manifest, *, settings: dict) -> dict | None:
     """Run the calibration pass of the teachers with a fidelity budget on one worker (None when none has one).
 
     Its arrays come back through Ray, once per build (tens of MB for the largest teachers): the store's
@@ -182,10 +183,11 @@ def _calibrate(worker, *, root_dir: str, ids: list[str], settings: dict) -> dict
     budgets = {name: st for name, st in settings["storage"].items() if st.get("fidelity") is not None}
     if not budgets:
         return None
-    rows = L.calibration_rows(len(ids))
+    rows = L.calibration_rows(len(manifest))
+    locations = None if manifest.locations is None else manifest.locations[rows]
     try:
         result = ray.get(worker.calibrate.options(max_task_retries=0).remote(
-            rows, [ids[r] for r in rows], root_dir, budgets, settings["seed"]))
+            rows, [manifest.ids[r] for r in rows], locations, manifest.source(), budgets, settings["seed"]))
     except ray.exceptions.RayError as e:
         raise RadioDistillError(f"calibration failed: {_cause(e)}") from None
     for name, targets in result["teachers"].items():
@@ -344,10 +346,12 @@ class ShardWorker:
             summary, spatial = teacher(x)
         return {"summary": summary, "spatial": spatial}
 
-    def calibrate(self, rows: np.ndarray, ids: list[str], data_root: str, budgets: dict, seed: int) -> dict:
+    def calibrate(self, rows: np.ndarray, ids: list[str], locations: np.ndarray | None, source: dict, budgets: dict,
+                  seed: int) -> dict:
         """Calibrate the codecs of the teachers in `budgets` ({name: storage settings with a fidelity}) on
-        view 0 of the samples `rows` (`ids` theirs): per target, moments of the fit samples, a codec
-        chosen on the held-back ones (`calibrate.choose`), then statistics and transforms of all of them.
+        view 0 of the samples `rows` (`ids`, `locations` theirs; `source`: `Manifest.source`): per target,
+        moments of the fit samples, a codec chosen on the held-back ones (`calibrate.choose`), then
+        statistics and transforms of all of them.
 
         Returns:
             {'rows': (Q,) rows read, 'seconds', 'held', 'teachers': {name: {target: {'codec', 'budget',
@@ -357,7 +361,8 @@ class ShardWorker:
         started = time.perf_counter()
         teachers = {name: self.teachers[name] for name in budgets}
         min_side = max(t.resolution for t in teachers.values())
-        decoded = [(r, d) for r, d in zip(rows, self.pool.map(lambda i: _decode(Path(data_root) / i, min_side), ids))
+        payloads = Images(source).read(ids, locations)
+        decoded = [(r, d) for r, d in zip(rows, self.pool.map(lambda p: _decode(p, min_side), payloads))
                    if not isinstance(d, str)]  # an unreadable calibration sample is left out
         if len(decoded) < 2:
             raise RadioDistillError(f"calibration needs at least 2 readable images, {len(decoded)} of the "
@@ -432,17 +437,21 @@ class ShardWorker:
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start
         ids = [str(i) for i in root[L.IDS][rows]]
+        locations = root[L.LOCATIONS][rows] if L.LOCATIONS in root else None
         retry = all(root[L.done_array(name)][shard] == 1 for name in self.teachers)  # this shard's flags only
         if retry:
             boxes, status, errors = root[L.BOXES][rows], root[L.STATUS][rows], root[L.ERRORS][rows].astype(object)
             redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
             for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
                 root[L.done_array(name)][shard] = 0
-        else:
-            boxes, errors = np.zeros((count, views, 4), np.float32), np.full(count, "", dtype=object)
+        else:  # the errors known from the scan (a tar key without an image) are kept
+            boxes, errors = np.zeros((count, views, 4), np.float32), root[L.ERRORS][rows].astype(object)
             status, redo = np.full(count, L.OK, np.uint8), list(range(count))
         min_side = max(t.resolution for t in self.teachers.values())
-        decoded = dict(zip(redo, self.pool.map(lambda k: _decode(Path(data_root) / ids[k], min_side), redo)))
+        images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
+        payloads = images.read([ids[k] for k in redo], None if locations is None else locations[redo])
+        scanned = [errors[k] for k in redo]
+        decoded = dict(zip(redo, self.pool.map(lambda p, why: _decode(p, min_side, why), payloads, scanned)))
         for k, d in decoded.items():
             if isinstance(d, str):
                 status[k], errors[k] = L.UNREADABLE, d
@@ -527,10 +536,16 @@ class ShardWorker:
         return seconds, {L.moment_array(name, t, m): v for t, ms in moments.items() for m, v in ms.items()}
 
 
-def _decode(path: Path, min_side: int):
-    """(image, span, width, height) in source pixels (see `load_rgb`), or the reason it is unreadable."""
+def _decode(payload, min_side: int, scanned: str = ""):
+    """(image, span, width, height) in source pixels (see `load_rgb`), or the reason it is unreadable.
+
+    `payload`: what `Images.read` gave (None: the scan found no image, `scanned` says why)."""
+    if payload is None:
+        return str(scanned)
+    if isinstance(payload, UnreadableImage):
+        return str(payload)
     try:
-        image, span, (width, height) = load_rgb(path, min_side=min_side)
+        image, span, (width, height) = load_rgb(payload, min_side=min_side)
     except UnreadableImage as e:
         return str(e)
     return image, span, width, height

@@ -1,7 +1,7 @@
 """Build settings from a TOML file and/or the command line, turned into a `CacheConfig` at one place.
 
 ```toml
-data = "images/"            # folder or list file
+data = "images/"            # folder, list file, or tar / Parquet pattern ("shards/{000000..000123}.tar")
 out = "cache.zarr"
 views = 2
 fidelity = 0.99             # optional: every teacher's codecs picked by this budget (mean token cosine)

@@ -17,10 +17,11 @@ root is followed, as in folders.
 
 import csv
 import hashlib
+import io
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,14 +46,29 @@ class Manifest:
     ids: tuple[str, ...]
     labels: tuple[int, ...]  # -1 where unlabelled
     classes: tuple[str, ...]
+    kind: str = "folder"  # folder | list | tar | parquet (the last two: `sources.py`)
+    files: tuple[str, ...] = ()  # tar, parquet: the files, relative to root, that `locations` index
+    column: str | None = None  # parquet: the image column
+    # tar, parquet: (N, 3) int64 where each image is (`sources.py`); an array and a dict: not compared or hashed
+    locations: np.ndarray | None = field(default=None, compare=False)
+    reasons: dict[int, str] = field(default_factory=dict, compare=False)  # samples known unreadable from the scan: why
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def fingerprint(self) -> str:
-        """sha256 of ids, labels and classes: a store built from other samples is another store."""
-        payload = json.dumps([self.ids, self.labels, self.classes]).encode()
-        return hashlib.sha256(payload).hexdigest()
+        """sha256 of ids, labels and classes (and, for tars and Parquet, of where each image is): a store
+        built from other samples is another store."""
+        digest = hashlib.sha256(json.dumps([self.ids, self.labels, self.classes]).encode())
+        if self.locations is not None:
+            digest.update(json.dumps(self.files).encode())
+            digest.update(np.ascontiguousarray(self.locations, dtype="<i8").tobytes())
+        return digest.hexdigest()
+
+    def source(self) -> dict:
+        """Where the images are and how they are read, as the store records it (`sources.Images` reads it)."""
+        packed = {"files": list(self.files), "column": self.column} if self.locations is not None else {}
+        return {"root": str(self.root), "kind": self.kind, **packed}
 
 
 def scan_dataset(source: str | Path) -> Manifest:
@@ -74,7 +90,7 @@ def _scan_folder(root: Path) -> Manifest:
     classes = sorted({i.split("/", 1)[0] for i in ids if "/" in i})
     index = {c: k for k, c in enumerate(classes)}
     labels = tuple(index[i.split("/", 1)[0]] if "/" in i else -1 for i in ids)
-    return Manifest(root, tuple(ids), labels, tuple(classes))
+    return Manifest(root, tuple(ids), labels, tuple(classes), kind="folder")
 
 
 def _walk(root: str) -> list[str]:
@@ -137,7 +153,7 @@ def _read_list(path: Path) -> Manifest:
     classes = sorted({n for n in names if n})
     index = {c: k for k, c in enumerate(classes)}
     labels = tuple(index[n] if n else -1 for n in names)
-    return Manifest(path.parent, tuple(ids), labels, tuple(classes))
+    return Manifest(path.parent, tuple(ids), labels, tuple(classes), kind="list")
 
 
 def _list_id(written: str, root: str) -> str | None:
@@ -161,8 +177,9 @@ class Decoded(NamedTuple):
     size: tuple[int, int]  # (W, H) of the source after EXIF orientation
 
 
-def load_rgb(path: Path, *, min_side: int) -> Decoded:
-    """Decode an image as 8-bit RGB, oriented by its EXIF tag.
+def load_rgb(source: Path | bytes, *, min_side: int) -> Decoded:
+    """Decode an image file, or an image's bytes (a tar member, a Parquet cell), as 8-bit RGB, oriented
+    by its EXIF tag.
 
     Huge JPEGs are decoded at a reduced DCT scale 1/k (k = 2, 4 or 8) that keeps their short side
     >= 2 * `min_side`. libjpeg rounds the reduced size up, so the last decoded pixel of an axis
@@ -172,12 +189,16 @@ def load_rgb(path: Path, *, min_side: int) -> Decoded:
     Raises:
         UnreadableImage: with the reason, for missing, empty, corrupt, truncated or oversized files.
     """
-    if not path.is_file():
+    if isinstance(source, bytes):
+        if not source:
+            raise UnreadableImage("empty file (0 bytes)")
+        source = io.BytesIO(source)
+    elif not source.is_file():
         raise UnreadableImage("missing file")
-    if path.stat().st_size == 0:
+    elif source.stat().st_size == 0:
         raise UnreadableImage("empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise UnreadableImage(f"too large: {width}x{height} pixels (limit {MAX_PIXELS})")

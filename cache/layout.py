@@ -5,12 +5,15 @@ D summary channels, h, w teacher grid (after pooling), C spatial channels, M cla
 calibrated codec, Q calibration samples.
 
 ```
-<store>.zarr/                 attrs: FORMAT, LAYOUT_VERSION, settings (the build's identity), ...
-  samples/ids        (N,)          str, path relative to the dataset root
+<store>.zarr/                 attrs: FORMAT, LAYOUT_VERSION, settings (the build's identity), dataset, ...
+  samples/ids        (N,)          str, path relative to the dataset root (tar: `<tar>/<key>`, Parquet: `<file>/<row>`)
   samples/labels     (N,)          int32, -1 when unlabelled
   samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
   samples/status     (N,)          uint8, PENDING / OK / UNREADABLE
   samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
+  samples/locations  (N, 3)        int64, where each image is in a tar or Parquet dataset (`sources.py`): tar
+                                   (file, offset, size) of the image member's data, Parquet (file, row group,
+                                   row in it); file indexes attrs dataset.files. Absent for folders and lists
   samples/pixels     (N, V, R, R, 3) uint8, each view at the student resolution R (`--pixels R`, optional)
   samples/calibration (Q,)         int64, rows whose view 0 calibrated the codecs (with `--fidelity` only)
   teachers/<t>/                    attrs: teacher info, storage (the codecs chosen), calibration, fidelity, norm
@@ -29,19 +32,24 @@ calibrated codec, Q calibration samples.
   build.json                       the holder of that lock (host, pid, start, token), while a build runs
   .partial/                        a store being created, moved in with zarr.json last (`create_store`)
 ```
+attrs `dataset`: root (where the images were at the last build), kind (folder | list | tar | parquet),
+classes, fingerprint; for tar and parquet also files (relative to root) and column (Parquet's image column).
+
 Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker; shard k of
 every target, scale and pixels array is one file, `c/k/0/...`, present once the shard is done.
 Sample arrays: chunk = S samples, written by the worker that owns the shard.
 
 Layout v2 added the calibrated codecs (`calib/*`, `samples/calibration`); a v1 store has none of them
 and reads as before, while an older version refuses a v2 store instead of misreading its codes.
+Layout v3 added tar and Parquet datasets (`samples/locations`, dataset kind, files, column); a v1 or v2
+store is a folder or list dataset.
 """
 
 import numpy as np
 
 FORMAT = "radio-distill-cache"
-LAYOUT_VERSION = 2
-READS = (1, 2)  # layout versions this version opens
+LAYOUT_VERSION = 3
+READS = (1, 2, 3)  # layout versions this version opens
 
 IDS = "samples/ids"
 LABELS = "samples/labels"
@@ -50,6 +58,7 @@ STATUS = "samples/status"
 ERRORS = "samples/errors"
 PIXELS = "samples/pixels"
 CALIBRATION = "samples/calibration"
+LOCATIONS = "samples/locations"
 
 PENDING, OK, UNREADABLE = 0, 1, 2
 

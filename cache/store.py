@@ -56,7 +56,7 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
         raise CacheLayoutError(f"'{path}' is a Zarr group but not a radio-distill store (format {fmt!r})")
     if version not in L.READS:
         raise CacheLayoutError(f"store '{path}' is layout v{version}, this version reads "
-                               f"{' and '.join(f'v{v}' for v in L.READS)}; rebuild it with `radio-cache build ... --overwrite`")
+                               f"{', '.join(f'v{v}' for v in L.READS)}; rebuild it with `radio-cache build ... --overwrite`")
     missing = _missing_arrays(path, root.attrs["settings"])
     if missing:
         raise CacheLayoutError(f"store '{path}' is half-created or damaged: {missing[0]} is missing"
@@ -128,14 +128,18 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
     root = zarr.open_group(path, mode="w")
     root.attrs.update({"format": L.FORMAT, "layout_version": L.LAYOUT_VERSION, "created_by": f"radio-distill {__version__}",
                        "settings": settings, "num_samples": n, "views": views, "shard_size": size,
-                       "seed": settings["seed"], "dataset": {"root": str(manifest.root), "classes": list(manifest.classes),
+                       "seed": settings["seed"], "dataset": {**manifest.source(), "classes": list(manifest.classes),
                                                             "fingerprint": manifest.fingerprint()}})
     rows = (min(size, n),)
     _array(root, L.IDS, (n,), str, rows)[:] = np.asarray(manifest.ids, dtype=object)
     _array(root, L.LABELS, (n,), "int32", rows, fill=-1)[:] = np.asarray(manifest.labels, dtype=np.int32)
     _array(root, L.BOXES, (n, views, 4), "float32", (rows[0], views, 4))
     _array(root, L.STATUS, (n,), "uint8", rows, fill=L.PENDING)
-    _array(root, L.ERRORS, (n,), str, rows)
+    errors = _array(root, L.ERRORS, (n,), str, rows)
+    if manifest.reasons:  # known from the scan (a tar key without an image): the worker keeps them
+        errors[:] = np.asarray([manifest.reasons.get(k, "") for k in range(n)], dtype=object)
+    if manifest.locations is not None:
+        _array(root, L.LOCATIONS, (n, 3), "int64", (rows[0], 3))[:] = manifest.locations
     if settings["pixels"]:
         r = settings["pixels"]
         _array(root, L.PIXELS, (n, views, r, r, 3), "uint8", (1, 1, r, r, 3), shards=(size, views, r, r, 3))

@@ -1,7 +1,7 @@
 """Dense probe: per-patch linear classifiers on frozen feature maps, scored by mIoU against masks.
 
 Masks are PNG label maps in a folder mirroring the images: sample id `a/b.jpg` has mask
-`<masks>/a/b.png`, value = class index + 1 on objects, 0 background, 255 ignored. A mask is cropped
+`<masks>/a/b.png` (a tar sample `s/000.tar/key`: `<masks>/s/000.tar/key.png`), value = class index + 1 on objects, 0 background, 255 ignored. A mask is cropped
 with the view's stored box and resized with nearest resampling to each feature grid.
 
 Letters: M images, h, w a feature grid, C channels, P = M * h * w tokens, K mask classes.
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..cache.sources import oriented_size
 from .metrics import IGNORE, miou
 
 
@@ -44,29 +45,23 @@ def mask_grid(mask: Image.Image, box, grid: tuple[int, int], *, image_size: tupl
     return np.asarray(mask.resize((grid[1], grid[0]), Image.Resampling.NEAREST, box=region), dtype=np.int64)
 
 
-def load_masks(masks: Path, image_root: Path, ids, boxes, grids) -> dict[tuple[int, int], np.ndarray]:
+def load_masks(masks: Path, images: list, ids, boxes, grids) -> dict[tuple[int, int], np.ndarray]:
     """(M, h, w) label grids per requested grid, for samples that all have masks.
 
     Args:
         masks: the mask folder.
-        image_root: the images folder (for source sizes, read from headers only).
+        images: (M,) the images as `Images.read` gives them (files or bytes; for source sizes, read from headers only).
         ids: (M,) sample ids.
         boxes: (M, 4) view boxes.
         grids: the (h, w) grids wanted.
     """
     out = {tuple(g): [] for g in grids}
-    for sample_id, box in zip(ids, boxes):
-        with Image.open(mask_path(masks, sample_id)) as mask, Image.open(Path(image_root) / sample_id) as image:
-            size = _oriented_size(image)
+    for image, sample_id, box in zip(images, ids, boxes):
+        size = oriented_size(image)
+        with Image.open(mask_path(masks, sample_id)) as mask:
             for g in out:
                 out[g].append(mask_grid(mask, box, g, image_size=size))
     return {g: np.stack(v) if v else np.zeros((0, *g), np.int64) for g, v in out.items()}
-
-
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(W, H) after the EXIF rotation `load_rgb` applies: boxes are in those coordinates."""
-    w, h = image.size
-    return (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def train_linear_probe(x, y, *, num_classes: int, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4,

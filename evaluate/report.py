@@ -250,7 +250,9 @@ def _dense(reader, masks: Path, bank, held, fit: SplitFeatures, test: SplitFeatu
     student_grid = tuple(fit.backbone_spatial.shape[1:3])
     grids = {student_grid} | {tuple(t.grid) for t in reader.teachers}
     rows = {"train": bank[fit.kept], "test": held[test.kept]}
-    grid_masks = {k: load_masks(masks, reader.root_dir, reader.ids[r], reader.boxes[r, 0], grids) for k, r in rows.items()}
+    grid_masks = {k: load_masks(masks, reader.images.read(reader.ids[r], None if reader.locations is None else
+                                                          reader.locations[r]), reader.ids[r], reader.boxes[r, 0], grids)
+                  for k, r in rows.items()}
     seen = np.concatenate([m.ravel() for split in grid_masks.values() for m in split.values()])
     K = int(max(len(reader.classes) + 1, seen[seen != IGNORE].max(initial=0) + 1))
 

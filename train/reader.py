@@ -12,7 +12,8 @@ they read a whole batch with one tensorstore read per array.
 Sized for ImageNet-scale stores (1.28M samples): the sample arrays are read with tensorstore
 (thousands of small chunks), the split is vectorised, sample ids travel to workers as one bytes
 buffer, and the image check looks at a seeded sample of the files (a file missing later is named
-when it is read).
+when it is read). Images in tars or Parquet files are read by their stored locations: a member's
+bytes at its offset, a Parquet row from its row group; no tar is scanned.
 
 Letters: N samples, B batch, R student side, V views, h, w teacher grid, C channels, D summary dims.
 """
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..cache import codecs
 from ..cache import layout as L
 from ..cache.dataset import UnreadableImage, load_rgb
+from ..cache.sources import Images
 from ..cache.store import missing_shards, open_array, open_store, teacher_names
 from ..cache.views import crop_resize
 from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError, RadioDistillError
@@ -101,14 +103,16 @@ class CacheReader:
         root = open_store(self.path)
         self.settings = root.attrs["settings"]
         self.views = root.attrs["views"]
-        self.root_dir = Path(images).expanduser().resolve() if images else Path(root.attrs["dataset"]["root"])
+        self.images = Images(root.attrs["dataset"], images)
+        self.root_dir = self.images.root
         self.classes = list(root.attrs["dataset"]["classes"])
         names = teacher_names(root)
         # tensorstore reads the many small chunks of these arrays concurrently (zarr-python: one at a time)
         arrays = [L.LABELS, L.BOXES, L.STATUS] + [L.done_array(name) for name in names]
-        reads = [open_array(self.path, a).read() for a in arrays]
+        reads = [open_array(self.path, a).read() for a in arrays + ([L.LOCATIONS] if self.images.packed else [])]
         self.ids = SampleIds(root[L.IDS][:])
-        self.labels, self.boxes, status, *flags = (r.result() for r in reads)
+        self.labels, self.boxes, status, *flags = (r.result() for r in reads[:len(arrays)])
+        self.locations = reads[-1].result() if self.images.packed else None  # (N, 3), `sources.py`
         done = np.logical_and.reduce([f == 1 for f in flags])
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
@@ -166,16 +170,16 @@ class CacheReader:
         if not self.root_dir.is_dir():
             raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; move the images "
                                "back, or give their new place with --images")
-        if len(indices) > IMAGE_CHECKS:
+        if len(indices) > IMAGE_CHECKS and not self.images.packed:  # tars, Parquet: every file, they are few
             indices = np.sort(np.random.default_rng(0).choice(indices, IMAGE_CHECKS, replace=False))
-        for i in indices:
-            if not (self.root_dir / self.ids[i]).is_file():
-                raise DatasetError(f"image '{self.root_dir / self.ids[i]}' (sample {i}) is missing; the dataset "
-                                   "changed since the store was built, or lives elsewhere now (--images)")
+        missing = self.images.missing(self.ids[indices], None if self.locations is None else self.locations[indices])
+        if missing:
+            raise DatasetError(f"image '{missing}' is missing; the dataset changed since the store was built, "
+                               "or lives elsewhere now (--images)")
 
     def dataset(self, *, resolution: int) -> "ViewDataset":
-        return ViewDataset(self.path, self.root_dir, self.ids, self.boxes, self.teachers, resolution,
-                           pixels=self.pixels)
+        return ViewDataset(self.path, self.images, self.ids, self.boxes, self.teachers, resolution,
+                           pixels=self.pixels, locations=self.locations)
 
     def loader(self, indices: np.ndarray, *, resolution: int | tuple[int, ...], batch_size: int | tuple[int, ...],
                seed: int, start_step: int, steps: int, policy: str = "random", rank: int = 0, world: int = 1,
@@ -280,9 +284,9 @@ class ViewDataset(Dataset):
     targets that read as the fill value (all zero: a shard file lost after the shard was done).
     """
 
-    def __init__(self, store: Path, root_dir: Path, ids: SampleIds, boxes, teachers: list[TeacherMeta],
-                 resolution: int, *, pixels: int | None = None):
-        self.store, self.root_dir, self.ids, self.boxes = store, root_dir, ids, boxes
+    def __init__(self, store: Path, images: Images, ids: SampleIds, boxes, teachers: list[TeacherMeta],
+                 resolution: int, *, pixels: int | None = None, locations: np.ndarray | None = None):
+        self.store, self.images, self.ids, self.boxes, self.locations = store, images, ids, boxes, locations
         self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if pixels else [])
         # one per target: its scale when int8 (all zero only where never written), else its values
         self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
@@ -316,7 +320,7 @@ class ViewDataset(Dataset):
                                           f"`radio-cache verify {self.store}`")
         pixels = values.pop(L.PIXELS, None)
         if pixels is None:
-            pixels = np.stack([self.crop(i, v, side) for i, v in items])
+            pixels = self.crops(items, side)
         elif side < self.pixels:
             whole = np.array([0, 0, self.pixels, self.pixels])
             pixels = np.stack([crop_resize(Image.fromarray(p), whole, side) for p in pixels])
@@ -344,12 +348,26 @@ class ViewDataset(Dataset):
 
     def crop(self, i: int, v: int, side: int | None = None) -> np.ndarray:
         """(R, R, 3) uint8: the view decoded from the original image at `side` (default: `resolution`)."""
-        path, side = self.root_dir / self.ids[i], side or self.resolution
-        try:
-            image, span, _ = load_rgb(path, min_side=side)
-        except UnreadableImage as e:
-            raise DatasetError(f"image '{path}' (sample {i}) became unreadable: {e}") from None
-        return crop_resize(image, self.boxes[i, v], side, span=span)
+        return self.crops([(i, v)], side)[0]
+
+    def crops(self, items: list[tuple[int, int]], side: int | None = None) -> np.ndarray:
+        """(B, R, R, 3) uint8: views (sample, view) decoded from the original images at `side` (default:
+        `resolution`); the images of a batch are read together (`Images.read`)."""
+        side = side or self.resolution
+        rows = [i for i, _ in items]
+        payloads = self.images.read(self.ids[rows], None if self.locations is None else self.locations[rows])
+        out = []
+        for (i, v), payload in zip(items, payloads):
+            try:
+                if payload is None:
+                    raise UnreadableImage("no image member")
+                if isinstance(payload, UnreadableImage):
+                    raise payload
+                image, span, _ = load_rgb(payload, min_side=side)
+            except UnreadableImage as e:
+                raise DatasetError(f"image '{self.images.root / self.ids[i]}' (sample {i}) became unreadable: {e}") from None
+            out.append(crop_resize(image, self.boxes[i, v], side, span=span))
+        return np.stack(out)
 
 
 def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.device) -> dict:

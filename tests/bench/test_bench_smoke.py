@@ -88,6 +88,13 @@ def test_build(bench, ray_session):
     assert isinstance(rows[-1]["marginal_s_per_1k"], float)  # may be <= 0 at 8 vs 16 images: first-call costs
 
 
+def test_sources(bench, ray_session):
+    rows = bench("sources", "--images", "16", "--per-tar", "8", "--row-group", "4", "--shard-size", "8")["results"]
+    assert [r["format"] for r in rows] == ["files", "tar", "parquet"] and all(r["images"] == 16 for r in rows)
+    for r in rows:
+        positive(r, "scan_s", "read_decode_images_per_s", "build_images_per_s", "build_vs_files")
+
+
 def test_train(bench, ray_session):  # reuses the tiny-16 store of test_build when it ran first
     [row] = bench("train", "--images", "16", "--shard-size", "8", "--batch-size", "4", "--steps", "2",
                   "--warmup", "1", "--workers", "0")["results"]

@@ -38,7 +38,7 @@ def budget_store(ray_session, small_config, tmp_path_factory):
 
 def test_budget_picks_records_and_stores_the_codecs(budget_store):
     info = store_info(budget_store)
-    assert info["layout_version"] == 2
+    assert info["layout_version"] == L.LAYOUT_VERSION
     assert info["calibration"]["samples"] == 8 and info["calibration"]["held"] == 4 and info["calibration"]["seconds"] > 0
     assert open_store(budget_store)[L.CALIBRATION][:].tolist() == list(range(8))  # spread: all 8 of a tiny set
     for name, t in info["teachers"].items():
@@ -120,8 +120,8 @@ def test_layout_v1_stores_open_and_newer_ones_are_refused(small_store, tmp_path)
     zarr.open_group(old, mode="r+").attrs["layout_version"] = 1  # a v1 store: plain codecs, no calibration
     reader = CacheReader(old)
     assert all(not t.transforms for t in reader.teachers) and store_info(old)["layout_version"] == 1
-    zarr.open_group(old, mode="r+").attrs["layout_version"] = 3
-    with pytest.raises(CacheLayoutError, match=r"^store '.*' is layout v3, this version reads v1 and v2; rebuild"):
+    zarr.open_group(old, mode="r+").attrs["layout_version"] = 4
+    with pytest.raises(CacheLayoutError, match=r"^store '.*' is layout v4, this version reads v1, v2, v3; rebuild"):
         open_store(old)
 
 
@@ -188,7 +188,7 @@ def test_cli_info_shows_the_choice_and_build_takes_budgets(budget_store, small_d
     text = " ".join(result.output.split())
     assert "picked by --fidelity 0.95; held-back cos summary" in text and "picked by --fidelity 0.999" in text
     assert "calibration: view 0 of 8 samples spread over the dataset (4 held back)" in text
-    assert "layout v2" in text and "bytes/view" in text
+    assert f"layout v{L.LAYOUT_VERSION}" in text and "bytes/view" in text
     base = ["build", str(small_dataset), "--out", str(tmp_path / "x.zarr"), "--teachers", "tiny"]
     for args, message in ((["--fidelity", "0.9", "--fidelity", "sam=1.5"], "teacher 'sam': --fidelity must be a mean cosine"),
                           (["--fidelity", "sam=high"], "--fidelity 'sam=high': expected a mean cosine like 0.99"),

@@ -51,7 +51,7 @@ def test_sample_arrays(root, sample_dataset):
         assert kind in "TU" if dtype == "str" else root[path].dtype == np.dtype(dtype), path
     assert tuple(root[L.IDS][:]) == manifest.ids
     assert tuple(root[L.LABELS][:]) == manifest.labels
-    assert root.attrs["dataset"] == {"root": str(sample_dataset.resolve()), "classes": list(CLASSES),
+    assert root.attrs["dataset"] == {"root": str(sample_dataset.resolve()), "kind": "folder", "classes": list(CLASSES),
                                      "fingerprint": manifest.fingerprint()}
     ids, labels = root[L.IDS][:], root[L.LABELS][:]
     for i, label in zip(ids, labels):  # labels come from the class subfolders
@@ -207,7 +207,7 @@ def test_open_store_refuses_what_is_not_ours(tmp_path, tiny_store):
     shutil.copytree(tiny_store, old)
     zarr.open_group(old, mode="r+").attrs["layout_version"] = L.LAYOUT_VERSION + 1
     with pytest.raises(CacheLayoutError, match=f"layout v{L.LAYOUT_VERSION + 1}, this version reads "
-                                               f"v1 and v{L.LAYOUT_VERSION}; rebuild it"):
+                                               f"v1, v2, v{L.LAYOUT_VERSION}; rebuild it"):
         open_store(old)
 
 

@@ -1,0 +1,352 @@
+"""Packed datasets (WebDataset tar shards, Parquet files) as build input, and reading any dataset's images.
+
+`scan_source` turns the build's data argument into a `Manifest`: a folder or a list file as
+`dataset.scan_dataset` lists it, or tar / Parquet files named by a path, a glob (`shards/*.tar`) or
+a brace pattern (`shards/{000000..000123}.tar`, as `webdataset` writes them). The root of packed
+files is the deepest folder holding them all; their ids are relative to it, so a moved dataset is
+given again at its new place, like a folder.
+
+Tar shards (uncompressed, as `webdataset` writes them): members are grouped by key, the member name
+up to the first dot of its base name (`a/b.seg.png`: key `a/b`, extension `seg.png`). The image is
+the member with the first of TAR_IMAGES the key has (jpg before jpeg, png, webp); the label is the
+`cls` member (an integer) or the `label` (else `cls`) key of the `json` member. A key with no image
+member is a sample recorded unreadable, its reason naming the members it has. Id `<tar>/<key>`;
+samples in tar order, then member order, so a shard of consecutive samples is one span of a tar.
+
+Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
+`path`), or plain binary; labels come from the `label` column, class names from the schema's
+`huggingface` metadata when it has them. Id `<file>/<row>`; a null image is unreadable.
+
+`locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
+file: tar (file, offset of the member's data, its size; offset -1: no image member); Parquet (file,
+row group, row in the group). `file` indexes `files`.
+"""
+
+import glob
+import io
+import json
+import os
+import posixpath
+import tarfile
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image
+
+from ..errors import DatasetError
+from .dataset import Manifest, UnreadableImage, scan_dataset
+
+TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
+PACKED = {".tar": "tar", ".parquet": "parquet"}
+IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # preferred, in this order, when a Parquet file has several
+NO_IMAGE = -1  # tar location offset of a key without an image member
+COALESCE = 1 << 20  # tar members closer than this are read in one read (a build shard: its whole span)
+
+
+def scan_source(data: str | Path) -> Manifest:
+    """List the samples of DATA: an image folder, a list file, or tar / Parquet files (a path or a pattern)."""
+    text = str(data)
+    path = Path(text).expanduser()
+    pattern = any(c in text for c in "*?[{")
+    if path.is_dir() or (path.suffix not in PACKED and (path.is_file() or not pattern)):
+        return scan_dataset(path)
+    files = _expand(text)
+    kinds = {PACKED.get(f.suffix) for f in files}
+    if kinds - set(PACKED.values()) or len(kinds) > 1:
+        raise DatasetError(f"'{text}' matches {', '.join(sorted(f.name for f in files)[:3])}...; a pattern names "
+                           "only .tar files or only .parquet files")
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    names = tuple(f.relative_to(root).as_posix() for f in files)
+    kind = kinds.pop()
+    scan = _scan_tars if kind == "tar" else _scan_parquet
+    manifest = scan(root, names)
+    if not manifest.ids:
+        raise DatasetError(f"'{text}' ({len(files)} {kind} files) holds no samples")
+    return manifest
+
+
+def _expand(pattern: str) -> list[Path]:
+    """The files a brace and glob pattern names, each once, in pattern order (globs sorted)."""
+    files = []
+    for part in braceexpand(os.path.expanduser(pattern)):
+        if any(c in part for c in "*?["):
+            files += sorted(Path(p) for p in glob.glob(part, recursive=True) if Path(p).is_file())
+        elif Path(part).is_file():
+            files.append(Path(part))
+        else:
+            raise DatasetError(f"'{part}'{f' (from {pattern!r})' if part != pattern else ''} does not exist")
+    if not files:
+        raise DatasetError(f"'{pattern}' matches no file")
+    return list(dict.fromkeys(f.resolve() for f in files))
+
+
+def _scan_tars(root: Path, names: tuple[str, ...]) -> Manifest:
+    ids, labels, locations, reasons = [], [], [], {}
+    for f, name in enumerate(names):
+        for key, members, label in _tar_samples(root / name):
+            ext = next((e for e in TAR_IMAGES if e in members), None)
+            if ext is None:
+                reasons[len(ids)] = f"no image member (has: {', '.join(members)})"
+            offset, size = members[ext] if ext else (NO_IMAGE, 0)
+            ids.append(f"{name}/{key}")
+            labels.append(label)
+            locations.append((f, offset, size))
+    return _manifest(root, ids, labels, None, kind="tar", files=names, locations=locations, reasons=reasons)
+
+
+def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
+    """(key, {extension: (data offset, size)}, label or -1) per key of a tar, in member order.
+
+    `tarfile` reads each header and seeks over the data. It ends quietly at a header it cannot read
+    (a file cut mid-header or at a member boundary), so the end-of-archive blocks are checked too.
+
+    Raises:
+        DatasetError: the tar is truncated or not a tar, or a label is not an integer.
+    """
+    samples = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                key, _, ext = posixpath.basename(m.name).partition(".")
+                if not m.isfile() or not key or not ext:  # not a sample's member, as `webdataset` reads tars
+                    continue
+                key = posixpath.join(posixpath.dirname(m.name), key)
+                members, label = samples.setdefault(key, ({}, [-1]))
+                members[ext.lower()] = (m.offset_data, m.size)
+                if ext.lower() in ("cls", "json"):
+                    label[0] = _label(tar.extractfile(m).read(), ext.lower(), f"{path}: {m.name}")
+            end = tar.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
+    except (tarfile.TarError, OSError) as e:
+        raise DatasetError(f"tar file '{path}' cannot be read ({e}); it is truncated or not an uncompressed tar") from None
+    if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
+        raise DatasetError(f"tar file '{path}' is truncated: it ends at byte {end} without the end-of-archive "
+                           "blocks; copy it again")
+    return [(key, members, label[0]) for key, (members, label) in samples.items()]
+
+
+def _label(data: bytes, ext: str, where: str) -> int:
+    """The label of a `cls` (integer text) or `json` ('label' or 'cls' key) member; -1 for a json without one."""
+    try:
+        value = data.decode().strip() if ext == "cls" else json.loads(data)
+        if ext == "json":
+            value = value.get("label", value.get("cls", -1)) if isinstance(value, dict) else -1
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError
+        return int(value)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise DatasetError(f"tar member '{where}': the label is not an integer ({data[:40]!r})") from None
+
+
+def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
+    ids, labels, locations, column, classes = [], [], [], None, None
+    for f, name in enumerate(names):
+        pf = _open_parquet(root / name)
+        schema = pf.schema_arrow
+        found = _image_column(schema, root / name)
+        if column not in (None, found):
+            raise DatasetError(f"parquet file '{root / name}' has its images in column '{found}', the files before "
+                               f"it in '{column}'; give files of one dataset")
+        column = found
+        names_here = _class_names(schema)
+        if names_here is not None:
+            if classes not in (None, names_here):
+                raise DatasetError(f"parquet file '{root / name}' names other classes than the files before it")
+            classes = names_here
+        if "label" in schema.names:
+            values = pf.read(columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+            labels += [-1 if v is None or v != v else int(v) for v in values.tolist()]
+        else:
+            labels += [-1] * pf.metadata.num_rows
+        row = 0
+        for g in range(pf.metadata.num_row_groups):
+            for r in range(pf.metadata.row_group(g).num_rows):
+                ids.append(f"{name}/{row}")
+                locations.append((f, g, r))
+                row += 1
+    return _manifest(root, ids, labels, classes, kind="parquet", files=names, locations=locations, column=column)
+
+
+def _open_parquet(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"parquet file '{path}' cannot be read ({e}); it is truncated or not Parquet") from None
+
+
+def _image_column(schema, path: Path) -> str:
+    """The column holding image bytes: a struct with a binary `bytes` field, or binary."""
+    import pyarrow as pa
+
+    def is_image(t):
+        if pa.types.is_struct(t):
+            i = t.get_field_index("bytes")
+            return i >= 0 and is_image(t.field(i).type)
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    found = [f.name for f in schema if is_image(f.type)]
+    if not found:
+        have = ", ".join(f"{f.name} ({f.type})" for f in schema)
+        raise DatasetError(f"parquet file '{path}' has no image column (a struct with 'bytes', or binary); "
+                           f"its columns: {have}")
+    return next((c for c in IMAGE_COLUMNS if c in found), found[0])
+
+
+def _class_names(schema) -> tuple[str, ...] | None:
+    """The label names of a Hugging Face `ClassLabel` in the schema metadata, or None."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    try:
+        meta = json.loads(raw)
+        names = meta.get("info", meta)["features"]["label"]["names"]
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) else None
+
+
+def _manifest(root, ids, labels, classes, *, kind, files, locations, column=None, reasons=None) -> Manifest:
+    """Classes default to the label integers as names (0 .. max label)."""
+    if classes is None:
+        classes = tuple(str(c) for c in range(max(labels, default=-1) + 1))
+    bad = [v for v in labels if v >= len(classes) or v < -1]
+    if bad:
+        raise DatasetError(f"dataset '{root}': label {bad[0]} is outside its {len(classes)} classes")
+    return Manifest(root, tuple(ids), tuple(labels), tuple(classes), kind=kind, files=files, column=column,
+                    locations=np.asarray(locations, dtype=np.int64).reshape(-1, 3), reasons=reasons or {})
+
+
+class Images:
+    """Reads a dataset's images as `load_rgb` takes them: a file per sample (folder, list), a tar member's
+    bytes, a Parquet cell's bytes.
+
+    Args:
+        source: what the store records (`Manifest.source`): root, kind, and for packed kinds files and column.
+        root: where the dataset is now, when it moved (default: the recorded root).
+    """
+
+    def __init__(self, source: dict, root: str | Path | None = None):
+        self.root = Path(root).expanduser().resolve() if root else Path(source["root"])
+        self.kind = source.get("kind", "folder")  # stores before layout v3 are folders or lists: read alike
+        self.files, self.column = tuple(source.get("files", ())), source.get("column")
+        self._parquet, self._lock = {}, threading.Lock()  # open Parquet files (footers parsed once)
+
+    def __getstate__(self) -> dict:  # a spawned loader worker opens its own Parquet files
+        return {**self.__dict__, "_parquet": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    @property
+    def packed(self) -> bool:
+        return self.kind in ("tar", "parquet")
+
+    def read(self, ids, locations: np.ndarray | None) -> list:
+        """Per sample: its file's path (folder, list), its image bytes, an `UnreadableImage`, or None for a
+        tar key without an image (its reason is the scan's, stored in the store).
+
+        Args:
+            ids: (B,) sample ids.
+            locations: (B, 3) their locations (packed kinds).
+        """
+        if not self.packed:
+            return [self.root / i for i in ids]
+        out = [None] * len(ids)
+        by_file = defaultdict(list)
+        for k, (f, a, b) in enumerate(np.asarray(locations).tolist()):
+            if self.kind == "parquet" or a != NO_IMAGE:
+                by_file[f].append((k, a, b))
+        read = self._tar if self.kind == "tar" else self._rows
+        for f, wanted in by_file.items():
+            for k, value in read(self.root / self.files[f], wanted):
+                out[k] = value
+        return out
+
+    def _tar(self, path: Path, wanted: list) -> list:
+        """(k, bytes or UnreadableImage) of members (k, offset, size): members within COALESCE of each other
+        are one read, so a build shard reads its span of the tar once, sequentially."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return [(k, UnreadableImage("missing file")) for k, _, _ in wanted]
+        except OSError as e:
+            return [(k, UnreadableImage(str(e))) for k, _, _ in wanted]
+        out = []
+        try:
+            wanted = sorted(wanted, key=lambda w: w[1])
+            start = 0
+            while start < len(wanted):
+                stop, end = start + 1, wanted[start][1] + wanted[start][2]
+                while stop < len(wanted) and wanted[stop][1] - end <= COALESCE:
+                    end = max(end, wanted[stop][1] + wanted[stop][2])
+                    stop += 1
+                first = wanted[start][1]
+                try:
+                    span = os.pread(fd, end - first, first)
+                except OSError as e:
+                    span, error = b"", str(e)
+                else:
+                    error = "truncated file: the tar ends inside this member (it changed since the store was built)"
+                for k, offset, size in wanted[start:stop]:
+                    data = span[offset - first:offset - first + size]
+                    out.append((k, data if len(data) == size else UnreadableImage(error)))
+                start = stop
+        finally:
+            os.close(fd)
+        return out
+
+    def _rows(self, path: Path, wanted: list) -> list:
+        """(k, bytes or UnreadableImage) of Parquet rows (k, row group, row): each row group read once."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        groups = defaultdict(list)
+        for k, g, r in wanted:
+            groups[g].append((k, r))
+        out = []
+        for g, rows in groups.items():
+            try:
+                with self._lock:
+                    if path not in self._parquet:
+                        self._parquet[path] = pq.ParquetFile(path)
+                    column = self._parquet[path].read_row_group(g, columns=[self.column]).column(0).combine_chunks()
+            except FileNotFoundError:
+                out += [(k, UnreadableImage("missing file")) for k, _ in rows]
+                continue
+            except (pa.ArrowException, OSError) as e:
+                out += [(k, UnreadableImage(f"corrupt row group {g}: {e}")) for k, _ in rows]
+                continue
+            if pa.types.is_struct(column.type):
+                column = column.field("bytes")
+            cells = column.take([r for _, r in rows]).to_pylist()
+            out += [(k, UnreadableImage("no image bytes (null)") if c is None else c) for (k, _), c in zip(rows, cells)]
+        return out
+
+    def missing(self, ids, locations: np.ndarray | None) -> str | None:
+        """The first image file (folder, list) or packed file that is absent, or a tar shorter than its
+        members reach; None when all are there."""
+        if not self.packed:
+            return next((str(self.root / i) for i in ids if not (self.root / i).is_file()), None)
+        ends = np.zeros(len(self.files), np.int64)
+        if self.kind == "tar":
+            np.maximum.at(ends, locations[:, 0], locations[:, 1] + locations[:, 2])
+        for name, end in zip(self.files, ends.tolist()):
+            path = self.root / name
+            if not path.is_file():
+                return str(path)
+            if path.stat().st_size < end:
+                return f"{path} (cut short: {path.stat().st_size} bytes, its members reach byte {end})"
+        return None
+
+
+def oriented_size(source: Path | bytes) -> tuple[int, int]:
+    """(W, H) of an image after the EXIF rotation `load_rgb` applies (from its header): boxes are in those."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        w, h = image.size
+        return (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
