@@ -30,6 +30,7 @@ from . import calibrate, codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb, scan_dataset
 from .inspect import store_info
+from .location import Location, location
 from .lock import build_lock, check_token
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
                     resume_store, teacher_names)
@@ -60,7 +61,7 @@ class Storage:
 @dataclass(frozen=True)
 class CacheConfig:
     data: Path
-    out: Path
+    out: str | Path  # a folder or an s3:// URL (`location.py`)
     teachers: tuple[TeacherSpec, ...]
     storage: dict[str, Storage] = field(default_factory=dict)  # by teacher name; default Storage()
     views: int = 1
@@ -121,10 +122,10 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage, "pixels": cfg.pixels,
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
-    out = Path(cfg.out).expanduser().resolve()
+    out = location(cfg.out)
     # one build per store; a folder that is not a store is refused (and never deleted by --overwrite)
     with build_lock(out) as token:
-        fresh = cfg.overwrite or not (out / "zarr.json").exists()  # nothing, or a creation that was stopped
+        fresh = cfg.overwrite or not out.exists("zarr.json")  # nothing, or a creation that was stopped
         if not fresh:
             check_settings(open_store(out), settings, out)
 
@@ -303,7 +304,7 @@ def _cause(e: Exception) -> str:
     return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end
 
 
-def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
+def _report(out: Location, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
             calibrated: bool) -> dict:
     info = store_info(out)
     done_images = sum(r["images"] for r in results)
@@ -328,7 +329,7 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teachers = {s.name: build_teacher(s, device=self.device) for s in specs}
-        self.store, self.batch_size = Path(store), batch_size
+        self.store, self.batch_size = location(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
         self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not
         self._arrays, self._transforms = {}, {}
