@@ -30,7 +30,7 @@ from . import calibrate, codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb, scan_dataset
 from .inspect import store_info
-from .location import Location, location
+from .location import Location, location, s3_environment
 from .lock import build_lock, check_token
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
                     resume_store, teacher_names)
@@ -138,8 +138,9 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
             cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
         # two shards per actor at once: one decodes or writes while the other computes
+        env = {"runtime_env": {"env_vars": s3_environment()}} if out.remote else {}  # actors on other nodes too
         actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
-                                                max_restarts=3, max_task_retries=3)
+                                                max_restarts=3, max_task_retries=3, **env)
         workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
         infos, workers = _start(workers)
         if fresh:

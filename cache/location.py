@@ -21,6 +21,8 @@ import fsspec
 from ..errors import CacheLayoutError
 
 SCHEME = "s3://"
+ENVIRONMENT = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_REGION", "AWS_DEFAULT_REGION")  # the settings read here
 
 
 def location(store: str | Path | Location) -> Location:
@@ -39,6 +41,11 @@ def location(store: str | Path | Location) -> Location:
 
 def is_remote(store: str | Path | Location) -> bool:
     return str(store).startswith(SCHEME)
+
+
+def s3_environment() -> dict[str, str]:
+    """This process's S3 settings, for worker processes that do not inherit its environment (Ray actors)."""
+    return {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
 
 
 def _endpoint() -> str | None:
@@ -77,8 +84,11 @@ class Location:
         return fsspec.filesystem("s3", **self._s3_options())
 
     def _s3_options(self) -> dict:
-        # no listings cache: other processes (Ray workers, a second build) change the store under us
+        # credentials named, not left to botocore: fsspec caches a filesystem per arguments, so changed
+        # variables give a new one; no listings cache: other processes (Ray workers, a build) change the store
+        env = os.environ.get
         return {"endpoint_url": _endpoint(), "client_kwargs": {"region_name": _region()}, "use_listings_cache": False,
+                "key": env("AWS_ACCESS_KEY_ID"), "secret": env("AWS_SECRET_ACCESS_KEY"), "token": env("AWS_SESSION_TOKEN"),
                 "config_kwargs": {"connect_timeout": 10, "retries": {"max_attempts": 3}}}
 
     def key(self, name: str = "") -> str:
