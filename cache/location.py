@@ -81,7 +81,10 @@ class Location:
         """The filesystem; fsspec caches one instance per settings, so this is cheap to call."""
         if not self.remote:
             return fsspec.filesystem("file")
-        return fsspec.filesystem("s3", **self._s3_options())
+        try:
+            return fsspec.filesystem("s3", **self._s3_options())
+        except ImportError:
+            raise CacheLayoutError(f"store '{self.url}': s3:// stores need s3fs; pip install 'radio-distill[s3]'") from None
 
     def _s3_options(self) -> dict:
         # credentials named, not left to botocore: fsspec caches a filesystem per arguments, so changed
