@@ -8,7 +8,8 @@ call `check_token` before every shard write and done flag, so once a rerun holds
 
 S3 has no file locks, so there `build.json` itself is a lease: created only if absent (a conditional
 put, If-None-Match), renewed by the holder every HEARTBEAT seconds, and abandoned once it has not been
-renewed for STALE_AFTER periods (a killed build). A second build is refused while the lease is fresh
+renewed for STALE_AFTER periods (a killed build), or at once when its holder ran on this host (same
+host name) under a pid that no longer exists: a rerun after a kill need not wait. A second build is refused while the lease is fresh
 and takes it over, with a warning, once it is stale; the takeover is a conditional put on the stale
 record's ETag (If-Match), so of two builds taking over at once only one wins. What this guarantees
 rests on the clocks of the hosts agreeing to well within STALE_AFTER x HEARTBEAT, and on a live holder
@@ -130,7 +131,7 @@ def _take_over(loc: Location, put) -> str:
     now = holder(loc)
     if now is not None:
         age = time.time() - now["renewed"]
-        if age < now["lease_s"]:
+        if age < now["lease_s"] and not _gone_from_here(now):
             raise CacheLayoutError(f"store '{loc}' is being written by another build ({_describe(now)}; lease renewed "
                                    f"{age:.0f} s ago); wait for it to finish or stop it: one build writes a store at a "
                                    f"time (a killed build's lease lapses after {now['lease_s']:.0f} s)")
@@ -141,6 +142,19 @@ def _take_over(loc: Location, put) -> str:
     except OSError:
         raise CacheLayoutError(f"store '{loc}': another build took over the abandoned lease at the same time "
                                f"({_describe(holder(loc))}); one build writes a store at a time") from None
+
+
+def _gone_from_here(record: dict) -> bool:
+    """Whether the lease holder ran on this host and its process is gone."""
+    if record["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def holder(store: str | Path | Location) -> dict | None:

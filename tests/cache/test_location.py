@@ -43,9 +43,8 @@ def _done(url: str) -> int:
 
 def test_a_build_killed_on_s3_resumes_to_the_store_one_build_makes(ray_session, sample_dataset, tiny_config, tiny_store,
                                                                     read_arrays, s3_url, capfd):
-    # the build in its own process (its own Ray), its lease renewed every 0.5 s so that it lapses soon after the kill
-    code = ("import sys; from radio_distill.cache import lock; lock.HEARTBEAT = 0.5; "
-            "from radio_distill.cli import cache_app; sys.argv[0] = 'radio-cache'; cache_app()")
+    # the build in its own process, with its own Ray
+    code = "import sys; from radio_distill.cli import cache_app; sys.argv[0] = 'radio-cache'; cache_app()"
     build = subprocess.Popen([sys.executable, "-c", code, "build", str(sample_dataset), "--out", s3_url, "--teachers",
                               "tiny", "--views", "2", "--shard-size", "4", "--workers", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -61,8 +60,7 @@ def test_a_build_killed_on_s3_resumes_to_the_store_one_build_makes(ray_session, 
     line = _one_line(CliRunner().invoke(cache_app, ["verify", s3_url]))
     assert "is not done" in line
 
-    time.sleep(1.5)  # 3 missed renewals: the killed build's lease has lapsed
-    report = build_cache(tiny_config(s3_url), progress=False)
+    report = build_cache(tiny_config(s3_url), progress=False)  # at once: the lease holder's pid is gone from here
     assert report["complete"] and report["failed"] == {}
     assert "taking over the lock of a build that is gone" in capfd.readouterr().err
 
@@ -80,16 +78,22 @@ def test_a_build_killed_on_s3_resumes_to_the_store_one_build_makes(ray_session, 
     assert not location(s3_url).exists(L.HOLDER_FILE)  # the lease ends with its build
 
 
-def test_a_store_being_created_on_s3_is_named_by_every_command(s3_url):
+def _record(token: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": "s", "token": token * 8, "renewed": time.time(),
+            "lease_s": 90}
+
+
+def test_a_store_being_created_on_s3_is_named_by_every_command(s3_url, tiny_config):
     loc = location(s3_url)
-    loc.write_text(L.HOLDER_FILE, json.dumps({"host": "h", "pid": 1, "started": "s", "token": "t" * 32,
-                                              "renewed": time.time(), "lease_s": 90}))
+    loc.write_text(L.HOLDER_FILE, json.dumps({**_record("t"), "host": "another-host"}))
     loc.write_text(f"{L.STAGING}/zarr.json", "{}")  # a creation killed halfway
     for call in (open_store, store_info, verify_store):
         with pytest.raises(CacheLayoutError, match="is not created yet"):
             call(s3_url)
     for command in ("info", "verify"):
         assert "is not created yet" in _one_line(CliRunner().invoke(cache_app, [command, s3_url]))
+    with pytest.raises(CacheLayoutError, match=r"being written by another build \(host another-host"):
+        build_cache(tiny_config(s3_url), progress=False)
 
 
 def test_the_lease_refuses_a_second_build_renews_and_is_taken_over_once_stale(s3_url, monkeypatch, capfd):
@@ -115,6 +119,11 @@ def test_the_lease_refuses_a_second_build_renews_and_is_taken_over_once_stale(s3
             check_token(s3_url, new)
             time.sleep(0.5)  # the old holder's next renewal fails on the ETag and stops: the new lease stands
             check_token(s3_url, new)
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    loc.write_text(L.HOLDER_FILE, json.dumps({**_record("killed"), "pid": int(gone.stdout), "renewed": time.time()}))
+    with build_lock(s3_url):  # a fresh lease, but its holder ran here and its process is gone: no wait
+        assert "taking over the lock of a build that is gone (host" in capfd.readouterr().err
 
 
 def _closed_port() -> int:
