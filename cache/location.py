@@ -128,12 +128,9 @@ class Location:
         """
         if not self.remote:
             return
-        from fsspec.asyn import sync
-
-        fs = self.fs
         bucket = self.key().partition("/")[0]
         try:
-            sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
+            self.fs.call_s3("head_bucket", Bucket=bucket)
         except FileNotFoundError:
             raise CacheLayoutError(f"store '{self.url}': bucket '{bucket}' does not exist at "
                                    f"{_endpoint() or 'AWS S3'}; create it or fix the URL") from None
