@@ -184,7 +184,7 @@ def _check_ours(store: Location) -> None:
     if not store.remote and store.path.exists() and not store.path.is_dir():
         raise CacheLayoutError(f"'{store}' is a file, not a radio-distill store; give another --out")
     names = store.names()
-    if not names or L.LOCK_FILE in names or L.HOLDER_FILE in names:
+    if not names or names & {L.LOCK_FILE, L.HOLDER_FILE, L.STAGING}:  # STAGING: a creation that failed on S3
         return
     try:
         fmt = json.loads(store.read_text("zarr.json"))["attributes"]["format"]

@@ -44,7 +44,8 @@ def open_store(path: str | Path | Location, *, mode: str = "r") -> zarr.Group:
     path = location(path)
     path.check()
     if not path.exists("zarr.json"):
-        if path.exists(L.HOLDER_FILE if path.remote else L.LOCK_FILE):  # on S3 the lease is the lock
+        # a build's lock; on S3 its lease, or the staging a failed creation left (the lease went with its build)
+        if any(path.exists(m) for m in ((L.HOLDER_FILE, L.STAGING) if path.remote else (L.LOCK_FILE,))):
             raise CacheLayoutError(f"store '{path}' is not created yet: a build is creating it or was stopped while "
                                    "creating it; rerun the same `radio-cache build` command")
         raise CacheLayoutError(f"'{path}' is not a radio-distill store (no zarr.json); build one with `radio-cache build`")
