@@ -333,7 +333,7 @@ class ShardWorker:
         self.store, self.batch_size = location(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
         self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not
-        self._arrays, self._transforms = {}, {}
+        self._arrays, self._transforms, self._root = {}, {}, None
 
     def describe(self) -> dict:
         return {name: t.info() for name, t in self.teachers.items()}
@@ -411,6 +411,13 @@ class ShardWorker:
             self._transforms[key] = (mean, basis)
         return self._transforms[key]
 
+    def _store(self):
+        """The store, opened and checked once per actor (on S3 an open is some 45 requests); its arrays do not
+        change while the build runs."""
+        if self._root is None:
+            self._root = open_store(self.store, mode="r+")
+        return self._root
+
     def _array(self, name: str):
         if name not in self._arrays:
             self._arrays[name] = open_array(self.store, name)
@@ -429,7 +436,7 @@ class ShardWorker:
         retry: only its samples a rerun may now read (`retryable`) are redone, the others keep their
         bytes. `token` is the build's lock token: a build that no longer holds the store writes nothing."""
         check_token(self.store, token)
-        root = open_store(self.store, mode="r+")
+        root = self._store()
         n, views, seed, size = (root.attrs[k] for k in ("num_samples", "views", "seed", "shard_size"))
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start

@@ -50,7 +50,7 @@ def open_store(path: str | Path | Location, *, mode: str = "r") -> zarr.Group:
                                    "creating it; rerun the same `radio-cache build` command")
         raise CacheLayoutError(f"'{path}' is not a radio-distill store (no zarr.json); build one with `radio-cache build`")
     try:
-        root = zarr.open_group(path.zarr_store(read_only=mode == "r"), mode=mode)
+        root = zarr.open_group(path.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
     except (ValueError, KeyError, TypeError) as e:  # zarr.json cut short by a kill or a full disk
         raise CacheLayoutError(f"store '{path}' is half-created ({type(e).__name__} reading zarr.json); "
                                "rebuild it with `radio-cache build ... --overwrite`") from None
