@@ -70,7 +70,7 @@ def _budgets(values: list[str]) -> dict[str | None, float]:
 @_one_line_errors
 def build(
     data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels), list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused), WebDataset tar shards or Parquet files: a path, glob or brace pattern, quoted, e.g. 'shards/{000000..000123}.tar' or 'data/train-*.parquet'.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output store, e.g. cache.zarr.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output store: a folder, e.g. cache.zarr, or s3://bucket/prefix/cache.zarr (endpoint and credentials from the AWS_* environment variables).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024.")] = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with any of these settings; options given here win.")] = None,
@@ -157,7 +157,7 @@ def _print_report(r: dict) -> None:
 
 @cache_app.command()
 @_one_line_errors
-def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cache build`.")],
+def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")],
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False):
     """Show a store's teachers, dims, codecs, fidelity, sizes, shards done and unreadable samples."""
     from .cache.inspect import store_info
@@ -199,7 +199,7 @@ def info(store: Annotated[Path, typer.Argument(help="A store made by `radio-cach
 
 @cache_app.command()
 @_one_line_errors
-def verify(store: Annotated[Path, typer.Argument(help="A store made by `radio-cache build`.")]):
+def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")]):
     """Check every shard is done and every chunk passes its checksum, has its shape and is finite."""
     from .cache.inspect import verify_store
 
@@ -237,7 +237,7 @@ train_app = typer.Typer(help="Distil a student from a store's cached targets, ne
 @train_app.command()
 @_one_line_errors
 def train(
-    store: Annotated[Optional[Path], typer.Argument(help="Store made by `radio-cache build`.")] = None,
+    store: Annotated[Optional[str], typer.Argument(help="Store made by `radio-cache build`: a folder or an s3:// URL.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student: eradio_small/base/large or any timm model name, e.g. vit_base_patch16_224, convnext_tiny. [default: vit_small_patch16_224]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: checkpoint/, student/, metrics.csv, tensorboard/.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (or give --epochs).")] = None,
@@ -290,7 +290,7 @@ def train(
 
 @cache_app.command()
 @_one_line_errors
-def text(store: Annotated[Path, typer.Argument(help="A store made by `radio-cache build`.")],
+def text(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")],
          classes: Annotated[Optional[Path], typer.Option(help="Class names, one per line in label order. (default: the store's classes)")] = None,
          templates: Annotated[Optional[Path], typer.Option(help="Prompt templates with {}, one per line. (default: 'a photo of a {}.' and a few more)")] = None,
          teacher: Annotated[str, typer.Option(help="The CLIP teacher of the store whose text tower to run.")] = "clip",
@@ -313,7 +313,7 @@ eval_app = typer.Typer(help="Measure a trained student against its teachers on t
 @eval_app.command()
 @_one_line_errors
 def evaluate(
-    store: Annotated[Path, typer.Argument(help="The store the run was trained from.")],
+    store: Annotated[str, typer.Argument(help="The store the run was trained from: a folder or an s3:// URL.")],
     run: Annotated[Path, typer.Argument(help="A `radio-train` run folder (its --out).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, report.json, features.png, curves.png.")],
     masks: Annotated[Optional[Path], typer.Option(help="PNG label maps mirroring the images, for the dense probe. (default: IMAGES/../masks if it exists)")] = None,

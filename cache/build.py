@@ -30,6 +30,7 @@ from . import calibrate, codecs
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb
 from .inspect import store_info
+from .location import Location, location, s3_environment
 from .lock import build_lock, check_token
 from .sources import Images, scan_source
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
@@ -61,7 +62,7 @@ class Storage:
 @dataclass(frozen=True)
 class CacheConfig:
     data: Path
-    out: Path
+    out: str | Path  # a folder or an s3:// URL (`location.py`)
     teachers: tuple[TeacherSpec, ...]
     storage: dict[str, Storage] = field(default_factory=dict)  # by teacher name; default Storage()
     views: int = 1
@@ -122,10 +123,10 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage, "pixels": cfg.pixels,
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
                 "dataset": manifest.fingerprint(), "num_samples": len(manifest)}
-    out = Path(cfg.out).expanduser().resolve()
+    out = location(cfg.out)
     # one build per store; a folder that is not a store is refused (and never deleted by --overwrite)
     with build_lock(out) as token:
-        fresh = cfg.overwrite or not (out / "zarr.json").exists()  # nothing, or a creation that was stopped
+        fresh = cfg.overwrite or not out.exists("zarr.json")  # nothing, or a creation that was stopped
         if not fresh:
             check_settings(open_store(out), settings, out)
 
@@ -138,8 +139,9 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
             cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
         # two shards per actor at once: one decodes or writes while the other computes
+        env = {"runtime_env": {"env_vars": s3_environment()}} if out.remote else {}  # actors on other nodes too
         actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
-                                                max_restarts=3, max_task_retries=3)
+                                                max_restarts=3, max_task_retries=3, **env)
         workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
         infos, workers = _start(workers)
         if fresh:
@@ -305,7 +307,7 @@ def _cause(e: Exception) -> str:
     return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end
 
 
-def _report(out: Path, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
+def _report(out: Location, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
             calibrated: bool) -> dict:
     info = store_info(out)
     done_images = sum(r["images"] for r in results)
@@ -330,10 +332,10 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teachers = {s.name: build_teacher(s, device=self.device) for s in specs}
-        self.store, self.batch_size = Path(store), batch_size
+        self.store, self.batch_size = location(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
         self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not
-        self._arrays, self._transforms = {}, {}
+        self._arrays, self._transforms, self._root = {}, {}, None
 
     def describe(self) -> dict:
         return {name: t.info() for name, t in self.teachers.items()}
@@ -414,6 +416,13 @@ class ShardWorker:
             self._transforms[key] = (mean, basis)
         return self._transforms[key]
 
+    def _store(self):
+        """The store, opened and checked once per actor (on S3 an open is some 45 requests); its arrays do not
+        change while the build runs."""
+        if self._root is None:
+            self._root = open_store(self.store, mode="r+")
+        return self._root
+
     def _array(self, name: str):
         if name not in self._arrays:
             self._arrays[name] = open_array(self.store, name)
@@ -432,7 +441,7 @@ class ShardWorker:
         retry: only its samples a rerun may now read (`retryable`) are redone, the others keep their
         bytes. `token` is the build's lock token: a build that no longer holds the store writes nothing."""
         check_token(self.store, token)
-        root = open_store(self.store, mode="r+")
+        root = self._store()
         n, views, seed, size = (root.attrs[k] for k in ("num_samples", "views", "seed", "shard_size"))
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start

@@ -23,6 +23,7 @@ from pathlib import Path
 from .._toml import read_toml
 from ..errors import RadioDistillError
 from .build import CacheConfig, Storage
+from .location import is_remote
 from .teachers import PRESETS, parse_teacher
 
 _TEACHER_KEYS = {"spec", "spatial", "summary", "pool", "sam_spatial", "fidelity"}
@@ -57,7 +58,7 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
     for key in ("data", "out"):
         if values.get(key) is None:
             raise RadioDistillError(f"missing '{key}': give it on the command line or in the config file")
-        values[key] = Path(values[key])
+        values[key] = values[key] if key == "out" and is_remote(values[key]) else Path(values[key])
 
     entries = teachers if teachers else raw.get("teachers", [])
     specs, storage = [], {}

@@ -8,15 +8,16 @@ from ..errors import CacheIntegrityError
 from ..progress import Progress
 from . import codecs
 from . import layout as L
+from .location import Location, location
 from .store import done_shards, missing_shards, open_array, open_store, teacher_names
 
 
-def store_info(path: str | Path) -> dict:
+def store_info(path: str | Path | Location) -> dict:
     """Teachers, dims, codecs, fidelity, sizes on disk, shards done, unreadable samples.
 
     Sample counts cover done shards only: a shard being written (or whose build was killed) may
     hold statuses already, but nothing of it is usable until it is done; its samples are pending."""
-    path = Path(path)
+    path = location(path)
     root = open_store(path)
     n, views, size = root.attrs["num_samples"], root.attrs["views"], root.attrs["shard_size"]
     names = teacher_names(root)
@@ -27,8 +28,8 @@ def store_info(path: str | Path) -> dict:
     teachers = {}
     for name in names:
         attrs = dict(root[L.teacher_group(name)].attrs)
-        size = sum(_disk_bytes(path / a) for t in L.TARGETS for a in (L.target_array(name, t), L.scale_array(name, t))
-                   if (path / a).exists())  # the targets alone: statistics are a fixed cost, not per view
+        size = sum(path.size(a) for t in L.TARGETS for a in (L.target_array(name, t), L.scale_array(name, t))
+                   if a in root)  # the targets alone: statistics are a fixed cost, not per view
         teachers[name] = {
             "identity": attrs["identity"], "resolution": attrs["resolution"], "grid": attrs["grid"],
             "summary_dim": attrs["summary_dim"], "spatial_dim": attrs["spatial_dim"], "storage": attrs["storage"],
@@ -42,21 +43,17 @@ def store_info(path: str | Path) -> dict:
             "shards_total": int(done.size), "shards_done": int(done.sum()),
             "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
-            "bytes": _disk_bytes(path), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
+            "bytes": path.size(), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
             "calibration": root.attrs.get("calibration")}
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def verify_store(path: str | Path, *, progress: bool = False) -> dict:
+def verify_store(path: str | Path | Location, *, progress: bool = False) -> dict:
     """Check every shard is done and has its files, and every chunk decodes (crc32c), has its shape and is finite.
 
     Raises:
         CacheIntegrityError: naming the first failing array and sample.
     """
-    path = Path(path)
+    path = location(path)
     root = open_store(path)
     n, size = root.attrs["num_samples"], root.attrs["shard_size"]
     names = teacher_names(root)
@@ -90,7 +87,7 @@ def verify_store(path: str | Path, *, progress: bool = False) -> dict:
     return {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True}
 
 
-def _verify_calibration(path: Path, root, names: list[str], n: int, ids) -> list[str]:
+def _verify_calibration(path: Location, root, names: list[str], n: int, ids) -> list[str]:
     """The calibration arrays of calibrated teachers decode, are finite and fit their targets: mean (C,),
     cov and PHI-S transform (C, C), a basis (C, k) with orthonormal columns, k the stored channels.
     Returns the arrays checked."""
@@ -122,7 +119,7 @@ def _verify_calibration(path: Path, root, names: list[str], n: int, ids) -> list
     return checked
 
 
-def _verify_array(path: Path, root, array: str, n: int, size: int, ids, bar: Progress) -> None:
+def _verify_array(path: Location, root, array: str, n: int, size: int, ids, bar: Progress) -> None:
     """Every shard of one target array decodes, and float values are finite."""
     handle = open_array(path, array)
     expected = root[array].shape

@@ -28,8 +28,9 @@ calibrated codec, Q calibration samples.
     norm/*           (C,) (C, C)   float64 mean and covariance, written when the build completes
     text/embeddings  (M, D)        float32 unit-norm class embeddings of a CLIP teacher's text tower
                                    (`radio-cache text`); attrs: classes, templates, identity
-  build.lock                       the one-writer lock a build holds (`lock.py`)
-  build.json                       the holder of that lock (host, pid, start, token), while a build runs
+  build.lock                       the one-writer lock a build holds (`lock.py`; local folders only)
+  build.json                       the holder of that lock (host, pid, start, token), while a build runs;
+                                   on S3 it is the lock itself, a lease its build renews
   .partial/                        a store being created, moved in with zarr.json last (`create_store`)
 ```
 attrs `dataset`: root (where the images were at the last build), kind (folder | list | tar | parquet),

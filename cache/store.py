@@ -24,6 +24,8 @@ from ..errors import CacheLayoutError, RadioDistillError
 from . import codecs
 from . import layout as L
 from .dataset import Manifest
+from .location import Location, location
+from .sources import Images
 
 if TYPE_CHECKING:  # the trainer imports this module; it must not pull in the teachers
     from .teachers import TeacherInfo
@@ -33,21 +35,23 @@ def _compressors():
     return [ZstdCodec(level=1), Crc32cCodec()]
 
 
-def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
-    """Open a store, checking it is ours, of a layout version this version reads and whole (every array's
-    metadata there).
+def open_store(path: str | Path | Location, *, mode: str = "r") -> zarr.Group:
+    """Open a store (a folder or an `s3://` prefix), checking it is ours, of a layout version this version
+    reads and whole (every array's metadata there).
 
     Raises:
-        CacheLayoutError: one line saying what the folder holds and what to do.
+        CacheLayoutError: one line saying what the folder holds and what to do (or why S3 refused).
     """
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        if (path / L.LOCK_FILE).exists():
+    path = location(path)
+    path.check()
+    if not path.exists("zarr.json"):
+        # a build's lock; on S3 its lease, or the staging a failed creation left (the lease went with its build)
+        if any(path.exists(m) for m in ((L.HOLDER_FILE, L.STAGING) if path.remote else (L.LOCK_FILE,))):
             raise CacheLayoutError(f"store '{path}' is not created yet: a build is creating it or was stopped while "
                                    "creating it; rerun the same `radio-cache build` command")
         raise CacheLayoutError(f"'{path}' is not a radio-distill store (no zarr.json); build one with `radio-cache build`")
     try:
-        root = zarr.open_group(path, mode=mode)
+        root = zarr.open_group(path.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
     except (ValueError, KeyError, TypeError) as e:  # zarr.json cut short by a kill or a full disk
         raise CacheLayoutError(f"store '{path}' is half-created ({type(e).__name__} reading zarr.json); "
                                "rebuild it with `radio-cache build ... --overwrite`") from None
@@ -57,7 +61,7 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     if version not in L.READS:
         raise CacheLayoutError(f"store '{path}' is layout v{version}, this version reads "
                                f"{', '.join(f'v{v}' for v in L.READS)}; rebuild it with `radio-cache build ... --overwrite`")
-    missing = _missing_arrays(path, root.attrs["settings"])
+    missing = _missing_arrays(path, root.attrs)
     if missing:
         raise CacheLayoutError(f"store '{path}' is half-created or damaged: {missing[0]} is missing"
                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
@@ -65,13 +69,16 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     return root
 
 
-def _missing_arrays(path: Path, settings: dict) -> list[str]:
-    """The arrays (or teacher groups) `create_store` makes for these settings whose metadata is absent."""
+def _missing_arrays(path: Location, attrs: dict) -> list[str]:
+    """The arrays (or teacher groups) `create_store` makes for a store with these root attributes whose
+    metadata is absent."""
+    settings = attrs["settings"]
     arrays = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS] + ([L.PIXELS] if settings["pixels"] else [])
+    arrays += [L.LOCATIONS] if Images(attrs["dataset"]).packed else []
     missing = []
     for name in settings["storage"]:
         try:
-            attrs = json.loads((path / L.teacher_group(name) / "zarr.json").read_text())["attributes"]
+            attrs = json.loads(path.read_text(f"{L.teacher_group(name)}/zarr.json"))["attributes"]
         except (OSError, ValueError, KeyError):  # absent, or cut short by a kill
             missing.append(L.teacher_group(name))
             continue
@@ -84,15 +91,17 @@ def _missing_arrays(path: Path, settings: dict) -> list[str]:
             if target in calibrated:
                 arrays += [L.calib_array(name, target, a) for a in L.CALIB if a != "basis" or codec not in codecs.PLAIN]
         arrays.append(L.done_array(name))
-    return missing + [a for a in arrays if not (path / a / "zarr.json").is_file()]
+    return missing + [a for a in arrays if not path.exists(f"{a}/zarr.json")]
 
 
-def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo],
+def create_store(path: str | Path | Location, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo],
                  calibration: dict | None = None) -> zarr.Group:
     """Create every array of a new store at `path`, replacing the store there; targets start empty, no shard done.
 
     The caller holds the build lock (`lock.build_lock`). The store is made in `path/.partial` and moved
     in with zarr.json last, so a kill or a full disk never leaves a store that looks whole but is not.
+    S3 has no rename: the old zarr.json is deleted first, then every object is copied in (a new store's
+    target arrays hold no chunks yet, so this is its metadata and sample arrays) and zarr.json last.
 
     Args:
         settings: the build's identity: teachers, storage, views, seed, shard_size, dataset fingerprint.
@@ -103,6 +112,11 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     Raises:
         RadioDistillError: the store cannot be written (disk full...); `path` then holds no store.
     """
+    path = location(path)
+    if path.remote:
+        _create_remote(path, manifest=manifest, settings=settings, infos=infos, calibration=calibration or {})
+        return open_store(path, mode="r+")
+    path = path.path
     staging = path / L.STAGING
     shutil.rmtree(staging, ignore_errors=True)  # what a killed creation left
     try:
@@ -121,6 +135,23 @@ def create_store(path: Path, *, manifest: Manifest, settings: dict, infos: dict[
     (staging / "zarr.json").rename(path / "zarr.json")
     staging.rmdir()
     return open_store(path, mode="r+")
+
+
+def _create_remote(path: Location, **create) -> None:
+    """`create_store` on S3: staged under `.partial`, copied in with zarr.json last (see there)."""
+    staging = Location(f"{path.url}/{L.STAGING}")
+    path.delete(L.STAGING)  # what a killed creation left
+    try:
+        _create(staging.zarr_store(read_only=False), **create)
+        path.delete("zarr.json")  # first: from here on `path` is no store until the new zarr.json
+        for old in path.names() - {L.HOLDER_FILE, L.STAGING}:
+            path.delete(old)
+        keys = sorted(staging.files(""), key=lambda k: k == "zarr.json")  # the root's metadata last
+        for key in keys:
+            path.fs.copy(staging.key(key), path.key(key))
+        path.delete(L.STAGING)
+    except OSError as e:
+        raise RadioDistillError(f"cannot create store '{path}': {e.strerror or e}; rerun the same command") from None
 
 
 def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, TeacherInfo], calibration: dict) -> None:
@@ -186,7 +217,7 @@ def _array(root: zarr.Group, name: str, shape, dtype, chunks, *, shards=None, fi
                              compressors=_compressors(), fill_value="" if dtype is str else fill)
 
 
-def check_settings(root: zarr.Group, settings: dict, path: Path) -> None:
+def check_settings(root: zarr.Group, settings: dict, path: str | Path | Location) -> None:
     """A store is resumed only by the build that made it: same teachers, storage, views, data."""
     have = root.attrs["settings"]
     if have == settings:
@@ -197,13 +228,12 @@ def check_settings(root: zarr.Group, settings: dict, path: Path) -> None:
                            "use another --out, or --overwrite to rebuild it")
 
 
-def open_array(store: Path, name: str) -> ts.TensorStore:
+def open_array(store: str | Path | Location, name: str) -> ts.TensorStore:
     """Open an existing array of the store with tensorstore (the hot path).
 
     Chunks equal to the fill value are written too (tensorstore skips them by default), so every
     written shard has its file even when all its samples are unreadable: a missing file is a loss."""
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(store) / name)},
-            "store_data_equal_to_fill_value": True}
+    spec = {"driver": "zarr3", "kvstore": location(store).kvstore(name), "store_data_equal_to_fill_value": True}
     return ts.open(spec, open=True).result()
 
 
@@ -213,20 +243,22 @@ def done_shards(root: zarr.Group, teachers: list[str]) -> np.ndarray:
     return np.logical_and.reduce(flags)
 
 
-def missing_shards(path: Path, root: zarr.Group) -> list[tuple[str, int]]:
+def missing_shards(path: str | Path | Location, root: zarr.Group) -> list[tuple[str, int]]:
     """(array, shard) of every shard marked done whose file is gone: Zarr would read it as zeros.
 
-    Checks the target, scale and pixels arrays (one file per shard) and the status chunks; one
-    `stat` per done shard and array."""
+    Checks the target, scale and pixels arrays (one file per shard) and the status chunks; one listing
+    per array (on S3 one request per 1000 files, not one per shard)."""
+    path = location(path)
     # tensorstore: a flag per shard is a chunk per shard, which zarr-python reads one by one (6 s at 1.28M samples)
     done = {name: open_array(path, L.done_array(name)).read().result() == 1 for name in teacher_names(root)}
     found = []
     for array, teachers in _shard_files(root).items():
         meta = root[array].metadata
         assert tuple(meta.chunk_grid.chunk_shape[1:]) == tuple(meta.shape[1:]), array  # one file per shard
-        for k in np.flatnonzero(np.logical_and.reduce([done[t] for t in teachers])):
-            key = meta.encode_chunk_key((int(k),) + (0,) * (len(meta.shape) - 1))
-            if not (path / array / key).is_file():
+        shards = np.flatnonzero(np.logical_and.reduce([done[t] for t in teachers]))
+        present = path.files(array) if shards.size else set()
+        for k in shards:
+            if meta.encode_chunk_key((int(k),) + (0,) * (len(meta.shape) - 1)) not in present:
                 found.append((array, int(k)))
     return found
 
@@ -240,7 +272,7 @@ def _shard_files(root: zarr.Group) -> dict[str, list[str]]:
     return {**{p: names for p in shared}, **own}
 
 
-def resume_store(path: Path) -> zarr.Group:
+def resume_store(path: str | Path | Location) -> zarr.Group:
     """Open a store to resume its build (the caller holds the lock): done shards whose files are gone
     lose their done flags, so the build redoes them."""
     root = open_store(path, mode="r+")

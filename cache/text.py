@@ -22,6 +22,7 @@ from .. import __version__
 from ..errors import RadioDistillError, TeacherSpecError
 from ..ops import autocast
 from . import layout as L
+from .location import location
 from .store import _compressors, open_store, teacher_names
 
 DEFAULT_TEMPLATES = (
@@ -96,7 +97,7 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
 
     from .teachers import build_teacher
 
-    path = Path(store)
+    path = location(store)
     root = open_store(path, mode="r+")
     names = teacher_names(root)
     if teacher not in names:

@@ -8,7 +8,7 @@ from ..train.config import check_fields, check_option
 
 @dataclass(frozen=True)
 class EvalConfig:
-    store: Path  # the store the run was trained from
+    store: str | Path  # the store the run was trained from: a folder or an s3:// URL
     run: Path  # a `radio-train` run folder (run.json, student/, metrics.csv)
     out: Path  # where report.md, report.json, features.png and curves.png go
     masks: Path | None = None  # mask folder; default <images root>/../masks when it exists

@@ -1,9 +1,17 @@
-"""Fixtures shared by every test folder: one Ray session, a generated dataset and a tiny store built from it.
+"""Fixtures shared by every test folder: one Ray session, a generated dataset, a tiny store built from it, and
+a local S3 server for stores on object storage.
 
 Ray starts once per session (5-10 s); `build_cache` reuses an initialised Ray. Everything lives in
 pytest's temporary folders; the tiny teachers have seeded random weights, so nothing is downloaded.
 """
 
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +63,54 @@ def tiny_store(ray_session, tiny_config, tmp_path_factory) -> Path:
     report = build_cache(tiny_config(out), progress=False)
     assert report["complete"], report
     return out
+
+
+S3_BUCKET = "radio-test"
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A local S3 server for the session: moto in server mode on 127.0.0.1 at a free port, checking
+    credentials (IAM auth on after the 4 setup calls that make a key and the bucket). Its settings are
+    set as the AWS_* environment variables for the rest of the session; the server stops at the end."""
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "moto server did not start"
+            time.sleep(0.1)
+    setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+    iam = boto3.client("iam", **setup)
+    iam.create_user(UserName="radio")
+    key = iam.create_access_key(UserName="radio")["AccessKey"]
+    iam.put_user_policy(UserName="radio", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+           "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_REGION": "us-east-1"}
+    boto3.client("s3", **{**setup, "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+                          "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}).create_bucket(Bucket=S3_BUCKET)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+            mp.delenv(name, raising=False)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        yield env
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_url(s3_env, request):
+    """A fresh s3:// prefix on the session's S3 server, for this test's stores."""
+    return f"s3://{S3_BUCKET}/{re.sub(r'[^A-Za-z0-9_.-]', '-', request.node.name)}"

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from .._toml import read_toml
+from ..cache.location import is_remote
 from ..errors import RadioDistillError
 from .losses import KINDS, LossConfig
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    store: Path
+    store: str | Path  # a folder, or an s3:// URL (kept a string)
     out: Path
     student: str = "vit_small_patch16_224"
     student_overrides: dict = field(default_factory=dict)
@@ -149,7 +150,7 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     for key in ("store", "out"):
         if values.get(key) is None:
             raise RadioDistillError(f"missing '{key}': give it on the command line or in the config file")
-        values[key] = Path(values[key])
+        values[key] = values[key] if key == "store" and is_remote(values[key]) else Path(values[key])
     if values.get("images") is not None:
         values["images"] = Path(values["images"])
     if values.get("steps") is None and values.get("epochs") is None:

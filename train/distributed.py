@@ -2,6 +2,7 @@
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,8 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cfg = replace(cfg, store=cfg.store.resolve(), out=cfg.out.resolve())  # workers start in other folders
+    store = cfg.store.resolve() if isinstance(cfg.store, Path) else cfg.store  # an s3:// URL is absolute already
+    cfg = replace(cfg, store=store, out=cfg.out.resolve())  # workers start in other folders
     trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                            run_config=RunConfig(storage_path=str(cfg.out.resolve() / "ray"), name="train"))
     trainer.fit()

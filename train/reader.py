@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..cache import codecs
 from ..cache import layout as L
 from ..cache.dataset import UnreadableImage, load_rgb
+from ..cache.location import Location, location
 from ..cache.sources import Images
 from ..cache.store import missing_shards, open_array, open_store, teacher_names
 from ..cache.views import crop_resize
@@ -93,13 +94,13 @@ class CacheReader:
     """A store opened for training: teachers, the usable samples of a split, and loaders.
 
     Args:
-        path: the store.
+        path: the store: a folder or an s3:// URL.
         allow_partial: train on the done shards of an unfinished store.
         images: the image folder, when it moved since the build (default: the root recorded in the store).
     """
 
     def __init__(self, path: str | Path, *, allow_partial: bool = False, images: str | Path | None = None):
-        self.path = Path(path).expanduser().resolve()
+        self.path = location(path)
         root = open_store(self.path)
         self.settings = root.attrs["settings"]
         self.views = root.attrs["views"]
@@ -284,7 +285,7 @@ class ViewDataset(Dataset):
     targets that read as the fill value (all zero: a shard file lost after the shard was done).
     """
 
-    def __init__(self, store: Path, images: Images, ids: SampleIds, boxes, teachers: list[TeacherMeta],
+    def __init__(self, store: Location, images: Images, ids: SampleIds, boxes, teachers: list[TeacherMeta],
                  resolution: int, *, pixels: int | None = None, locations: np.ndarray | None = None):
         self.store, self.images, self.ids, self.boxes, self.locations = store, images, ids, boxes, locations
         self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if pixels else [])
