@@ -66,6 +66,11 @@ def _budgets(values: list[str]) -> dict[str | None, float]:
     return out
 
 
+def _packed(info: dict) -> str:
+    """' (12 tar files)' for tars and Parquet, nothing for a folder or list."""
+    return f" ({info['dataset_files']} {info['dataset_kind']} files)" if info["dataset_files"] else ""
+
+
 @cache_app.command()
 @_one_line_errors
 def build(
@@ -168,7 +173,7 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
         return
     out = _stdout()
     out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']})", highlight=False)
-    out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}, {len(i['classes'])} classes; "
+    out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}{_packed(i)}, {len(i['classes'])} classes; "
               f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk"
               + (f"; view pixels stored at {i['pixels']} px" if i["pixels"] else ""), highlight=False)
     from .cache.store import weights_label

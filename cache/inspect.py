@@ -39,7 +39,8 @@ def store_info(path: str | Path | Location) -> dict:
         }
     return {"store": str(path), "layout_version": root.attrs["layout_version"], "created_by": root.attrs["created_by"],
             "samples": n, "views": views, "shard_size": root.attrs["shard_size"], "seed": root.attrs["seed"],
-            "dataset": root.attrs["dataset"]["root"], "classes": root.attrs["dataset"]["classes"],
+            "dataset": root.attrs["dataset"]["root"], "dataset_kind": root.attrs["dataset"].get("kind", "folder"),
+            "dataset_files": len(root.attrs["dataset"].get("files", ())), "classes": root.attrs["dataset"]["classes"],
             "shards_total": int(done.size), "shards_done": int(done.sum()),
             "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},

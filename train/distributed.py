@@ -44,12 +44,14 @@ def teardown() -> None:
 def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
     """Run `train(cfg)` on `workers` Ray Train workers (one per GPU when the cluster has GPUs).
 
-    Every node must see the store, the images and `cfg.out` at the same paths (a shared filesystem):
-    rank 0 writes checkpoints and metrics there."""
+    Every node must see the images and `cfg.out` at the same paths (a shared filesystem), and the store
+    there or on S3: rank 0 writes checkpoints and metrics there. The workers get this process's S3
+    settings, which workers on other nodes do not inherit."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..cache.location import s3_environment
     from .loop import train
 
     if not ray.is_initialized():
@@ -57,6 +59,12 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     store = cfg.store.resolve() if isinstance(cfg.store, Path) else cfg.store  # an s3:// URL is absolute already
     cfg = replace(cfg, store=store, out=cfg.out.resolve())  # workers start in other folders
-    trainer = TorchTrainer(lambda: train(cfg), scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+    env = s3_environment()
+
+    def loop() -> None:
+        os.environ.update(env)
+        train(cfg)
+
+    trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                            run_config=RunConfig(storage_path=str(cfg.out.resolve() / "ray"), name="train"))
     trainer.fit()

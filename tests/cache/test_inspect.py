@@ -34,6 +34,7 @@ def test_info_describes_the_store(tiny_store, sample_dataset):
     assert (info["samples"], info["views"], info["shard_size"], info["seed"]) == (N, V, S, 0)
     assert info["shards_total"] == info["shards_done"] == L.shard_count(N, S)
     assert info["dataset"] == str(sample_dataset.resolve()) and info["classes"] == list(CLASSES)
+    assert (info["dataset_kind"], info["dataset_files"]) == ("folder", 0)
     assert info["ok"] == N - len(BAD_FILES) and info["pending"] == 0 and info["unreadable"] == BAD_FILES
     assert info["layout_version"] == L.LAYOUT_VERSION and info["created_by"].startswith("radio-distill ")
     assert sorted(info["teachers"]) == ["clip", "dinov2", "sam"]

@@ -146,7 +146,7 @@ def test_parquet_scan_ids_labels_classes_and_rows(datasets):
     assert payloads == [(datasets["folder"] / i).read_bytes() for i in folder.ids]
 
 
-def test_folder_tar_and_parquet_stores_hold_identical_targets(stores, read_arrays):
+def test_folder_tar_and_parquet_stores_hold_identical_targets(stores, datasets, read_arrays):
     arrays = {kind: read_arrays(path) for kind, path in stores.items()}
     folder_ids = [str(i) for i in arrays["folder"][L.IDS]]
     targets = [p for p in arrays["folder"] if p.startswith("teachers/") and "/moments/" not in p and "/norm/" not in p
@@ -166,6 +166,8 @@ def test_folder_tar_and_parquet_stores_hold_identical_targets(stores, read_array
         if kind == "tar":  # the key without an image is a sample, unreadable, saying what it has
             assert bad["000002.tar/notes/readme"] == "no image member (has: json)"
         assert open_store(stores[kind]).attrs["dataset"]["kind"] == kind
+    info = CliRunner().invoke(cache_app, ["info", str(stores["tar"])])
+    assert info.exit_code == 0 and f"({len(datasets['tars'])} tar files)" in " ".join(info.output.split()), info.output
     assert L.LOCATIONS not in arrays["folder"] and arrays["tar"][L.LOCATIONS].shape == (len(folder_ids) + 1, 3)
 
 

@@ -1,13 +1,21 @@
-"""A store on S3-compatible object storage (the session's local moto server) takes class text embeddings,
-trains a student (its loader workers reading S3 in spawned processes) and evaluates it, by the commands."""
+"""A store on S3-compatible object storage (the session's local moto server), built from WebDataset tar
+shards, takes class text embeddings, trains a student (its loader workers reading S3 in spawned processes,
+the images from the tars by their stored offsets) and evaluates it, by the commands."""
 
+import io
 import json
+import tarfile
+
+import numpy as np
 
 from typer.testing import CliRunner
 
+from radio_distill.cache import layout as L
 from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache.dataset import scan_dataset
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import tiny_teachers
+from radio_distill.cache.store import open_store
 from radio_distill.cli import cache_app, eval_app, train_app
 
 
@@ -16,11 +24,31 @@ def _ok(result):
     return result
 
 
-def test_a_store_on_s3_trains_and_evaluates(ray_session, s3_url, tmp_path):
+def _tars(folder, out, per_tar=5):
+    """The folder's images as webdataset shards of `per_tar` samples: `<key>.<ext>` and `<key>.cls`."""
+    manifest = scan_dataset(folder)
+    out.mkdir()
+    for t, start in enumerate(range(0, len(manifest), per_tar)):
+        with tarfile.open(out / f"{t:06d}.tar", "w") as tar:
+            for k in range(start, min(start + per_tar, len(manifest))):
+                key, ext = manifest.ids[k].rsplit(".", 1)
+                for name, data in ((f"{key}.{ext}", (folder / manifest.ids[k]).read_bytes()),
+                                   (f"{key}.cls", str(manifest.labels[k]).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(out / "{000000..000003}.tar")
+
+
+def test_a_store_on_s3_from_tar_shards_trains_and_evaluates(ray_session, s3_url, tmp_path):
     images = make_sample_dataset(tmp_path / "data", images=16, size=64, bad=False)
-    report = build_cache(CacheConfig(data=images, out=s3_url, teachers=tuple(tiny_teachers()), views=2, shard_size=4,
+    shards = _tars(images, tmp_path / "shards")
+    report = build_cache(CacheConfig(data=shards, out=s3_url, teachers=tuple(tiny_teachers()), views=2, shard_size=4,
                                      workers=2), progress=False)
     assert report["complete"] and report["ok"] == 16 and report["store"] == s3_url
+    root = open_store(s3_url)
+    assert root.attrs["dataset"]["kind"] == "tar"
+    assert np.bincount(root[L.LOCATIONS][:, 0]).tolist() == [5, 5, 5, 1]  # (tar, offset, size) per sample
 
     runner = CliRunner()
     _ok(runner.invoke(cache_app, ["text", s3_url, "--device", "cpu"]))
