@@ -335,7 +335,7 @@ class ShardWorker:
         self.store, self.batch_size = location(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
         self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not
-        self._arrays, self._transforms, self._root = {}, {}, None
+        self._arrays, self._zarrs, self._transforms, self._root = {}, {}, {}, None
 
     def describe(self) -> dict:
         return {name: t.info() for name, t in self.teachers.items()}
@@ -423,6 +423,16 @@ class ShardWorker:
             self._root = open_store(self.store, mode="r+")
         return self._root
 
+    def _zarr(self, name: str):
+        """The store's array or group `name` through zarr, or None where the store has none: looked up once
+        per actor, like the store (each lookup is a few requests on S3)."""
+        if name not in self._zarrs:
+            try:
+                self._zarrs[name] = self._store()[name]
+            except KeyError:
+                self._zarrs[name] = None
+        return self._zarrs[name]
+
     def _array(self, name: str):
         if name not in self._arrays:
             self._arrays[name] = open_array(self.store, name)
@@ -445,16 +455,17 @@ class ShardWorker:
         n, views, seed, size = (root.attrs[k] for k in ("num_samples", "views", "seed", "shard_size"))
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start
-        ids = [str(i) for i in root[L.IDS][rows]]
-        locations = root[L.LOCATIONS][rows] if L.LOCATIONS in root else None
-        retry = all(root[L.done_array(name)][shard] == 1 for name in self.teachers)  # this shard's flags only
+        ids = [str(i) for i in self._zarr(L.IDS)[rows]]
+        locations = None if self._zarr(L.LOCATIONS) is None else self._zarr(L.LOCATIONS)[rows]
+        retry = all(self._zarr(L.done_array(name))[shard] == 1 for name in self.teachers)  # this shard's flags only
         if retry:
-            boxes, status, errors = root[L.BOXES][rows], root[L.STATUS][rows], root[L.ERRORS][rows].astype(object)
+            boxes, status, errors = (self._zarr(a)[rows] for a in (L.BOXES, L.STATUS, L.ERRORS))
+            errors = errors.astype(object)
             redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
             for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
-                root[L.done_array(name)][shard] = 0
+                self._zarr(L.done_array(name))[shard] = 0
         else:  # the errors known from the scan (a tar key without an image) are kept
-            boxes, errors = np.zeros((count, views, 4), np.float32), root[L.ERRORS][rows].astype(object)
+            boxes, errors = np.zeros((count, views, 4), np.float32), self._zarr(L.ERRORS)[rows].astype(object)
             status, redo = np.full(count, L.OK, np.uint8), list(range(count))
         min_side = max(t.resolution for t in self.teachers.values())
         images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
@@ -473,9 +484,9 @@ class ShardWorker:
         stat_shards = L.stat_shards(L.shard_count(n, size))
         stats = shard in stat_shards
         for name, teacher in self.teachers.items():
-            storage = root[L.teacher_group(name)].attrs["storage"]  # the codecs chosen (a budget's, or the user's)
+            storage = self._zarr(L.teacher_group(name)).attrs["storage"]  # the codecs chosen (a budget's, or the user's)
             out = {p: self._base(p, rows, retry) for t in L.TARGETS
-                   for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root}
+                   for p in (L.target_array(name, t), L.scale_array(name, t)) if self._zarr(p) is not None}
             seconds[name], found = self._run_teacher(teacher, decoded, boxes, pairs, out, storage, stats)
             arrays.update(out)
             moments.update(found)
@@ -491,19 +502,19 @@ class ShardWorker:
         futures = [self._array(path)[rows].write(value) for path, value in arrays.items()]
         for f in futures:
             f.result()
-        root[L.BOXES][rows] = boxes
-        root[L.STATUS][rows] = status
-        root[L.ERRORS][rows] = errors
+        for a, value in ((L.BOXES, boxes), (L.STATUS, status), (L.ERRORS, errors)):
+            self._zarr(a)[rows] = value
         if stats:  # every row is written, zeros included: a rerun of the shard replaces what a killed one left
             row = stat_shards.index(shard)
             for name in self.teachers:
                 for path, moment in ((L.moment_array(name, t, m), m) for t in L.TARGETS for m in MOMENTS):
-                    if path in root:
-                        new = moments.get(path, np.zeros(root[path].shape[1:]))
-                        root[path][row] = _merge(moment, root[path][row], new) if retry else new
+                    array = self._zarr(path)
+                    if array is not None:
+                        new = moments.get(path, np.zeros(array.shape[1:]))
+                        array[row] = _merge(moment, array[row], new) if retry else new
         check_token(self.store, token)
         for name in self.teachers:  # only now is the shard done, teacher by teacher
-            root[L.done_array(name)][shard] = 1
+            self._zarr(L.done_array(name))[shard] = 1
         return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
                 "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo))}
 

@@ -95,6 +95,17 @@ def test_sources(bench, ray_session):
         positive(r, "scan_s", "read_decode_images_per_s", "build_images_per_s", "build_vs_files")
 
 
+def test_s3(bench, ray_session):  # its own moto server; AWS_* are restored after
+    rows = bench("s3", "--images", "16", "--shard-size", "8")["results"]
+    assert [(r["place"], r["phase"]) for r in rows] == [(p, f) for p in ("local", "s3")
+                                                        for f in ("build 8", "build 16", "rerun", "verify", "open")]
+    for r in rows:
+        positive(r, "seconds")
+        assert (r["requests"] is None) == (r["place"] == "local"), r
+    s3 = {r["phase"]: r for r in rows if r["place"] == "s3"}
+    assert s3["build 16"]["requests_per_shard"] == s3["build 16"]["requests"] - s3["build 8"]["requests"] > 0
+
+
 def test_train(bench, ray_session):  # reuses the tiny-16 store of test_build when it ran first
     [row] = bench("train", "--images", "16", "--shard-size", "8", "--batch-size", "4", "--steps", "2",
                   "--warmup", "1", "--workers", "0")["results"]
