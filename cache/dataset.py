@@ -128,9 +128,13 @@ def _folder_key(st: os.stat_result) -> tuple[int, int]:
 
 
 def _read_list(path: Path) -> Manifest:
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, r) for r in reader if r and r[0].strip() and not r[0].startswith("#")]
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r and r[0].strip() and not r[0].startswith("#")]
+    except UnicodeDecodeError:
+        raise DatasetError(f"'{path}' is not a list file (not UTF-8 text); give an image folder, a list file "
+                           "(path[,label] per line), uncompressed .tar shards or .parquet files") from None
     if rows and [c.strip().lower() for c in rows[0][1]][:2] == ["path", "label"]:
         rows = rows[1:]
     root = path.parent.as_posix()

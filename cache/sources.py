@@ -41,6 +41,7 @@ from .dataset import Manifest, UnreadableImage, scan_dataset
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # preferred, in this order, when a Parquet file has several
 NO_IMAGE = -1  # tar location offset of a key without an image member
 COALESCE = 1 << 20  # tar members closer than this are read in one read (a build shard: its whole span)
@@ -51,9 +52,14 @@ def scan_source(data: str | Path) -> Manifest:
     text = str(data)
     path = Path(text).expanduser()
     pattern = any(c in text for c in "*?[{")
-    if path.is_dir() or (path.suffix not in PACKED and (path.is_file() or not pattern)):
+    if path.is_dir() or (path.suffix not in PACKED and not path.name.endswith(COMPRESSED_TARS)
+                         and (path.is_file() or not pattern)):
         return scan_dataset(path)
     files = _expand(text)
+    compressed = [f for f in files if f.name.endswith(COMPRESSED_TARS)]
+    if compressed:
+        raise DatasetError(f"'{compressed[0]}' is a compressed tar: training reads members by their offsets, which "
+                           "a compressed stream has not; decompress the shards first (e.g. gunzip, zstd -d)")
     kinds = {PACKED.get(f.suffix) for f in files}
     if kinds - set(PACKED.values()) or len(kinds) > 1:
         raise DatasetError(f"'{text}' matches {', '.join(sorted(f.name for f in files)[:3])}...; a pattern names "

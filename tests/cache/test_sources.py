@@ -212,6 +212,12 @@ def test_bad_packed_input_is_named_in_one_line_before_anything_is_created(datase
     pq.write_table(pa.table({"name": ["a"], "label": [1]}), tmp_path / "p" / "no_images.parquet")
     cases.append((str(tmp_path / "p" / "no_images.parquet"),
                   r"has no image column .*; its columns: name \(string\), label \(int64\)"))
+    with tarfile.open(tmp_path / "p" / "000000.tar.gz", "w:gz") as tar:
+        _add(tar, "k.jpg", (datasets["folder"] / scan_dataset(datasets["folder"]).ids[0]).read_bytes())
+    for data in ("000000.tar.gz", "*.tar*"):  # named, or matched by a pattern beside plain tars
+        cases.append((str(tmp_path / "p" / data), r"'.*000000\.tar\.gz' is a compressed tar: .*decompress"))
+    shutil.copy(tmp_path / "p" / "000000.tar.gz", tmp_path / "p" / "photo.jpg")  # one file that is no list
+    cases.append((str(tmp_path / "p" / "photo.jpg"), r"'.*photo\.jpg' is not a list file \(not UTF-8 text\)"))
     for data, pattern in cases:
         with pytest.raises(DatasetError, match=pattern) as e:
             scan_source(data)
