@@ -138,6 +138,9 @@ class Location:
             raise CacheLayoutError(f"store '{self.url}': access denied ({_first_line(e) or 'HTTP 403'}); check "
                                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)") from None
         except Exception as e:  # botocore's connection and endpoint errors share no base with OSError
+            if type(e).__name__ == "NoCredentialsError":
+                raise CacheLayoutError(f"store '{self.url}': no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+                                       "AWS_SECRET_ACCESS_KEY") from None
             raise CacheLayoutError(f"store '{self.url}': cannot reach {_endpoint() or 'AWS S3'} "
                                    f"({_first_line(e)}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL") from None
 

@@ -140,6 +140,7 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("case, pattern", [
     ("secret", r"access denied \(.*\); check AWS_ACCESS_KEY_ID"),
+    ("no keys", r"no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
     ("bucket", r"bucket 'no-such-bucket' does not exist at http://127\.0\.0\.1:\d+; create it"),
     ("endpoint", r"cannot reach http://127\.0\.0\.1:\d+ \(.*\); check AWS_ENDPOINT_URL"),
     ("url", r"expected s3://BUCKET/PREFIX"),
@@ -151,6 +152,12 @@ def test_s3_refusals_are_one_line_naming_the_url_before_anything_is_created(case
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     if case == "endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    if case == "no keys":  # nor ~/.aws files, nor an EC2 instance's
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+        for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+            monkeypatch.setenv(name, str(sample_dataset / "absent"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for args in (["build", str(sample_dataset), "--out", url, "--teachers", "tiny"], ["info", url], ["verify", url]):
         line = _one_line(CliRunner().invoke(cache_app, args))
         assert url in line and re.search(pattern, line), line
