@@ -217,6 +217,14 @@ def _class_names(schema) -> tuple[str, ...] | None:
     return tuple(str(n) for n in names) if isinstance(names, list) else None
 
 
+def _image_file(parquet: Path, path: str | None) -> Path | UnreadableImage:
+    """A row without bytes whose `path` names its image, as `datasets`' `to_parquet` writes local images:
+    the file, absolute or relative to the Parquet file's folder."""
+    if not path:
+        return UnreadableImage("no image bytes (null)")
+    return parquet.parent / Path(path).expanduser()
+
+
 def _manifest(root, ids, labels, classes, *, kind, files, locations, column=None, reasons=None) -> Manifest:
     """Classes default to the label integers as names (0 .. max label)."""
     if classes is None:
@@ -328,10 +336,14 @@ class Images:
             except (pa.ArrowException, OSError) as e:
                 out += [(k, UnreadableImage(f"corrupt row group {g}: {e}")) for k, _ in rows]
                 continue
+            take = [r for _, r in rows]
+            paths = [None] * len(rows)
             if pa.types.is_struct(column.type):
+                if column.type.get_field_index("path") >= 0:
+                    paths = column.field("path").take(take).to_pylist()
                 column = column.field("bytes")
-            cells = column.take([r for _, r in rows]).to_pylist()
-            out += [(k, UnreadableImage("no image bytes (null)") if c is None else c) for (k, _), c in zip(rows, cells)]
+            cells = column.take(take).to_pylist()
+            out += [(k, c if c is not None else _image_file(path, p)) for (k, _), c, p in zip(rows, cells, paths)]
         return out
 
     def missing(self, ids, locations: np.ndarray | None) -> str | None:

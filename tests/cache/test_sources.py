@@ -251,6 +251,28 @@ def test_unreadable_members_and_rows_are_recorded_with_their_reasons(ray_session
         assert [k for k, v in report["unreadable"].items() if v == reason] == [culprit], report["unreadable"]
 
 
+def test_parquet_rows_with_a_path_instead_of_bytes_read_that_file(ray_session, tmp_path):
+    """As `datasets`' `to_parquet` writes local images: {bytes: null, path}, absolute or relative to the file."""
+    folder = make_sample_dataset(tmp_path / "data", images=3, size=64, bad=False)
+    files = sorted(folder.rglob("*.jpg"))
+    (tmp_path / "parquet").mkdir()
+    shutil.copy(files[1], tmp_path / "parquet" / "near.jpg")
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": None, "path": str(files[0])}, {"bytes": None, "path": "near.jpg"},
+            {"bytes": None, "path": "gone.jpg"}, {"bytes": files[2].read_bytes(), "path": "ignored.jpg"}]
+    pq.write_table(pa.table({"image": pa.array(rows, image)}), tmp_path / "parquet" / "paths.parquet")
+    report = build_cache(load_cache_config(data=tmp_path / "parquet" / "paths.parquet", out=tmp_path / "p.zarr",
+                                           **BUILD), progress=False)
+    assert report["complete"] and report["ok"] == 3 and report["unreadable"] == {"paths.parquet/2": "missing file"}
+    folder_store = build_cache(load_cache_config(data=folder, out=tmp_path / "f.zarr", **BUILD), progress=False)
+    assert folder_store["complete"]
+    got, want = open_store(tmp_path / "p.zarr"), open_store(tmp_path / "f.zarr")
+    where = {str(i): r for r, i in enumerate(want[L.IDS][:])}
+    for row, f in ((0, files[0]), (1, files[1]), (3, files[2])):  # the same targets as the folder's
+        assert np.array_equal(got["teachers/dinov2/summary"][row], want["teachers/dinov2/summary"][where[
+            f.relative_to(folder).as_posix()]])
+
+
 def _write_masks(datasets, stores) -> Path:
     """Masks mirroring the tar and Parquet ids, where evaluation looks by default (next to the shards' folder)."""
     folder_masks = datasets["folder"].parent / "masks"
