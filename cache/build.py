@@ -127,48 +127,54 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     # one build per store; a folder that is not a store is refused (and never deleted by --overwrite)
     with build_lock(out) as token:
         fresh = cfg.overwrite or not out.exists("zarr.json")  # nothing, or a creation that was stopped
-        if not fresh:
-            check_settings(open_store(out), settings, out)
-
-        if not ray.is_initialized():
-            ray.init(address=cfg.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
-        n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
-        cpus = max(1, total_cpus // n_workers)
-        if gpus:  # the CPUs beside each GPU on the leanest GPU node, so every GPU's actor can be placed
-            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-            cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
-        # two shards per actor at once: one decodes or writes while the other computes
-        env = {"runtime_env": {"env_vars": s3_environment()}} if out.remote else {}  # actors on other nodes too
-        actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
-                                                max_restarts=3, max_task_retries=3, **env)
-        workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
-        infos, workers = _start(workers)
-        if fresh:
-            calibration = _calibrate(workers[0], manifest, settings=settings)
-            root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
-        else:  # the stored calibration is reused: the codecs of done shards must not change
-            root = resume_store(out)
-
-        if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
-            root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
-
         names = [t.name for t in cfg.teachers]
-        todo = _todo(root, names, cfg.shard_size)
-        if cfg.max_shards is not None:
-            todo = todo[:cfg.max_shards]
-        started = time.perf_counter()
-        results, failed = _run_shards(workers, todo, len(manifest), cfg.shard_size, data_root=str(manifest.root),
-                                      token=token, progress=progress)
-        wall = time.perf_counter() - started
-        for w in workers:
-            ray.kill(w)
+        if not fresh:  # the stored calibration is reused: the codecs of done shards must not change
+            check_settings(open_store(out), settings, out)
+            root = resume_store(out)
+            if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
+                root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
+        todo = None if fresh else _todo(root, names, cfg.shard_size)[:cfg.max_shards]
+        results, failed, wall = [], {}, 0.0
+        if todo != []:  # a complete store starts no teacher
+            workers, infos = _workers(cfg, out)
+            if fresh:
+                calibration = _calibrate(workers[0], manifest, settings=settings)
+                root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
+                todo = _todo(root, names, cfg.shard_size)[:cfg.max_shards]
+            started = time.perf_counter()
+            results, failed = _run_shards(workers, todo, len(manifest), cfg.shard_size, data_root=str(manifest.root),
+                                          token=token, progress=progress)
+            wall = time.perf_counter() - started
+            for w in workers:
+                ray.kill(w)
         complete = bool(done_shards(root, names).all())
         if complete:
             root = open_store(out, mode="r+")
             finalize_norm(root)
             _finalize_fidelity(root)
         return _report(out, results, failed, wall, complete, calibrated=fresh)
+
+
+def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:
+    """Start the Ray actors (one per GPU, else --workers), each holding every teacher; (actors that
+    started, what the teachers produce)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    gpus, total_cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    n_workers = gpus or min(cfg.workers or 1, max(1, total_cpus))  # an actor that cannot be placed would hang the build
+    cpus = max(1, total_cpus // n_workers)
+    if gpus:  # the CPUs beside each GPU on the leanest GPU node, so every GPU's actor can be placed
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+        cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
+    # two shards per actor at once: one decodes or writes while the other computes
+    env = {"runtime_env": {"env_vars": s3_environment()}} if out.remote else {}  # actors on other nodes too
+    actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
+                                            max_restarts=3, max_task_retries=3, **env)
+    workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
+    infos, workers = _start(workers)
+    return workers, infos
 
 
 def _calibrate(worker, manifest, *, settings: dict) -> dict | None:

@@ -47,6 +47,10 @@ def test_rerun_reads_the_dataset_where_it_is_now_and_retries_missing_files(
     root = zarr.open_group(out, mode="r")
     assert root.attrs["dataset"]["root"] == str(moved)
     verify_store(out)
+    workers = {p.pid for p in shard_worker_processes()}
+    again = build_cache(load_cache_config(data=moved / "list.csv", out=out, **config), progress=False)
+    assert again["complete"] and again["shards_run"] == 0 and again["ok"] == 8
+    assert {p.pid for p in shard_worker_processes()} <= workers  # a complete store loads no teacher
     after = read_arrays(out)
     for path, values in before.items():  # the samples that were ok keep their bytes
         if path.startswith(("teachers/", "samples/")) and values.shape[:1] == (8,):
