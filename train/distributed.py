@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import RadioDistillError
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -49,11 +51,14 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
     settings, which workers on other nodes do not inherit."""
     import ray
     from ray.train import RunConfig, ScalingConfig
+    from ray.train import WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from ..cache.location import s3_environment
+    from ..cache.store import open_store
     from .loop import train
 
+    open_store(cfg.store)  # a missing store or refused S3 credentials: one line here, before Ray starts
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -67,4 +72,10 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
 
     trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                            run_config=RunConfig(storage_path=str(cfg.out.resolve() / "ray"), name="train"))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except WorkerGroupError as e:  # the first rank's own error, as one line
+        rank = min(e.worker_failures)
+        cause = getattr(e.worker_failures[rank], "cause", None) or e.worker_failures[rank]  # inside RayTaskError
+        what = str(cause) if isinstance(cause, RadioDistillError) else f"{type(cause).__name__}: {cause}"
+        raise RadioDistillError(f"Ray Train worker {rank} failed: {what.splitlines()[0] if what else ''}") from None

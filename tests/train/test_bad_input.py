@@ -59,6 +59,18 @@ def test_unknown_student_names_where_to_look(train_store, tmp_path):
     assert not (tmp_path / "r").exists()  # the student is built before the run folder
 
 
+def test_a_ray_train_workers_error_is_its_one_line(train_store, tmp_path, ray_session):
+    """The images' folder is looked for by the workers, not the driver: its error comes back as one line."""
+    gone = tmp_path / "gone"
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(tmp_path / "r"),
+                                            "--steps", "1", "--batch-size", "8", "--images", str(gone),
+                                            "--ray-workers", "1", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (f"error: Ray Train worker 0 failed: images root '{gone}' of store "
+                                                      f"'{train_store}' is missing; move the images back, or give "
+                                                      "their new place with --images"), result.output
+
+
 @pytest.mark.parametrize("args, line", [
     (["--resolution", "40"], "error: --resolution 40 is not a multiple of 16, the input stride of 'test_vit'"),
     (["--batch-size", "48"], "error: --batch-size 48 takes 48 samples a step, more than the 42 of the training split "

@@ -2,11 +2,13 @@
 shards, takes class text embeddings, trains a student (its loader workers reading S3 in spawned processes,
 the images from the tars by their stored offsets) and evaluates it, by the commands."""
 
+import csv
 import io
 import json
 import tarfile
 
 import numpy as np
+import pytest
 
 from typer.testing import CliRunner
 
@@ -56,6 +58,15 @@ def test_a_store_on_s3_from_tar_shards_trains_and_evaluates(ray_session, s3_url,
     _ok(runner.invoke(train_app, [s3_url, "--student", "test_vit", "--out", str(run), "--steps", "2", "--batch-size",
                                   "4", "--resolution", "32", "--workers", "1", "--device", "cpu", "--holdout", "0.25"]))
     assert json.loads((run / "run.json").read_text())["store"] == s3_url
+    # a Ray Train worker (its process may predate the S3 settings) gets them from the driver: the same losses
+    on_ray = tmp_path / "ray"
+    _ok(runner.invoke(train_app, [s3_url, "--student", "test_vit", "--out", str(on_ray), "--steps", "2", "--batch-size",
+                                  "4", "--resolution", "32", "--workers", "1", "--device", "cpu", "--holdout", "0.25",
+                                  "--ray-workers", "1"]))
+    losses = [[row for row in csv.DictReader((r / "metrics.csv").open())] for r in (run, on_ray)]
+    assert len(losses[0]) == len(losses[1]) >= 1
+    for a, b in zip(*losses):
+        assert float(a["clip/spatial"]) == pytest.approx(float(b["clip/spatial"]), rel=1e-4)
 
     out = tmp_path / "eval"
     _ok(runner.invoke(eval_app, [s3_url, str(run), "--out", str(out), "--workers", "0", "--device", "cpu",
