@@ -153,7 +153,7 @@ def _gone_from_here(record: dict) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's
-        return False
+        pass
     return False
 
 

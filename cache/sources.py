@@ -15,7 +15,8 @@ samples in tar order, then member order, so a shard of consecutive samples is on
 
 Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
 `path`), or plain binary; labels come from the `label` column, class names from the schema's
-`huggingface` metadata when it has them. Id `<file>/<row>`; a null image is unreadable.
+`huggingface` metadata when it has them. Id `<file>/<row>`; a row without bytes reads the file its `path` names (absolute, or relative to the
+Parquet file's folder), and one with neither is unreadable.
 
 `locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
 file: tar (file, offset of the member's data, its size; offset -1: no image member); Parquet (file,

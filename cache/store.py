@@ -69,12 +69,12 @@ def open_store(path: str | Path | Location, *, mode: str = "r") -> zarr.Group:
     return root
 
 
-def _missing_arrays(path: Location, attrs: dict) -> list[str]:
+def _missing_arrays(path: Location, store_attrs: dict) -> list[str]:
     """The arrays (or teacher groups) `create_store` makes for a store with these root attributes whose
     metadata is absent."""
-    settings = attrs["settings"]
+    settings = store_attrs["settings"]
     arrays = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS] + ([L.PIXELS] if settings["pixels"] else [])
-    arrays += [L.LOCATIONS] if Images(attrs["dataset"]).packed else []
+    arrays += [L.LOCATIONS] if Images(store_attrs["dataset"]).packed else []
     missing = []
     for name in settings["storage"]:
         try:

@@ -50,8 +50,7 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
     there or on S3: rank 0 writes checkpoints and metrics there. The workers get this process's S3
     settings, which workers on other nodes do not inherit."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train import WorkerGroupError
+    from ray.train import RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from ..cache.location import s3_environment
@@ -71,7 +70,7 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
         train(cfg)
 
     trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-                           run_config=RunConfig(storage_path=str(cfg.out.resolve() / "ray"), name="train"))
+                           run_config=RunConfig(storage_path=str(cfg.out / "ray"), name="train"))
     try:
         trainer.fit()
     except WorkerGroupError as e:  # the first rank's own error, as one line
