@@ -204,12 +204,16 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
 
 @cache_app.command()
 @_one_line_errors
-def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")]):
-    """Check every shard is done and every chunk passes its checksum, has its shape and is finite."""
+def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")],
+           images: Annotated[Optional[Path], typer.Option(help="Also hash every image (the dataset's folder, where it is now) and compare it with the bytes its targets were computed from. Default: images not read.")] = None):
+    """Check every array training reads: every shard done, every chunk present, passing its checksum, of its
+    shape, finite and holding what its build recorded (layout v4 on); with --images, the images too."""
     from .cache.inspect import verify_store
 
-    r = verify_store(store, progress=True)
-    _stdout().print(f"ok: {r['store']}: {r['samples']} samples, {r['arrays']} arrays verified")
+    r = verify_store(store, images=images, progress=True)
+    hashed = f", {r['images']} images match" if "images" in r else ""
+    legacy = "" if r["records"] else " (layout before v4: no integrity record, files checked for presence only)"
+    _stdout().print(f"ok: {r['store']}: {r['samples']} samples, {r['arrays']} arrays verified{hashed}{legacy}")
 
 
 @cache_app.command()

@@ -6,7 +6,8 @@ bytes itself; only shard ids and small stats travel through Ray. A shard is mark
 teacher only after all its data is written, so rerunning the same command resumes, and a killed
 actor is restarted by Ray with its in-flight shards retried. A shard that still fails is reported
 with its cause while the others go on. A rerun reads the images where it is told they are now, and
-also redoes the samples of done shards whose files were missing (`retryable`).
+also redoes the samples of done shards whose files were missing (`retryable`), and whole done shards
+holding an image that changed since it was cached, or a store file that was lost (`provenance.py`).
 
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
@@ -23,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import RadioDistillError
+from ..errors import CacheIntegrityError, RadioDistillError
 from ..ops import autocast, normalise
 from ..progress import Progress
-from . import calibrate, codecs
+from . import calibrate, codecs, provenance
 from . import layout as L
 from .dataset import UnreadableImage, load_rgb
 from .inspect import store_info
@@ -34,7 +35,7 @@ from .location import Location, location, s3_environment
 from .lock import build_lock, check_token
 from .sources import Images, scan_source
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
-                    resume_store, teacher_names)
+                    resume_store, shard_key, teacher_names)
 from .teachers import TeacherSpec, build_teacher, check_spec, identity
 from .views import crop_resize, view_boxes
 
@@ -130,9 +131,10 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
         names = [t.name for t in cfg.teachers]
         if not fresh:  # the stored calibration is reused: the codecs of done shards must not change
             check_settings(open_store(out), settings, out)
-            root = resume_store(out)
+            root = resume_store(out, manifest)
             if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
                 root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
+            _redo_changed(out, root, manifest, names)
         todo = None if fresh else _todo(root, names, cfg.shard_size)[:cfg.max_shards]
         results, failed, wall = [], {}, 0.0
         if todo != []:  # a complete store starts no teacher
@@ -210,6 +212,32 @@ def retryable(reason: str) -> bool:
     """Whether an unreadable sample may read on a rerun: its file was missing (not there yet, or looked
     for at the dataset's old place), or the OS failed to read it (an `[Errno N]` I/O error, not the image)."""
     return reason == "missing file" or "[Errno " in reason
+
+
+def _redo_changed(out: Location, root, manifest, names: list[str]) -> None:
+    """Clear the done flags of done shards holding an image that is no longer the bytes its targets were
+    computed from (replaced under the same name), so the build redoes them whole. Stats every image file
+    (tars, Parquet: every file) and reads those whose mtime moved."""
+    if L.SOURCES not in root:  # before layout v4 nothing was recorded
+        return
+    n, size = root.attrs["num_samples"], root.attrs["shard_size"]
+    done = done_shards(root, names)
+    recorded = open_array(out, L.SOURCES).read().result()
+    rows = np.flatnonzero(np.repeat(done, size)[:n] & (recorded[:, 0] > 0))
+    if not rows.size:
+        return
+    locations = None if manifest.locations is None else manifest.locations[rows]
+    mask = provenance.changed(Images(root.attrs["dataset"], manifest.root), [manifest.ids[r] for r in rows.tolist()],
+                              locations, recorded[rows])
+    changed = rows[mask]
+    if not changed.size:
+        return
+    shards = sorted({int(r) // size for r in changed})
+    print(f"warning: {changed.size} images changed since they were cached (e.g. '{manifest.ids[int(changed[0])]}'); "
+          f"redoing their {len(shards)} shards", file=sys.stderr)
+    for name in names:
+        for k in shards:
+            root[L.done_array(name)][k] = 0
 
 
 def _todo(root, names: list[str], size: int) -> list[int]:
@@ -462,22 +490,32 @@ class ShardWorker:
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start
         ids = [str(i) for i in self._zarr(L.IDS)[rows]]
+        if "" in ids:  # the fill value: the ids chunk is gone (a rerun writes it again from the scan)
+            raise CacheIntegrityError(f"{L.IDS}: shard {shard}'s chunk is gone; rerun the same `radio-cache build`")
         locations = None if self._zarr(L.LOCATIONS) is None else self._zarr(L.LOCATIONS)[rows]
+        recorded = self._zarr(L.SOURCES) is not None  # layout v4 on: what each target came from is recorded
         retry = all(self._zarr(L.done_array(name))[shard] == 1 for name in self.teachers)  # this shard's flags only
         if retry:
             boxes, status, errors = (self._zarr(a)[rows] for a in (L.BOXES, L.STATUS, L.ERRORS))
             errors = errors.astype(object)
+            sources = self._zarr(L.SOURCES)[rows] if recorded else None
             redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
             for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
                 self._zarr(L.done_array(name))[shard] = 0
         else:  # the errors known from the scan (a tar key without an image) are kept
             boxes, errors = np.zeros((count, views, 4), np.float32), self._zarr(L.ERRORS)[rows].astype(object)
             status, redo = np.full(count, L.OK, np.uint8), list(range(count))
+            sources = np.zeros((count, 3), np.int64)
         min_side = max(t.resolution for t in self.teachers.values())
         images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
-        payloads = images.read([ids[k] for k in redo], None if locations is None else locations[redo])
+        wanted = ([ids[k] for k in redo], None if locations is None else locations[redo])
+        payloads = images.read(*wanted)
+        mtimes = provenance.source_stats(images, *wanted)[:, 1] if images.packed else np.zeros(len(redo), np.int64)
         scanned = [errors[k] for k in redo]
-        decoded = dict(zip(redo, self.pool.map(lambda p, why: _decode(p, min_side, why), payloads, scanned)))
+        read = list(self.pool.map(lambda p, m, why: _read_decode(p, m, min_side, why), payloads, mtimes, scanned))
+        decoded = {k: d for k, (d, _) in zip(redo, read)}
+        if recorded:
+            sources[redo] = [r for _, r in read]
         for k, d in decoded.items():
             if isinstance(d, str):
                 status[k], errors[k] = L.UNREADABLE, d
@@ -508,7 +546,8 @@ class ShardWorker:
         futures = [self._array(path)[rows].write(value) for path, value in arrays.items()]
         for f in futures:
             f.result()
-        for a, value in ((L.BOXES, boxes), (L.STATUS, status), (L.ERRORS, errors)):
+        written = {L.BOXES: boxes, L.STATUS: status, L.ERRORS: errors, **({L.SOURCES: sources} if recorded else {})}
+        for a, value in written.items():
             self._zarr(a)[rows] = value
         if stats:  # every row is written, zeros included: a rerun of the shard replaces what a killed one left
             row = stat_shards.index(shard)
@@ -517,12 +556,29 @@ class ShardWorker:
                     array = self._zarr(path)
                     if array is not None:
                         new = moments.get(path, np.zeros(array.shape[1:]))
-                        array[row] = _merge(moment, array[row], new) if retry else new
+                        written[path] = _merge(moment, array[row], new) if retry else new
+                        array[row] = written[path]
         check_token(self.store, token)
+        if recorded:
+            self._record(shard, {**arrays, **written, L.IDS: np.asarray(ids, dtype=object),
+                                 L.LABELS: self._zarr(L.LABELS)[rows], L.LOCATIONS: locations})
         for name in self.teachers:  # only now is the shard done, teacher by teacher
             self._zarr(L.done_array(name))[shard] = 1
         return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
                 "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo))}
+
+    def _record(self, shard: int, values: dict) -> None:
+        """Write shard `shard`'s row of the integrity record: per array its file's size and the digest of the
+        values it holds (`values`, by array), as a later reader will find them (`provenance.py`)."""
+        record = self._zarr(L.SHARDS)
+        files = record.attrs["arrays"]
+        row = np.zeros((len(files), 2), np.int64)
+        for j, array in enumerate(files):
+            key = shard_key(self._zarr(array).metadata, array, shard, record.shape[0])
+            if key is not None:
+                value = np.asarray(values[array], dtype=None if array in (L.IDS, L.ERRORS) else self._zarr(array).dtype)
+                row[j] = self.store.file_size(f"{array}/{key}"), provenance.values_digest(value)
+        record[shard] = row
 
     def _run_teacher(self, teacher, decoded, boxes, pairs, out, storage, stats) -> tuple[float, dict]:
         """Forward (sample, view) `pairs` through one teacher; encode them into the shard's arrays `out`
@@ -560,6 +616,12 @@ class ShardWorker:
                             out[path][ks, vs] = arr.cpu().numpy()
                 seconds += time.perf_counter() - started
         return seconds, {L.moment_array(name, t, m): v for t, ms in moments.items() for m, v in ms.items()}
+
+
+def _read_decode(payload, mtime: int, min_side: int, scanned: str):
+    """(`_decode` of the image, its source record (size, mtime_ns, digest)): its bytes read once (`provenance`)."""
+    data, record = provenance.read_image(payload, int(mtime)) if payload is not None else (None, (0, 0, 0))
+    return _decode(data, min_side, scanned), record
 
 
 def _decode(payload, min_side: int, scanned: str = ""):

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CacheIntegrityError
+from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError
 from ..progress import Progress
-from . import codecs
+from . import codecs, provenance
 from . import layout as L
 from .location import Location, location
-from .store import done_shards, missing_shards, open_array, open_store, teacher_names
+from .sources import Images
+from .store import done_shards, lost_shards, open_array, open_store, read_whole, shard_key, teacher_names
 
 
 def store_info(path: str | Path | Location) -> dict:
@@ -48,11 +49,16 @@ def store_info(path: str | Path | Location) -> dict:
             "calibration": root.attrs.get("calibration")}
 
 
-def verify_store(path: str | Path | Location, *, progress: bool = False) -> dict:
-    """Check every shard is done and has its files, and every chunk decodes (crc32c), has its shape and is finite.
+def verify_store(path: str | Path | Location, *, images: str | Path | None = None, progress: bool = False) -> dict:
+    """Check every array the trainer reads: every shard is done, its files are there, decode (crc32c), have
+    their shapes, hold finite values and the values its build recorded (`provenance.py`, layout v4 on: a file
+    swapped with another shard's or replaced is found); the arrays written whole hold theirs. With `images`
+    (where the dataset is now: its recorded root, or where it moved), every readable sample's image is hashed
+    and compared with the bytes its targets were computed from.
 
     Raises:
-        CacheIntegrityError: naming the first failing array and sample.
+        CacheIntegrityError: naming the first failing array and sample or shard.
+        DatasetError: an image that is missing or is not the one the store was built from.
     """
     path = location(path)
     root = open_store(path)
@@ -64,17 +70,27 @@ def verify_store(path: str | Path | Location, *, progress: bool = False) -> dict
             missing = int(np.flatnonzero(flags != 1)[0])
             raise CacheIntegrityError(f"{L.done_array(name)}: shard {missing} is not done "
                                       f"({int((flags != 1).sum())} of {flags.size} missing); rerun `radio-cache build`")
-    lost = missing_shards(path, root)
-    if lost:  # Zarr would read the shard as fill values: all-zero targets
-        array, shard = lost[0]
+    lost = lost_shards(path, root)
+    if lost:  # Zarr would read a lost file as fill values: zero targets, boxes, labels -1
+        array, shard, why = lost[0]
         rows = L.shard_rows(shard, size, n)
-        raise CacheIntegrityError(f"{array}: shard {shard} (samples {rows.start}-{rows.stop - 1}) is done but its file "
-                                  f"is gone ({len(lost)} shard files missing); rerun `radio-cache build` to redo it")
-    ids = root[L.IDS][:]
-    checked = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS]
+        raise CacheIntegrityError(f"{array}: shard {shard} (samples {rows.start}-{rows.stop - 1}) {why} ({len(lost)} "
+                                  "shard files lost or altered); rerun the same `radio-cache build` to redo it")
+    record = _record(path, root)
+    ids = _read(path, root, L.IDS, slice(0, n), None)
+    checked = [a for a in (L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.LOCATIONS) if a in root]
     for array in checked:
-        _read(path, root, array, slice(0, n), ids)
+        values = ids if array == L.IDS else _read(path, root, array, slice(0, n), ids)
+        for shard, want in record.get(array, {}).items():
+            _same(path, root, array, shard, values[L.shard_rows(shard, size, n)], want)
+    for array, shards in record.items():
+        if "/moments/" in array:
+            stats = L.stat_shards(L.shard_count(n, size))
+            for shard, want in shards.items():
+                _same(path, root, array, shard, _read(path, root, array, stats.index(shard), ids), want)
+            checked.append(array)
     checked += _verify_calibration(path, root, names, n, ids)
+    checked += _verify_whole(path, root, names)
     status = root[L.STATUS][:]
     if (status == L.PENDING).any():
         k = int(np.flatnonzero(status == L.PENDING)[0])
@@ -84,8 +100,72 @@ def verify_store(path: str | Path | Location, *, progress: bool = False) -> dict
     n_shards = L.shard_count(n, size)
     with Progress("verifying", total=len(targets) * n_shards, unit="shards", enabled=progress) as bar:
         for array in targets:
-            _verify_array(path, root, array, n, size, ids, bar)
-    return {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True}
+            _verify_array(path, root, array, n, size, ids, bar, record.get(array, {}))
+    report = {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True,
+              "records": bool(record)}
+    if images is not None:
+        report["images"] = _verify_images(path, root, images, ids, status, progress=progress)
+    return report
+
+
+def _record(path: Location, root) -> dict[str, dict[int, int]]:
+    """{array: {done shard: digest of the values its build wrote}} from the integrity record ({} before v4)."""
+    if L.SHARDS not in root:
+        return {}
+    record = open_array(path, L.SHARDS).read().result()  # (n_shards, F, 2)
+    out = {}
+    for j, array in enumerate(root[L.SHARDS].attrs["arrays"]):
+        written = np.flatnonzero(record[:, j, 0])  # moments: statistics shards only
+        out[array] = dict(zip(written.tolist(), record[written, j, 1].tolist()))
+    return out
+
+
+def _same(path: Location, root, array: str, shard: int, values, want: int) -> None:
+    if provenance.values_digest(np.asarray(values, dtype=None if values.dtype.kind in "OT" else root[array].dtype)) != want:
+        key = shard_key(root[array].metadata, array, shard, root[L.SHARDS].shape[0])
+        raise CacheIntegrityError(f"{array}: shard {shard} holds other values than its build wrote (its file was "
+                                  f"swapped with another shard's, or replaced); delete '{path.key(f'{array}/{key}')}' "
+                                  "and rerun the same `radio-cache build` to redo the shard")
+
+
+def _verify_whole(path: Location, root, names: list[str]) -> list[str]:
+    """The norm statistics and text embeddings (arrays written whole) are there and hold what was written."""
+    arrays = [a for name in names for t in L.TARGETS for a in (*(L.norm_array(name, t, s) for s in ("mean", "cov")),)
+              if a in root] + [L.text_array(name) for name in names if L.text_array(name) in root]
+    for array in arrays:
+        values = read_whole(path, root, array)
+        if not np.isfinite(values).all():
+            raise CacheIntegrityError(f"{array}: holds NaN or inf")
+    return arrays
+
+
+def _verify_images(path: Location, root, images, ids, status, *, progress: bool) -> int:
+    """Hash the image of every readable sample and compare it with the bytes its targets came from; returns
+    how many were compared."""
+    source = Images(root.attrs["dataset"], images)
+    rows = np.flatnonzero(status == L.OK)
+    locations = root[L.LOCATIONS][:] if L.LOCATIONS in root else None
+    missing = source.missing(ids[rows], None if locations is None else locations[rows])
+    if missing:
+        raise DatasetError(f"image '{missing}' is missing; the dataset changed since the store was built, or lives "
+                           "elsewhere (--images)")
+    if L.SOURCES not in root:
+        raise CacheLayoutError(f"store '{path}' is layout v{root.attrs['layout_version']}: it records no image "
+                               "digests to compare with; rebuild it with --overwrite")
+    recorded = open_array(path, L.SOURCES).read().result()
+    step = 1024
+    with Progress("hashing images", total=len(rows), unit="images", enabled=progress) as bar:
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            mask = provenance.changed(source, ids[part], None if locations is None else locations[part],
+                                      recorded[part], full=True)
+            if mask.any():
+                bad = int(part[np.argmax(mask)])
+                raise DatasetError(f"image '{source.root / str(ids[bad])}' is not the image the store's targets were "
+                                   "computed from (its bytes changed since the build); rerun the same `radio-cache "
+                                   "build` to redo its shard, or give the images it was built from (--images)")
+            bar.advance(len(part))
+    return len(rows)
 
 
 def _verify_calibration(path: Location, root, names: list[str], n: int, ids) -> list[str]:
@@ -94,7 +174,7 @@ def _verify_calibration(path: Location, root, names: list[str], n: int, ids) -> 
     Returns the arrays checked."""
     checked = []
     if "calibration" in root.attrs:
-        rows = _read(path, root, L.CALIBRATION, slice(None), ids)
+        rows = read_whole(path, root, L.CALIBRATION)
         if rows.size and not (0 <= rows.min() and rows.max() < n):
             raise CacheIntegrityError(f"{L.CALIBRATION}: rows outside 0..{n - 1}")
         checked.append(L.CALIBRATION)
@@ -108,7 +188,7 @@ def _verify_calibration(path: Location, root, names: list[str], n: int, ids) -> 
                 shapes["basis"] = (dim, codecs.stored_channels(codec, dim))
             for a, shape in shapes.items():
                 array = L.calib_array(name, target, a)
-                values = _read(path, root, array, slice(None), ids)
+                values = read_whole(path, root, array)
                 if values.shape != shape or not np.isfinite(values).all():
                     raise CacheIntegrityError(f"{array}: shape {values.shape} (expected {shape}) or values not finite")
                 checked.append(array)
@@ -120,8 +200,10 @@ def _verify_calibration(path: Location, root, names: list[str], n: int, ids) -> 
     return checked
 
 
-def _verify_array(path: Location, root, array: str, n: int, size: int, ids, bar: Progress) -> None:
-    """Every shard of one target array decodes, and float values are finite."""
+def _verify_array(path: Location, root, array: str, n: int, size: int, ids, bar: Progress,
+                  written: dict[int, int]) -> None:
+    """Every shard of one target array decodes, float values are finite, and each holds the values its build
+    wrote (`written`: {shard: digest})."""
     handle = open_array(path, array)
     expected = root[array].shape
     if tuple(handle.shape) != tuple(expected) or handle.shape[0] != n:
@@ -137,6 +219,8 @@ def _verify_array(path: Location, root, array: str, n: int, size: int, ids, bar:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             bad = rows.start + int(np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(1))[0])
             raise CacheIntegrityError(f"{array}: sample '{ids[bad]}' holds NaN or inf")
+        if shard in written:
+            _same(path, root, array, shard, values, written[shard])
 
 
 def _read(path, root, array, rows, ids):

@@ -11,6 +11,10 @@ calibrated codec, Q calibration samples.
   samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
   samples/status     (N,)          uint8, PENDING / OK / UNREADABLE
   samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
+  samples/sources    (N, 3)        int64, (size, mtime_ns, digest) of the image bytes each sample's targets were
+                                   computed from (`provenance.py`); zeros where unreadable
+  samples/shards     (n_shards, F, 2) int64, per shard the (size, digest) of its file of each of the F arrays its
+                                   attrs `arrays` list, written before its done flags (`provenance.py`)
   samples/locations  (N, 3)        int64, where each image is in a tar or Parquet dataset (`sources.py`): tar
                                    (file, offset, size) of the image member's data, Parquet (file, row group,
                                    row in it); file indexes attrs dataset.files. Absent for folders and lists
@@ -38,19 +42,22 @@ classes, fingerprint; for tar and parquet also files (relative to root) and colu
 
 Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker; shard k of
 every target, scale and pixels array is one file, `c/k/0/...`, present once the shard is done.
-Sample arrays: chunk = S samples, written by the worker that owns the shard.
+Sample arrays: chunk = S samples, written by the worker that owns the shard. From layout v4 every chunk
+has its file, fill values included, so an absent file is always a loss.
 
 Layout v2 added the calibrated codecs (`calib/*`, `samples/calibration`); a v1 store has none of them
 and reads as before, while an older version refuses a v2 store instead of misreading its codes.
 Layout v3 added tar and Parquet datasets (`samples/locations`, dataset kind, files, column); a v1 or v2
 store is a folder or list dataset.
+Layout v4 added the integrity records (`samples/sources`, `samples/shards`, attrs `written` of arrays
+written whole); a store of an older layout opens with the checks it allows (files present).
 """
 
 import numpy as np
 
 FORMAT = "radio-distill-cache"
-LAYOUT_VERSION = 3
-READS = (1, 2, 3)  # layout versions this version opens
+LAYOUT_VERSION = 4
+READS = (1, 2, 3, 4)  # layout versions this version opens
 
 IDS = "samples/ids"
 LABELS = "samples/labels"
@@ -60,6 +67,8 @@ ERRORS = "samples/errors"
 PIXELS = "samples/pixels"
 CALIBRATION = "samples/calibration"
 LOCATIONS = "samples/locations"
+SOURCES = "samples/sources"
+SHARDS = "samples/shards"
 
 PENDING, OK, UNREADABLE = 0, 1, 2
 

@@ -172,6 +172,17 @@ class Location:
         base = self.key(name)
         return {p[len(base) + 1:] for p in self.fs.find(base)}
 
+    def sizes(self, name: str) -> dict[str, int]:
+        """{key relative to `name`: bytes} of every file below `name` (the same listing as `files`)."""
+        base = self.key(name)
+        return {p[len(base) + 1:]: f["size"] or 0 for p, f in self.fs.find(base, detail=True).items()}
+
+    def file_size(self, name: str) -> int:
+        """Bytes of the file `name`, asked anew (a listing cached earlier may predate its write)."""
+        if not self.remote:
+            return os.stat(self.key(name)).st_size
+        return self.fs.info(self.key(name), refresh=True)["size"]
+
     def size(self, name: str = "") -> int:
         """Bytes of every file below `name`."""
         return sum(f["size"] or 0 for f in self.fs.find(self.key(name), detail=True).values())

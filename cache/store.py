@@ -2,7 +2,9 @@
 
 zarr-python creates the arrays and handles the small sample arrays; tensorstore does the hot
 path (whole-shard writes of target arrays, bulk reads), being 5-20x faster on the same bytes.
-Every array carries zstd + crc32c, so a corrupted chunk fails its checksum on read.
+Every array carries zstd + crc32c, so a corrupted chunk fails its checksum on read, and every chunk
+written has its file (fill values too), so an absent file is a loss; what each shard wrote is recorded
+(`provenance.py`) and checked against the files.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
-from ..errors import CacheLayoutError, RadioDistillError
+from ..errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
 from . import codecs
 from . import layout as L
+from . import provenance
 from .dataset import Manifest
 from .location import Location, location
 from .sources import Images
 
 if TYPE_CHECKING:  # the trainer imports this module; it must not pull in the teachers
     from .teachers import TeacherInfo
+
+zarr.config.set({"array.write_empty_chunks": True})  # a chunk of fill values still gets its file: absent = lost
 
 
 def _compressors():
@@ -75,6 +80,7 @@ def _missing_arrays(path: Location, store_attrs: dict) -> list[str]:
     settings = store_attrs["settings"]
     arrays = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS] + ([L.PIXELS] if settings["pixels"] else [])
     arrays += [L.LOCATIONS] if Images(store_attrs["dataset"]).packed else []
+    arrays += [L.SOURCES, L.SHARDS] if store_attrs["layout_version"] >= 4 else []
     missing = []
     for name in settings["storage"]:
         try:
@@ -171,14 +177,14 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
         errors[:] = np.asarray([manifest.reasons.get(k, "") for k in range(n)], dtype=object)
     if manifest.locations is not None:
         _array(root, L.LOCATIONS, (n, 3), "int64", (rows[0], 3))[:] = manifest.locations
+    _array(root, L.SOURCES, (n, 3), "int64", (rows[0], 3))
     if settings["pixels"]:
         r = settings["pixels"]
         _array(root, L.PIXELS, (n, views, r, r, 3), "uint8", (1, 1, r, r, 3), shards=(size, views, r, r, 3))
     if calibration:
         root.attrs["calibration"] = {"samples": len(calibration["rows"]), "held": calibration["held"],
                                      "seconds": calibration["seconds"]}
-        _array(root, L.CALIBRATION, (len(calibration["rows"]),), "int64", (len(calibration["rows"]),))[:] = \
-            calibration["rows"]
+        write_whole(root, L.CALIBRATION, calibration["rows"])
     n_shards = L.shard_count(n, size)
     n_stats = len(L.stat_shards(n_shards))
     for name, info in infos.items():
@@ -192,7 +198,7 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
             group.attrs["calibration"] = {t: {k: v for k, v in c.items() if k != "arrays"} for t, c in calibrated.items()}
         for target, c in calibrated.items():
             for a, value in c["arrays"].items():
-                _array(root, L.calib_array(name, target, a), value.shape, value.dtype.name, value.shape)[...] = value
+                write_whole(root, L.calib_array(name, target, a), value)
         dims = {"summary": info.summary_dim, "spatial": info.spatial_dim}
         token_shape = {"summary": (), "spatial": grid}
         for target, dim in dims.items():
@@ -210,10 +216,64 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
             _array(root, L.moment_array(name, target, "gram"), (n_stats, dim, dim), "float64", (1, dim, dim))
             _array(root, L.moment_array(name, target, "fidelity"), (n_stats, 3), "float64", (1, 3))
         _array(root, L.done_array(name), (n_shards,), "uint8", (1,))
+    files = shard_arrays(root)
+    _array(root, L.SHARDS, (n_shards, len(files), 2), "int64", (1, len(files), 2)).attrs["arrays"] = files
 
 
-def _array(root: zarr.Group, name: str, shape, dtype, chunks, *, shards=None, fill=0):
-    return root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+def shard_arrays(root: zarr.Group) -> list[str]:
+    """The arrays of which each shard's worker writes (or reads and vouches for) one file, in the order of
+    the shard record (`samples/shards`)."""
+    samples = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.LOCATIONS, L.PIXELS]
+    per_teacher = [p for name in teacher_names(root) for t in L.TARGETS
+                   for p in (L.target_array(name, t), L.scale_array(name, t),
+                             *(L.moment_array(name, t, m) for m in ("count", "sum", "gram", "fidelity")))]
+    return [a for a in samples + per_teacher if a in root]
+
+
+def shard_key(meta, array: str, shard: int, n_shards: int) -> str | None:
+    """The key below `array` of shard `shard`'s file (`meta`: the array's metadata); None for a moments
+    array and a shard that feeds no statistics (moment row k is statistics shard k)."""
+    index = shard
+    if "/moments/" in array:
+        stats = L.stat_shards(n_shards)
+        if shard not in stats:
+            return None
+        index = stats.index(shard)
+    return meta.encode_chunk_key((index,) + (0,) * (len(meta.shape) - 1))
+
+
+def write_whole(root: zarr.Group, name: str, value: np.ndarray, **create) -> None:
+    """Write an array of one chunk whole, with the digest of its values in its attrs (`provenance.WHOLE`)."""
+    arr = _array(root, name, value.shape, value.dtype.name, value.shape or (1,), **create)
+    arr[...] = value
+    arr.attrs[provenance.WHOLE] = provenance.values_digest(value)
+
+
+def read_whole(path: str | Path | Location, root: zarr.Group, name: str) -> np.ndarray:
+    """An array written whole (`write_whole`), checked: its file is there and its values are those written.
+
+    Raises:
+        CacheIntegrityError: naming the array, when its file is gone, fails to decode or holds other values.
+    """
+    arr = root[name]
+    key = arr.metadata.encode_chunk_key((0,) * len(arr.shape))
+    if not location(path).exists(f"{name}/{key}"):
+        raise CacheIntegrityError(f"store '{path}': {name} is gone (its file {key} is missing); run "
+                                  f"`radio-cache verify {path}`, and rebuild the store with --overwrite")
+    try:
+        value = arr[...]
+    except Exception as e:  # zstd or crc32c of a damaged file
+        raise CacheIntegrityError(f"store '{path}': {name} fails to decode ({str(e).splitlines()[0][:120]}); "
+                                  "rebuild the store with --overwrite") from None
+    want = arr.attrs.get(provenance.WHOLE)
+    if want is not None and provenance.values_digest(value) != want:
+        raise CacheIntegrityError(f"store '{path}': {name} holds other values than were written (its file was "
+                                  "replaced); rebuild the store with --overwrite")
+    return value
+
+
+def _array(root: zarr.Group, name: str, shape, dtype, chunks, *, shards=None, fill=0, overwrite=False):
+    return root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, overwrite=overwrite,
                              compressors=_compressors(), fill_value="" if dtype is str else fill)
 
 
@@ -243,43 +303,74 @@ def done_shards(root: zarr.Group, teachers: list[str]) -> np.ndarray:
     return np.logical_and.reduce(flags)
 
 
-def missing_shards(path: str | Path | Location, root: zarr.Group) -> list[tuple[str, int]]:
-    """(array, shard) of every shard marked done whose file is gone: Zarr would read it as zeros.
+def lost_shards(path: str | Path | Location, root: zarr.Group) -> list[tuple[str, int, str]]:
+    """(array, shard, what is wrong) of every file a done shard wrote that is not as written: gone (Zarr would
+    read fill values), or of another size than its record says (cut short, replaced, swapped with another
+    shard's), or a done shard without a record. One listing per array (on S3 a request per 1000 files).
 
-    Checks the target, scale and pixels arrays (one file per shard) and the status chunks; one listing
-    per array (on S3 one request per 1000 files, not one per shard)."""
+    A store before layout v4 has no record: the files of its target, scale, pixels and status arrays must
+    be there."""
     path = location(path)
+    names = teacher_names(root)
     # tensorstore: a flag per shard is a chunk per shard, which zarr-python reads one by one (6 s at 1.28M samples)
-    done = {name: open_array(path, L.done_array(name)).read().result() == 1 for name in teacher_names(root)}
+    done = {name: open_array(path, L.done_array(name)).read().result() == 1 for name in names}
+    if L.SHARDS not in root:
+        return _lost_v3(path, root, done)
+    shards = np.flatnonzero(np.logical_or.reduce(list(done.values())))  # the record is written before any flag
+    if not shards.size:
+        return []
+    record = open_array(path, L.SHARDS)[shards].read().result()  # (n_done, F, 2)
+    n_shards = len(next(iter(done.values())))
     found = []
-    for array, teachers in _shard_files(root).items():
+    for j, array in enumerate(root[L.SHARDS].attrs["arrays"]):
+        meta, sizes = root[array].metadata, path.sizes(array)
+        for row, k in enumerate(shards.tolist()):
+            key = shard_key(meta, array, k, n_shards)
+            if key is None:
+                continue
+            want, have = int(record[row, j, 0]), sizes.get(key)
+            if want == 0:
+                found.append((array, k, "has no integrity record (its build was stopped while recording it)"))
+            elif have is None:
+                found.append((array, k, "is done but its file is gone"))
+            elif have != want:
+                found.append((array, k, f"file is {have} bytes, {want} when it was written (cut short, replaced or "
+                                        "swapped with another shard's)"))
+    return found
+
+
+def _lost_v3(path: Location, root: zarr.Group, done: dict) -> list[tuple[str, int, str]]:
+    names = teacher_names(root)
+    shared = [L.STATUS] + ([L.PIXELS] if root.attrs["settings"]["pixels"] else [])  # written before every flag
+    owners = {**{p: names for p in shared}, **{p: [name] for name in names for t in L.TARGETS
+                                                for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root}}
+    found = []
+    for array, teachers in owners.items():
         meta = root[array].metadata
-        assert tuple(meta.chunk_grid.chunk_shape[1:]) == tuple(meta.shape[1:]), array  # one file per shard
         shards = np.flatnonzero(np.logical_and.reduce([done[t] for t in teachers]))
         present = path.files(array) if shards.size else set()
         for k in shards:
             if meta.encode_chunk_key((int(k),) + (0,) * (len(meta.shape) - 1)) not in present:
-                found.append((array, int(k)))
+                found.append((array, int(k), "is done but its file is gone"))
     return found
 
 
-def _shard_files(root: zarr.Group) -> dict[str, list[str]]:
-    """{array: the teachers whose done flags say its shard is written} for arrays with one file per shard."""
-    names = teacher_names(root)
-    shared = [L.STATUS] + ([L.PIXELS] if root.attrs["settings"]["pixels"] else [])  # written before every flag
-    own = {p: [name] for name in names for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t))
-           if p in root}
-    return {**{p: names for p in shared}, **own}
-
-
-def resume_store(path: str | Path | Location) -> zarr.Group:
-    """Open a store to resume its build (the caller holds the lock): done shards whose files are gone
-    lose their done flags, so the build redoes them."""
+def resume_store(path: str | Path | Location, manifest: Manifest) -> zarr.Group:
+    """Open a store to resume its build (the caller holds the lock): done shards with a lost file lose their
+    done flags, so the build redoes them; the sample arrays made at creation (ids, labels, locations) are
+    written again from `manifest` (the same samples: the caller checked the fingerprint) for those shards."""
     root = open_store(path, mode="r+")
-    owners = _shard_files(root)
-    for array, shard in missing_shards(path, root):
-        print(f"warning: {array}: shard {shard} was done but its file is gone; redoing it", file=sys.stderr)
-        for name in owners[array]:
+    lost = lost_shards(path, root)
+    n, size = root.attrs["num_samples"], root.attrs["shard_size"]
+    given = {L.IDS: np.asarray(manifest.ids, dtype=object), L.LABELS: np.asarray(manifest.labels, dtype=np.int32),
+             L.LOCATIONS: manifest.locations}
+    for array, shard in sorted({(a, k) for a, k, _ in lost}):
+        print(f"warning: {array}: shard {shard} was done but its file is lost; redoing the shard", file=sys.stderr)
+        if array in given:
+            rows = L.shard_rows(shard, size, n)
+            root[array][rows] = given[array][rows]
+    for shard in sorted({k for _, k, _ in lost}):
+        for name in teacher_names(root):
             root[L.done_array(name)][shard] = 0
     return root
 
@@ -309,8 +400,6 @@ def finalize_norm(root: zarr.Group) -> None:
             mean = total / max(count, 1)
             cov = gram / max(count, 1) - np.outer(mean, mean)
             for stat, value in (("mean", mean), ("cov", cov)):
-                arr = root.create_array(L.norm_array(name, target, stat), shape=value.shape, dtype="float64",
-                                        chunks=value.shape, compressors=_compressors(), overwrite=True)
-                arr[...] = value
+                write_whole(root, L.norm_array(name, target, stat), value, overwrite=True)
             norm[target] = {"count": count}
         group.attrs["norm"] = norm

@@ -23,7 +23,7 @@ from ..errors import RadioDistillError, TeacherSpecError
 from ..ops import autocast
 from . import layout as L
 from .location import location
-from .store import _compressors, open_store, teacher_names
+from .store import open_store, teacher_names, write_whole
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -136,9 +136,7 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
     embeddings = F.normalize(per_prompt.mean(1), dim=-1).cpu().numpy().astype(np.float32)  # (M, D)
 
     group = root.require_group(L.text_group(teacher))
-    array = group.create_array("embeddings", shape=embeddings.shape, dtype="float32", chunks=embeddings.shape,
-                               compressors=_compressors(), overwrite=True)
-    array[...] = embeddings
+    write_whole(root, L.text_array(teacher), embeddings, overwrite=True)
     group.attrs.update({"classes": list(classes), "templates": templates, "identity": ident,
                         "created_by": f"radio-distill {__version__}"})
     return {"store": str(path), "teacher": teacher, "array": L.text_array(teacher), "classes": len(classes),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..cache import layout as L
-from ..cache.store import open_store, weights_label
+from ..cache.store import open_store, read_whole, weights_label
 from ..errors import EvaluationError
 from ..student import load_student
 from ..train.config import check_device
@@ -231,7 +231,7 @@ def _zero_shot(root, reader, test: SplitFeatures) -> dict:
     out, notes = {}, []
     for t in have:
         group = root[L.text_group(t)]
-        emb = group["embeddings"][:]  # (K, D)
+        emb = read_whole(reader.path, root, L.text_array(t))  # (K, D)
         if len(emb) != len(reader.classes):
             notes.append(f"{t}: {len(emb)} text classes, the store has {len(reader.classes)}; rerun `radio-cache text`")
             continue

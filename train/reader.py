@@ -29,12 +29,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..cache import codecs
+from ..cache import codecs, provenance
 from ..cache import layout as L
 from ..cache.dataset import UnreadableImage, load_rgb
 from ..cache.location import Location, location
 from ..cache.sources import Images
-from ..cache.store import missing_shards, open_array, open_store, teacher_names
+from ..cache.store import lost_shards, open_array, open_store, read_whole, teacher_names
 from ..cache.views import crop_resize
 from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError, RadioDistillError
 
@@ -110,37 +110,39 @@ class CacheReader:
         names = teacher_names(root)
         # tensorstore reads the many small chunks of these arrays concurrently (zarr-python: one at a time)
         arrays = [L.LABELS, L.BOXES, L.STATUS] + [L.done_array(name) for name in names]
-        reads = [open_array(self.path, a).read() for a in arrays + ([L.LOCATIONS] if self.images.packed else [])]
+        arrays += [a for a in (L.LOCATIONS, L.SOURCES) if a in root]
+        reads = dict(zip(arrays, [open_array(self.path, a).read() for a in arrays]))
         self.ids = SampleIds(root[L.IDS][:])
-        self.labels, self.boxes, status, *flags = (r.result() for r in reads[:len(arrays)])
-        self.locations = reads[-1].result() if self.images.packed else None  # (N, 3), `sources.py`
-        done = np.logical_and.reduce([f == 1 for f in flags])
+        self.labels, self.boxes, status = (reads[a].result() for a in (L.LABELS, L.BOXES, L.STATUS))
+        self.locations = reads[L.LOCATIONS].result() if L.LOCATIONS in reads else None  # (N, 3), `sources.py`
+        self.sources = reads[L.SOURCES].result() if L.SOURCES in reads else None  # (N, 3), `provenance.py`
+        done = np.logical_and.reduce([reads[L.done_array(name)].result() == 1 for name in names])
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
                                    "finish it with the same `radio-cache build` command, or pass --allow-partial")
-        gone = missing_shards(self.path, root)
+        gone = lost_shards(self.path, root)
         if gone:
-            (array, shard), more = gone[0], f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-            raise CacheIntegrityError(f"store '{self.path}': {array} shard {shard} is marked done but its file is "
-                                      f"gone{more}, so its samples would train on zeros; rerun the same "
-                                      "`radio-cache build` command to redo it")
+            (array, shard, why), more = gone[0], f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            raise CacheIntegrityError(f"store '{self.path}': {array} shard {shard} {why}{more}, so its samples would "
+                                      "train on wrong values; rerun the same `radio-cache build` command to redo it")
         size, n = root.attrs["shard_size"], root.attrs["num_samples"]
         self.usable = np.repeat(done, size)[:n] & (status == L.OK)
         self.unreadable = int((status == L.UNREADABLE).sum())
-        self.teachers = [self._teacher(root, name) for name in names]
+        self.teachers = [self._teacher(self.path, root, name) for name in names]
         self.pixels = self.settings.get("pixels")  # side of the stored view pixels, or None
 
     @staticmethod
-    def _teacher(root, name: str) -> TeacherMeta:
+    def _teacher(path: Location, root, name: str) -> TeacherMeta:
         attrs = root[L.teacher_group(name)].attrs
         arrays = tuple(p for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root)
         norm = {}
         transforms = {}
         for target in L.TARGETS:
             if L.norm_array(name, target, "mean") in root:
-                norm[target] = {s: root[L.norm_array(name, target, s)][...] for s in ("mean", "cov")}
+                norm[target] = {s: read_whole(path, root, L.norm_array(name, target, s)) for s in ("mean", "cov")}
             if L.target_array(name, target) in root and attrs["storage"][target] not in codecs.PLAIN:
-                mean, basis = (torch.from_numpy(root[L.calib_array(name, target, a)][...]).float() for a in ("mean", "basis"))
+                mean, basis = (torch.from_numpy(read_whole(path, root, L.calib_array(name, target, a))).float()
+                               for a in ("mean", "basis"))
                 transforms[target] = {"cpu": (mean, basis)}
         model = json.dumps({k: v for k, v in attrs["identity"].items() if k != "resolution"}, sort_keys=True)
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
@@ -177,10 +179,21 @@ class CacheReader:
         if missing:
             raise DatasetError(f"image '{missing}' is missing; the dataset changed since the store was built, "
                                "or lives elsewhere now (--images)")
+        if self.sources is not None:
+            if len(indices) > IMAGE_CHECKS:  # tars, Parquet: hashing every image would read the dataset
+                indices = np.sort(np.random.default_rng(0).choice(indices, IMAGE_CHECKS, replace=False))
+            mask = provenance.changed(self.images, self.ids[indices], None if self.locations is None
+                                      else self.locations[indices], self.sources[indices])
+            if mask.any():
+                raise DatasetError(f"image '{self.images.root / self.ids[int(indices[np.argmax(mask)])]}' is not the "
+                                   f"image the store's targets were computed from ({int(mask.sum())} of "
+                                   f"{len(indices)} looked at differ); give the images the store was built from "
+                                   "(--images), or rerun `radio-cache build` to redo the changed ones")
 
     def dataset(self, *, resolution: int) -> "ViewDataset":
         return ViewDataset(self.path, self.images, self.ids, self.boxes, self.teachers, resolution,
-                           pixels=self.pixels, locations=self.locations)
+                           pixels=self.pixels, locations=self.locations,
+                           digests=None if self.sources is None else self.sources[:, 2])
 
     def loader(self, indices: np.ndarray, *, resolution: int | tuple[int, ...], batch_size: int | tuple[int, ...],
                seed: int, start_step: int, steps: int, policy: str = "random", rank: int = 0, world: int = 1,
@@ -286,8 +299,10 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, store: Location, images: Images, ids: SampleIds, boxes, teachers: list[TeacherMeta],
-                 resolution: int, *, pixels: int | None = None, locations: np.ndarray | None = None):
+                 resolution: int, *, pixels: int | None = None, locations: np.ndarray | None = None,
+                 digests: np.ndarray | None = None):
         self.store, self.images, self.ids, self.boxes, self.locations = store, images, ids, boxes, locations
+        self.digests = digests  # (N,) int64 of the image bytes each sample's targets came from (`provenance.py`)
         self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if pixels else [])
         # one per target: its scale when int8 (all zero only where never written), else its values
         self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
@@ -362,9 +377,14 @@ class ViewDataset(Dataset):
             try:
                 if payload is None:
                     raise UnreadableImage("no image member")
-                if isinstance(payload, UnreadableImage):
-                    raise payload
-                image, span, _ = load_rgb(payload, min_side=side)
+                data, (_, _, digest) = provenance.read_image(payload)
+                if isinstance(data, UnreadableImage):
+                    raise data
+                if self.digests is not None and digest != self.digests[i]:
+                    raise DatasetError(f"image '{self.images.root / self.ids[i]}' (sample {i}) is not the image its "
+                                       "targets were computed from (its bytes changed since the build); give the "
+                                       "images the store was built from (--images), or rerun `radio-cache build`")
+                image, span, _ = load_rgb(data, min_side=side)
             except UnreadableImage as e:
                 raise DatasetError(f"image '{self.images.root / self.ids[i]}' (sample {i}) became unreadable: {e}") from None
             out.append(crop_resize(image, self.boxes[i, v], side, span=span))

@@ -19,6 +19,7 @@ from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import load_cache_config
 from radio_distill.cache.dataset import load_rgb
 from radio_distill.cache.inspect import store_info, verify_store
+from radio_distill.cache.provenance import WHOLE, values_digest
 from radio_distill.cache.store import open_store
 from radio_distill.cache.views import crop_resize
 from radio_distill.errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
@@ -107,6 +108,9 @@ def test_verify_checks_the_calibration_arrays(budget_store, tmp_path):
     shutil.copytree(budget_store, copy)
     basis = zarr.open_group(copy, mode="r+")[L.calib_array("clip", "spatial", "basis")]
     basis[...] = 2 * basis[...]
+    with pytest.raises(CacheIntegrityError, match="teachers/clip/calib/spatial_basis holds other values than were"):
+        verify_store(copy)
+    basis.attrs[WHOLE] = values_digest(basis[...])  # as if the build had written it so
     with pytest.raises(CacheIntegrityError, match="teachers/clip/calib/spatial_basis: not .* orthonormal columns"):
         verify_store(copy)
     shutil.rmtree(copy / L.calib_array("clip", "spatial", "mean"))
@@ -120,8 +124,8 @@ def test_layout_v1_stores_open_and_newer_ones_are_refused(small_store, tmp_path)
     zarr.open_group(old, mode="r+").attrs["layout_version"] = 1  # a v1 store: plain codecs, no calibration
     reader = CacheReader(old)
     assert all(not t.transforms for t in reader.teachers) and store_info(old)["layout_version"] == 1
-    zarr.open_group(old, mode="r+").attrs["layout_version"] = 4
-    with pytest.raises(CacheLayoutError, match=r"^store '.*' is layout v4, this version reads v1, v2, v3; rebuild"):
+    zarr.open_group(old, mode="r+").attrs["layout_version"] = 5
+    with pytest.raises(CacheLayoutError, match=r"^store '.*' is layout v5, this version reads v1, v2, v3, v4; rebuild"):
         open_store(old)
 
 

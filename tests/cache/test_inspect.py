@@ -9,7 +9,9 @@ import zarr
 from radio_distill.cache import layout as L
 from radio_distill.cache.inspect import store_info, verify_store
 from radio_distill.cache.lock import build_lock
-from radio_distill.cache.store import missing_shards, open_array, open_store, resume_store
+from radio_distill.cache.dataset import scan_dataset
+from radio_distill.cache.provenance import values_digest
+from radio_distill.cache.store import lost_shards, open_array, open_store, resume_store, shard_key
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
 from radio_distill.errors import CacheIntegrityError
 
@@ -67,7 +69,9 @@ def test_info_counts_only_done_shards(store_copy):
 def test_verify_passes_a_sound_store(tiny_store):
     report = verify_store(tiny_store)
     assert report["ok"] and report["samples"] == N
-    assert report["arrays"] == 5 + 3 + 3 + 2  # sample arrays; clip, dinov2: 2 targets + 1 scale; sam: 1 + 1
+    # sample arrays (ids labels boxes status errors sources); moments and norm per target (clip, dinov2: 2; sam: 1);
+    # targets (clip, dinov2: 2 + 1 scale; sam: 1 + 1)
+    assert report["arrays"] == 6 + 4 * 5 + 2 * 5 + 3 + 3 + 2 and report["records"]
 
 
 def test_verify_names_the_array_and_sample_of_a_corrupted_chunk(store_copy):
@@ -96,17 +100,31 @@ def test_verify_names_an_unfinished_shard(store_copy):
         verify_store(store_copy)
 
 
+def _record_again(store, array: str, shard: int) -> None:
+    """Record a shard's file of `array` as it is now, as if its build had written it so."""
+    root = zarr.open_group(store, mode="r+")
+    record = root[L.SHARDS]
+    j = record.attrs["arrays"].index(array)
+    key = shard_key(root[array].metadata, array, shard, record.shape[0])
+    row = record[shard]
+    row[j] = (store / array / key).stat().st_size, values_digest(root[array][L.shard_rows(shard, S, N)])
+    record[shard] = row
+
+
 def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy):
     root = zarr.open_group(store_copy, mode="r+")
     ids = root[L.IDS][:]
     root[L.STATUS][7] = L.PENDING
+    _record_again(store_copy, L.STATUS, 1)
     with pytest.raises(CacheIntegrityError, match=f"sample '{ids[7]}' was never processed"):
         verify_store(store_copy)
     root[L.STATUS][7] = L.OK
+    _record_again(store_copy, L.STATUS, 1)
     summary = root[L.target_array("dinov2", "summary")]
     value = summary[9]
     value[1, 5] = np.inf
     summary[9] = value
+    _record_again(store_copy, L.target_array("dinov2", "summary"), 2)
     with pytest.raises(CacheIntegrityError, match=f"teachers/dinov2/summary: sample '{ids[9]}' holds NaN or inf"):
         verify_store(store_copy)
 
@@ -118,29 +136,33 @@ def test_verify_names_a_done_shard_whose_file_is_gone(store_copy, array):
     root = open_store(store_copy)
     key = root[array].metadata.encode_chunk_key((2,) + (0,) * (root[array].ndim - 1))
     (store_copy / array / key).unlink()
-    assert missing_shards(store_copy, root) == [(array, 2)]
+    assert lost_shards(store_copy, root) == [(array, 2, "is done but its file is gone")]
     with pytest.raises(CacheIntegrityError) as e:
         verify_store(store_copy)
-    assert str(e.value) == (f"{array}: shard 2 (samples 8-11) is done but its file is gone (1 shard files missing); "
-                            "rerun `radio-cache build` to redo it")
+    assert str(e.value) == (f"{array}: shard 2 (samples 8-11) is done but its file is gone (1 shard files lost or "
+                            "altered); rerun the same `radio-cache build` to redo it")
 
 
-def test_resume_redoes_done_shards_whose_files_are_gone(store_copy, capfd):
+def test_resume_redoes_done_shards_whose_files_are_gone(store_copy, sample_dataset, capfd):
     root = open_store(store_copy)
     for array in (L.target_array("sam", "spatial"), L.STATUS):
         key = root[array].metadata.encode_chunk_key((5,) + (0,) * (root[array].ndim - 1))
         (store_copy / array / key).unlink()
     with build_lock(store_copy):
-        root = resume_store(store_copy)
-    assert "warning: teachers/sam/spatial: shard 5 was done but its file is gone; redoing it" in capfd.readouterr().err
+        root = resume_store(store_copy, scan_dataset(sample_dataset))
+    assert "warning: teachers/sam/spatial: shard 5 was done but its file is lost; redoing the shard" in capfd.readouterr().err
     flags = {name: root[L.done_array(name)][:] for name in ("clip", "dinov2", "sam")}
     assert all(f[5] == 0 and f.sum() == L.shard_count(N, S) - 1 for f in flags.values())  # status: every teacher
-    assert missing_shards(store_copy, root) == []
+    assert lost_shards(store_copy, root) == []
 
 
 def test_every_written_shard_has_its_file_even_when_all_zeros(store_copy):
     """tensorstore skips chunks equal to the fill value: a shard of unreadable samples would look lost."""
     array = L.target_array("clip", "spatial")
     root = open_store(store_copy)
+    before = (store_copy / array / "c/0/0/0/0/0").stat().st_size
     open_array(store_copy, array)[0:S].write(np.zeros((S, *root[array].shape[1:]), np.int8)).result()
-    assert missing_shards(store_copy, root) == []
+    assert (store_copy / array / "c/0/0/0/0/0").stat().st_size != before  # the file is there, holding zeros
+    assert lost_shards(store_copy, root) == [(array, 0, f"file is {(store_copy / array / 'c/0/0/0/0/0').stat().st_size}"
+                                              f" bytes, {before} when it was written (cut short, replaced or swapped "
+                                              "with another shard's)")]

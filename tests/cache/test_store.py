@@ -207,7 +207,7 @@ def test_open_store_refuses_what_is_not_ours(tmp_path, tiny_store):
     shutil.copytree(tiny_store, old)
     zarr.open_group(old, mode="r+").attrs["layout_version"] = L.LAYOUT_VERSION + 1
     with pytest.raises(CacheLayoutError, match=f"layout v{L.LAYOUT_VERSION + 1}, this version reads "
-                                               f"v1, v2, v{L.LAYOUT_VERSION}; rebuild it"):
+                                               f"v1, v2, v3, v{L.LAYOUT_VERSION}; rebuild it"):
         open_store(old)
 
 
