@@ -6,7 +6,8 @@ with ViT-L-like dims (CLIP 768 summary / 1024 spatial at 16x16, DINOv2 1024 / 10
 - / 256 at 64x64; int8 spatial, fp16 summary), every sample ok and every shard done. Targets stay
 fill values except those of the first `--read` samples (a constant, so the loader has something to
 read): shard 0's files are written by tensorstore and hard-linked as every other shard's, since a done
-shard must have its files (compressing terabytes of zeros would take hours). The image folder holds an
+shard must have its files (compressing terabytes of zeros would take hours); the integrity record holds
+each shard file's size, as a build's does. The image folder holds an
 empty file per id, and a small JPEG for the samples the loader reads.
 
 Measured in a fresh spawned process, as `train()` runs them before its first step:
@@ -36,9 +37,11 @@ from PIL import Image
 
 import common
 from radio_distill.cache import layout as L
+from radio_distill.cache import provenance
 from radio_distill.cache.dataset import Manifest
 from radio_distill.cache.lock import build_lock
-from radio_distill.cache.store import create_store, open_array, open_store
+from radio_distill.cache.location import location
+from radio_distill.cache.store import create_store, open_array, open_store, shard_key
 from radio_distill.cache.teachers import TeacherInfo
 
 FULL = dict(samples=common.IMAGENET_TRAIN, read=32, batch_size=8, workers=2)
@@ -73,7 +76,7 @@ def write_store(path: Path, images: Path, n: int, read: int) -> None:
         root = create_store(path, manifest=m, settings=settings, infos=INFOS)
         n_shards = L.shard_count(n, SHARD_SIZE)
         writes = [open_array(path, L.STATUS).write(np.full(n, L.OK, np.uint8)),
-                  open_array(path, L.BOXES)[:read].write(np.tile(np.float32([0, 0, 64, 64]), (read, VIEWS, 1)))]
+                  open_array(path, L.BOXES).write(np.tile(np.float32([0, 0, 64, 64]), (n, VIEWS, 1)))]
         for name in INFOS:
             for array in (p for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root):
                 handle = open_array(path, array)
@@ -87,8 +90,32 @@ def write_store(path: Path, images: Path, n: int, read: int) -> None:
                     os.link(path / array / key, other)
         for w in writes:
             w.result()
+        _record(path, root, n_shards, read)
         for name in INFOS:  # done last, as a build marks shards
             open_array(path, L.done_array(name)).write(np.ones(n_shards, np.uint8)).result()
+
+
+def _record(path: Path, root, n_shards: int, read: int) -> None:
+    """Write the arrays a build writes per shard that are still empty (the images' sources as they are),
+    then the integrity record a build keeps: each shard file's size (the open compares sizes; value digests are for `verify`, not run here)."""
+    ids = manifest(root.attrs["num_samples"], Path(root.attrs["dataset"]["root"])).ids
+    stats = provenance.file_stats([Path(root.attrs["dataset"]["root"]) / i for i in ids])
+    sources = np.column_stack([stats, np.full(len(ids), provenance.digest(b""), np.int64)])
+    for k, sample_id in enumerate(ids[:read]):  # the JPEGs; every other image is an empty file
+        sources[k, 2] = provenance.digest((Path(root.attrs["dataset"]["root"]) / sample_id).read_bytes())
+    open_array(path, L.SOURCES).write(sources).result()
+    root[L.ERRORS][:] = np.full(root[L.ERRORS].shape, "", dtype=object)
+    arrays = root[L.SHARDS].attrs["arrays"]
+    for array in (a for a in arrays if "/moments/" in a):
+        open_array(path, array).write(np.zeros(root[array].shape, root[array].dtype)).result()
+    record = np.zeros((n_shards, len(arrays), 2), np.int64)
+    for j, array in enumerate(arrays):
+        sizes, meta = location(path).sizes(array), root[array].metadata
+        for k in range(n_shards):
+            key = shard_key(meta, array, k, n_shards)
+            if key is not None:
+                record[k, j, 0] = sizes[key]
+    open_array(path, L.SHARDS).write(record).result()
 
 
 def _complete(path: Path, n: int) -> bool:

@@ -114,3 +114,28 @@ def s3_env():
 def s3_url(s3_env, request):
     """A fresh s3:// prefix on the session's S3 server, for this test's stores."""
     return f"s3://{S3_BUCKET}/{re.sub(r'[^A-Za-z0-9_.-]', '-', request.node.name)}"
+
+
+@pytest.fixture(scope="session")
+def record_again():
+    """`record_again(store, array)`: record every done shard's file of `array` as it is now, as if its build had
+    written those values (for tests that plant values to see what a reader does with them)."""
+    import numpy as np
+    import zarr
+
+    from radio_distill.cache import layout as L
+    from radio_distill.cache.provenance import values_digest
+    from radio_distill.cache.store import shard_key
+
+    def record(store: Path, array: str) -> None:
+        assert "/moments/" not in array, "arrays with a file per shard"
+        root = zarr.open_group(store, mode="r+")
+        n, size, shards = root.attrs["num_samples"], root.attrs["shard_size"], root[L.SHARDS]
+        j = shards.attrs["arrays"].index(array)
+        rows = shards[...]
+        for k in range(shards.shape[0]):
+            key = shard_key(root[array].metadata, array, k, shards.shape[0])
+            rows[k, j] = (store / array / key).stat().st_size, values_digest(root[array][L.shard_rows(k, size, n)])
+        shards[...] = rows
+
+    return record

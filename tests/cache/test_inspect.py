@@ -10,8 +10,7 @@ from radio_distill.cache import layout as L
 from radio_distill.cache.inspect import store_info, verify_store
 from radio_distill.cache.lock import build_lock
 from radio_distill.cache.dataset import scan_dataset
-from radio_distill.cache.provenance import values_digest
-from radio_distill.cache.store import lost_shards, open_array, open_store, resume_store, shard_key
+from radio_distill.cache.store import lost_shards, open_array, open_store, resume_store
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
 from radio_distill.errors import CacheIntegrityError
 
@@ -100,31 +99,20 @@ def test_verify_names_an_unfinished_shard(store_copy):
         verify_store(store_copy)
 
 
-def _record_again(store, array: str, shard: int) -> None:
-    """Record a shard's file of `array` as it is now, as if its build had written it so."""
-    root = zarr.open_group(store, mode="r+")
-    record = root[L.SHARDS]
-    j = record.attrs["arrays"].index(array)
-    key = shard_key(root[array].metadata, array, shard, record.shape[0])
-    row = record[shard]
-    row[j] = (store / array / key).stat().st_size, values_digest(root[array][L.shard_rows(shard, S, N)])
-    record[shard] = row
-
-
-def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy):
+def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy, record_again):
     root = zarr.open_group(store_copy, mode="r+")
     ids = root[L.IDS][:]
     root[L.STATUS][7] = L.PENDING
-    _record_again(store_copy, L.STATUS, 1)
+    record_again(store_copy, L.STATUS)
     with pytest.raises(CacheIntegrityError, match=f"sample '{ids[7]}' was never processed"):
         verify_store(store_copy)
     root[L.STATUS][7] = L.OK
-    _record_again(store_copy, L.STATUS, 1)
+    record_again(store_copy, L.STATUS)
     summary = root[L.target_array("dinov2", "summary")]
     value = summary[9]
     value[1, 5] = np.inf
     summary[9] = value
-    _record_again(store_copy, L.target_array("dinov2", "summary"), 2)
+    record_again(store_copy, L.target_array("dinov2", "summary"))
     with pytest.raises(CacheIntegrityError, match=f"teachers/dinov2/summary: sample '{ids[9]}' holds NaN or inf"):
         verify_store(store_copy)
 

@@ -180,12 +180,13 @@ def test_cli_errors_are_one_line(eval_setup, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_unlabelled_store_skips_knn_and_zero_shot(eval_setup, tmp_path):
+def test_unlabelled_store_skips_knn_and_zero_shot(eval_setup, tmp_path, record_again):
     import zarr
     store = tmp_path / "unlabelled.zarr"
     shutil.copytree(eval_setup.store, store)
     labels = zarr.open_group(store, mode="r+")["samples/labels"]
     labels[:] = np.full(labels.shape, -1, dtype=np.int32)
+    record_again(store, "samples/labels")  # as a build of an unlabelled dataset writes them
     r = evaluate(EvalConfig(store=store, run=eval_setup.run, out=tmp_path / "e", throughput=False, pictures=1,
                             probe_images=4, **FAST), progress=False)
     assert "unlabelled" in r["knn"]["skipped"] and "unlabelled" in r["zero_shot"]["skipped"]

@@ -86,12 +86,13 @@ def test_a_bad_resolution_or_a_batch_larger_than_the_split_creates_nothing(train
     assert not out.exists()
 
 
-def test_nan_loss_stops_naming_step_and_teacher_and_keeps_checkpoint(store_copy, tmp_path):
+def test_nan_loss_stops_naming_step_and_teacher_and_keeps_checkpoint(store_copy, tmp_path, record_again):
     run = tmp_path / "run"
     train(config(store_copy, run, steps=6, stop_at=2, checkpoint_every=1), progress=False)
     before = load_student(run / "checkpoint/student").state_dict()
     summary = zarr.open_group(store_copy, mode="r+")[L.target_array("dinov2", "summary")]
     summary[...] = np.full(summary.shape, np.nan, dtype=np.float16)
+    record_again(store_copy, L.target_array("dinov2", "summary"))  # as a teacher that output NaN would have
     with pytest.raises(TrainingError, match=r"teacher 'dinov2' \(dinov2/summary\) is not finite at step 2.*kept"):
         train(config(store_copy, run, steps=6, resume=True, checkpoint_every=1), progress=False)
     assert json.loads((run / "checkpoint/state.json").read_text())["step"] == 2

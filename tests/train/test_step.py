@@ -51,7 +51,7 @@ def test_the_loop_runs_the_public_step(train_store, tmp_path):
 
 
 def test_the_loop_waits_for_the_device_once_per_log_and_never_checkpoints_a_bad_step(store_copy, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, record_again):
     reader = CacheReader(store_copy)
     i, v, bad = first_drawn(reader, after=4)
     synced = []
@@ -62,6 +62,7 @@ def test_the_loop_waits_for_the_device_once_per_log_and_never_checkpoints_a_bad_
 
     summary = zarr.open_group(store_copy, mode="r+")[L.target_array("dinov2", "summary")]
     summary[i, v] = np.full(summary.shape[2:], np.nan, np.float16)
+    record_again(store_copy, L.target_array("dinov2", "summary"))  # a teacher that output NaN
     run, every = tmp_path / "nan", bad - bad % 2  # a checkpoint at `every`, the next check after `bad`
     with pytest.raises(TrainingError, match=rf"teacher 'dinov2' \(dinov2/summary\) is not finite at step {bad};"):
         train(config(store_copy, run, steps=every + 4, log_every=2, checkpoint_every=2), progress=False)
