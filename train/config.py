@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._toml import read_toml
+from .._toml import field_types, read_toml, typed
 from ..cache.location import is_remote
 from ..errors import RadioDistillError
 from .losses import KINDS, LossConfig
@@ -140,6 +140,7 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     unknown = set(raw) - known
     if unknown:
         raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    raw = typed(raw, field_types(TrainConfig), path=path)
     values = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
     loss = dict(raw.get("loss", {}))
     loss.update({k: v for k, v in (overrides.get("loss") or {}).items() if v is not None})

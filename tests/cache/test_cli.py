@@ -130,6 +130,17 @@ def test_out_that_is_a_file_and_missing_data_are_one_line(tmp_path):
     assert "does not exist" in message and not (tmp_path / "y.zarr").exists()
 
 
+def test_a_toml_string_for_a_flag_is_one_line_and_deletes_nothing(tmp_path):
+    out = tmp_path / "x.zarr"
+    out.mkdir()
+    (out / "zarr.json").write_text("{}")  # whatever is there: the config is refused before it is looked at
+    config = tmp_path / "cache.toml"
+    config.write_text(f'data = "{tmp_path}"\nout = "{out}"\nteachers = "tiny"\noverwrite = "false"\n')
+    message = _one_error_line(runner.invoke(cache_app, ["build", "--config", str(config)]))
+    assert message == f"""config '{config}': 'overwrite' must be true or false, got "false\""""
+    assert [p.name for p in out.iterdir()] == ["zarr.json"]
+
+
 def test_missing_out_and_empty_data_are_one_line(tmp_path):
     assert "missing 'out'" in _one_error_line(runner.invoke(cache_app, ["build", str(tmp_path), "--teachers", "tiny"]))
     result = runner.invoke(cache_app, ["build", str(tmp_path), "--out", str(tmp_path / "x.zarr"), "--teachers", "tiny"])
