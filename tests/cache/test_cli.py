@@ -125,6 +125,8 @@ def test_out_that_is_a_file_and_missing_data_are_one_line(tmp_path):
     out.write_text("keep me")
     message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(out), "--teachers", "tiny"]))
     assert f"'{out}' is a file" in message and out.read_text() == "keep me"
+    message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(out / "y.zarr"), "--teachers", "tiny"]))
+    assert message == f"--out '{out / 'y.zarr'}' lies under '{out}', which is a file, not a folder; give another --out"
     message = _one_error_line(runner.invoke(cache_app, ["build", str(tmp_path / "nope"), "--out",
                                                         str(tmp_path / "y.zarr"), "--teachers", "tiny"]))
     assert "does not exist" in message and not (tmp_path / "y.zarr").exists()
