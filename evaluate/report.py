@@ -21,8 +21,8 @@ import torch
 from ..cache import layout as L
 from ..cache.store import open_store, weights_label
 from ..errors import EvaluationError
+from ..ops import check_device
 from ..student import load_student
-from ..train.config import check_device
 from .config import EvalConfig
 from .dense import load_masks, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image

@@ -20,11 +20,10 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from .._toml import field_types, read_toml, typed
 from ..cache.location import is_remote
 from ..errors import RadioDistillError
+from ..ops import check_device
 from .losses import KINDS, LossConfig
 
 
@@ -160,18 +159,3 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     check_device(cfg.device)
     return cfg
 
-
-def check_device(device: str | None) -> None:
-    """One line, before anything is created, unless `device` is None, cpu, or a CUDA GPU this machine has."""
-    try:
-        dev = torch.device(device or "cpu")
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise RadioDistillError(f"--device {device!r}: not a device here; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            raise RadioDistillError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise RadioDistillError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
