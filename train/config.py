@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .._toml import field_types, read_toml, typed
-from ..cache.location import is_remote
+from ..cache.location import check_folder, is_remote
 from ..errors import RadioDistillError
 from ..ops import check_device
 from .losses import KINDS, LossConfig
@@ -64,6 +64,11 @@ class TrainConfig:
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value)[0] if len(value) == 1 else tuple(value))
         check_fields(self, _RULES, optional=_OPTIONAL)
+        if self.steps is not None and self.epochs is not None:  # one would be dropped without a word
+            raise RadioDistillError(f"--steps {self.steps} and --epochs {self.epochs}: give one of them, not both")
+        if self.min_lr > self.lr:  # the cosine would climb from lr to min_lr
+            raise RadioDistillError(f"min_lr {self.min_lr} is above --lr {self.lr}: the rate would climb to it; "
+                                    "give a min_lr <= lr in the --config recipe")
         for side in self.sides:
             check_option("--resolution", side, "count")
         for size in self.batch_sizes:
@@ -140,7 +145,10 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     if unknown:
         raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; known: {sorted(known)}")
     raw = typed(raw, field_types(TrainConfig), path=path)
-    values = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if {"steps", "epochs"} & set(given):  # the training's length given here replaces the recipe's
+        raw = {k: v for k, v in raw.items() if k not in ("steps", "epochs")}
+    values = {**raw, **given}
     loss = dict(raw.get("loss", {}))
     loss.update({k: v for k, v in (overrides.get("loss") or {}).items() if v is not None})
     bad = set(loss) - {f.name for f in fields(LossConfig)}
@@ -157,5 +165,5 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
         raise RadioDistillError("give --steps or --epochs")
     cfg = TrainConfig(**values)
     check_device(cfg.device)
+    check_folder(cfg.out, "--out")
     return cfg
-

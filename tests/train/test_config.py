@@ -123,3 +123,30 @@ def test_recipe_values_become_what_the_config_holds(tmp_path):
     assert (cfg.epochs, cfg.lr, cfg.resume, cfg.out, cfg.images) == (2.0, 1.0, True, Path("o"), Path("i"))
     assert isinstance(cfg.lr, float)  # as --lr gives it: a resume compares the two
 
+
+def test_steps_and_epochs_together_are_refused_and_the_command_line_replaces_the_recipe(tmp_path):
+    with pytest.raises(RadioDistillError, match="--steps 3 and --epochs 1.0: give one of them, not both"):
+        load_train_config(store="s", out="o", steps=3, epochs=1.0)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\nepochs = 1.0\n')
+    with pytest.raises(RadioDistillError, match="--steps 3 and --epochs 1.0: give one"):
+        load_train_config(recipe)
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\n')
+    cfg = load_train_config(recipe, epochs=2.0)
+    assert (cfg.steps, cfg.epochs) == (None, 2.0)
+
+
+def test_a_min_lr_above_lr_is_refused(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\nmin_lr = 0.5\n')
+    with pytest.raises(RadioDistillError, match=r"min_lr 0.5 is above --lr 0.001: the rate would climb"):
+        load_train_config(recipe)
+    assert load_train_config(recipe, lr=0.5).min_lr == 0.5  # a constant rate after warmup
+
+
+def test_an_out_under_a_file_is_refused(tmp_path):
+    (tmp_path / "f.txt").write_text("keep me")
+    for out in (tmp_path / "f.txt", tmp_path / "f.txt" / "run"):
+        with pytest.raises(RadioDistillError, match=f"--out '{out}'.* is a file, not a folder; give another --out"):
+            load_train_config(store="s", out=out, steps=3)
+    assert (tmp_path / "f.txt").read_text() == "keep me"
