@@ -214,13 +214,17 @@ def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cac
 
 @cache_app.command()
 @_one_line_errors
-def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into.")],
+def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into: a new or empty one.")],
            images: Annotated[int, typer.Option(help="Number of labelled scene images.")] = 64,
            size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
            bad: Annotated[bool, typer.Option(help="Add the bad files real datasets hold (empty, truncated, CMYK...).")] = True):
     """Generate a labelled sample dataset with masks (shapes on textures), for demos and tests."""
+    from .cache.location import check_folder
     from .cache.sample_data import make_sample_dataset
 
+    check_folder(out, "OUT")
+    if out.is_dir() and any(out.iterdir()):  # its files would be overwritten or mixed into the dataset
+        raise RadioDistillError(f"'{out}' is not empty; give a new or empty folder")
     folder = make_sample_dataset(out, images=images, size=size, bad=bad)
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 

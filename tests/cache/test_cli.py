@@ -214,6 +214,22 @@ def test_sample_writes_a_labelled_dataset(tmp_path):
     assert result.exit_code == 0 and not list((tmp_path / "clean" / "images").glob("*.*"))
 
 
+def test_sample_refuses_nonsense_and_a_folder_in_use(tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("keep me")
+    for args, message in (
+            (["--images", "-5"], "--images must be >= 1, got -5"),  # "wrote -5 images"
+            (["--size", "0"], "--size must be >= 1, got 0"),
+            ([str(tmp_path / "used")], f"'{tmp_path / 'used'}' is not empty; give a new or empty folder"),
+            ([str(tmp_path / "used" / "notes.txt" / "s")],
+             f"OUT '{tmp_path / 'used' / 'notes.txt' / 's'}' lies under '{tmp_path / 'used' / 'notes.txt'}', which is a file")):
+        folder = [] if args[0].startswith("/") else [str(tmp_path / "new")]
+        assert _one_error_line(runner.invoke(cache_app, ["sample", *folder, *args])).startswith(message)
+    assert [p.name for p in tmp_path.iterdir()] == ["used"] and [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert runner.invoke(cache_app, ["sample", str(tmp_path / "empty"), "--images", "1", "--no-bad"]).exit_code == 0
+
+
 @pytest.fixture(scope="module")
 def toml_build(ray_session, weight_files, sample_dataset, tiny_store, tmp_path_factory):
     """`radio-cache build --config` with per-teacher storage, users' weight files and a CSV list with a missing
