@@ -101,6 +101,8 @@ def build(
 
     if teachers and teacher:
         raise RadioDistillError(f"give --teachers {teachers} (a preset) or --teacher SPEC (repeatable), not both")
+    if report is not None and (report.is_dir() or not report.parent.is_dir()):  # else found after the whole build
+        raise RadioDistillError(f"--report '{report}': not a file in an existing folder")
     cfg = load_cache_config(config, teachers=teachers or teacher, spatial_codec=spatial_codec,
                             summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
                             fidelity=_budgets(fidelity or []),

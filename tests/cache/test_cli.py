@@ -143,6 +143,15 @@ def test_a_toml_string_for_a_flag_is_one_line_and_deletes_nothing(tmp_path):
     assert [p.name for p in out.iterdir()] == ["zarr.json"]
 
 
+def test_a_report_that_cannot_be_written_is_refused_before_the_build(tmp_path):
+    data = make_sample_dataset(tmp_path / "d", images=1, size=32)
+    for report in (tmp_path / "missing" / "r.json", tmp_path / "d"):
+        message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(tmp_path / "x.zarr"),
+                                                            "--teachers", "tiny", "--report", str(report)]))
+        assert message == f"--report '{report}': not a file in an existing folder"
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_missing_out_and_empty_data_are_one_line(tmp_path):
     assert "missing 'out'" in _one_error_line(runner.invoke(cache_app, ["build", str(tmp_path), "--teachers", "tiny"]))
     result = runner.invoke(cache_app, ["build", str(tmp_path), "--out", str(tmp_path / "x.zarr"), "--teachers", "tiny"])
