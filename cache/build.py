@@ -35,7 +35,7 @@ from .lock import build_lock, check_token
 from .sources import Images, scan_source
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
                     resume_store, teacher_names)
-from .teachers import TeacherSpec, build_teacher, check_spec, identity
+from .teachers import TeacherSpec, build_teacher, check_spec, grid, identity
 from .views import crop_resize, view_boxes
 
 
@@ -104,6 +104,12 @@ def _validate(cfg: CacheConfig) -> None:
         raise RadioDistillError(f"--seed must be >= 0, got {cfg.seed}")
     for spec in cfg.teachers:
         check_spec(spec)
+        pool = cfg.storage.get(spec.name, Storage()).pool
+        h, w = grid(spec) if pool > 1 else (pool, pool)
+        if h % pool or w % pool:  # avg_pool2d would drop the last rows and columns without a word
+            divisors = [str(f) for f in range(2, min(h, w) + 1) if h % f == 0 == w % f]
+            raise RadioDistillError(f"teacher '{spec.name}': pool factor {pool} does not divide its {h}x{w} grid; "
+                                    + (f"choose from {', '.join(divisors)}" if divisors else "it cannot be pooled"))
     host_port = re.fullmatch(r"([^:/]+):(\d+)", cfg.address or "")
     if host_port:  # ray.init retries an address nobody answers at for minutes, printing a warning a second
         try:

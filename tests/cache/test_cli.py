@@ -109,6 +109,8 @@ def test_bad_build_options_are_one_line(tmp_path, args, culprit):
     (["--teachers", "tiny", "--max-shards", "-1"], "--max-shards must be >= 1, got -1"),
     (["--teachers", "tiny", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--teachers", "tiny", "--pool", "sam=0"], "teacher 'sam': pool factor must be >= 1, got 0"),
+    (["--teachers", "tiny", "--pool", "sam=3"], "teacher 'sam': pool factor 3 does not divide its 8x8 grid; choose from 2, 4, 8"),
+    (["--teachers", "tiny", "--pool", "clip=1000"], "teacher 'clip': pool factor 1000 does not divide its 8x8 grid"),
     (["--teachers", "tiny", "--pool", "dino=2"], "--pool names unknown teacher(s) ['dino']"),
     (["--teachers", "tiny", "--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
 ])
