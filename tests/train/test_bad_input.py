@@ -129,6 +129,8 @@ def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
     (["--checkpoint-every", "0"], "--checkpoint-every 0"), (["--workers", "-1"], "--workers -1"),
     (["--stop-at", "0"], "--stop-at 0"), (["--seed", "-1"], "--seed -1"),
     (["--teacher-weight", "sam=-1"], "--teacher-weight sam=-1"), (["--teacher-weight", "sam=nan"], "--teacher-weight sam=nan"),
+    ([f"--teacher-weight={t}=0" for t in ("clip", "dinov2", "sam")], "--teacher-weight gives every teacher of the store"),
+    (["--epochs", "1"], "--steps 2 and --epochs 1.0: give one of them, not both"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--resolution", "32,abc"], "--resolution '32,abc': expected whole numbers"), (["--resolution", "32,0"], "--resolution 0"),
     (["--resolution", "32,48,32"], "--resolution 32,48,32: give one side or several different ones"),
