@@ -12,7 +12,6 @@ Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channe
 """
 
 import re
-import socket
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._ray import check_address
 from ..errors import RadioDistillError
 from ..ops import autocast, normalise
 from ..progress import Progress
@@ -110,13 +110,7 @@ def _validate(cfg: CacheConfig) -> None:
             divisors = [str(f) for f in range(2, min(h, w) + 1) if h % f == 0 == w % f]
             raise RadioDistillError(f"teacher '{spec.name}': pool factor {pool} does not divide its {h}x{w} grid; "
                                     + (f"choose from {', '.join(divisors)}" if divisors else "it cannot be pooled"))
-    host_port = re.fullmatch(r"([^:/]+):(\d+)", cfg.address or "")
-    if host_port:  # ray.init retries an address nobody answers at for minutes, printing a warning a second
-        try:
-            socket.create_connection((host_port[1], int(host_port[2])), timeout=10).close()
-        except OSError as e:
-            raise RadioDistillError(f"no Ray cluster answers at --address {cfg.address} ({e.strerror or e}); start "
-                                    "one with `ray start --head`, or leave --address out to run Ray here") from None
+    check_address(cfg.address)
 
 
 def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:

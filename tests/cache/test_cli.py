@@ -113,6 +113,7 @@ def test_bad_build_options_are_one_line(tmp_path, args, culprit):
     (["--teachers", "tiny", "--pool", "clip=1000"], "teacher 'clip': pool factor 1000 does not divide its 8x8 grid"),
     (["--teachers", "tiny", "--pool", "dino=2"], "--pool names unknown teacher(s) ['dino']"),
     (["--teachers", "tiny", "--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
+    (["--teachers", "tiny", "--address", "garbage"], "--address 'garbage': expected HOST:PORT of a Ray cluster's head"),
 ])
 def test_silly_build_values_are_one_line_and_create_nothing(tmp_path, args, culprit):
     data = make_sample_dataset(tmp_path / "d", images=1, size=32)  # real images: only the option is wrong

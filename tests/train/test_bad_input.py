@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -69,6 +70,21 @@ def test_a_ray_train_workers_error_is_its_one_line(train_store, tmp_path, ray_se
     assert result.output.strip().splitlines()[-1] == (f"error: Ray Train worker 0 failed: images root '{gone}' of store "
                                                       f"'{train_store}' is missing; move the images back, or give "
                                                       "their new place with --images"), result.output
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--ray-workers", "4"], "error: --ray-workers 4 needs 4 CPU in the Ray cluster, which has 2; ask for fewer, or "
+                             "add nodes"),  # Ray Train waited for them forever
+    (["--ray-workers", "0"], "error: --ray-workers 0: must be a whole number >= 1"),  # trained here, without Ray
+    (["--ray-workers", "1", "--address", "garbage"], "error: --address 'garbage': expected HOST:PORT of a Ray "
+                                                     "cluster's head, e.g. 10.0.0.1:6379 as `ray start --head` prints it, or auto"),
+])
+def test_ray_workers_that_cannot_run_are_one_line_within_seconds(train_store, tmp_path, ray_session, args, line):
+    start = time.monotonic()
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(tmp_path / "r"),
+                                            "--steps", "1", "--device", "cpu", *args])
+    assert result.exit_code == 2 and result.output.strip() == line, result.output
+    assert time.monotonic() - start < 10 and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("args, line", [
