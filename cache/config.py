@@ -10,7 +10,7 @@ spec = "clip:ViT-L-14:openai@224"
 [[teachers]]
 spec = "sam:vit_h:/weights/sam_vit_h_4b8939.pth@1024"
 spatial = "int8"            # codec of the spatial target: fp16 | int8
-pool = 2                    # average-pool the spatial grid by this factor
+pool = 2                    # average-pool the spatial grid by this factor (a divisor of the grid)
 sam_spatial = "preneck"     # SAM only: neck (default) | preneck
 fidelity = 0.995            # this teacher's budget, instead of codecs
 ```
@@ -70,7 +70,8 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
         entries = [{"spec": e} if isinstance(e, str) else e for e in entries]
         for i, e in enumerate(entries):
             if "spec" not in e or set(e) - set(_TEACHER_TYPES):
-                raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have {sorted(set(_TEACHER_TYPES) - {'spec'})}")
+                raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have "
+                                        f"{sorted(set(_TEACHER_TYPES) - {'spec'})}")
             entries[i] = e = typed(e, _TEACHER_TYPES, path=path, prefix=f"teachers[{i}].")
             specs.append(parse_teacher(e["spec"]))
     fidelity = fidelity or {}

@@ -108,6 +108,7 @@ def test_toml_values_of_the_wrong_type_name_the_key_and_the_file(tmp_path, text,
 
 def test_toml_values_become_what_the_config_holds(tmp_path):
     toml = tmp_path / "cache.toml"
-    toml.write_text('data = "d"\nout = "o"\noverwrite = true\nteachers = ["sam:tiny", {spec = "clip:radio-tiny-clip", pool = 2}]\n')
+    toml.write_text('data = "d"\nout = "o"\noverwrite = true\n'
+                    'teachers = ["sam:tiny", {spec = "clip:radio-tiny-clip", pool = 2}]\n')
     cfg = load_cache_config(toml)
     assert cfg.overwrite is True and cfg.data == Path("d") and cfg.storage["clip"].pool == 2

@@ -133,7 +133,8 @@ def test_a_half_created_folder_holding_other_files_is_refused_and_kept(tmp_path)
     (out / "important.txt").write_text("keep me")
     (out / L.LOCK_FILE).touch()  # a stray lock: it was no reason to take the folder over
     line = _one_line(CliRunner().invoke(cache_app, ["build", str(data), "--out", str(out), "--teachers", "tiny"]))
-    assert line == f"error: '{out}' is not a radio-distill store and not empty (it holds 'important.txt'); give another --out"
+    assert line == (f"error: '{out}' is not a radio-distill store and not empty (it holds 'important.txt'); "
+                    "give another --out")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         L.LOCK_FILE, "important.txt", "sub", "sub/photo.jpg"]
 

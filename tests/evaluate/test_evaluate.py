@@ -193,7 +193,7 @@ def test_an_out_under_a_file_and_a_throughput_batch_of_millions_are_one_line(tmp
 
 
 def test_a_throughput_batch_the_device_cannot_hold_is_one_line():
-    with pytest.raises(EvaluationError, match="^--throughput-batch 4096: out of memory at 100000 px on cpu; give a smaller"):
+    with pytest.raises(EvaluationError, match="^--throughput-batch 4096: out of memory at 100000 px on cpu; give a"):
         images_per_second(torch.nn.Identity(), resolution=100_000, batch=4096, device=torch.device("cpu"))
 
 

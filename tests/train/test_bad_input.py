@@ -76,8 +76,9 @@ def test_a_ray_train_workers_error_is_its_one_line(train_store, tmp_path, ray_se
     (["--ray-workers", "4"], "error: --ray-workers 4 needs 4 CPU in the Ray cluster, which has 2; ask for fewer, or "
                              "add nodes"),  # Ray Train waited for them forever
     (["--ray-workers", "0"], "error: --ray-workers 0: must be a whole number >= 1"),  # trained here, without Ray
-    (["--ray-workers", "1", "--address", "garbage"], "error: --address 'garbage': expected HOST:PORT of a Ray "
-                                                     "cluster's head, e.g. 10.0.0.1:6379 as `ray start --head` prints it, or auto"),
+    (["--ray-workers", "1", "--address", "garbage"],
+     "error: --address 'garbage': expected HOST:PORT of a Ray cluster's head, e.g. 10.0.0.1:6379 as `ray start "
+     "--head` prints it, or auto"),
 ])
 def test_ray_workers_that_cannot_run_are_one_line_within_seconds(train_store, tmp_path, ray_session, args, line):
     start = time.monotonic()
