@@ -101,6 +101,8 @@ def build(
 
     if teachers and teacher:
         raise RadioDistillError(f"give --teachers {teachers} (a preset) or --teacher SPEC (repeatable), not both")
+    if report is not None and (report.is_dir() or not report.parent.is_dir()):  # else found after the whole build
+        raise RadioDistillError(f"--report '{report}': not a file in an existing folder")
     cfg = load_cache_config(config, teachers=teachers or teacher, spatial_codec=spatial_codec,
                             summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
                             fidelity=_budgets(fidelity or []),
@@ -218,13 +220,17 @@ def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cac
 
 @cache_app.command()
 @_one_line_errors
-def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into.")],
+def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into: a new or empty one.")],
            images: Annotated[int, typer.Option(help="Number of labelled scene images.")] = 64,
            size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
            bad: Annotated[bool, typer.Option(help="Add the bad files real datasets hold (empty, truncated, CMYK...).")] = True):
     """Generate a labelled sample dataset with masks (shapes on textures), for demos and tests."""
+    from .cache.location import check_folder
     from .cache.sample_data import make_sample_dataset
 
+    check_folder(out, "OUT")
+    if out.is_dir() and any(out.iterdir()):  # its files would be overwritten or mixed into the dataset
+        raise RadioDistillError(f"'{out}' is not empty; give a new or empty folder")
     folder = make_sample_dataset(out, images=images, size=size, bad=bad)
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
@@ -288,7 +294,7 @@ def train(
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
                             loss={"kind": loss, "teacher_weights": weights or None})
-    if ray_workers:
+    if ray_workers is not None:  # 0 is refused there, not taken for "train here"
         from .train.distributed import train_on_ray
         train_on_ray(cfg, workers=ray_workers, address=address)
         return

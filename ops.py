@@ -1,7 +1,7 @@
 """Tensor steps every stage shares (build, training, evaluation, benchmarks), written once.
 
 Here rather than in a sub-package: `cache/` never imports `train/`, `student/` knows nothing of
-`cache/`, and all of them normalise pixels and run under the same autocast.
+`cache/`, and all of them normalise pixels, run under the same autocast and check `--device` alike.
 
 Letters: B batch, R side in pixels.
 """
@@ -9,6 +9,8 @@ Letters: B batch, R side in pixels.
 import functools
 
 import torch
+
+from .errors import RadioDistillError
 
 
 def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
@@ -30,3 +32,19 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; on the CPU a disabled one (fp32), as every stage runs."""
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+
+def check_device(device: str | None) -> None:
+    """One line, before anything is created, unless `device` is None, cpu, or a CUDA GPU this machine has."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise RadioDistillError(f"--device {device!r}: not a device here; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise RadioDistillError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise RadioDistillError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")

@@ -13,7 +13,6 @@ Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channe
 """
 
 import re
-import socket
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._ray import check_address
 from ..errors import CacheIntegrityError, RadioDistillError
 from ..ops import autocast, normalise
 from ..progress import Progress
@@ -36,7 +36,7 @@ from .lock import build_lock, check_token
 from .sources import Images, scan_source
 from .store import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
                     resume_store, shard_key, teacher_names)
-from .teachers import TeacherSpec, build_teacher, check_spec, identity
+from .teachers import TeacherSpec, build_teacher, check_spec, grid, identity
 from .views import crop_resize, view_boxes
 
 
@@ -105,13 +105,13 @@ def _validate(cfg: CacheConfig) -> None:
         raise RadioDistillError(f"--seed must be >= 0, got {cfg.seed}")
     for spec in cfg.teachers:
         check_spec(spec)
-    host_port = re.fullmatch(r"([^:/]+):(\d+)", cfg.address or "")
-    if host_port:  # ray.init retries an address nobody answers at for minutes, printing a warning a second
-        try:
-            socket.create_connection((host_port[1], int(host_port[2])), timeout=10).close()
-        except OSError as e:
-            raise RadioDistillError(f"no Ray cluster answers at --address {cfg.address} ({e.strerror or e}); start "
-                                    "one with `ray start --head`, or leave --address out to run Ray here") from None
+        pool = cfg.storage.get(spec.name, Storage()).pool
+        h, w = grid(spec) if pool > 1 else (pool, pool)
+        if h % pool or w % pool:  # avg_pool2d would drop the last rows and columns without a word
+            divisors = [str(f) for f in range(2, min(h, w) + 1) if h % f == 0 == w % f]
+            raise RadioDistillError(f"teacher '{spec.name}': pool factor {pool} does not divide its {h}x{w} grid; "
+                                    + (f"choose from {', '.join(divisors)}" if divisors else "it cannot be pooled"))
+    check_address(cfg.address)
 
 
 def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:

@@ -10,7 +10,7 @@ spec = "clip:ViT-L-14:openai@224"
 [[teachers]]
 spec = "sam:vit_h:/weights/sam_vit_h_4b8939.pth@1024"
 spatial = "int8"            # codec of the spatial target: fp16 | int8
-pool = 2                    # average-pool the spatial grid by this factor
+pool = 2                    # average-pool the spatial grid by this factor (a divisor of the grid)
 sam_spatial = "preneck"     # SAM only: neck (default) | preneck
 fidelity = 0.995            # this teacher's budget, instead of codecs
 ```
@@ -20,14 +20,13 @@ fidelity = 0.995            # this teacher's budget, instead of codecs
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .._toml import read_toml
+from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
 from .build import CacheConfig, Storage
 from .location import is_remote
 from .teachers import PRESETS, parse_teacher
 
-_TEACHER_KEYS = {"spec", "spatial", "summary", "pool", "sam_spatial", "fidelity"}
-_INTS = ("views", "seed", "shard_size", "batch_size", "workers", "max_shards", "pixels")
+_TEACHER_TYPES = {"spec": str, "sam_spatial": str, **field_types(Storage)}  # the keys of a [[teachers]] entry
 
 
 def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | str | None = None,
@@ -50,11 +49,10 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
     if unknown:
         raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; "
                                 f"known: {sorted(known | {'teachers', 'fidelity'})}")
+    file_types = {**field_types(CacheConfig), "teachers": str | tuple[str | dict, ...], "fidelity": float}
+    raw = typed(raw, {k: v for k, v in file_types.items() if k != "storage"}, path=path)
     values = {k: v for k, v in raw.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in _INTS:
-        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
-            raise RadioDistillError(f"'{key}' must be an integer, got {values[key]!r}")
     for key in ("data", "out"):
         if values.get(key) is None:
             raise RadioDistillError(f"missing '{key}': give it on the command line or in the config file")
@@ -70,16 +68,17 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
         entries = [{} for _ in specs]
     else:
         entries = [{"spec": e} if isinstance(e, str) else e for e in entries]
-        for e in entries:
-            extra = set(e) - _TEACHER_KEYS if isinstance(e, dict) else None
-            if extra is None or "spec" not in e or extra:
-                raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have {sorted(_TEACHER_KEYS - {'spec'})}")
+        for i, e in enumerate(entries):
+            if "spec" not in e or set(e) - set(_TEACHER_TYPES):
+                raise RadioDistillError(f"teacher entry {e}: needs 'spec', may have "
+                                        f"{sorted(set(_TEACHER_TYPES) - {'spec'})}")
+            entries[i] = e = typed(e, _TEACHER_TYPES, path=path, prefix=f"teachers[{i}].")
             specs.append(parse_teacher(e["spec"]))
     fidelity = fidelity or {}
     for i, (spec, e) in enumerate(zip(specs, entries)):
         if spec.family == "sam" and (e.get("sam_spatial") or sam_spatial):
             specs[i] = spec = replace(spec, sam_spatial=e.get("sam_spatial") or sam_spatial)
-        pool = int((pools or {}).get(spec.name, e.get("pool", 1)))
+        pool = (pools or {}).get(spec.name, e.get("pool", 1))
         budget = next((b for b in (fidelity.get(spec.name), fidelity.get(None), e.get("fidelity"), raw.get("fidelity"))
                        if b is not None), None)
         codecs = {"spatial": e.get("spatial") or spatial_codec, "summary": e.get("summary") or summary_codec}
@@ -87,8 +86,6 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
             storage[spec.name] = Storage(spatial=codecs["spatial"] or "int8", summary=codecs["summary"] or "fp16",
                                          pool=pool)
             continue
-        if not isinstance(budget, (int, float)) or isinstance(budget, bool):
-            raise RadioDistillError(f"teacher '{spec.name}': fidelity must be a number like 0.99, got {budget!r}")
         given = [f"{t} codec {c}" for t, c in codecs.items() if c]
         if given:
             raise RadioDistillError(f"teacher '{spec.name}': {given[0]} and fidelity {budget} both given; a fidelity "

@@ -75,6 +75,12 @@ PENDING, OK, UNREADABLE = 0, 1, 2
 LOCK_FILE = "build.lock"
 HOLDER_FILE = "build.json"
 STAGING = ".partial"
+STORE_NAMES = ("zarr.json", "samples", "teachers")  # what a store holds at its top, beside the three above
+
+
+def ours(name: str) -> bool:
+    """Whether a name at the top of a store's folder is one a build writes (a lock record being replaced too)."""
+    return name in (LOCK_FILE, HOLDER_FILE, STAGING, *STORE_NAMES) or name.startswith(f"{HOLDER_FILE}.")
 
 TARGETS = ("summary", "spatial")
 CODECS = ("fp16", "int8")  # the ones a user names; a fidelity budget also picks the calibrated ones

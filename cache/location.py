@@ -18,7 +18,7 @@ from pathlib import Path
 
 import fsspec
 
-from ..errors import CacheLayoutError
+from ..errors import CacheLayoutError, RadioDistillError
 
 SCHEME = "s3://"
 ENVIRONMENT = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -41,6 +41,17 @@ def location(store: str | Path | Location) -> Location:
 
 def is_remote(store: str | Path | Location) -> bool:
     return str(store).startswith(SCHEME)
+
+
+def check_folder(path: str | Path, option: str) -> None:
+    """One line, before anything is created, when `path` is a file or lies under one (mkdir's traceback)."""
+    path = Path(path).expanduser().absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" lies under '{p}', which"
+                raise RadioDistillError(f"{option} '{path}'{where} is a file, not a folder; give another {option}")
+            return
 
 
 def s3_environment() -> dict[str, str]:

@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import CacheLayoutError
 from . import layout as L
-from .location import Location, location
+from .location import Location, check_folder, location
 
 HEARTBEAT = 30.0  # seconds between renewals of a build's lease on S3
 STALE_AFTER = 3  # renewals missed before a lease is taken as abandoned (its build killed)
@@ -179,19 +179,21 @@ def check_token(store: str | Path | Location, token: str) -> None:
 
 
 def _check_ours(store: Location) -> None:
-    """Refuse a folder (or S3 prefix) that is neither empty, nor a store, nor one a build was creating: a
-    build never writes (or, with --overwrite, deletes) anything in a folder that is not its own."""
-    if not store.remote and store.path.exists() and not store.path.is_dir():
-        raise CacheLayoutError(f"'{store}' is a file, not a radio-distill store; give another --out")
+    """Refuse a folder (or S3 prefix) that is neither empty, nor a store, nor one a build was creating (our
+    own files only): a build never writes (or, with --overwrite, deletes) anything in a folder not its own."""
+    if not store.remote:
+        check_folder(store.path, "--out")
     names = store.names()
-    if not names or names & {L.LOCK_FILE, L.HOLDER_FILE, L.STAGING}:  # STAGING: a creation that failed on S3
+    foreign = sorted(n for n in names if not L.ours(n))
+    if not names or (names & {L.LOCK_FILE, L.HOLDER_FILE, L.STAGING} and not foreign):  # STAGING: a failed S3 creation
         return
     try:
         fmt = json.loads(store.read_text("zarr.json"))["attributes"]["format"]
     except (OSError, ValueError, KeyError, TypeError):
         fmt = None
     if fmt != L.FORMAT:
-        raise CacheLayoutError(f"'{store}' is not a radio-distill store and not empty; give another --out")
+        raise CacheLayoutError(f"'{store}' is not a radio-distill store and not empty (it holds "
+                               f"'{(foreign or sorted(names))[0]}'); give another --out")
 
 
 def _describe(record: dict | None) -> str:

@@ -14,12 +14,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import RadioDistillError
+
 CLASSES = ("circle", "square", "star", "triangle")
 
 
 def make_sample_dataset(root: str | Path, *, images: int = 64, size: int = 96, seed: int = 0,
                         bad: bool = False, huge: bool = False) -> Path:
     """Write the dataset under `root`; returns the image folder to pass to `radio-cache build`."""
+    for option, value in (("--images", images), ("--size", size)):
+        if value < 1:
+            raise RadioDistillError(f"{option} must be >= 1, got {value}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     for k in range(images):

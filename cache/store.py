@@ -130,10 +130,9 @@ def create_store(path: str | Path | Location, *, manifest: Manifest, settings: d
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise RadioDistillError(f"cannot create store '{path}': {e.strerror or e}; nothing was left there") from None
-    keep = {L.LOCK_FILE, L.HOLDER_FILE, L.STAGING}
     (path / "zarr.json").unlink(missing_ok=True)  # first: from here on `path` is no store until the new zarr.json
     for old in path.iterdir():
-        if old.name not in keep:
+        if old.name in L.STORE_NAMES:  # only what a store holds: a file the user put beside it stays
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     for new in staging.iterdir():
         if new.name != "zarr.json":
@@ -150,7 +149,7 @@ def _create_remote(path: Location, **create) -> None:
     try:
         _create(staging.zarr_store(read_only=False), **create)
         path.delete("zarr.json")  # first: from here on `path` is no store until the new zarr.json
-        for old in path.names() - {L.HOLDER_FILE, L.STAGING}:
+        for old in path.names() & set(L.STORE_NAMES):
             path.delete(old)
         keys = sorted(staging.files(""), key=lambda k: k == "zarr.json")  # the root's metadata last
         for key in keys:

@@ -12,7 +12,7 @@ Letters: B batch, R input side, h, w grid, C spatial channels, D summary channel
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -281,7 +281,8 @@ def build_clip(spec: TeacherSpec) -> Teacher:
     if spec.random_init:  # random weights are the point; open_clip would warn on every worker that none loaded
         root.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(spec.model, pretrained=spec.weights, **kwargs)
+        # on the default device, like the other builders: `grid` builds on the meta device
+        model = open_clip.create_model(spec.model, pretrained=spec.weights, device=torch.get_default_device(), **kwargs)
     finally:
         root.setLevel(level)
     cfg = open_clip.get_model_preprocess_cfg(model)
@@ -390,6 +391,15 @@ def build_sam(spec: TeacherSpec) -> Teacher:
 
 
 TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam, "timm": build_timm}
+
+
+def grid(spec: TeacherSpec) -> tuple[int, int]:
+    """The teacher's (h, w) spatial grid from its architecture alone: built on the meta device, without
+    weights or memory, so that settings depending on it are checked before any work."""
+    with torch.device("meta"):
+        teacher = TEACHERS[spec.family](replace(spec, weights=None, random_init=True))
+    side = teacher.resolution // teacher.patch
+    return side, side
 
 
 def build_teacher(spec: TeacherSpec, *, device: str | torch.device = "cpu") -> Teacher:

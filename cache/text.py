@@ -11,6 +11,7 @@ Letters: M classes, P templates, D the CLIP embedding width.
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..errors import RadioDistillError, TeacherSpecError
-from ..ops import autocast
+from ..ops import autocast, check_device
 from . import layout as L
 from .location import location
 from .store import open_store, teacher_names, write_whole
@@ -46,6 +47,17 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     if not out:
         raise RadioDistillError(f"{what} file '{path}' holds no lines")
     return out
+
+
+def _check_template(template: str) -> None:
+    """One line unless `template` holds one `{}` and no other field ('{} {}' and '{x}' fail in str.format)."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # a single '{' or '}'
+        names = None
+    if names != [""]:
+        raise RadioDistillError(f"template {template!r}: expected one '{{}}' for the class name and no other field "
+                                "(a brace itself is '{{' or '}}'), e.g. 'a photo of a {}.'")
 
 
 def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = None):
@@ -97,6 +109,10 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
 
     from .teachers import build_teacher
 
+    check_device(device)
+    templates = list(templates or DEFAULT_TEMPLATES)
+    for template in templates:
+        _check_template(template)
     path = location(store)
     root = open_store(path, mode="r+")
     names = teacher_names(root)
@@ -118,10 +134,6 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
     elif store_classes and len(classes) != len(store_classes):
         raise RadioDistillError(f"{len(classes)} class names given, the store has {len(store_classes)} classes "
                                 f"({', '.join(store_classes[:5])}...); give one name per class, in label order")
-    templates = list(templates or DEFAULT_TEMPLATES)
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise RadioDistillError(f"template {bad[0]!r} has no '{{}}' for the class name, e.g. 'a photo of a {{}}.'")
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_teacher(spec_from_identity(teacher, ident, weights=weights), device=device).model

@@ -3,7 +3,10 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import RadioDistillError
 from ..train.config import check_fields, check_option
+
+MAX_THROUGHPUT_BATCH = 4096  # images/s stop growing long before; a typo of 10 million would ask for terabytes
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class EvalConfig:
         check_fields(self, _RULES, optional=_OPTIONAL, options=_OPTIONS)
         for side in self.resolutions:
             check_option("--resolutions", side, "count")
+        if (self.throughput_batch or 0) > MAX_THROUGHPUT_BATCH:
+            raise RadioDistillError(f"--throughput-batch {self.throughput_batch}: at most {MAX_THROUGHPUT_BATCH}")
 
 
 _RULES = {"resolution": "count", "max_bank": "count", "knn_k": "count", "knn_temperature": "positive",

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..cache import layout as L
+from ..cache.location import check_folder
 from ..cache.store import open_store, read_whole, weights_label
 from ..errors import EvaluationError
+from ..ops import check_device
 from ..student import load_student
-from ..train.config import check_device
 from .config import EvalConfig
 from .dense import load_masks, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image
@@ -44,6 +45,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """
     # 1. the run, its store, and the device
     check_device(cfg.device)
+    check_folder(cfg.out, "--out")
     run = load_run(cfg.run)
     reader = open_reader(cfg.store, run, images=cfg.images)
     root = open_store(reader.path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import EvaluationError
 from ..ops import autocast
 from ..progress import Progress
 
@@ -70,28 +71,38 @@ def timm_equivalent(ident: dict, resolution: int) -> tuple[str, dict]:
 
 def images_per_second(model: torch.nn.Module, *, resolution: int, batch: int, device: torch.device,
                       warmup: int | None = None, min_seconds: float | None = None, max_iters: int = 50) -> float:
-    """Forward images/s of `model` on random (batch, 3, R, R) inputs, after `warmup` iterations."""
+    """Forward images/s of `model` on random (batch, 3, R, R) inputs, after `warmup` iterations.
+
+    Raises:
+        EvaluationError: the batch does not fit in the device's memory.
+    """
     cuda = device.type == "cuda"
     warmup = warmup if warmup is not None else (5 if cuda else 1)
     min_seconds = min_seconds if min_seconds is not None else (2.0 if cuda else 0.5)
-    x = torch.randn(batch, 3, resolution, resolution, device=device)
 
     def sync():
         if cuda:
             torch.cuda.synchronize(device)
 
-    with torch.inference_mode(), autocast(device):
-        for _ in range(warmup):
-            model(x)
-        sync()
-        start, iters = time.perf_counter(), 0
-        while True:
-            model(x)
+    try:
+        x = torch.randn(batch, 3, resolution, resolution, device=device)
+        with torch.inference_mode(), autocast(device):
+            for _ in range(warmup):
+                model(x)
             sync()
-            iters += 1
-            elapsed = time.perf_counter() - start
-            if (iters >= 3 and elapsed >= min_seconds) or iters >= max_iters:
-                return batch * iters / elapsed
+            start, iters = time.perf_counter(), 0
+            while True:
+                model(x)
+                sync()
+                iters += 1
+                elapsed = time.perf_counter() - start
+                if (iters >= 3 and elapsed >= min_seconds) or iters >= max_iters:
+                    return batch * iters / elapsed
+    except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's refusal
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise EvaluationError(f"--throughput-batch {batch}: out of memory at {resolution} px on {device}; "
+                              "give a smaller one") from None
 
 
 def measure_throughput(student: torch.nn.Module, teachers: dict[str, dict], *, resolution: int,

@@ -20,11 +20,10 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
-from .._toml import read_toml
-from ..cache.location import is_remote
+from .._toml import field_types, read_toml, typed
+from ..cache.location import check_folder, is_remote
 from ..errors import RadioDistillError
+from ..ops import check_device
 from .losses import KINDS, LossConfig
 
 
@@ -65,6 +64,11 @@ class TrainConfig:
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value)[0] if len(value) == 1 else tuple(value))
         check_fields(self, _RULES, optional=_OPTIONAL)
+        if self.steps is not None and self.epochs is not None:  # one would be dropped without a word
+            raise RadioDistillError(f"--steps {self.steps} and --epochs {self.epochs}: give one of them, not both")
+        if self.min_lr > self.lr:  # the cosine would climb from lr to min_lr
+            raise RadioDistillError(f"min_lr {self.min_lr} is above --lr {self.lr}: the rate would climb to it; "
+                                    "give a min_lr <= lr in the --config recipe")
         for side in self.sides:
             check_option("--resolution", side, "count")
         for size in self.batch_sizes:
@@ -140,7 +144,11 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     unknown = set(raw) - known
     if unknown:
         raise RadioDistillError(f"config '{path}': unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    values = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    raw = typed(raw, field_types(TrainConfig), path=path)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if {"steps", "epochs"} & set(given):  # the training's length given here replaces the recipe's
+        raw = {k: v for k, v in raw.items() if k not in ("steps", "epochs")}
+    values = {**raw, **given}
     loss = dict(raw.get("loss", {}))
     loss.update({k: v for k, v in (overrides.get("loss") or {}).items() if v is not None})
     bad = set(loss) - {f.name for f in fields(LossConfig)}
@@ -157,20 +165,5 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
         raise RadioDistillError("give --steps or --epochs")
     cfg = TrainConfig(**values)
     check_device(cfg.device)
+    check_folder(cfg.out, "--out")
     return cfg
-
-
-def check_device(device: str | None) -> None:
-    """One line, before anything is created, unless `device` is None, cpu, or a CUDA GPU this machine has."""
-    try:
-        dev = torch.device(device or "cpu")
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise RadioDistillError(f"--device {device!r}: not a device here; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            raise RadioDistillError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise RadioDistillError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._ray import check_address, check_room
 from ..errors import RadioDistillError
 
 
@@ -55,12 +56,19 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
 
     from ..cache.location import s3_environment
     from ..cache.store import open_store
+    from .config import check_option
     from .loop import train
 
+    check_option("--ray-workers", workers, "count")
+    check_address(address)
     open_store(cfg.store)  # a missing store or refused S3 credentials: one line here, before Ray starts
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu)
+    # Ray started here cannot grow: workers it cannot place would be waited for forever
+    check_room(scaling.total_resources, ray.cluster_resources(), asked=f"--ray-workers {workers}",
+               may_grow=address is not None)
     store = cfg.store.resolve() if isinstance(cfg.store, Path) else cfg.store  # an s3:// URL is absolute already
     cfg = replace(cfg, store=store, out=cfg.out.resolve())  # workers start in other folders
     env = s3_environment()
@@ -69,7 +77,7 @@ def train_on_ray(cfg, *, workers: int, address: str | None = None) -> None:
         os.environ.update(env)
         train(cfg)
 
-    trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+    trainer = TorchTrainer(loop, scaling_config=scaling,
                            run_config=RunConfig(storage_path=str(cfg.out / "ray"), name="train"))
     try:
         trainer.fit()

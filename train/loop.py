@@ -26,6 +26,7 @@ from ..student import TeacherDims, create_student, save_student
 from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import setup, teardown
+from .losses import check_teacher_weights
 from .reader import CacheReader, worker_error
 from .step import DistillStep, make_optimizer, pair_teachers
 
@@ -41,6 +42,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     # 2. the store: what each teacher produced, and the samples to train on
     reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images)
+    teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
+    check_teacher_weights(cfg.loss, list(teachers))
     indices = reader.indices(holdout=cfg.holdout)
     per_step = sum(cfg.batch_sizes)  # samples a step, over all its parts
     if 0 < len(indices) < per_step:
@@ -54,10 +57,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         print(note, file=sys.stderr)
     steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / per_step)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
-    teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
-    unknown = set(cfg.loss.teacher_weights) - set(teachers)
-    if unknown:
-        raise TrainingError(f"loss weights for unknown teachers {sorted(unknown)}; the store has {sorted(teachers)}")
     # 3. the student (built before the run folder: a bad name or resolution creates nothing)
     torch.manual_seed(cfg.seed)
     model = create_student(cfg.student, teachers=teachers, **cfg.student_overrides).to(device)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import TrainingError
+
 
 KINDS = ("amradio", "phis")
 
@@ -24,6 +26,16 @@ class LossConfig:
     summary_weight: float = 1.0
     spatial_weight: float = 1.0
     teacher_weights: dict[str, float] = field(default_factory=dict)  # default 1.0 each
+
+
+def check_teacher_weights(loss: LossConfig, teachers: list[str]) -> None:
+    """One line unless every weighted teacher is one of the store's `teachers` and one of them weighs more than 0."""
+    unknown = set(loss.teacher_weights) - set(teachers)
+    if unknown:
+        raise TrainingError(f"loss weights for unknown teachers {sorted(unknown)}; the store has {sorted(teachers)}")
+    if not any(loss.teacher_weights.get(name, 1.0) for name in teachers):  # every step would change nothing
+        raise TrainingError(f"--teacher-weight gives every teacher of the store ({', '.join(teachers)}) weight 0: "
+                            "nothing would be trained")
 
 
 def summary_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,13 @@ def test_bad_build_options_are_one_line(tmp_path, args, culprit):
     (["--teachers", "tiny", "--max-shards", "-1"], "--max-shards must be >= 1, got -1"),
     (["--teachers", "tiny", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--teachers", "tiny", "--pool", "sam=0"], "teacher 'sam': pool factor must be >= 1, got 0"),
+    (["--teachers", "tiny", "--pool", "sam=3"],
+     "teacher 'sam': pool factor 3 does not divide its 8x8 grid; choose from 2, 4, 8"),  # it gave 2x2 silently
+    (["--teachers", "tiny", "--pool", "clip=1000"],
+     "teacher 'clip': pool factor 1000 does not divide its 8x8 grid"),  # a ZeroDivisionError
     (["--teachers", "tiny", "--pool", "dino=2"], "--pool names unknown teacher(s) ['dino']"),
     (["--teachers", "tiny", "--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
+    (["--teachers", "tiny", "--address", "garbage"], "--address 'garbage': expected HOST:PORT of a Ray cluster's head"),
 ])
 def test_silly_build_values_are_one_line_and_create_nothing(tmp_path, args, culprit):
     data = make_sample_dataset(tmp_path / "d", images=1, size=32)  # real images: only the option is wrong
@@ -125,9 +130,32 @@ def test_out_that_is_a_file_and_missing_data_are_one_line(tmp_path):
     out.write_text("keep me")
     message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(out), "--teachers", "tiny"]))
     assert f"'{out}' is a file" in message and out.read_text() == "keep me"
+    message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(out / "y.zarr"),
+                                                        "--teachers", "tiny"]))
+    assert message == f"--out '{out / 'y.zarr'}' lies under '{out}', which is a file, not a folder; give another --out"
     message = _one_error_line(runner.invoke(cache_app, ["build", str(tmp_path / "nope"), "--out",
                                                         str(tmp_path / "y.zarr"), "--teachers", "tiny"]))
     assert "does not exist" in message and not (tmp_path / "y.zarr").exists()
+
+
+def test_a_toml_string_for_a_flag_is_one_line_and_deletes_nothing(tmp_path):
+    out = tmp_path / "x.zarr"
+    out.mkdir()
+    (out / "zarr.json").write_text("{}")  # whatever is there: the config is refused before it is looked at
+    config = tmp_path / "cache.toml"
+    config.write_text(f'data = "{tmp_path}"\nout = "{out}"\nteachers = "tiny"\noverwrite = "false"\n')
+    message = _one_error_line(runner.invoke(cache_app, ["build", "--config", str(config)]))
+    assert message == f"""config '{config}': 'overwrite' must be true or false, got "false\""""
+    assert [p.name for p in out.iterdir()] == ["zarr.json"]
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_the_build(tmp_path):
+    data = make_sample_dataset(tmp_path / "d", images=1, size=32)
+    for report in (tmp_path / "missing" / "r.json", tmp_path / "d"):
+        message = _one_error_line(runner.invoke(cache_app, ["build", str(data), "--out", str(tmp_path / "x.zarr"),
+                                                            "--teachers", "tiny", "--report", str(report)]))
+        assert message == f"--report '{report}': not a file in an existing folder"
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_missing_out_and_empty_data_are_one_line(tmp_path):
@@ -199,6 +227,22 @@ def test_sample_writes_a_labelled_dataset(tmp_path):
     assert all((images / name).exists() for name in BAD_FILES)  # --bad is the default
     result = runner.invoke(cache_app, ["sample", str(tmp_path / "clean"), "--images", "4", "--no-bad"])
     assert result.exit_code == 0 and not list((tmp_path / "clean" / "images").glob("*.*"))
+
+
+def test_sample_refuses_nonsense_and_a_folder_in_use(tmp_path):
+    used, notes = tmp_path / "used", tmp_path / "used" / "notes.txt"
+    used.mkdir()
+    notes.write_text("keep me")
+    for args, message in (
+            (["--images", "-5"], "--images must be >= 1, got -5"),  # "wrote -5 images"
+            (["--size", "0"], "--size must be >= 1, got 0"),
+            ([str(used)], f"'{used}' is not empty; give a new or empty folder"),  # its files were overwritten
+            ([str(notes / "s")], f"OUT '{notes / 's'}' lies under '{notes}', which is a file")):
+        folder = [] if args[0].startswith("/") else [str(tmp_path / "new")]
+        assert _one_error_line(runner.invoke(cache_app, ["sample", *folder, *args])).startswith(message)
+    assert [p.name for p in tmp_path.iterdir()] == ["used"] and [p.name for p in used.iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert runner.invoke(cache_app, ["sample", str(tmp_path / "empty"), "--images", "1", "--no-bad"]).exit_code == 0
 
 
 @pytest.fixture(scope="module")

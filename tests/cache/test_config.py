@@ -70,8 +70,8 @@ def _preneck(spec):
     ('data = "d\n', "config '.*cache.toml'"),
     ('data = "d"\nout = "o"\n[[teachers]]\nspec = "clip"\n', "bad teacher spec 'clip'"),
     ('data = "d"\nout = "o"\nteachers = "small"\n', "unknown preset 'small'; choose from: tiny"),
-    ('data = "d"\nout = "o"\nviews = "2"\n', "'views' must be an integer, got '2'"),
-    ('data = "d"\nout = "o"\nshard_size = 1.5\n', "'shard_size' must be an integer, got 1.5"),
+    ('data = "d"\nout = "o"\nviews = "2"\n', "config '.*cache.toml': 'views' must be a whole number, got \"2\""),
+    ('data = "d"\nout = "o"\nshard_size = 1.5\n', "'shard_size' must be a whole number, got 1.5"),
 ])
 def test_config_mistakes_name_the_key(tmp_path, text, culprit):
     (tmp_path / "cache.toml").write_text(text)
@@ -82,3 +82,33 @@ def test_config_mistakes_name_the_key(tmp_path, text, culprit):
 def test_missing_config_file(tmp_path):
     with pytest.raises(RadioDistillError, match="config '.*nope.toml'"):
         load_cache_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("text, culprit", [
+    # a string is truthy: `overwrite = "false"` deleted and rebuilt a complete store
+    ('overwrite = "false"', "'overwrite' must be true or false, got \"false\""),
+    ("overwrite = 0", "'overwrite' must be true or false, got 0"),
+    ('data = 5', "'data' must be a path (a string), got 5"),
+    ('out = ["o"]', "'out' must be a string, got [\"o\"]"),
+    ("teachers = 5", "'teachers' must be a string or an array of strings or tables, got 5"),
+    ('[[teachers]]\nspec = "sam:tiny"\npool = "abc"', "'teachers[0].pool' must be a whole number, got \"abc\""),
+    ('[[teachers]]\nspec = "sam:tiny"\npool = 2.7', "'teachers[0].pool' must be a whole number, got 2.7"),  # was 2
+    ('[[teachers]]\nspec = 5', "'teachers[0].spec' must be a string, got 5"),
+    ('[[teachers]]\nspec = "sam:tiny"\nfidelity = "high"', "'teachers[0].fidelity' must be a number"),
+    ('fidelity = true\nteachers = "tiny"', "'fidelity' must be a number, got true"),
+    ('address = 6379', "'address' must be a string, got 6379"),
+])
+def test_toml_values_of_the_wrong_type_name_the_key_and_the_file(tmp_path, text, culprit):
+    toml = tmp_path / "cache.toml"
+    toml.write_text("\n".join([*(f'{key} = "{key[0]}"' for key in ("data", "out") if not text.startswith(key)), text]))
+    with pytest.raises(RadioDistillError) as e:
+        load_cache_config(toml, teachers=None if "teachers" in text else "tiny")
+    assert str(e.value).startswith(f"config '{toml}': {culprit}")
+
+
+def test_toml_values_become_what_the_config_holds(tmp_path):
+    toml = tmp_path / "cache.toml"
+    toml.write_text('data = "d"\nout = "o"\noverwrite = true\n'
+                    'teachers = ["sam:tiny", {spec = "clip:radio-tiny-clip", pool = 2}]\n')
+    cfg = load_cache_config(toml)
+    assert cfg.overwrite is True and cfg.data == Path("d") and cfg.storage["clip"].pool == 2

@@ -125,6 +125,32 @@ def test_create_replaces_a_store_and_clears_a_killed_creation(tmp_path):
     assert (root[L.done_array("t")][:] == 0).all() and root.attrs["num_samples"] == 6
 
 
+def test_a_half_created_folder_holding_other_files_is_refused_and_kept(tmp_path):
+    data = make_sample_dataset(tmp_path / "data", images=1, size=32)
+    out = tmp_path / "folder"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "photo.jpg").write_text("mine")
+    (out / "important.txt").write_text("keep me")
+    (out / L.LOCK_FILE).touch()  # a stray lock: it was no reason to take the folder over
+    line = _one_line(CliRunner().invoke(cache_app, ["build", str(data), "--out", str(out), "--teachers", "tiny"]))
+    assert line == (f"error: '{out}' is not a radio-distill store and not empty (it holds 'important.txt'); "
+                    "give another --out")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        L.LOCK_FILE, "important.txt", "sub", "sub/photo.jpg"]
+
+
+def test_only_our_own_files_make_a_half_created_store_and_overwrite_deletes_only_them(tmp_path):
+    out = tmp_path / "ours.zarr"
+    (out / L.STAGING / "samples").mkdir(parents=True)
+    (out / "teachers").mkdir()
+    (out / L.LOCK_FILE).touch()
+    (out / f"{L.HOLDER_FILE}.{'f' * 32}").write_text("{")  # a lock record a kill left half replaced
+    _create(out)  # taken: nothing here is not ours
+    (out / "notes.txt").write_text("keep me")  # beside a whole store: an --overwrite replaces the store only
+    _create(out)
+    assert (out / "notes.txt").read_text() == "keep me" and open_store(out).attrs["num_samples"] == 6
+
+
 def test_rerun_of_the_build_gets_past_a_killed_creation(ray_session, tiny_config, tmp_path, capfd):
     data = make_sample_dataset(tmp_path / "data", images=4)
     out = tmp_path / "killed.zarr"

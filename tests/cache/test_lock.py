@@ -106,7 +106,8 @@ def test_a_folder_that_is_not_a_store_gets_no_lock(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(CacheLayoutError, match="is not a radio-distill store and not empty; give another --out"):
+    with pytest.raises(CacheLayoutError,
+                       match=r"is not a radio-distill store and not empty \(it holds 'notes.txt'\); give another --out"):
         with build_lock(out):
             pass
     assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from radio_distill.cache.teachers import (FAMILIES, TEACHERS, TeacherSpec, build_teacher, check_spec, identity,
                                           parse_teacher, tiny_teachers)
+from radio_distill.cache.teachers import grid as meta_grid
 from radio_distill.errors import TeacherSpecError
 
 # (grid, summary dims, spatial dims) the tiny configs define: CLIP 64 px / 8 px patches, width 64,
@@ -41,6 +42,7 @@ def test_teacher_contract(family_teachers, name):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     info = teacher.info()
     assert (info.grid, info.summary_dim, info.spatial_dim) == (grid, summary_dim, spatial_dim)
+    assert meta_grid(teacher.spec) == grid  # known before loading: --pool is checked against it
     assert info.resolution == teacher.resolution and len(info.mean) == len(info.std) == 3
     assert all(0 < m < 1 for m in info.mean) and all(0 < s < 1 for s in info.std)  # for pixels in [0, 1]
     x = torch.randn(2, 3, teacher.resolution, teacher.resolution)
@@ -133,6 +135,13 @@ def test_weight_file_is_loaded_by_its_library(weight_files, teachers, label):
     ident = identity(replace(spec, weights=str(path)))
     assert ident["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and ident["weights"] == path.name
     assert "sha256" not in identity(spec)
+
+
+@pytest.mark.parametrize("spec, grid", [("sam:vit_b:/nowhere/sam_vit_b.pth", (64, 64)),
+                                        ("dinov2:vit_small_patch14_reg4_dinov2.lvd142m", (37, 37)),  # its 518 px
+                                        ("dinov2:vit_small_patch14_reg4_dinov2.lvd142m@224", (16, 16))])
+def test_the_grid_of_real_teachers_is_known_without_their_weights(spec, grid):
+    assert meta_grid(parse_teacher(spec)) == grid
 
 
 def test_parse_teacher_forms():

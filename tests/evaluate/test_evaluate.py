@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from radio_distill.cli import eval_app
 from radio_distill.errors import DatasetError, EvaluationError
 from radio_distill.evaluate import EvalConfig, evaluate
+from radio_distill.evaluate.throughput import images_per_second
 from radio_distill.train.config import TrainConfig
 from radio_distill.train.loop import train
 from radio_distill.train.reader import CacheReader, is_held_out
@@ -178,6 +179,22 @@ def test_cli_errors_are_one_line(eval_setup, tmp_path):
                                       "--sam-checkpoint", str(ckpt)])
     assert result.exit_code == 2 and "tiny preset" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "e").exists()
+
+
+def test_an_out_under_a_file_and_a_throughput_batch_of_millions_are_one_line(tmp_path):
+    (tmp_path / "f.txt").write_text("keep me")
+    for args, message in ((["--out", str(tmp_path / "f.txt" / "e")], f"--out '{tmp_path / 'f.txt' / 'e'}' lies under "),
+                          (["--out", str(tmp_path / "e"), "--throughput-batch", "10000000"],  # was a traceback at the end
+                           "--throughput-batch 10000000: at most 4096")):
+        result = CliRunner().invoke(eval_app, [str(tmp_path / "s.zarr"), str(tmp_path / "run"), *args])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_throughput_batch_the_device_cannot_hold_is_one_line():
+    with pytest.raises(EvaluationError, match="^--throughput-batch 4096: out of memory at 100000 px on cpu; give a"):
+        images_per_second(torch.nn.Identity(), resolution=100_000, batch=4096, device=torch.device("cpu"))
 
 
 def test_unlabelled_store_skips_knn_and_zero_shot(eval_setup, tmp_path, record_again):

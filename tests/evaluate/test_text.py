@@ -65,3 +65,17 @@ def test_wordnet_folder_names_need_a_classes_file(eval_setup, tmp_path):
     root.attrs["dataset"] = dataset
     result = CliRunner().invoke(cache_app, ["text", str(store), "--device", "cpu"])
     assert result.exit_code == 2 and "WordNet id (n01440364" in result.output and "--classes" in result.output
+
+
+@pytest.mark.parametrize("template, device, message", [
+    ("a photo of a {} {}.", "cpu", "template 'a photo of a {} {}.': expected one '{}' for the class name"),  # IndexError
+    ("a photo of a {x}.", "cpu", "template 'a photo of a {x}.': expected one '{}'"),  # KeyError
+    ("a photo of a {.", "cpu", "template 'a photo of a {.': expected one '{}'"),  # ValueError
+    ("a photo of a {}.", "garbage", "--device 'garbage': not a device here; use cpu, cuda or cuda:N"),  # RuntimeError
+])
+def test_bad_templates_and_devices_are_one_line_before_the_store_is_read(tmp_path, template, device, message):
+    (tmp_path / "templates.txt").write_text(f"{template}\n")
+    result = CliRunner().invoke(cache_app, ["text", str(tmp_path / "no-store.zarr"), "--device", device,
+                                            "--templates", str(tmp_path / "templates.txt")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -72,6 +73,22 @@ def test_a_ray_train_workers_error_is_its_one_line(train_store, tmp_path, ray_se
 
 
 @pytest.mark.parametrize("args, line", [
+    (["--ray-workers", "4"], "error: --ray-workers 4 needs 4 CPU in the Ray cluster, which has 2; ask for fewer, or "
+                             "add nodes"),  # Ray Train waited for them forever
+    (["--ray-workers", "0"], "error: --ray-workers 0: must be a whole number >= 1"),  # trained here, without Ray
+    (["--ray-workers", "1", "--address", "garbage"],
+     "error: --address 'garbage': expected HOST:PORT of a Ray cluster's head, e.g. 10.0.0.1:6379 as `ray start "
+     "--head` prints it, or auto"),
+])
+def test_ray_workers_that_cannot_run_are_one_line_within_seconds(train_store, tmp_path, ray_session, args, line):
+    start = time.monotonic()
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(tmp_path / "r"),
+                                            "--steps", "1", "--device", "cpu", *args])
+    assert result.exit_code == 2 and result.output.strip() == line, result.output
+    assert time.monotonic() - start < 10 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, line", [
     (["--resolution", "40"], "error: --resolution 40 is not a multiple of 16, the input stride of 'test_vit'"),
     (["--batch-size", "48"], "error: --batch-size 48 takes 48 samples a step, more than the 42 of the training split "
                              "(--holdout 0.1 of 46 usable): every batch would repeat samples; lower --batch-size"),
@@ -130,6 +147,8 @@ def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
     (["--checkpoint-every", "0"], "--checkpoint-every 0"), (["--workers", "-1"], "--workers -1"),
     (["--stop-at", "0"], "--stop-at 0"), (["--seed", "-1"], "--seed -1"),
     (["--teacher-weight", "sam=-1"], "--teacher-weight sam=-1"), (["--teacher-weight", "sam=nan"], "--teacher-weight sam=nan"),
+    ([f"--teacher-weight={t}=0" for t in ("clip", "dinov2", "sam")], "--teacher-weight gives every teacher of the store"),
+    (["--epochs", "1"], "--steps 2 and --epochs 1.0: give one of them, not both"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--resolution", "32,abc"], "--resolution '32,abc': expected whole numbers"), (["--resolution", "32,0"], "--resolution 0"),
     (["--resolution", "32,48,32"], "--resolution 32,48,32: give one side or several different ones"),

@@ -92,3 +92,61 @@ def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
     with pytest.raises(RadioDistillError, match=r"--device cuda:7: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
         load_train_config(store="s.zarr", out="run", steps=3, device="cuda:7")
     assert load_train_config(store="s.zarr", out="run", steps=3, device="cuda:1").device == "cuda:1"
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ('resume = "no"', "'resume' must be true or false, got \"no\""),  # a string is truthy: it resumed
+    ('allow_partial = "no"', "'allow_partial' must be true or false, got \"no\""),
+    ('loss = "phis"', "'loss' must be a table, got \"phis\""),
+    ('[loss]\nkind = 2', "'loss.kind' must be a string, got 2"),
+    ('[loss]\nteacher_weights = { sam = "half" }', "'loss.teacher_weights' must be a table of numbers"),
+    ("student_overrides = 4", "'student_overrides' must be a table, got 4"),
+    ("device = 0", "'device' must be a string, got 0"),
+    ("steps = 2.5", "'steps' must be a whole number, got 2.5"),
+    ('lr = "1e-3"', "'lr' must be a number, got \"1e-3\""),
+    ('resolution = [224, "384"]', "'resolution' must be a whole number or an array of whole numbers"),
+    ("store = 5", "'store' must be a string, got 5"),
+])
+def test_recipe_values_of_the_wrong_type_name_the_key_and_the_file(tmp_path, text, culprit):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("\n".join([*(f'{key} = "{key[0]}"' for key in ("store", "out") if not text.startswith(key)),
+                                 *(["steps = 3"] if "steps" not in text else []), text]))
+    with pytest.raises(RadioDistillError) as e:
+        load_train_config(recipe)
+    assert str(e.value).startswith(f"config '{recipe}': {culprit}")
+
+
+def test_recipe_values_become_what_the_config_holds(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('store = "s"\nout = "o"\nepochs = 2\nlr = 1\nresume = true\nimages = "i"\n')
+    cfg = load_train_config(recipe)
+    assert (cfg.epochs, cfg.lr, cfg.resume, cfg.out, cfg.images) == (2.0, 1.0, True, Path("o"), Path("i"))
+    assert isinstance(cfg.lr, float)  # as --lr gives it: a resume compares the two
+
+
+def test_steps_and_epochs_together_are_refused_and_the_command_line_replaces_the_recipe(tmp_path):
+    with pytest.raises(RadioDistillError, match="--steps 3 and --epochs 1.0: give one of them, not both"):
+        load_train_config(store="s", out="o", steps=3, epochs=1.0)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\nepochs = 1.0\n')
+    with pytest.raises(RadioDistillError, match="--steps 3 and --epochs 1.0: give one"):
+        load_train_config(recipe)
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\n')
+    cfg = load_train_config(recipe, epochs=2.0)
+    assert (cfg.steps, cfg.epochs) == (None, 2.0)
+
+
+def test_a_min_lr_above_lr_is_refused(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('store = "s"\nout = "o"\nsteps = 3\nmin_lr = 0.5\n')
+    with pytest.raises(RadioDistillError, match=r"min_lr 0.5 is above --lr 0.001: the rate would climb"):
+        load_train_config(recipe)
+    assert load_train_config(recipe, lr=0.5).min_lr == 0.5  # a constant rate after warmup
+
+
+def test_an_out_under_a_file_is_refused(tmp_path):
+    (tmp_path / "f.txt").write_text("keep me")
+    for out in (tmp_path / "f.txt", tmp_path / "f.txt" / "run"):
+        with pytest.raises(RadioDistillError, match=f"--out '{out}'.* is a file, not a folder; give another --out"):
+            load_train_config(store="s", out=out, steps=3)
+    assert (tmp_path / "f.txt").read_text() == "keep me"

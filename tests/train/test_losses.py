@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from radio_distill.train.losses import amradio_spatial_loss, phis_scale, phis_spatial_loss, summary_loss
+from radio_distill.errors import TrainingError
+from radio_distill.train.losses import (LossConfig, amradio_spatial_loss, check_teacher_weights, phis_scale,
+                                        phis_spatial_loss, summary_loss)
 
 rng = np.random.default_rng(0)
 
@@ -62,3 +64,13 @@ def test_phis_loss_is_mse_after_the_explicit_phis_transform():
     assert phis_scale(cov) == pytest.approx(alpha ** 2)
     got = phis_spatial_loss(torch.tensor(pred), torch.tensor(target), phis_scale(cov)).item()
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_teacher_weights_must_name_the_stores_teachers_and_leave_one_to_train():
+    teachers = ["clip", "dinov2", "sam"]
+    check_teacher_weights(LossConfig(teacher_weights={"clip": 0.0, "sam": 0.0}), teachers)  # dinov2 keeps 1.0
+    with pytest.raises(TrainingError, match=r"^--teacher-weight gives every teacher of the store \(clip, dinov2, sam\) "
+                                            "weight 0: nothing would be trained$"):
+        check_teacher_weights(LossConfig(teacher_weights={"clip": 0.0, "dinov2": 0.0, "sam": 0.0}), teachers)
+    with pytest.raises(TrainingError, match=r"loss weights for unknown teachers \['dino'\]"):
+        check_teacher_weights(LossConfig(teacher_weights={"dino": 0.5}), teachers)
