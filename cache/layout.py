@@ -82,6 +82,7 @@ def ours(name: str) -> bool:
     """Whether a name at the top of a store's folder is one a build writes (a lock record being replaced too)."""
     return name in (LOCK_FILE, HOLDER_FILE, STAGING, *STORE_NAMES) or name.startswith(f"{HOLDER_FILE}.")
 
+
 TARGETS = ("summary", "spatial")
 CODECS = ("fp16", "int8")  # the ones a user names; a fidelity budget also picks the calibrated ones
 STAT_SHARDS = 16  # normalisation statistics come from K shards spread over the dataset: plenty of tokens, bounded cost

@@ -34,6 +34,20 @@ from .step import DistillStep, make_optimizer, pair_teachers
 RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images")
 
 
+def default_warmup(steps: int) -> int:
+    """Warmup steps when none are given: 5% of the run, at least one."""
+    return max(1, steps // 20)
+
+
+def get_lr(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """The learning rate of step `step` (0-based) of `steps`: linear warmup to `lr` over the first `warmup`
+    steps (step warmup - 1 is at `lr`), then a cosine from `lr` down to `min_lr` at step `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     """Train (or, with cfg.resume, continue) a student; returns the final losses and where it went."""
     # 1. processes and device (one process, torchrun DDP or Ray Train)
@@ -56,7 +70,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if note and procs.main:
         print(note, file=sys.stderr)
     steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / per_step)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
+    warmup = default_warmup(steps) if cfg.warmup_steps is None else cfg.warmup_steps
     # 3. the student (built before the run folder: a bad name or resolution creates nothing)
     torch.manual_seed(cfg.seed)
     model = create_student(cfg.student, teachers=teachers, **cfg.student_overrides).to(device)
@@ -104,12 +118,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     distill = DistillStep(model, optimizer, reader.teachers, loss=cfg.loss, grad_clip=cfg.grad_clip, device=device,
                           net=net, pairing=pairing if partial else None)
 
-    def lr_at(step: int) -> float:  # linear warmup, then cosine down to min_lr
-        if step < warmup:
-            return cfg.lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
     def checked(pending: list[torch.Tensor], step: int, *, reduce: bool = True) -> list[float]:
         """Wait for the device once: the metrics of the steps up to `step` (all ranks' mean), each finite,
         else a one-line error naming the first bad step (the last checkpoint is kept)."""
@@ -155,7 +163,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                     raise type(error)(f"{error}; the checkpoint in '{ckpt}' holds step {kept}: continue with "
                                       "--resume once the store is repaired") from None
                 raise error from None
-            lr = lr_at(step)
+            lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=warmup, steps=steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             pending.append(distill(*batch))

@@ -44,6 +44,17 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float) ->
                               {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
 
 
+def total_loss(losses: dict[str, torch.Tensor], loss: LossConfig, trained: list[str]) -> torch.Tensor:
+    """The loss a step minimises: sum over the `trained` teachers' losses ({'<teacher>/<target>': value}) of
+    teacher weight (default 1) x target weight (`summary_weight`, `spatial_weight`) x loss."""
+    total = 0.0
+    for key, value in losses.items():
+        teacher, target = key.split("/")
+        if teacher in trained:
+            total = total + loss.teacher_weights.get(teacher, 1.0) * getattr(loss, f"{target}_weight") * value
+    return total
+
+
 class DistillStep:
     """Normalise pixels, forward (bf16 autocast on CUDA), each teacher's losses at its grid, backward,
     gradient clipping and the optimizer step.
@@ -109,20 +120,15 @@ class DistillStep:
         """The per-teacher losses of one part (in `names` order) and their weighted sum."""
         with autocast(self.device):
             output = self.net(normalise(pixels, self.model.mean, self.model.std))
-        losses, total = [], 0.0
-        trained = self.pairing[pixels.shape[-1]] if self.pairing else [t.name for t in self.teachers]
+        losses = {}
         for t in self.teachers:
             pred, target = output.teachers[t.name], targets[t.name]
-            # a teacher not paired with this side: its losses are reported, its heads get no gradient
-            weight = self.loss.teacher_weights.get(t.name, 1.0) if t.name in trained else None
             if target["summary"] is not None:
-                losses.append(summary_loss(pred.summary, target["summary"]))
-                if weight is not None:
-                    total = total + weight * self.loss.summary_weight * losses[-1]
+                losses[f"{t.name}/summary"] = summary_loss(pred.summary, target["summary"])
             spatial = to_grid(pred.spatial, t.grid)  # (B, T, C) at the teacher's grid
             goal = target["spatial"].flatten(1, 2)
-            losses.append(phis_spatial_loss(spatial, goal, self.phis[t.name]) if self.phis
-                          else amradio_spatial_loss(spatial, goal))
-            if weight is not None:
-                total = total + weight * self.loss.spatial_weight * losses[-1]
-        return losses, total
+            losses[f"{t.name}/spatial"] = (phis_spatial_loss(spatial, goal, self.phis[t.name]) if self.phis
+                                           else amradio_spatial_loss(spatial, goal))
+        # a teacher not paired with this side: its losses are reported, its heads get no gradient
+        trained = self.pairing[pixels.shape[-1]] if self.pairing else [t.name for t in self.teachers]
+        return list(losses.values()), total_loss(losses, self.loss, trained)

@@ -15,6 +15,15 @@ def test_int8_per_token_absmax_round_trip():
     assert values.abs().amax(-1).eq(127).all()  # every token uses the full range
     back = codecs.decode(values, scale)
     assert codecs.token_cosine(x, back).min() > 0.9999
+    # by value, not only direction: each channel within half a step (absmax / 127 / 2) of the original
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((back - x).abs() <= step * 0.5 + 1e-3 * step).all()
+
+
+def test_int8_known_answer():
+    values, scale = codecs.encode(torch.tensor([[254.0, -127.0, 1.0, 0.0]]), "int8")
+    assert scale.tolist() == [2.0] and values.tolist() == [[127, -64, 0, 0]]  # -63.5 rounds to even
+    assert codecs.decode(values, scale).tolist() == [[254.0, -128.0, 0.0, 0.0]]
 
 
 def test_int8_zero_and_tiny_tokens_keep_a_valid_scale():
@@ -64,7 +73,10 @@ def test_transform_codec_encodes_coefficients_and_decodes_by_one_matmul():
     assert back.shape == x.shape and torch.allclose(back, x, atol=5e-3)
     values, scale = codecs.encode(x, "pca8-int8", (mean, basis))
     assert values.dtype == torch.int8 and scale.shape == (2, 3, 3)
-    assert codecs.token_cosine(x - mean, codecs.decode(values, scale, (mean, basis)) - mean).min() > 0.999
+    back = codecs.decode(values, scale, (mean, basis))
+    assert codecs.token_cosine(x - mean, back - mean).min() > 0.999
+    coefficient_step = ((x - mean) @ basis).abs().amax(-1, keepdim=True) / 127  # error of an orthonormal map
+    assert ((back - x).norm(dim=-1, keepdim=True) <= coefficient_step * 0.5 * 8**0.5 * 1.01).all()
 
 
 def test_pool_averages_and_unpool_restores_the_grid():

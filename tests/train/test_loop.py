@@ -15,7 +15,7 @@ import torch
 
 from radio_distill.errors import DatasetError
 from radio_distill.student import load_student
-from radio_distill.train.loop import train
+from radio_distill.train.loop import default_warmup, get_lr, train
 
 from .conftest import config
 
@@ -150,3 +150,21 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     for ra, rb in zip(a, b):
         for key in TEACHER_LOSSES:
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+
+
+def test_lr_schedule_warms_up_then_falls_by_cosine_to_min_lr():
+    def lr(step):
+        return get_lr(step, lr=1.0, min_lr=0.1, warmup=10, steps=110)
+
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warmup, at lr on its last step
+    assert [lr(s) for s in (10, 60, 110)] == pytest.approx([1.0, 0.55, 0.1])  # cosine: peak, half way, floor
+    rates = [lr(s) for s in range(111)]
+    assert all(a < b for a, b in zip(rates[:10], rates[1:10])) and all(a > b for a, b in zip(rates[10:], rates[11:]))
+    assert [default_warmup(s) for s in (10, 1000, 20000)] == [1, 50, 1000]
+
+
+def test_the_loop_logs_the_schedule(train_store, tmp_path):
+    train(config(train_store, tmp_path / "run", steps=5, lr=1e-3, min_lr=1e-4, warmup_steps=2), progress=False)
+    logged = [r["lr"] for r in read_metrics(tmp_path / "run")]
+    assert logged == pytest.approx([get_lr(s, lr=1e-3, min_lr=1e-4, warmup=2, steps=5) for s in range(5)], rel=1e-6)
+    assert logged[:3] == pytest.approx([5e-4, 1e-3, 1e-3])

@@ -67,3 +67,45 @@ def test_the_loop_waits_for_the_device_once_per_log_and_never_checkpoints_a_bad_
     with pytest.raises(TrainingError, match=rf"teacher 'dinov2' \(dinov2/summary\) is not finite at step {bad};"):
         train(config(store_copy, run, steps=every + 4, log_every=2, checkpoint_every=2), progress=False)
     assert json.loads((run / "checkpoint/state.json").read_text())["step"] == every
+
+
+class _Fixed(torch.nn.Module):
+    """A 'student' whose outputs are given: the step's losses can then be computed by hand."""
+    mean, std = (0.0,) * 3, (1.0,) * 3
+
+    def __init__(self, outputs: dict):
+        super().__init__()
+        self.outputs, self.p = outputs, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        from types import SimpleNamespace
+        return SimpleNamespace(teachers={k: SimpleNamespace(summary=s, spatial=f) for k, (s, f) in self.outputs.items()})
+
+
+@pytest.mark.parametrize("kind", ["phis", "amradio"])
+def test_the_total_loss_of_a_step_by_hand(kind):
+    """Teacher a: summary 1 - cos([1, 0], [0, 1]) = 1; spatial token [1, 2] vs [3, 2], PHI-S scale = mean
+    eigenvalue of diag(4, 4) = 4. Teacher b: spatial [0, 0] vs [1, 3], scale of diag(1, 9) = 5."""
+    from radio_distill.train.losses import LossConfig
+    from radio_distill.train.reader import TeacherMeta
+    from radio_distill.train.step import total_loss
+
+    teachers = [TeacherMeta("a", 2, 2, (1, 1), (), {"spatial": {"mean": np.zeros(2), "cov": np.diag([4.0, 4.0])}}),
+                TeacherMeta("b", None, 2, (1, 1), (), {"spatial": {"mean": np.zeros(2), "cov": np.diag([1.0, 9.0])}})]
+    model = _Fixed({"a": (torch.tensor([[1.0, 0.0]]), torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)),
+                    "b": (None, torch.zeros(1, 2, 1, 1))})
+    targets = {"a": {"summary": torch.tensor([[0.0, 1.0]]), "spatial": torch.tensor([3.0, 2.0]).view(1, 1, 1, 2)},
+               "b": {"summary": None, "spatial": torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)}}
+    loss = LossConfig(kind=kind, summary_weight=3.0, spatial_weight=0.25, teacher_weights={"a": 2.0, "b": 0.5})
+    step = DistillStep(model, make_optimizer(model, lr=0.1, weight_decay=0.0), teachers, loss=loss, grad_clip=1.0,
+                       device=torch.device("cpu"))
+    losses, total = step._losses(torch.zeros(1, 3, 2, 2), targets)
+    if kind == "phis":  # MSE / scale: ((1-3)² + 0) / 2 / 4 and ((0-1)² + (0-3)²) / 2 / 5
+        expected = [1.0, 0.5, 1.0]
+    else:  # 0.9 (1 - cos) + 0.1 SmoothL1: cos([1, 2], [3, 2]) = 7 / sqrt(65); SmoothL1 of |d| = 2, 0: 1.5, 0
+        expected = [1.0, 0.9 * (1 - 7 / 65**0.5) + 0.1 * 0.75, 0.9 * 1 + 0.1 * (0.5 + 2.5) / 2]
+    assert [v.item() for v in losses] == pytest.approx(expected, rel=1e-6)
+    a_summary, a_spatial, b_spatial = expected
+    assert total.item() == pytest.approx(2 * (3 * a_summary + 0.25 * a_spatial) + 0.5 * 0.25 * b_spatial, rel=1e-6)
+    named = dict(zip(("a/summary", "a/spatial", "b/spatial"), losses))
+    assert total_loss(named, loss, ["b"]).item() == pytest.approx(0.5 * 0.25 * b_spatial, rel=1e-6)  # a not paired
