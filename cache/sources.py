@@ -10,8 +10,10 @@ Tar shards (uncompressed, as `webdataset` writes them): members are grouped by k
 up to the first dot of its base name (`a/b.seg.png`: key `a/b`, extension `seg.png`). The image is
 the member with the first of TAR_IMAGES the key has (jpg before jpeg, png, webp); the label is the
 `cls` member (an integer) or the `label` (else `cls`) key of the `json` member. A key with no image
-member is a sample recorded unreadable, its reason naming the members it has. Id `<tar>/<key>`;
-samples in tar order, then member order, so a shard of consecutive samples is one span of a tar.
+member is a sample recorded unreadable, its reason naming the members it has; a key with two members
+of one extension (`a.jpg` twice, or `a.jpg` and `a.JPG`) is refused, as is an image listed twice in a
+list file. Id `<tar>/<key>`; samples in tar order, then member order, so a shard of consecutive
+samples is one span of a tar.
 
 Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
 `path`), or plain binary; labels come from the `label` column, class names from the schema's
@@ -111,9 +113,9 @@ def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
     (a file cut mid-header or at a member boundary), so the end-of-archive blocks are checked too.
 
     Raises:
-        DatasetError: the tar is truncated or not a tar, or a label is not an integer.
+        DatasetError: the tar is truncated or not a tar, holds a member of a key twice, or a label is not an integer.
     """
-    samples = {}
+    samples, names = {}, {}  # names: (key, extension) -> member name
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
@@ -121,6 +123,10 @@ def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
                 if not m.isfile() or not key or not ext:  # not a sample's member, as `webdataset` reads tars
                     continue
                 key = posixpath.join(posixpath.dirname(m.name), key)
+                if (key, ext.lower()) in names:  # the second would replace the first: a sample lost without a word
+                    raise DatasetError(f"tar file '{path}': members '{names[key, ext.lower()]}' and '{m.name}' are "
+                                       f"both the '{ext.lower()}' of key '{key}'; a tar holds each member of a key once")
+                names[key, ext.lower()] = m.name
                 members, label = samples.setdefault(key, ({}, [-1]))
                 members[ext.lower()] = (m.offset_data, m.size)
                 if ext.lower() in ("cls", "json"):

@@ -370,3 +370,17 @@ def test_a_keys_image_by_extension_order_labels_from_json_and_a_binary_parquet_c
     assert m.column == "jpg" and m.labels == (-1, -1) and m.classes == ()
     got = Images(m.source()).read(m.ids, m.locations)
     assert got[0] == png.getvalue() and str(got[1]) == "no image bytes (null)"
+
+
+def test_a_member_twice_in_a_tar_is_refused_naming_tar_and_key(tmp_path):
+    """`a.jpg` twice: the second replaced the first, 4 images became 3 samples without a word."""
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpg, "JPEG")
+    for second in ("sub/a.jpg", "sub/a.JPG"):
+        with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+            for name in ("sub/a.jpg", "b.jpg", second, "c.jpg"):
+                _add(tar, name, jpg.getvalue())
+        with pytest.raises(DatasetError) as e:
+            scan_source(tmp_path / "dup.tar")
+        assert str(e.value) == (f"tar file '{tmp_path / 'dup.tar'}': members 'sub/a.jpg' and '{second}' are both the "
+                                "'jpg' of key 'sub/a'; a tar holds each member of a key once")
