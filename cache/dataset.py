@@ -8,8 +8,9 @@ they point (a folder of links to shared storage is a dataset), under their path 
 folder reached twice (a symlink loop, or two links to one folder) is walked once, at its first path
 in the walk (depth first, names sorted).
 
-A list file holds one path per line, or CSV `path,label`, in the file's order; its folder is the
-root. Each path is normalised (`./a.jpg`, `sub/../a.jpg` -> `a.jpg`); a path outside the root after
+A list file holds one path per line, or CSV `path,label`, in the file's order (UTF-8, a BOM
+ignored); its folder is the root. Labels that are all integers are those integers, else names
+(`text_labels`); a line with a label but no path is refused. Each path is normalised (`./a.jpg`, `sub/../a.jpg` -> `a.jpg`); a path outside the root after
 normalisation (`../x.jpg`, or an absolute path not under the list's folder) is refused, as is an
 image listed twice under any spelling. The check is on the path as written: a symlink inside the
 root is followed, as in folders.
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +33,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from ..errors import DatasetError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+INTEGER = re.compile(r"-?[0-9]+")  # a label text that is a number
 MAX_PIXELS = 1 << 28  # 268 MP: bigger images are refused (Pillow's own bomb check is replaced by this)
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATIONS = {  # EXIF orientation -> (axes swapped, x flipped, y flipped) in `ImageOps.exif_transpose`'s output
@@ -129,9 +132,9 @@ def _folder_key(st: os.stat_result) -> tuple[int, int]:
 
 def _read_list(path: Path) -> Manifest:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (as Excel writes) is not text
             reader = csv.reader(f)
-            rows = [(reader.line_num, r) for r in reader if r and r[0].strip() and not r[0].startswith("#")]
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r) and not r[0].startswith("#")]
     except UnicodeDecodeError:
         raise DatasetError(f"'{path}' is not a list file (not UTF-8 text); give an image folder, a list file "
                            "(path[,label] per line), uncompressed .tar shards or .parquet files") from None
@@ -143,6 +146,8 @@ def _read_list(path: Path) -> Manifest:
         if len(row) > 2:
             raise DatasetError(f"list file '{path}', line {line}: expected 'path' or 'path,label', got {row!r}")
         written = row[0].strip()
+        if not written:
+            raise DatasetError(f"list file '{path}', line {line}: no path in {row!r}; each line is 'path' or 'path,label'")
         sample_id = _list_id(written, root)
         if sample_id is None:
             raise DatasetError(f"list file '{path}', line {line}: '{written}' is outside the list's folder '{root}'; "
@@ -154,10 +159,30 @@ def _read_list(path: Path) -> Manifest:
         first[sample_id] = (line, written)
         ids.append(sample_id)
         names.append(row[1].strip() if len(row) == 2 else "")
-    classes = sorted({n for n in names if n})
+    labels, classes = text_labels(names, lambda k: f"list file '{path}', line {rows[k][0]}")
+    return Manifest(path.parent, tuple(ids), labels, classes, kind="list")
+
+
+def text_labels(names: list[str], where) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Labels and classes from label texts ('' unlabelled).
+
+    When every text is an integer, the label is that integer (-1 unlabelled, as in tars and Parquet)
+    and the classes are '0' .. the largest, so class k is label k (sorted as names, '10' came before
+    '2'); `radio-cache text --classes` then names them in that order. Else each name is a class, sorted.
+
+    Args:
+        where: k -> where text k is written, for the error naming a label below -1.
+    """
+    given = [n for n in names if n]
+    if given and all(INTEGER.fullmatch(n) for n in given):
+        labels = tuple(int(n) if n else -1 for n in names)
+        below = next((k for k, v in enumerate(labels) if v < -1), None)
+        if below is not None:
+            raise DatasetError(f"{where(below)}: label {labels[below]} is below -1 (-1: unlabelled); labels are 0, 1, ...")
+        return labels, tuple(str(c) for c in range(max(labels) + 1))
+    classes = sorted(set(given))
     index = {c: k for k, c in enumerate(classes)}
-    labels = tuple(index[n] if n else -1 for n in names)
-    return Manifest(path.parent, tuple(ids), labels, tuple(classes), kind="list")
+    return tuple(index[n] if n else -1 for n in names), tuple(classes)
 
 
 def _list_id(written: str, root: str) -> str | None:

@@ -33,6 +33,22 @@ def test_csv_list_with_header_labels_and_relative_paths(tmp_path):
     assert m.classes == ("cat", "dog") and m.labels == (1, 0, -1)
 
 
+def test_integer_labels_of_a_list_are_those_integers(tmp_path):
+    """Sorted as names, label 2 came after 10 (stored as 1): class order no longer matched the numbers."""
+    (tmp_path / "list.csv").write_text("a.jpg,2\nb.jpg,10\nc.jpg, 0\nd.jpg\ne.jpg,-1\n")
+    m = scan_dataset(tmp_path / "list.csv")
+    assert m.labels == (2, 10, 0, -1, -1) and m.classes == tuple(str(k) for k in range(11))
+    (tmp_path / "mixed.csv").write_text("a.jpg,2\nb.jpg,10\nc.jpg,cat\n")  # not all integers: names, sorted
+    m = scan_dataset(tmp_path / "mixed.csv")
+    assert m.labels == (1, 0, 2) and m.classes == ("10", "2", "cat")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    (tmp_path / "list.csv").write_text("\ufeffpath,label\na.jpg,cat\n", encoding="utf-8")  # as Excel saves CSV
+    m = scan_dataset(tmp_path / "list.csv")
+    assert m.ids == ("a.jpg",) and m.classes == ("cat",) and m.labels == (0,)
+
+
 def test_plain_list_and_its_missing_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "here.png")
     (tmp_path / "list.txt").write_text("here.png\nsub/gone.jpg\n")
@@ -55,6 +71,8 @@ def test_manifest_fingerprint_changes_with_ids_and_labels(tmp_path):
     ("a.jpg\nb.jpg,cat,extra\n", r"line 2: expected 'path' or 'path,label', got \['b.jpg', 'cat', 'extra'\]"),
     ("a.jpg\nb.jpg\na.jpg\n", "line 1 'a.jpg' and line 3 'a.jpg' are the same image 'a.jpg'"),
     ("path,label\n", "holds no images"),
+    ("a.jpg,cat\n,dog\n", r"line 2: no path in \['', 'dog'\]; each line is 'path' or 'path,label'"),
+    ("a.jpg,3\nb.jpg,-2\n", r"line 2: label -2 is below -1 \(-1: unlabelled\)"),
 ])
 def test_bad_list_files(tmp_path, text, culprit):
     (tmp_path / "list.csv").write_text(text)
