@@ -17,8 +17,11 @@ samples is one span of a tar.
 
 Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
 `path`), or plain binary; labels come from the `label` column, class names from the schema's
-`huggingface` metadata when it has them. Id `<file>/<row>`; a row without bytes reads the file its `path` names (absolute, or relative to the
-Parquet file's folder), and one with neither is unreadable.
+`huggingface` metadata when it has them. Labels are integers (floats when whole: pandas writes
+integers with NaN as floats) or class names (strings: indices into the schema's names, else as a
+list file's, `dataset.text_labels`), so string labels from pandas or `Value("string")` train too.
+Id `<file>/<row>`; a row without bytes reads the file its `path` names (absolute, or relative to
+the Parquet file's folder), and one with neither is unreadable.
 
 `locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
 file: tar (file, offset of the member's data, its size; offset -1: no image member); Parquet (file,
@@ -40,7 +43,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, scan_dataset
+from .dataset import Manifest, UnreadableImage, scan_dataset, text_labels
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -157,7 +160,7 @@ def _label(data: bytes, ext: str, where: str) -> int:
 
 
 def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
-    ids, labels, locations, column, classes = [], [], [], None, None
+    ids, labels, locations, column, classes, texts = [], [], [], None, None, None
     for f, name in enumerate(names):
         pf = _open_parquet(root / name)
         schema = pf.schema_arrow
@@ -172,17 +175,64 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
                 raise DatasetError(f"parquet file '{root / name}' names other classes than the files before it")
             classes = names_here
         if "label" in schema.names:
-            values = pf.read(columns=["label"]).column("label").to_numpy(zero_copy_only=False)
-            labels += [-1 if v is None or v != v else int(v) for v in values.tolist()]
+            values, text = _label_values(pf, root / name)
+            if texts not in (None, text):
+                raise DatasetError(f"parquet file '{root / name}' has {'class names' if text else 'integers'} as labels, "
+                                   f"the files before it {'integers' if text else 'class names'}; give files of one dataset")
+            labels, texts = labels + values, text
         else:
-            labels += [-1] * pf.metadata.num_rows
+            labels += [None] * pf.metadata.num_rows
         row = 0
         for g in range(pf.metadata.num_row_groups):
             for r in range(pf.metadata.row_group(g).num_rows):
                 ids.append(f"{name}/{row}")
                 locations.append((f, g, r))
                 row += 1
+    if texts:
+        labels, classes = _named_labels(labels, classes, lambda k: f"parquet file '{root}/{ids[k].rpartition('/')[0]}', "
+                                                                   f"row {ids[k].rpartition('/')[2]}")
+    else:
+        labels = [-1 if v is None else v for v in labels]
     return _manifest(root, ids, labels, classes, kind="parquet", files=names, locations=locations, column=column)
+
+
+def _label_values(pf, path: Path) -> tuple[list, bool]:
+    """A Parquet file's `label` column: (values, whether they are class names): integers, or class names
+    (strings); None where unlabelled (null, or a float NaN).
+
+    Raises:
+        DatasetError: a float label that is not a whole number (1.5 was read as 1), or a column of another type.
+    """
+    import pyarrow as pa
+
+    column = pf.read(columns=["label"]).column("label")
+    if pa.types.is_dictionary(column.type):  # as pandas writes categories
+        column = column.cast(column.type.value_type)
+    kind = column.type
+    values = column.to_pylist()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return values, True
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        raise DatasetError(f"parquet file '{path}': its 'label' column is {kind}; labels are integers or class names")
+    values = [None if v is None or v != v else v for v in values]
+    bad = next((k for k, v in enumerate(values) if v is not None and not float(v).is_integer()), None)
+    if bad is not None:
+        raise DatasetError(f"parquet file '{path}', row {bad}: label {values[bad]} is not a whole number; labels are "
+                           "class indices (0, 1, ...) or class names")
+    return [v if v is None else int(v) for v in values], False
+
+
+def _named_labels(names: list, classes: tuple[str, ...] | None, where) -> tuple[list[int], tuple[str, ...]]:
+    """Labels of class-name labels (None: unlabelled): indices into the classes the schema names, when it names
+    them, else as a list file's (`text_labels`: names sorted, or integers when all are)."""
+    if classes is None:
+        return text_labels([n or "" for n in names], where)
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = next((k for k, n in enumerate(names) if n and n not in index), None)
+    if unknown is not None:
+        raise DatasetError(f"{where(unknown)}: label '{names[unknown]}' is not among the classes its schema names "
+                           f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    return [index[n] if n else -1 for n in names], classes
 
 
 def _open_parquet(path: Path):

@@ -384,3 +384,42 @@ def test_a_member_twice_in_a_tar_is_refused_naming_tar_and_key(tmp_path):
             scan_source(tmp_path / "dup.tar")
         assert str(e.value) == (f"tar file '{tmp_path / 'dup.tar'}': members 'sub/a.jpg' and '{second}' are both the "
                                 "'jpg' of key 'sub/a'; a tar holds each member of a key once")
+
+
+def _labelled_parquet(path: Path, labels, *, classes=None) -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    meta = {"huggingface": json.dumps({"info": {"features": {"label": {"names": classes}}}})} if classes else None
+    table = pa.table({"image": [png.getvalue()] * len(labels), "label": labels})
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_parquet_labels_whole_floats_and_class_names(tmp_path):
+    """Float labels were truncated (1.5 -> 1); string labels gave a traceback."""
+    (tmp_path / "a").mkdir()
+    _labelled_parquet(tmp_path / "a" / "floats.parquet", [0.0, 2.0, float("nan"), None])  # pandas' ints with NaN
+    m = scan_source(tmp_path / "a" / "floats.parquet")
+    assert m.labels == (0, 2, -1, -1) and m.classes == ("0", "1", "2")
+    _labelled_parquet(tmp_path / "a" / "half.parquet", [0.0, 1.5])
+    with pytest.raises(DatasetError, match=r"^parquet file '.*half\.parquet', row 1: label 1\.5 is not a whole number"):
+        scan_source(tmp_path / "a" / "half.parquet")
+
+    (tmp_path / "b").mkdir()  # class names over two files: sorted over both, as folder classes
+    _labelled_parquet(tmp_path / "b" / "0.parquet", ["dog", None])
+    _labelled_parquet(tmp_path / "b" / "1.parquet", ["cat", "emu"])
+    m = scan_source(tmp_path / "b" / "*.parquet")
+    assert m.labels == (1, -1, 0, 2) and m.classes == ("cat", "dog", "emu")
+    _labelled_parquet(tmp_path / "b" / "2.parquet", [3, 1])
+    with pytest.raises(DatasetError, match=r"'.*2\.parquet' has integers as labels, the files before it class names"):
+        scan_source(tmp_path / "b" / "*.parquet")
+
+    (tmp_path / "c").mkdir()
+    _labelled_parquet(tmp_path / "c" / "numbers.parquet", ["2", "10"])  # all integers: as a list file's
+    assert scan_source(tmp_path / "c" / "numbers.parquet").labels == (2, 10)
+    _labelled_parquet(tmp_path / "c" / "named.parquet", ["emu", "cat"], classes=["emu", "cat"])  # the schema's order
+    m = scan_source(tmp_path / "c" / "named.parquet")
+    assert m.labels == (0, 1) and m.classes == ("emu", "cat")
+    _labelled_parquet(tmp_path / "c" / "unnamed.parquet", ["emu", "dog"], classes=["emu", "cat"])
+    with pytest.raises(DatasetError, match=r"unnamed\.parquet', row 1: label 'dog' is not among the classes its "
+                                           r"schema names \(emu, cat\)$"):
+        scan_source(tmp_path / "c" / "unnamed.parquet")
