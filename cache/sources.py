@@ -21,7 +21,8 @@ Parquet (the Hugging Face `datasets` layout): the image column is a struct with 
 integers with NaN as floats) or class names (strings: indices into the schema's names, else as a
 list file's, `dataset.text_labels`), so string labels from pandas or `Value("string")` train too.
 Id `<file>/<row>`; a row without bytes reads the file its `path` names (absolute, or relative to
-the Parquet file's folder), and one with neither is unreadable.
+the Parquet file's folder), and one with neither is unreadable. That file must be inside the root:
+a path outside it is refused at the scan, as a list file refuses one (`_check_paths`).
 
 `locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
 file: tar (file, offset of the member's data, its size; offset -1: no image member); Parquet (file,
@@ -43,7 +44,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, scan_dataset, text_labels
+from .dataset import Manifest, UnreadableImage, _list_id, scan_dataset, text_labels
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -169,6 +170,7 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
             raise DatasetError(f"parquet file '{root / name}' has its images in column '{found}', the files before "
                                f"it in '{column}'; give files of one dataset")
         column = found
+        _check_paths(pf, root / name, root, column)
         names_here = _class_names(schema)
         if names_here is not None:
             if classes not in (None, names_here):
@@ -261,6 +263,35 @@ def _image_column(schema, path: Path) -> str:
         raise DatasetError(f"parquet file '{path}' has no image column (a struct with 'bytes', or binary); "
                            f"its columns: {have}")
     return next((c for c in IMAGE_COLUMNS if c in found), found[0])
+
+
+def _check_paths(pf, path: Path, root: Path, column: str) -> None:
+    """Refuse a row without bytes whose `path` is outside the dataset's folder, as a list file refuses such a
+    path. Only row groups whose statistics count rows without bytes are read (a `datasets` file that embeds
+    its images is not: its paths, where the images once were, are never read).
+
+    Raises:
+        DatasetError: naming the file, the row and the path.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = pf.schema_arrow.field(column).type
+    if not pa.types.is_struct(kind) or kind.get_field_index("path") < 0:
+        return
+    start = 0
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        stats = next(group.column(c).statistics for c in range(group.num_columns)
+                     if group.column(c).path_in_schema == f"{column}.bytes")
+        if stats is None or not stats.has_null_count or stats.null_count:
+            cells = pf.read_row_group(g, columns=[f"{column}.bytes", f"{column}.path"]).column(0).combine_chunks()
+            for r in np.flatnonzero(pc.and_(cells.is_valid(), cells.field("bytes").is_null()).to_numpy(False)):
+                written = cells.field("path")[int(r)].as_py()
+                if written and _list_id((path.parent / Path(written).expanduser()).as_posix(), root.as_posix()) is None:
+                    raise DatasetError(f"parquet file '{path}', row {start + int(r)}: image path '{written}' is outside "
+                                       f"the dataset's folder '{root}'; a row without bytes names a file under it")
+        start += group.num_rows
 
 
 def _class_names(schema) -> tuple[str, ...] | None:

@@ -255,11 +255,12 @@ def test_parquet_rows_with_a_path_instead_of_bytes_read_that_file(ray_session, t
     """As `datasets`' `to_parquet` writes local images: {bytes: null, path}, absolute or relative to the file."""
     folder = make_sample_dataset(tmp_path / "data", images=3, size=64, bad=False)
     files = sorted(folder.rglob("*.jpg"))
-    (tmp_path / "parquet").mkdir()
+    (tmp_path / "parquet" / "sub").mkdir(parents=True)
+    shutil.copy(files[0], tmp_path / "parquet" / "sub" / "far.jpg")
     shutil.copy(files[1], tmp_path / "parquet" / "near.jpg")
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    rows = [{"bytes": None, "path": str(files[0])}, {"bytes": None, "path": "near.jpg"},
-            {"bytes": None, "path": "gone.jpg"}, {"bytes": files[2].read_bytes(), "path": "ignored.jpg"}]
+    rows = [{"bytes": None, "path": str(tmp_path / "parquet" / "sub" / "far.jpg")}, {"bytes": None, "path": "near.jpg"},
+            {"bytes": None, "path": "gone.jpg"}, {"bytes": files[2].read_bytes(), "path": "/where/it/once/was.jpg"}]
     pq.write_table(pa.table({"image": pa.array(rows, image)}), tmp_path / "parquet" / "paths.parquet")
     report = build_cache(load_cache_config(data=tmp_path / "parquet" / "paths.parquet", out=tmp_path / "p.zarr",
                                            **BUILD), progress=False)
@@ -271,6 +272,26 @@ def test_parquet_rows_with_a_path_instead_of_bytes_read_that_file(ray_session, t
     for row, f in ((0, files[0]), (1, files[1]), (3, files[2])):  # the same targets as the folder's
         assert np.array_equal(got["teachers/dinov2/summary"][row], want["teachers/dinov2/summary"][where[
             f.relative_to(folder).as_posix()]])
+
+
+@pytest.mark.parametrize("written", ["../../x.jpg", "/etc/hostname", "~/x.jpg", "OUTSIDE"])
+def test_a_parquet_row_naming_a_file_outside_the_dataset_is_refused_at_scan(tmp_path, written, monkeypatch):
+    """As a list file refuses such paths (it was read). Root: the folder of both files; a row with bytes keeps
+    its path unread, and its row group, all with bytes by its statistics, is not read."""
+    written = str(tmp_path / "x.jpg") if written == "OUTSIDE" else written
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for name, rows in (("a/0.parquet", [{"bytes": b"jpeg", "path": "/where/it/once/was.jpg"},
+                                        {"bytes": None, "path": "../b/near.jpg"}, {"bytes": None, "path": written}]),
+                       ("b/1.parquet", [{"bytes": None, "path": "near.jpg"}])):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": pa.array(rows, image)}), tmp_path / "data" / name, row_group_size=1)
+    groups, read = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda pf, g, **kw: groups.append(g) or read(pf, g, **kw))
+    with pytest.raises(DatasetError) as e:
+        scan_source(tmp_path / "data" / "*" / "*.parquet")
+    assert str(e.value) == (f"parquet file '{tmp_path / 'data' / 'a' / '0.parquet'}', row 2: image path '{written}' is "
+                            f"outside the dataset's folder '{tmp_path / 'data'}'; a row without bytes names a file under it")
+    assert groups == [1, 2]
 
 
 def _write_masks(datasets, stores) -> Path:
