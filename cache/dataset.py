@@ -34,6 +34,7 @@ from ..errors import DatasetError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 INTEGER = re.compile(r"-?[0-9]+")  # a label text that is a number
+SURROGATES = re.compile("[\ud800-\udfff]")  # how Python holds the bytes of a file name that are not UTF-8
 MAX_PIXELS = 1 << 28  # 268 MP: bigger images are refused (Pillow's own bomb check is replaced by this)
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATIONS = {  # EXIF orientation -> (axes swapped, x flipped, y flipped) in `ImageOps.exif_transpose`'s output
@@ -85,8 +86,27 @@ def scan_dataset(source: str | Path) -> Manifest:
         raise DatasetError(f"dataset '{source}' does not exist; pass an image folder or a list file")
     if not manifest.ids:
         raise DatasetError(f"dataset '{source}' holds no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    check_names(manifest)
     return manifest
 
+
+def check_names(manifest: Manifest) -> None:
+    """Refuse a sample whose name is not UTF-8 (Python holds its odd bytes as surrogates).
+
+    The store keeps ids as UTF-8 text and finds each image again by its id, so such a name can be
+    neither written nor kept as an unreadable sample under another spelling: the fix is a rename,
+    before anything is created (it was a UnicodeEncodeError once Ray had started).
+
+    Raises:
+        DatasetError: naming the first such file (a tar member: its tar and key) by its bytes.
+    """
+    try:
+        "\n".join(manifest.ids).encode()  # one pass: a million ids in milliseconds
+    except UnicodeEncodeError:
+        bad = next(i for i in manifest.ids if SURROGATES.search(i))
+        raise DatasetError(f"dataset '{manifest.root}': the name {os.fsencode(manifest.root / bad)!r} is not UTF-8, "
+                           "and the store keeps sample ids as UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)") \
+            from None
 
 def _scan_folder(root: Path) -> Manifest:
     ids = sorted(_walk(str(root)))

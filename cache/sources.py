@@ -44,7 +44,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, _list_id, scan_dataset, text_labels
+from .dataset import Manifest, UnreadableImage, _list_id, check_names, scan_dataset, text_labels
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -78,6 +78,7 @@ def scan_source(data: str | Path) -> Manifest:
     manifest = scan(root, names)
     if not manifest.ids:
         raise DatasetError(f"'{text}' ({len(files)} {kind} files) holds no samples")
+    check_names(manifest)
     return manifest
 
 

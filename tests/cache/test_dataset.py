@@ -237,3 +237,15 @@ def test_too_many_pixels_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "MAX_PIXELS", 200 * 100 - 1)
     with pytest.raises(UnreadableImage, match=r"too large: 200x100 pixels \(limit 19999\)"):
         load_rgb(tmp_path / "big.png", min_side=8)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_at_scan_naming_its_bytes(tmp_path):
+    """It was a UnicodeEncodeError once Ray had started, leaving `.partial/` behind."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.jpg")
+    (tmp_path / "sub").mkdir()
+    name = os.fsencode(tmp_path / "sub") + b"/bad\xff.jpg"
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT))
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(tmp_path)
+    assert str(e.value) == (f"dataset '{tmp_path}': the name {name!r} is not UTF-8, and the store keeps sample ids as "
+                            "UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)")

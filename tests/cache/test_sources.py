@@ -3,6 +3,7 @@ files are named in one line, a partial build resumes, and training and evaluatio
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from dataclasses import replace
@@ -444,3 +445,13 @@ def test_parquet_labels_whole_floats_and_class_names(tmp_path):
     with pytest.raises(DatasetError, match=r"unnamed\.parquet', row 1: label 'dog' is not among the classes its "
                                            r"schema names \(emu, cat\)$"):
         scan_source(tmp_path / "c" / "unnamed.parquet")
+
+
+def test_a_tar_member_name_that_is_not_utf8_is_refused_at_scan(tmp_path):
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpg, "JPEG")
+    with tarfile.open(tmp_path / "a.tar", "w", encoding="utf-8", errors="surrogateescape") as tar:
+        _add(tar, "good.jpg", jpg.getvalue())
+        _add(tar, os.fsdecode(b"bad\xe9.jpg"), jpg.getvalue())  # a Latin-1 name
+    with pytest.raises(DatasetError, match=r"the name b'.*/a\.tar/bad\\xe9' is not UTF-8"):
+        scan_source(tmp_path / "a.tar")
