@@ -249,3 +249,27 @@ def test_a_file_name_that_is_not_utf8_is_refused_at_scan_naming_its_bytes(tmp_pa
         scan_dataset(tmp_path)
     assert str(e.value) == (f"dataset '{tmp_path}': the name {name!r} is not UTF-8, and the store keeps sample ids as "
                             "UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)")
+
+
+def test_an_image_decodes_within_its_memory_bound_or_is_refused(tmp_path, monkeypatch):
+    """A 141 KB 16-bit PNG of 8000x8000 took 2.6 GB in a worker (float64 copies of its grey); only its pixel
+    count was bounded. Now the bytes its mode takes are (`decoded_bytes`), and the 16 -> 8 bit step is float32."""
+    import tracemalloc
+
+    from radio_distill.cache import dataset
+
+    Image.fromarray((np.arange(1000 * 800).reshape(800, 1000) % 65536).astype(np.uint16)).save(tmp_path / "g16.png")
+    need = dataset.decoded_bytes((1000, 800), "I;16")
+    assert need == 1000 * 800 * (2 * 2 + 4 + 4)
+    monkeypatch.setattr(dataset, "MAX_DECODED", need - 1)
+    with pytest.raises(UnreadableImage, match=r"^too large to decode: 1000x800 pixels of mode I;16 take 9\.2 MiB "
+                                              r"\(limit 9\.2 MiB\)$"):
+        load_rgb(tmp_path / "g16.png", min_side=32)
+    monkeypatch.setattr(dataset, "MAX_DECODED", need)
+    tracemalloc.start()  # numpy's arrays (and Pillow's bytes) are counted, not Pillow's own pixels
+    try:
+        image = load_rgb(tmp_path / "g16.png", min_side=32).image
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.size == (1000, 800) and peak < 7 * 1000 * 800  # float64: 8 bytes a pixel for each of its copies
