@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..student import load_student, save_student
+from ..student.export import CONFIG, WEIGHTS
 
 STUDENT, OPTIMIZER, STATE = "student", "optimizer.safetensors", "state.json"
 
@@ -35,6 +36,8 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
     (tmp / STATE).write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
                                          "optimizer_scalars": scalars, "run": run}, indent=2))
     old = directory.with_name(directory.name + ".old")
+    if directory.exists() and old.exists():  # a crash after the last swap left both: the newest complete one stays
+        shutil.rmtree(old if _complete(directory) else directory)
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
@@ -43,11 +46,16 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
 
 
 def latest(directory: Path) -> Path | None:
-    """The checkpoint folder to resume from: `directory`, or its `.old` twin when a crash hit the swap."""
-    for d in (directory, directory.with_name(directory.name + ".old")):
-        if (d / STATE).is_file():
-            return d
-    return None
+    """The checkpoint folder to resume from: `directory`, or its `.old` twin when a crash hit the swap.
+
+    A crash between the swap's renames leaves only `.old`; after them, both (`.old` perhaps half deleted):
+    the first complete one is taken, and the next save removes the other."""
+    return next((d for d in (directory, directory.with_name(directory.name + ".old")) if _complete(d)), None)
+
+
+def _complete(directory: Path) -> bool:
+    """Whether every file of a checkpoint is there (`state.json` is written last, but deleted in any order)."""
+    return all((directory / f).is_file() for f in (STATE, OPTIMIZER, f"{STUDENT}/{WEIGHTS}", f"{STUDENT}/{CONFIG}"))
 
 
 def read_state(directory: Path) -> dict:

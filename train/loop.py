@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         if changed:
             was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
             raise TrainingError(f"--resume: run '{out}' was started with {was}; an exact resume needs the same settings")
-    elif ckpt.exists():
+    elif ckpt.exists() or latest(ckpt) is not None:  # a crash mid-swap leaves only checkpoint.old
         raise TrainingError(f"run folder '{out}' already holds a checkpoint; pass --resume or choose another --out")
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
