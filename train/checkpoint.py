@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import TrainingError
 from ..student import load_student, save_student
 from ..student.export import CONFIG, WEIGHTS
 
@@ -16,9 +17,33 @@ STUDENT, OPTIMIZER, STATE = "student", "optimizer.safetensors", "state.json"
 
 
 def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer, step: int, run: dict) -> Path:
-    """Save everything `--resume` needs to continue exactly after `step` steps."""
+    """Save everything `--resume` needs to continue exactly after `step` steps.
+
+    Raises:
+        TrainingError: the checkpoint cannot be written (a full disk...); the previous one is kept.
+    """
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, model=model, optimizer=optimizer, step=step, run=run)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what was written
+        last = latest(directory)
+        kept = f"the checkpoint in '{last}' (step {read_state(last)['step']}) is kept" if last else "no checkpoint is kept"
+        raise TrainingError(f"cannot write the checkpoint of step {step} to '{directory}': {e.strerror or e}; {kept}; "
+                            "free space and continue with --resume") from None
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists() and old.exists():  # a crash after the last swap left both: the newest complete one stays
+        shutil.rmtree(old if _complete(directory) else directory)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _write(tmp: Path, *, model, optimizer: torch.optim.Optimizer, step: int, run: dict) -> None:
+    """The checkpoint's files, into the new folder `tmp`."""
     tmp.mkdir(parents=True)
     save_student(model, tmp / STUDENT)
     opt = optimizer.state_dict()
@@ -35,14 +60,6 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
     save_file(tensors, tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
                                          "optimizer_scalars": scalars, "run": run}, indent=2))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists() and old.exists():  # a crash after the last swap left both: the newest complete one stays
-        shutil.rmtree(old if _complete(directory) else directory)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def latest(directory: Path) -> Path | None:

@@ -181,8 +181,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     # 8. export: a student loadable with `load_student`, without this package's training code
     if procs.main:
-        save_student(model, out / "student")
         metrics.close()
+        try:
+            save_student(model, out / "student")
+        except OSError as e:
+            raise TrainingError(f"cannot write the student to '{out / 'student'}': {e.strerror or e}; the checkpoint in "
+                                f"'{ckpt}' holds step {kept}: free space and export it with --resume") from None
     teardown()
     return {"out": str(out), "steps": steps, "step": end, "losses": last}
 

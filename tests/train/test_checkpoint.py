@@ -1,13 +1,17 @@
-"""Checkpoints: a crash anywhere in the swap resumes from a complete checkpoint, and the next save cleans up."""
+"""Checkpoints: a crash anywhere in the swap resumes from a complete checkpoint, and the next save cleans up;
+a full disk at a checkpoint or at the export is one line and keeps the last checkpoint."""
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from radio_distill.errors import TrainingError
-from radio_distill.student import TeacherDims, create_student
+from radio_distill.student import TeacherDims, create_student, load_student
 from radio_distill.train.checkpoint import latest, load_checkpoint, save_checkpoint
 from radio_distill.train.loop import train
 
@@ -63,3 +67,44 @@ def test_a_fresh_run_never_deletes_the_checkpoint_a_crash_left_as_old(train_stor
     with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):
         train(config(train_store, tmp_path / "run"), progress=False)
     assert _step(tmp_path / "run" / "checkpoint.old") == 4
+
+
+def _full_disk(tensors, path, **kw):
+    """safetensors' `save_file` on a disk that fills up halfway through the file."""
+    Path(path).write_bytes(bytes(100))
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("writer", ["radio_distill.student.export.save_file", "radio_distill.train.checkpoint.save_file"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, writer):
+    """It was an OSError traceback, leaving checkpoint.tmp/ (half a checkpoint) on the full disk."""
+    model, optimizer = _trained()
+    ckpt = tmp_path / "checkpoint"
+    save_checkpoint(ckpt, model=model, optimizer=optimizer, step=1, run={})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    later, later_optimizer = _trained(steps=2)
+    monkeypatch.setattr(writer, _full_disk)
+    with pytest.raises(TrainingError) as e:
+        save_checkpoint(ckpt, model=later, optimizer=later_optimizer, step=2, run={})
+    assert str(e.value) == (f"cannot write the checkpoint of step 2 to '{ckpt}': No space left on device; the checkpoint "
+                            f"in '{ckpt}' (step 1) is kept; free space and continue with --resume")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert load_checkpoint(latest(ckpt), model=later, optimizer=later_optimizer) == 1
+    assert all(torch.equal(later.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_a_full_disk_at_the_export_is_one_line_and_resume_exports(train_store, tmp_path, monkeypatch):
+    from radio_distill.student import export
+
+    run, write = tmp_path / "run", export.save_file
+    monkeypatch.setattr(export, "save_file", lambda tensors, path, **kw: _full_disk(tensors, path) if
+                        Path(path).parent == run / "student" else write(tensors, path, **kw))
+    with pytest.raises(TrainingError) as e:
+        train(config(train_store, run, steps=2), progress=False)
+    assert str(e.value) == (f"cannot write the student to '{run / 'student'}': No space left on device; the checkpoint "
+                            f"in '{run / 'checkpoint'}' holds step 2: free space and export it with --resume")
+    assert list((run / "student").iterdir()) == []  # no half file
+    monkeypatch.undo()
+    assert train(config(train_store, run, steps=2, resume=True), progress=False)["step"] == 2
+    exported, kept = load_student(run / "student"), load_student(run / "checkpoint" / "student")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in kept.state_dict().items())
