@@ -10,10 +10,12 @@ in the walk (depth first, names sorted).
 
 A list file holds one path per line, or CSV `path,label`, in the file's order (UTF-8, a BOM
 ignored); its folder is the root. Labels that are all integers are those integers, else names
-(`text_labels`); a line with a label but no path is refused. Each path is normalised (`./a.jpg`, `sub/../a.jpg` -> `a.jpg`); a path outside the root after
-normalisation (`../x.jpg`, or an absolute path not under the list's folder) is refused, as is an
-image listed twice under any spelling. The check is on the path as written: a symlink inside the
-root is followed, as in folders.
+(`text_labels`); a line with a label but no path is refused. Each path is normalised (`./a.jpg`,
+`sub/../a.jpg` -> `a.jpg`); a path outside the root after normalisation (`../x.jpg`, or an absolute
+path not under the list's folder) is refused, as is an image listed twice under any spelling. The
+check is on the path as written: a symlink inside the root is followed, as in folders.
+
+Every sample's name must be UTF-8 (`check_names`), in any kind of dataset.
 """
 
 import csv
@@ -106,9 +108,10 @@ def check_names(manifest: Manifest) -> None:
         "\n".join(manifest.ids).encode()  # one pass: a million ids in milliseconds
     except UnicodeEncodeError:
         bad = next(i for i in manifest.ids if SURROGATES.search(i))
-        raise DatasetError(f"dataset '{manifest.root}': the name {os.fsencode(manifest.root / bad)!r} is not UTF-8, "
-                           "and the store keeps sample ids as UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)") \
-            from None
+        name = os.fsencode(manifest.root / bad)
+        raise DatasetError(f"dataset '{manifest.root}': the name {name!r} is not UTF-8, and the store keeps sample ids "
+                           "as UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)") from None
+
 
 def _scan_folder(root: Path) -> Manifest:
     ids = sorted(_walk(str(root)))
@@ -169,7 +172,8 @@ def _read_list(path: Path) -> Manifest:
             raise DatasetError(f"list file '{path}', line {line}: expected 'path' or 'path,label', got {row!r}")
         written = row[0].strip()
         if not written:
-            raise DatasetError(f"list file '{path}', line {line}: no path in {row!r}; each line is 'path' or 'path,label'")
+            raise DatasetError(f"list file '{path}', line {line}: no path in {row!r}; each line is 'path' or "
+                               "'path,label'")
         sample_id = _list_id(written, root)
         if sample_id is None:
             raise DatasetError(f"list file '{path}', line {line}: '{written}' is outside the list's folder '{root}'; "
@@ -200,7 +204,8 @@ def text_labels(names: list[str], where) -> tuple[tuple[int, ...], tuple[str, ..
         labels = tuple(int(n) if n else -1 for n in names)
         below = next((k for k, v in enumerate(labels) if v < -1), None)
         if below is not None:
-            raise DatasetError(f"{where(below)}: label {labels[below]} is below -1 (-1: unlabelled); labels are 0, 1, ...")
+            raise DatasetError(f"{where(below)}: label {labels[below]} is below -1 (-1: unlabelled); labels are "
+                               "0, 1, ...")
         return labels, tuple(str(c) for c in range(max(labels) + 1))
     classes = sorted(set(given))
     index = {c: k for k, c in enumerate(classes)}

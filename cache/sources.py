@@ -130,7 +130,8 @@ def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
                 key = posixpath.join(posixpath.dirname(m.name), key)
                 if (key, ext.lower()) in names:  # the second would replace the first: a sample lost without a word
                     raise DatasetError(f"tar file '{path}': members '{names[key, ext.lower()]}' and '{m.name}' are "
-                                       f"both the '{ext.lower()}' of key '{key}'; a tar holds each member of a key once")
+                                       f"both the '{ext.lower()}' of key '{key}'; a tar holds each member of a key "
+                                       "once")
                 names[key, ext.lower()] = m.name
                 members, label = samples.setdefault(key, ({}, [-1]))
                 members[ext.lower()] = (m.offset_data, m.size)
@@ -180,8 +181,9 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
         if "label" in schema.names:
             values, text = _label_values(pf, root / name)
             if texts not in (None, text):
-                raise DatasetError(f"parquet file '{root / name}' has {'class names' if text else 'integers'} as labels, "
-                                   f"the files before it {'integers' if text else 'class names'}; give files of one dataset")
+                kinds = ("class names", "integers") if text else ("integers", "class names")
+                raise DatasetError(f"parquet file '{root / name}' has {kinds[0]} as labels, the files before it "
+                                   f"{kinds[1]}; give files of one dataset")
             labels, texts = labels + values, text
         else:
             labels += [None] * pf.metadata.num_rows
@@ -192,8 +194,10 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
                 locations.append((f, g, r))
                 row += 1
     if texts:
-        labels, classes = _named_labels(labels, classes, lambda k: f"parquet file '{root}/{ids[k].rpartition('/')[0]}', "
-                                                                   f"row {ids[k].rpartition('/')[2]}")
+        def where(k: int) -> str:  # of an id '<file>/<row>'
+            return "parquet file '{}/{}', row {}".format(root, *ids[k].rsplit("/", 1))
+
+        labels, classes = _named_labels(labels, classes, where)
     else:
         labels = [-1 if v is None else v for v in labels]
     return _manifest(root, ids, labels, classes, kind="parquet", files=names, locations=locations, column=column)
@@ -283,15 +287,17 @@ def _check_paths(pf, path: Path, root: Path, column: str) -> None:
     start = 0
     for g in range(pf.metadata.num_row_groups):
         group = pf.metadata.row_group(g)
-        stats = next(group.column(c).statistics for c in range(group.num_columns)
-                     if group.column(c).path_in_schema == f"{column}.bytes")
+        stats = next((group.column(c).statistics for c in range(group.num_columns)
+                      if group.column(c).path_in_schema == f"{column}.bytes"), None)
         if stats is None or not stats.has_null_count or stats.null_count:
             cells = pf.read_row_group(g, columns=[f"{column}.bytes", f"{column}.path"]).column(0).combine_chunks()
-            for r in np.flatnonzero(pc.and_(cells.is_valid(), cells.field("bytes").is_null()).to_numpy(False)):
+            without = pc.and_(cells.is_valid(), cells.field("bytes").is_null()).to_numpy(zero_copy_only=False)
+            for r in np.flatnonzero(without):
                 written = cells.field("path")[int(r)].as_py()
                 if written and _list_id((path.parent / Path(written).expanduser()).as_posix(), root.as_posix()) is None:
-                    raise DatasetError(f"parquet file '{path}', row {start + int(r)}: image path '{written}' is outside "
-                                       f"the dataset's folder '{root}'; a row without bytes names a file under it")
+                    raise DatasetError(f"parquet file '{path}', row {start + int(r)}: image path '{written}' is "
+                                       f"outside the dataset's folder '{root}'; a row without bytes names a file "
+                                       "under it")
         start += group.num_rows
 
 

@@ -29,7 +29,8 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # frees what was written
         last = latest(directory)
-        kept = f"the checkpoint in '{last}' (step {read_state(last)['step']}) is kept" if last else "no checkpoint is kept"
+        kept = (f"the checkpoint in '{last}' (step {read_state(last)['step']}) is kept" if last
+                else "no checkpoint is kept")
         raise TrainingError(f"cannot write the checkpoint of step {step} to '{directory}': {e.strerror or e}; {kept}; "
                             "free space and continue with --resume") from None
     old = directory.with_name(directory.name + ".old")

@@ -185,8 +185,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         try:
             save_student(model, out / "student")
         except OSError as e:
-            raise TrainingError(f"cannot write the student to '{out / 'student'}': {e.strerror or e}; the checkpoint in "
-                                f"'{ckpt}' holds step {kept}: free space and export it with --resume") from None
+            raise TrainingError(f"cannot write the student to '{out / 'student'}': {e.strerror or e}; the checkpoint "
+                                f"in '{ckpt}' holds step {kept}: free space and export it with --resume") from None
     teardown()
     return {"out": str(out), "steps": steps, "step": end, "losses": last}
 

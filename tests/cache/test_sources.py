@@ -291,7 +291,8 @@ def test_a_parquet_row_naming_a_file_outside_the_dataset_is_refused_at_scan(tmp_
     with pytest.raises(DatasetError) as e:
         scan_source(tmp_path / "data" / "*" / "*.parquet")
     assert str(e.value) == (f"parquet file '{tmp_path / 'data' / 'a' / '0.parquet'}', row 2: image path '{written}' is "
-                            f"outside the dataset's folder '{tmp_path / 'data'}'; a row without bytes names a file under it")
+                            f"outside the dataset's folder '{tmp_path / 'data'}'; a row without bytes names a file "
+                            "under it")
     assert groups == [1, 2]
 
 

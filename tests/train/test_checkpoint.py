@@ -75,7 +75,8 @@ def _full_disk(tensors, path, **kw):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-@pytest.mark.parametrize("writer", ["radio_distill.student.export.save_file", "radio_distill.train.checkpoint.save_file"])
+@pytest.mark.parametrize("writer", ["radio_distill.student.export.save_file",  # the student's weights
+                                    "radio_distill.train.checkpoint.save_file"])  # the optimizer's
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, writer):
     """It was an OSError traceback, leaving checkpoint.tmp/ (half a checkpoint) on the full disk."""
     model, optimizer = _trained()
@@ -86,8 +87,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_
     monkeypatch.setattr(writer, _full_disk)
     with pytest.raises(TrainingError) as e:
         save_checkpoint(ckpt, model=later, optimizer=later_optimizer, step=2, run={})
-    assert str(e.value) == (f"cannot write the checkpoint of step 2 to '{ckpt}': No space left on device; the checkpoint "
-                            f"in '{ckpt}' (step 1) is kept; free space and continue with --resume")
+    assert str(e.value) == (f"cannot write the checkpoint of step 2 to '{ckpt}': No space left on device; the "
+                            f"checkpoint in '{ckpt}' (step 1) is kept; free space and continue with --resume")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
     assert load_checkpoint(latest(ckpt), model=later, optimizer=later_optimizer) == 1
     assert all(torch.equal(later.state_dict()[k], v) for k, v in saved.items())

@@ -110,7 +110,8 @@ def test_a_corrupt_sample_array_chunk_is_named_by_train_and_eval(store_copy, tmp
         flipped = bytearray(original)
         flipped[len(flipped) // 2] ^= 0xFF
         chunk.write_bytes(bytes(flipped))
-        for make in (lambda: CacheReader(store_copy), lambda: train(config(store_copy, tmp_path / "new"), progress=False),
+        for make in (lambda: CacheReader(store_copy),
+                     lambda: train(config(store_copy, tmp_path / "new"), progress=False),
                      lambda: evaluate(EvalConfig(store=store_copy, run=run, out=tmp_path / "eval"), progress=False)):
             with pytest.raises(CacheIntegrityError) as e:
                 make()
