@@ -8,11 +8,14 @@ they point (a folder of links to shared storage is a dataset), under their path 
 folder reached twice (a symlink loop, or two links to one folder) is walked once, at its first path
 in the walk (depth first, names sorted).
 
-A list file holds one path per line, or CSV `path,label`, in the file's order; its folder is the
-root. Each path is normalised (`./a.jpg`, `sub/../a.jpg` -> `a.jpg`); a path outside the root after
-normalisation (`../x.jpg`, or an absolute path not under the list's folder) is refused, as is an
-image listed twice under any spelling. The check is on the path as written: a symlink inside the
-root is followed, as in folders.
+A list file holds one path per line, or CSV `path,label`, in the file's order (UTF-8, a BOM
+ignored); its folder is the root. Labels that are all integers are those integers, else names
+(`text_labels`); a line with a label but no path is refused. Each path is normalised (`./a.jpg`,
+`sub/../a.jpg` -> `a.jpg`); a path outside the root after normalisation (`../x.jpg`, or an absolute
+path not under the list's folder) is refused, as is an image listed twice under any spelling. The
+check is on the path as written: a symlink inside the root is followed, as in folders.
+
+Every sample's name must be UTF-8 (`check_names`), in any kind of dataset.
 """
 
 import csv
@@ -21,6 +24,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +35,11 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from ..errors import DatasetError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+INTEGER = re.compile(r"-?[0-9]+")  # a label text that is a number
+SURROGATES = re.compile("[\ud800-\udfff]")  # how Python holds the bytes of a file name that are not UTF-8
 MAX_PIXELS = 1 << 28  # 268 MP: bigger images are refused (Pillow's own bomb check is replaced by this)
+MAX_DECODED = 1 << 31  # bytes one image may take while `load_rgb` decodes it (`decoded_bytes`); more: refused
+HIGH_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # modes `_to_rgb` scales to 8 bits
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATIONS = {  # EXIF orientation -> (axes swapped, x flipped, y flipped) in `ImageOps.exif_transpose`'s output
     2: (False, True, False), 3: (False, True, True), 4: (False, False, True), 5: (True, False, False),
@@ -82,7 +90,27 @@ def scan_dataset(source: str | Path) -> Manifest:
         raise DatasetError(f"dataset '{source}' does not exist; pass an image folder or a list file")
     if not manifest.ids:
         raise DatasetError(f"dataset '{source}' holds no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    check_names(manifest)
     return manifest
+
+
+def check_names(manifest: Manifest) -> None:
+    """Refuse a sample whose name is not UTF-8 (Python holds its odd bytes as surrogates).
+
+    The store keeps ids as UTF-8 text and finds each image again by its id, so such a name can be
+    neither written nor kept as an unreadable sample under another spelling: the fix is a rename,
+    before anything is created (it was a UnicodeEncodeError once Ray had started).
+
+    Raises:
+        DatasetError: naming the first such file (a tar member: its tar and key) by its bytes.
+    """
+    try:
+        "\n".join(manifest.ids).encode()  # one pass: a million ids in milliseconds
+    except UnicodeEncodeError:
+        bad = next(i for i in manifest.ids if SURROGATES.search(i))
+        name = os.fsencode(manifest.root / bad)
+        raise DatasetError(f"dataset '{manifest.root}': the name {name!r} is not UTF-8, and the store keeps sample ids "
+                           "as UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)") from None
 
 
 def _scan_folder(root: Path) -> Manifest:
@@ -129,9 +157,9 @@ def _folder_key(st: os.stat_result) -> tuple[int, int]:
 
 def _read_list(path: Path) -> Manifest:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (as Excel writes) is not text
             reader = csv.reader(f)
-            rows = [(reader.line_num, r) for r in reader if r and r[0].strip() and not r[0].startswith("#")]
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r) and not r[0].startswith("#")]
     except UnicodeDecodeError:
         raise DatasetError(f"'{path}' is not a list file (not UTF-8 text); give an image folder, a list file "
                            "(path[,label] per line), uncompressed .tar shards or .parquet files") from None
@@ -143,6 +171,9 @@ def _read_list(path: Path) -> Manifest:
         if len(row) > 2:
             raise DatasetError(f"list file '{path}', line {line}: expected 'path' or 'path,label', got {row!r}")
         written = row[0].strip()
+        if not written:
+            raise DatasetError(f"list file '{path}', line {line}: no path in {row!r}; each line is 'path' or "
+                               "'path,label'")
         sample_id = _list_id(written, root)
         if sample_id is None:
             raise DatasetError(f"list file '{path}', line {line}: '{written}' is outside the list's folder '{root}'; "
@@ -154,10 +185,31 @@ def _read_list(path: Path) -> Manifest:
         first[sample_id] = (line, written)
         ids.append(sample_id)
         names.append(row[1].strip() if len(row) == 2 else "")
-    classes = sorted({n for n in names if n})
+    labels, classes = text_labels(names, lambda k: f"list file '{path}', line {rows[k][0]}")
+    return Manifest(path.parent, tuple(ids), labels, classes, kind="list")
+
+
+def text_labels(names: list[str], where) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Labels and classes from label texts ('' unlabelled).
+
+    When every text is an integer, the label is that integer (-1 unlabelled, as in tars and Parquet)
+    and the classes are '0' .. the largest, so class k is label k (sorted as names, '10' came before
+    '2'); `radio-cache text --classes` then names them in that order. Else each name is a class, sorted.
+
+    Args:
+        where: k -> where text k is written, for the error naming a label below -1.
+    """
+    given = [n for n in names if n]
+    if given and all(INTEGER.fullmatch(n) for n in given):
+        labels = tuple(int(n) if n else -1 for n in names)
+        below = next((k for k, v in enumerate(labels) if v < -1), None)
+        if below is not None:
+            raise DatasetError(f"{where(below)}: label {labels[below]} is below -1 (-1: unlabelled); labels are "
+                               "0, 1, ...")
+        return labels, tuple(str(c) for c in range(max(labels) + 1))
+    classes = sorted(set(given))
     index = {c: k for k, c in enumerate(classes)}
-    labels = tuple(index[n] if n else -1 for n in names)
-    return Manifest(path.parent, tuple(ids), labels, tuple(classes), kind="list")
+    return tuple(index[n] if n else -1 for n in names), tuple(classes)
 
 
 def _list_id(written: str, root: str) -> str | None:
@@ -190,6 +242,9 @@ def load_rgb(source: Path | bytes, *, min_side: int) -> Decoded:
     reaches past the source's far edge (by less than k source pixels), and an EXIF flip moves that
     margin to the near edge: `span` records it, and `crop_resize` maps boxes through it.
 
+    At most MAX_DECODED bytes are held (`decoded_bytes`: the pixels, after a JPEG's reduced scale, in
+    their mode and as RGB): a bigger image is refused before its pixels are decoded.
+
     Raises:
         UnreadableImage: with the reason, for missing, empty, corrupt, truncated or oversized files.
     """
@@ -211,6 +266,10 @@ def load_rgb(source: Path | bytes, *, min_side: int) -> Decoded:
                 f = 2 * min_side / min(width, height)
                 drafted = im.draft("RGB", (max(1, int(width * f)), max(1, int(height * f))))
                 k = width / drafted[1][2] if drafted else 1.0  # drafted box: (0, 0, width / k, height / k)
+            need = decoded_bytes(im.size, im.mode)  # a 141 KB 16-bit PNG can hold 8000x8000 pixels
+            if need > MAX_DECODED:
+                raise UnreadableImage(f"too large to decode: {im.width}x{im.height} pixels of mode {im.mode} take "
+                                      f"{need / 2**20:.1f} MiB (limit {MAX_DECODED / 2**20:.1f} MiB)")
             swap, flip_x, flip_y = ORIENTATIONS.get(im.getexif().get(ExifTags.Base.Orientation, 1), (False,) * 3)
             if swap:
                 width, height = height, width
@@ -225,12 +284,25 @@ def load_rgb(source: Path | bytes, *, min_side: int) -> Decoded:
         raise UnreadableImage(reason) from None
 
 
+def decoded_bytes(size: tuple[int, int], mode: str) -> int:
+    """The most memory `load_rgb` holds for an image of `size` (W, H) decoded in Pillow `mode`: its pixels
+    and their oriented copy (Pillow keeps 1, 2 or 4 bytes a pixel), the RGB result (4 bytes a pixel), and
+    from a 16/32-bit mode its float32 grey (4), from alpha or a palette its RGBA composite (8). The peaks
+    measured at 4000x4000 (L 6, RGB 12, RGBA 16, P 13, I;16 11, F 16 bytes a pixel, plus ~2 MB) are at or
+    below it."""
+    per = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    work = 4 if mode in HIGH_BIT else 8 if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") else 0
+    return size[0] * size[1] * (2 * per + 4 + work)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode: 16/32-bit scaled down, alpha composited on white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        a = a / 257.0 if a.max() > 255 else a
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode in HIGH_BIT:
+        a = np.array(im, dtype=np.float32)  # a writable copy, scaled in place (float64 copies took 28 B a pixel)
+        if a.max() > 255:
+            a /= 257.0  # exact to the 8-bit grey as float64 gives it: no 16-bit value lies near a .5 (257 is odd)
+        np.clip(np.rint(a, out=a), 0, 255, out=a)
+        im = Image.fromarray(a.astype(np.uint8), "L")
     if im.mode == "P" or im.mode in ("LA", "PA", "La", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":

@@ -10,13 +10,19 @@ Tar shards (uncompressed, as `webdataset` writes them): members are grouped by k
 up to the first dot of its base name (`a/b.seg.png`: key `a/b`, extension `seg.png`). The image is
 the member with the first of TAR_IMAGES the key has (jpg before jpeg, png, webp); the label is the
 `cls` member (an integer) or the `label` (else `cls`) key of the `json` member. A key with no image
-member is a sample recorded unreadable, its reason naming the members it has. Id `<tar>/<key>`;
-samples in tar order, then member order, so a shard of consecutive samples is one span of a tar.
+member is a sample recorded unreadable, its reason naming the members it has; a key with two members
+of one extension (`a.jpg` twice, or `a.jpg` and `a.JPG`) is refused, as is an image listed twice in a
+list file. Id `<tar>/<key>`; samples in tar order, then member order, so a shard of consecutive
+samples is one span of a tar.
 
 Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
 `path`), or plain binary; labels come from the `label` column, class names from the schema's
-`huggingface` metadata when it has them. Id `<file>/<row>`; a row without bytes reads the file its `path` names (absolute, or relative to the
-Parquet file's folder), and one with neither is unreadable.
+`huggingface` metadata when it has them. Labels are integers (floats when whole: pandas writes
+integers with NaN as floats) or class names (strings: indices into the schema's names, else as a
+list file's, `dataset.text_labels`), so string labels from pandas or `Value("string")` train too.
+Id `<file>/<row>`; a row without bytes reads the file its `path` names (absolute, or relative to
+the Parquet file's folder), and one with neither is unreadable. That file must be inside the root:
+a path outside it is refused at the scan, as a list file refuses one (`_check_paths`).
 
 `locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
 file: tar (file, offset of the member's data, its size; offset -1: no image member); Parquet (file,
@@ -38,7 +44,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, scan_dataset
+from .dataset import Manifest, UnreadableImage, _list_id, check_names, scan_dataset, text_labels
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -72,6 +78,7 @@ def scan_source(data: str | Path) -> Manifest:
     manifest = scan(root, names)
     if not manifest.ids:
         raise DatasetError(f"'{text}' ({len(files)} {kind} files) holds no samples")
+    check_names(manifest)
     return manifest
 
 
@@ -111,9 +118,9 @@ def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
     (a file cut mid-header or at a member boundary), so the end-of-archive blocks are checked too.
 
     Raises:
-        DatasetError: the tar is truncated or not a tar, or a label is not an integer.
+        DatasetError: the tar is truncated or not a tar, holds a member of a key twice, or a label is not an integer.
     """
-    samples = {}
+    samples, names = {}, {}  # names: (key, extension) -> member name
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
@@ -121,6 +128,11 @@ def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
                 if not m.isfile() or not key or not ext:  # not a sample's member, as `webdataset` reads tars
                     continue
                 key = posixpath.join(posixpath.dirname(m.name), key)
+                if (key, ext.lower()) in names:  # the second would replace the first: a sample lost without a word
+                    raise DatasetError(f"tar file '{path}': members '{names[key, ext.lower()]}' and '{m.name}' are "
+                                       f"both the '{ext.lower()}' of key '{key}'; a tar holds each member of a key "
+                                       "once")
+                names[key, ext.lower()] = m.name
                 members, label = samples.setdefault(key, ({}, [-1]))
                 members[ext.lower()] = (m.offset_data, m.size)
                 if ext.lower() in ("cls", "json"):
@@ -151,7 +163,7 @@ def _label(data: bytes, ext: str, where: str) -> int:
 
 
 def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
-    ids, labels, locations, column, classes = [], [], [], None, None
+    ids, labels, locations, column, classes, texts = [], [], [], None, None, None
     for f, name in enumerate(names):
         pf = _open_parquet(root / name)
         schema = pf.schema_arrow
@@ -160,23 +172,74 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
             raise DatasetError(f"parquet file '{root / name}' has its images in column '{found}', the files before "
                                f"it in '{column}'; give files of one dataset")
         column = found
+        _check_paths(pf, root / name, root, column)
         names_here = _class_names(schema)
         if names_here is not None:
             if classes not in (None, names_here):
                 raise DatasetError(f"parquet file '{root / name}' names other classes than the files before it")
             classes = names_here
         if "label" in schema.names:
-            values = pf.read(columns=["label"]).column("label").to_numpy(zero_copy_only=False)
-            labels += [-1 if v is None or v != v else int(v) for v in values.tolist()]
+            values, text = _label_values(pf, root / name)
+            if texts not in (None, text):
+                kinds = ("class names", "integers") if text else ("integers", "class names")
+                raise DatasetError(f"parquet file '{root / name}' has {kinds[0]} as labels, the files before it "
+                                   f"{kinds[1]}; give files of one dataset")
+            labels, texts = labels + values, text
         else:
-            labels += [-1] * pf.metadata.num_rows
+            labels += [None] * pf.metadata.num_rows
         row = 0
         for g in range(pf.metadata.num_row_groups):
             for r in range(pf.metadata.row_group(g).num_rows):
                 ids.append(f"{name}/{row}")
                 locations.append((f, g, r))
                 row += 1
+    if texts:
+        def where(k: int) -> str:  # of an id '<file>/<row>'
+            return "parquet file '{}/{}', row {}".format(root, *ids[k].rsplit("/", 1))
+
+        labels, classes = _named_labels(labels, classes, where)
+    else:
+        labels = [-1 if v is None else v for v in labels]
     return _manifest(root, ids, labels, classes, kind="parquet", files=names, locations=locations, column=column)
+
+
+def _label_values(pf, path: Path) -> tuple[list, bool]:
+    """A Parquet file's `label` column: (values, whether they are class names): integers, or class names
+    (strings); None where unlabelled (null, or a float NaN).
+
+    Raises:
+        DatasetError: a float label that is not a whole number (1.5 was read as 1), or a column of another type.
+    """
+    import pyarrow as pa
+
+    column = pf.read(columns=["label"]).column("label")
+    if pa.types.is_dictionary(column.type):  # as pandas writes categories
+        column = column.cast(column.type.value_type)
+    kind = column.type
+    values = column.to_pylist()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return values, True
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        raise DatasetError(f"parquet file '{path}': its 'label' column is {kind}; labels are integers or class names")
+    values = [None if v is None or v != v else v for v in values]
+    bad = next((k for k, v in enumerate(values) if v is not None and not float(v).is_integer()), None)
+    if bad is not None:
+        raise DatasetError(f"parquet file '{path}', row {bad}: label {values[bad]} is not a whole number; labels are "
+                           "class indices (0, 1, ...) or class names")
+    return [v if v is None else int(v) for v in values], False
+
+
+def _named_labels(names: list, classes: tuple[str, ...] | None, where) -> tuple[list[int], tuple[str, ...]]:
+    """Labels of class-name labels (None: unlabelled): indices into the classes the schema names, when it names
+    them, else as a list file's (`text_labels`: names sorted, or integers when all are)."""
+    if classes is None:
+        return text_labels([n or "" for n in names], where)
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = next((k for k, n in enumerate(names) if n and n not in index), None)
+    if unknown is not None:
+        raise DatasetError(f"{where(unknown)}: label '{names[unknown]}' is not among the classes its schema names "
+                           f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    return [index[n] if n else -1 for n in names], classes
 
 
 def _open_parquet(path: Path):
@@ -205,6 +268,37 @@ def _image_column(schema, path: Path) -> str:
         raise DatasetError(f"parquet file '{path}' has no image column (a struct with 'bytes', or binary); "
                            f"its columns: {have}")
     return next((c for c in IMAGE_COLUMNS if c in found), found[0])
+
+
+def _check_paths(pf, path: Path, root: Path, column: str) -> None:
+    """Refuse a row without bytes whose `path` is outside the dataset's folder, as a list file refuses such a
+    path. Only row groups whose statistics count rows without bytes are read (a `datasets` file that embeds
+    its images is not: its paths, where the images once were, are never read).
+
+    Raises:
+        DatasetError: naming the file, the row and the path.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = pf.schema_arrow.field(column).type
+    if not pa.types.is_struct(kind) or kind.get_field_index("path") < 0:
+        return
+    start = 0
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        stats = next((group.column(c).statistics for c in range(group.num_columns)
+                      if group.column(c).path_in_schema == f"{column}.bytes"), None)
+        if stats is None or not stats.has_null_count or stats.null_count:
+            cells = pf.read_row_group(g, columns=[f"{column}.bytes", f"{column}.path"]).column(0).combine_chunks()
+            without = pc.and_(cells.is_valid(), cells.field("bytes").is_null()).to_numpy(zero_copy_only=False)
+            for r in np.flatnonzero(without):
+                written = cells.field("path")[int(r)].as_py()
+                if written and _list_id((path.parent / Path(written).expanduser()).as_posix(), root.as_posix()) is None:
+                    raise DatasetError(f"parquet file '{path}', row {start + int(r)}: image path '{written}' is "
+                                       f"outside the dataset's folder '{root}'; a row without bytes names a file "
+                                       "under it")
+        start += group.num_rows
 
 
 def _class_names(schema) -> tuple[str, ...] | None:

@@ -122,31 +122,46 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     else:
         report["throughput"] = {"skipped": "turned off (--no-throughput)"}
 
-    # 6. pictures and the report
+    # 6. pictures and the report (a write that fails, e.g. on a full disk, is one line)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     images = [view_image(reader, int(held[p]), PICTURE_SIDE) for p in test.shown]
-    features_png(out / "features.png", images, test.shown_teacher, test.shown_student,
-                 note="teachers: " + ", ".join(labels.values()), captions=[reader.ids[held[p]] for p in test.shown])
-    report["pictures"] = {"features": "features.png"}
     metrics_csv = run.path / "metrics.csv"
     rows = read_metrics(metrics_csv) if metrics_csv.is_file() else {}
-    if rows.get("step") is not None and len(rows["step"]):
-        curves_png(out / "curves.png", rows)
-        report["pictures"]["curves"] = "curves.png"
-    else:
-        report["pictures"]["curves"] = None
-        report["pictures"]["skipped"] = f"no training metrics in '{metrics_csv}'"
-    if sam_ious:
-        sam_png(out / "sam_iou.png", sam_ious)
-        report["pictures"]["sam"] = "sam_iou.png"
-    if sweep:
-        resolution_png(out / "fidelity_resolution.png", report["fidelity_by_resolution"])
-        report["pictures"]["resolutions"] = "fidelity_resolution.png"
-    report = _plain(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        features_png(out / "features.png", images, test.shown_teacher, test.shown_student,
+                     note="teachers: " + ", ".join(labels.values()), captions=[reader.ids[held[p]] for p in test.shown])
+        report["pictures"] = {"features": "features.png"}
+        if rows.get("step") is not None and len(rows["step"]):
+            curves_png(out / "curves.png", rows)
+            report["pictures"]["curves"] = "curves.png"
+        else:
+            report["pictures"]["curves"] = None
+            report["pictures"]["skipped"] = f"no training metrics in '{metrics_csv}'"
+        if sam_ious:
+            sam_png(out / "sam_iou.png", sam_ious)
+            report["pictures"]["sam"] = "sam_iou.png"
+        if sweep:
+            resolution_png(out / "fidelity_resolution.png", report["fidelity_by_resolution"])
+            report["pictures"]["resolutions"] = "fidelity_resolution.png"
+        report = _plain(report)
+        _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+        _write_text(out / "report.md", render_markdown(report))
+    except OSError as e:
+        raise EvaluationError(f"cannot write the report to '{out}': {e.strerror or e}; free space and run `radio-eval` "
+                              "again (the metrics are not kept)") from None
     return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written beside and renamed over `path`, so a failed write (a full disk) leaves no half report."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
 
 
 def _masks_dir(cfg: EvalConfig, reader) -> tuple[Path | None, str]:

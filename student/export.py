@@ -31,6 +31,9 @@ def save_student(model: Student, directory: str | Path) -> Path:
 
     Returns:
         the directory.
+
+    Raises:
+        OSError: a file cannot be written; the files there before are left as they were.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -51,8 +54,17 @@ def save_student(model: Student, directory: str | Path) -> Path:
         raise ValueError(f"student overrides {model.overrides!r} are not JSON data: {e}") from e
     # copies, so tied / viewed tensors never share storage (safetensors refuses that)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS, metadata={"format_version": str(FORMAT_VERSION)})
-    (directory / CONFIG).write_text(text + "\n")
+    # written beside and renamed over the files, so a failed save (a full disk) leaves no half file
+    tmp_weights, tmp_config = directory / f".{WEIGHTS}.tmp", directory / f".{CONFIG}.tmp"
+    try:
+        save_file(state, tmp_weights, metadata={"format_version": str(FORMAT_VERSION)})
+        tmp_config.write_text(text + "\n")
+    except OSError:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+        raise
+    tmp_weights.replace(directory / WEIGHTS)
+    tmp_config.replace(directory / CONFIG)
     return directory
 
 

@@ -9,15 +9,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import TrainingError
 from ..student import load_student, save_student
+from ..student.export import CONFIG, WEIGHTS
 
 STUDENT, OPTIMIZER, STATE = "student", "optimizer.safetensors", "state.json"
 
 
 def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer, step: int, run: dict) -> Path:
-    """Save everything `--resume` needs to continue exactly after `step` steps."""
+    """Save everything `--resume` needs to continue exactly after `step` steps.
+
+    Raises:
+        TrainingError: the checkpoint cannot be written (a full disk...); the previous one is kept.
+    """
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, model=model, optimizer=optimizer, step=step, run=run)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what was written
+        last = latest(directory)
+        kept = (f"the checkpoint in '{last}' (step {read_state(last)['step']}) is kept" if last
+                else "no checkpoint is kept")
+        raise TrainingError(f"cannot write the checkpoint of step {step} to '{directory}': {e.strerror or e}; {kept}; "
+                            "free space and continue with --resume") from None
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists() and old.exists():  # a crash after the last swap left both: the newest complete one stays
+        shutil.rmtree(old if _complete(directory) else directory)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _write(tmp: Path, *, model, optimizer: torch.optim.Optimizer, step: int, run: dict) -> None:
+    """The checkpoint's files, into the new folder `tmp`."""
     tmp.mkdir(parents=True)
     save_student(model, tmp / STUDENT)
     opt = optimizer.state_dict()
@@ -34,20 +61,19 @@ def save_checkpoint(directory: Path, *, model, optimizer: torch.optim.Optimizer,
     save_file(tensors, tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
                                          "optimizer_scalars": scalars, "run": run}, indent=2))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def latest(directory: Path) -> Path | None:
-    """The checkpoint folder to resume from: `directory`, or its `.old` twin when a crash hit the swap."""
-    for d in (directory, directory.with_name(directory.name + ".old")):
-        if (d / STATE).is_file():
-            return d
-    return None
+    """The checkpoint folder to resume from: `directory`, or its `.old` twin when a crash hit the swap.
+
+    A crash between the swap's renames leaves only `.old`; after them, both (`.old` perhaps half deleted):
+    the first complete one is taken, and the next save removes the other."""
+    return next((d for d in (directory, directory.with_name(directory.name + ".old")) if _complete(d)), None)
+
+
+def _complete(directory: Path) -> bool:
+    """Whether every file of a checkpoint is there (`state.json` is written last, but deleted in any order)."""
+    return all((directory / f).is_file() for f in (STATE, OPTIMIZER, f"{STUDENT}/{WEIGHTS}", f"{STUDENT}/{CONFIG}"))
 
 
 def read_state(directory: Path) -> dict:

@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         if changed:
             was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
             raise TrainingError(f"--resume: run '{out}' was started with {was}; an exact resume needs the same settings")
-    elif ckpt.exists():
+    elif ckpt.exists() or latest(ckpt) is not None:  # a crash mid-swap leaves only checkpoint.old
         raise TrainingError(f"run folder '{out}' already holds a checkpoint; pass --resume or choose another --out")
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +188,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     # 8. export: a student loadable with `load_student`, without this package's training code
     if procs.main:
-        save_student(model, out / "student")
         metrics.close()
+        try:
+            save_student(model, out / "student")
+        except OSError as e:
+            raise TrainingError(f"cannot write the student to '{out / 'student'}': {e.strerror or e}; the checkpoint "
+                                f"in '{ckpt}' holds step {kept}: free space and export it with --resume") from None
     teardown()
     return {"out": str(out), "steps": steps, "step": end, "losses": last}
 

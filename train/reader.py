@@ -112,11 +112,20 @@ class CacheReader:
         arrays = [L.LABELS, L.BOXES, L.STATUS] + [L.done_array(name) for name in names]
         arrays += [a for a in (L.LOCATIONS, L.SOURCES) if a in root]
         reads = dict(zip(arrays, [open_array(self.path, a).read() for a in arrays]))
-        self.ids = SampleIds(root[L.IDS][:])
-        self.labels, self.boxes, status = (reads[a].result() for a in (L.LABELS, L.BOXES, L.STATUS))
-        self.locations = reads[L.LOCATIONS].result() if L.LOCATIONS in reads else None  # (N, 3), `sources.py`
-        self.sources = reads[L.SOURCES].result() if L.SOURCES in reads else None  # (N, 3), `provenance.py`
-        done = np.logical_and.reduce([reads[L.done_array(name)].result() == 1 for name in names])
+
+        def whole(array: str, read):  # a chunk failing its checksum or decompression is named, as targets' are
+            try:
+                return read()
+            except (ValueError, RuntimeError) as e:
+                raise CacheIntegrityError(f"{array}: a chunk fails to decode ({str(e).splitlines()[0][:160]}); run "
+                                          f"`radio-cache verify {self.path}`") from None
+
+        self.ids = SampleIds(whole(L.IDS, lambda: root[L.IDS][:]))
+        values = {a: whole(a, r.result) for a, r in reads.items()}
+        self.labels, self.boxes, status = (values[a] for a in (L.LABELS, L.BOXES, L.STATUS))
+        self.locations = values.get(L.LOCATIONS)  # (N, 3), `sources.py`
+        self.sources = values.get(L.SOURCES)  # (N, 3), `provenance.py`
+        done = np.logical_and.reduce([values[L.done_array(name)] == 1 for name in names])
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
                                    "finish it with the same `radio-cache build` command, or pass --allow-partial")

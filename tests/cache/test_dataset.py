@@ -33,6 +33,22 @@ def test_csv_list_with_header_labels_and_relative_paths(tmp_path):
     assert m.classes == ("cat", "dog") and m.labels == (1, 0, -1)
 
 
+def test_integer_labels_of_a_list_are_those_integers(tmp_path):
+    """Sorted as names, label 2 came after 10 (stored as 1): class order no longer matched the numbers."""
+    (tmp_path / "list.csv").write_text("a.jpg,2\nb.jpg,10\nc.jpg, 0\nd.jpg\ne.jpg,-1\n")
+    m = scan_dataset(tmp_path / "list.csv")
+    assert m.labels == (2, 10, 0, -1, -1) and m.classes == tuple(str(k) for k in range(11))
+    (tmp_path / "mixed.csv").write_text("a.jpg,2\nb.jpg,10\nc.jpg,cat\n")  # not all integers: names, sorted
+    m = scan_dataset(tmp_path / "mixed.csv")
+    assert m.labels == (1, 0, 2) and m.classes == ("10", "2", "cat")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    (tmp_path / "list.csv").write_text("\ufeffpath,label\na.jpg,cat\n", encoding="utf-8")  # as Excel saves CSV
+    m = scan_dataset(tmp_path / "list.csv")
+    assert m.ids == ("a.jpg",) and m.classes == ("cat",) and m.labels == (0,)
+
+
 def test_plain_list_and_its_missing_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "here.png")
     (tmp_path / "list.txt").write_text("here.png\nsub/gone.jpg\n")
@@ -55,6 +71,8 @@ def test_manifest_fingerprint_changes_with_ids_and_labels(tmp_path):
     ("a.jpg\nb.jpg,cat,extra\n", r"line 2: expected 'path' or 'path,label', got \['b.jpg', 'cat', 'extra'\]"),
     ("a.jpg\nb.jpg\na.jpg\n", "line 1 'a.jpg' and line 3 'a.jpg' are the same image 'a.jpg'"),
     ("path,label\n", "holds no images"),
+    ("a.jpg,cat\n,dog\n", r"line 2: no path in \['', 'dog'\]; each line is 'path' or 'path,label'"),
+    ("a.jpg,3\nb.jpg,-2\n", r"line 2: label -2 is below -1 \(-1: unlabelled\)"),
 ])
 def test_bad_list_files(tmp_path, text, culprit):
     (tmp_path / "list.csv").write_text(text)
@@ -219,3 +237,39 @@ def test_too_many_pixels_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "MAX_PIXELS", 200 * 100 - 1)
     with pytest.raises(UnreadableImage, match=r"too large: 200x100 pixels \(limit 19999\)"):
         load_rgb(tmp_path / "big.png", min_side=8)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_at_scan_naming_its_bytes(tmp_path):
+    """It was a UnicodeEncodeError once Ray had started, leaving `.partial/` behind."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.jpg")
+    (tmp_path / "sub").mkdir()
+    name = os.fsencode(tmp_path / "sub") + b"/bad\xff.jpg"
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT))
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(tmp_path)
+    assert str(e.value) == (f"dataset '{tmp_path}': the name {name!r} is not UTF-8, and the store keeps sample ids as "
+                            "UTF-8 text; rename it (e.g. `convmv -f latin1 -t utf8`)")
+
+
+def test_an_image_decodes_within_its_memory_bound_or_is_refused(tmp_path, monkeypatch):
+    """A 141 KB 16-bit PNG of 8000x8000 took 2.6 GB in a worker (float64 copies of its grey); only its pixel
+    count was bounded. Now the bytes its mode takes are (`decoded_bytes`), and the 16 -> 8 bit step is float32."""
+    import tracemalloc
+
+    from radio_distill.cache import dataset
+
+    Image.fromarray((np.arange(1000 * 800).reshape(800, 1000) % 65536).astype(np.uint16)).save(tmp_path / "g16.png")
+    need = dataset.decoded_bytes((1000, 800), "I;16")
+    assert need == 1000 * 800 * (2 * 2 + 4 + 4)
+    monkeypatch.setattr(dataset, "MAX_DECODED", need - 1)
+    with pytest.raises(UnreadableImage, match=r"^too large to decode: 1000x800 pixels of mode I;16 take 9\.2 MiB "
+                                              r"\(limit 9\.2 MiB\)$"):
+        load_rgb(tmp_path / "g16.png", min_side=32)
+    monkeypatch.setattr(dataset, "MAX_DECODED", need)
+    tracemalloc.start()  # numpy's arrays (and Pillow's bytes) are counted, not Pillow's own pixels
+    try:
+        image = load_rgb(tmp_path / "g16.png", min_side=32).image
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.size == (1000, 800) and peak < 7 * 1000 * 800  # float64: 8 bytes a pixel for each of its copies

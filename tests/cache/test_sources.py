@@ -3,6 +3,7 @@ files are named in one line, a partial build resumes, and training and evaluatio
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from dataclasses import replace
@@ -255,11 +256,12 @@ def test_parquet_rows_with_a_path_instead_of_bytes_read_that_file(ray_session, t
     """As `datasets`' `to_parquet` writes local images: {bytes: null, path}, absolute or relative to the file."""
     folder = make_sample_dataset(tmp_path / "data", images=3, size=64, bad=False)
     files = sorted(folder.rglob("*.jpg"))
-    (tmp_path / "parquet").mkdir()
+    (tmp_path / "parquet" / "sub").mkdir(parents=True)
+    shutil.copy(files[0], tmp_path / "parquet" / "sub" / "far.jpg")
     shutil.copy(files[1], tmp_path / "parquet" / "near.jpg")
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    rows = [{"bytes": None, "path": str(files[0])}, {"bytes": None, "path": "near.jpg"},
-            {"bytes": None, "path": "gone.jpg"}, {"bytes": files[2].read_bytes(), "path": "ignored.jpg"}]
+    rows = [{"bytes": None, "path": str(tmp_path / "parquet" / "sub" / "far.jpg")}, {"bytes": None, "path": "near.jpg"},
+            {"bytes": None, "path": "gone.jpg"}, {"bytes": files[2].read_bytes(), "path": "/where/it/once/was.jpg"}]
     pq.write_table(pa.table({"image": pa.array(rows, image)}), tmp_path / "parquet" / "paths.parquet")
     report = build_cache(load_cache_config(data=tmp_path / "parquet" / "paths.parquet", out=tmp_path / "p.zarr",
                                            **BUILD), progress=False)
@@ -271,6 +273,27 @@ def test_parquet_rows_with_a_path_instead_of_bytes_read_that_file(ray_session, t
     for row, f in ((0, files[0]), (1, files[1]), (3, files[2])):  # the same targets as the folder's
         assert np.array_equal(got["teachers/dinov2/summary"][row], want["teachers/dinov2/summary"][where[
             f.relative_to(folder).as_posix()]])
+
+
+@pytest.mark.parametrize("written", ["../../x.jpg", "/etc/hostname", "~/x.jpg", "OUTSIDE"])
+def test_a_parquet_row_naming_a_file_outside_the_dataset_is_refused_at_scan(tmp_path, written, monkeypatch):
+    """As a list file refuses such paths (it was read). Root: the folder of both files; a row with bytes keeps
+    its path unread, and its row group, all with bytes by its statistics, is not read."""
+    written = str(tmp_path / "x.jpg") if written == "OUTSIDE" else written
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for name, rows in (("a/0.parquet", [{"bytes": b"jpeg", "path": "/where/it/once/was.jpg"},
+                                        {"bytes": None, "path": "../b/near.jpg"}, {"bytes": None, "path": written}]),
+                       ("b/1.parquet", [{"bytes": None, "path": "near.jpg"}])):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": pa.array(rows, image)}), tmp_path / "data" / name, row_group_size=1)
+    groups, read = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda pf, g, **kw: groups.append(g) or read(pf, g, **kw))
+    with pytest.raises(DatasetError) as e:
+        scan_source(tmp_path / "data" / "*" / "*.parquet")
+    assert str(e.value) == (f"parquet file '{tmp_path / 'data' / 'a' / '0.parquet'}', row 2: image path '{written}' is "
+                            f"outside the dataset's folder '{tmp_path / 'data'}'; a row without bytes names a file "
+                            "under it")
+    assert groups == [1, 2]
 
 
 def _write_masks(datasets, stores) -> Path:
@@ -370,3 +393,66 @@ def test_a_keys_image_by_extension_order_labels_from_json_and_a_binary_parquet_c
     assert m.column == "jpg" and m.labels == (-1, -1) and m.classes == ()
     got = Images(m.source()).read(m.ids, m.locations)
     assert got[0] == png.getvalue() and str(got[1]) == "no image bytes (null)"
+
+
+def test_a_member_twice_in_a_tar_is_refused_naming_tar_and_key(tmp_path):
+    """`a.jpg` twice: the second replaced the first, 4 images became 3 samples without a word."""
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpg, "JPEG")
+    for second in ("sub/a.jpg", "sub/a.JPG"):
+        with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+            for name in ("sub/a.jpg", "b.jpg", second, "c.jpg"):
+                _add(tar, name, jpg.getvalue())
+        with pytest.raises(DatasetError) as e:
+            scan_source(tmp_path / "dup.tar")
+        assert str(e.value) == (f"tar file '{tmp_path / 'dup.tar'}': members 'sub/a.jpg' and '{second}' are both the "
+                                "'jpg' of key 'sub/a'; a tar holds each member of a key once")
+
+
+def _labelled_parquet(path: Path, labels, *, classes=None) -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    meta = {"huggingface": json.dumps({"info": {"features": {"label": {"names": classes}}}})} if classes else None
+    table = pa.table({"image": [png.getvalue()] * len(labels), "label": labels})
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_parquet_labels_whole_floats_and_class_names(tmp_path):
+    """Float labels were truncated (1.5 -> 1); string labels gave a traceback."""
+    (tmp_path / "a").mkdir()
+    _labelled_parquet(tmp_path / "a" / "floats.parquet", [0.0, 2.0, float("nan"), None])  # pandas' ints with NaN
+    m = scan_source(tmp_path / "a" / "floats.parquet")
+    assert m.labels == (0, 2, -1, -1) and m.classes == ("0", "1", "2")
+    _labelled_parquet(tmp_path / "a" / "half.parquet", [0.0, 1.5])
+    with pytest.raises(DatasetError, match=r"^parquet file '.*half\.parquet', row 1: label 1\.5 is not a whole number"):
+        scan_source(tmp_path / "a" / "half.parquet")
+
+    (tmp_path / "b").mkdir()  # class names over two files: sorted over both, as folder classes
+    _labelled_parquet(tmp_path / "b" / "0.parquet", ["dog", None])
+    _labelled_parquet(tmp_path / "b" / "1.parquet", ["cat", "emu"])
+    m = scan_source(tmp_path / "b" / "*.parquet")
+    assert m.labels == (1, -1, 0, 2) and m.classes == ("cat", "dog", "emu")
+    _labelled_parquet(tmp_path / "b" / "2.parquet", [3, 1])
+    with pytest.raises(DatasetError, match=r"'.*2\.parquet' has integers as labels, the files before it class names"):
+        scan_source(tmp_path / "b" / "*.parquet")
+
+    (tmp_path / "c").mkdir()
+    _labelled_parquet(tmp_path / "c" / "numbers.parquet", ["2", "10"])  # all integers: as a list file's
+    assert scan_source(tmp_path / "c" / "numbers.parquet").labels == (2, 10)
+    _labelled_parquet(tmp_path / "c" / "named.parquet", ["emu", "cat"], classes=["emu", "cat"])  # the schema's order
+    m = scan_source(tmp_path / "c" / "named.parquet")
+    assert m.labels == (0, 1) and m.classes == ("emu", "cat")
+    _labelled_parquet(tmp_path / "c" / "unnamed.parquet", ["emu", "dog"], classes=["emu", "cat"])
+    with pytest.raises(DatasetError, match=r"unnamed\.parquet', row 1: label 'dog' is not among the classes its "
+                                           r"schema names \(emu, cat\)$"):
+        scan_source(tmp_path / "c" / "unnamed.parquet")
+
+
+def test_a_tar_member_name_that_is_not_utf8_is_refused_at_scan(tmp_path):
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpg, "JPEG")
+    with tarfile.open(tmp_path / "a.tar", "w", encoding="utf-8", errors="surrogateescape") as tar:
+        _add(tar, "good.jpg", jpg.getvalue())
+        _add(tar, os.fsdecode(b"bad\xe9.jpg"), jpg.getvalue())  # a Latin-1 name
+    with pytest.raises(DatasetError, match=r"the name b'.*/a\.tar/bad\\xe9' is not UTF-8"):
+        scan_source(tmp_path / "a.tar")

@@ -1,12 +1,16 @@
-"""A corrupt chunk met by radio-eval's spawned loader worker: one line naming array and sample."""
+"""A corrupt chunk met by radio-eval's spawned loader worker: one line naming array and sample; a full disk
+while writing the report: one line."""
 
+import errno
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from radio_distill.cache import layout as L
-from radio_distill.errors import CacheIntegrityError
+from radio_distill.errors import CacheIntegrityError, EvaluationError
 from radio_distill.evaluate.features import collect
 from radio_distill.student import load_student
 from radio_distill.train.reader import CacheReader
@@ -29,3 +33,27 @@ def test_corrupt_chunk_through_a_worker_is_one_line(eval_setup, tmp_path):
     message = str(e.value)
     assert message.startswith(f"{array}: sample '") and "\n" not in message
     assert message.split("'")[1] in [reader.ids[i] for i in rows]
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_leaves_no_half_report(eval_setup, tmp_path, monkeypatch):
+    from radio_distill.evaluate import EvalConfig, evaluate
+
+    from .conftest import FAST
+
+    write = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        if path.name.startswith("report.json"):  # report.json, or where it is written first
+            write(path, text[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "eval"
+    with pytest.raises(EvaluationError) as e:
+        evaluate(EvalConfig(store=eval_setup.store, run=eval_setup.run, out=out, **{**FAST, "throughput": False,
+                                                                                      "sam": False, "pictures": 1}),
+                 progress=False)
+    assert str(e.value) == (f"cannot write the report to '{out}': No space left on device; free space and run "
+                            "`radio-eval` again (the metrics are not kept)")
+    assert not list(out.glob("report.*"))

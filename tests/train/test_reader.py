@@ -98,6 +98,30 @@ def test_corrupt_chunk_is_named_by_array_and_sample(store_copy):
     assert message.split("'")[1] in [reader.ids[i] for i in range(8, 16)]
 
 
+def test_a_corrupt_sample_array_chunk_is_named_by_train_and_eval(store_copy, tmp_path):
+    """A flipped byte in samples/labels was a ValueError traceback (a digest or ZSTD error) from both."""
+    from radio_distill.evaluate import EvalConfig, evaluate
+
+    run = tmp_path / "run"
+    train(config(store_copy, run, steps=1), progress=False)
+    for array in (L.IDS, L.LABELS):  # read with zarr, with tensorstore
+        chunk = store_copy / array / "c" / "1"
+        original = chunk.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(flipped))
+        for make in (lambda: CacheReader(store_copy),
+                     lambda: train(config(store_copy, tmp_path / "new"), progress=False),
+                     lambda: evaluate(EvalConfig(store=store_copy, run=run, out=tmp_path / "eval"), progress=False)):
+            with pytest.raises(CacheIntegrityError) as e:
+                make()
+            message = str(e.value)
+            assert message.startswith(f"{array}: a chunk fails to decode (") and "\n" not in message
+            assert message.endswith(f"); run `radio-cache verify {store_copy}`")
+        chunk.write_bytes(original)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "eval").exists()
+
+
 def test_a_batch_that_cannot_be_read_stops_training_in_one_line_after_a_checkpoint(store_copy, tmp_path, record_again):
     """Seen through a spawned loader worker: the worker's traceback is reduced to its one line."""
     reader = CacheReader(store_copy)
