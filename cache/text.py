@@ -130,6 +130,9 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
         if all(re.fullmatch(r"n\d{8}", c) for c in store_classes):  # ImageNet folders are WordNet ids
             raise RadioDistillError(f"store '{path}' names its classes by WordNet id ({store_classes[0]}, ...): "
                                     "prompts need words; pass --classes FILE with one name per class")
+        if all(c.isdigit() for c in store_classes):  # integer labels (tar cls, Parquet, a list of numbers)
+            raise RadioDistillError(f"store '{path}' names its classes by number (0, 1, ...): prompts need words; "
+                                    "pass --classes FILE with one name per class, in label order")
         classes = store_classes
     elif store_classes and len(classes) != len(store_classes):
         raise RadioDistillError(f"{len(classes)} class names given, the store has {len(store_classes)} classes "

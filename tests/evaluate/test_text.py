@@ -56,15 +56,19 @@ def test_weight_files_are_found_by_path_and_checked_by_sha256(tmp_path):
     assert spec_from_identity("clip", tagged).weights == "openai"
 
 
-def test_wordnet_folder_names_need_a_classes_file(eval_setup, tmp_path):
+@pytest.mark.parametrize("classes, message", [
+    (["n01440364", "n01443537", "n01484850", "n01491361"], "WordNet id (n01440364"),  # an ImageNet-style folder
+    (["0", "1", "2", "3"], "names its classes by number (0, 1, ...)"),  # integer labels: tar cls, Parquet, a list
+])
+def test_class_names_that_are_not_words_need_a_classes_file(eval_setup, tmp_path, classes, message):
     store = tmp_path / "copy.zarr"
     shutil.copytree(eval_setup.store, store)
     root = zarr.open_group(store, mode="r+")
     dataset = dict(root.attrs["dataset"])
-    dataset["classes"] = ["n01440364", "n01443537", "n01484850", "n01491361"]  # an ImageNet-style folder
+    dataset["classes"] = classes
     root.attrs["dataset"] = dataset
     result = CliRunner().invoke(cache_app, ["text", str(store), "--device", "cpu"])
-    assert result.exit_code == 2 and "WordNet id (n01440364" in result.output and "--classes" in result.output
+    assert result.exit_code == 2 and message in result.output and "--classes" in result.output
 
 
 @pytest.mark.parametrize("template, device, message", [
