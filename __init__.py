@@ -11,7 +11,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "build_cache": "cache.build", "CacheConfig": "cache.build",
+    "build_cache": "cache.build", "CacheConfig": "cache.config",
     "TrainConfig": "train.config", "EvalConfig": "evaluate",
     "create_student": "student", "load_student": "student",
 }

@@ -295,7 +295,7 @@ def train(
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers is not None:  # 0 is refused there, not taken for "train here"
-        from .train.distributed import train_on_ray
+        from .train.on_ray import train_on_ray
         train_on_ray(cfg, workers=ray_workers, address=address)
         return
     result = run_training(cfg)

@@ -11,7 +11,7 @@ teacher loading excluded), images/s, seconds per 1k images (linearity across siz
 = 1 / sum(1 / raw forward img/s): what the build would reach if the device only ran the teachers,
 back to back (decode, resize, encode and writes free or hidden). Per teacher: the build report's
 forward views/s (its forward + encode seconds inside the build) against its raw forward img/s.
-Each actor runs two shards at once (cache/build.py, `max_concurrency=2`), so those per-teacher
+Each actor runs two shards at once (cache/build.py starts them with `max_concurrency=2`), so those per-teacher
 seconds can overlap the other shard's work and then under-state the teacher's speed; `teacher s /
 wall` shows how much (above 1 = overlapping). The overall img/s vs ideal is the figure to judge.
 
@@ -38,13 +38,14 @@ import numpy as np
 import torch
 
 import common
-from radio_distill.cache import codecs
-from radio_distill.cache import layout as L
-from radio_distill.cache.build import CacheConfig, Storage, build_cache
-from radio_distill.cache.dataset import load_rgb
-from radio_distill.cache.store import open_array
+from radio_distill.store import codecs
+from radio_distill.store import layout as L
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig, Storage
+from radio_distill.store.dataset import load_rgb
+from radio_distill.store.group import open_array
 from radio_distill.cache.teachers import build_teacher
-from radio_distill.cache.views import crop_resize, view_boxes
+from radio_distill.store.views import crop_resize, view_boxes
 from radio_distill.ops import autocast, normalise
 
 FULL = dict(runs=["dinov2:1000,4000,16000", "three:1000"], batch_size=64, shard_size=256, raw_steps=10,
@@ -100,8 +101,7 @@ def stage_cpu(specs, *, listing, count: int, batch: int, store, shard_size: int,
                     timed("quantise", codecs.encode, codecs.pool(value, storage.pool) if target == "spatial" else value,
                           getattr(storage, target))
     rows = slice(0, min(shard_size, count))  # one shard of the built store, written again as the worker does
-    arrays = [p for s in specs for t in L.TARGETS for p in (L.target_array(s.name, t), L.scale_array(s.name, t))
-              if (store / p / "zarr.json").is_file()]
+    arrays = [p for s in specs for p in L.target_arrays(s.name) if (store / p / "zarr.json").is_file()]
     values = {p: open_array(store, p)[rows].read().result() for p in arrays}
     timed("write", lambda: [f.result() for f in [open_array(store, p)[rows].write(v) for p, v in values.items()]])
     cpu["write"] *= count / (rows.stop - rows.start)

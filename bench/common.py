@@ -259,8 +259,8 @@ def jpeg_stats(listing: Path) -> dict:
 
 def load_views(listing: Path, count: int, resolution: int) -> torch.Tensor:
     """View 0 (centred square, as the build's first view) of the first `count` photos: (B, 3, R, R) uint8."""
-    from radio_distill.cache.dataset import load_rgb
-    from radio_distill.cache.views import crop_resize, view_boxes
+    from radio_distill.store.dataset import load_rgb
+    from radio_distill.store.views import crop_resize, view_boxes
 
     folder, names = listing.parent, listing.read_text().split()
     out = []
@@ -279,7 +279,7 @@ def store_path(work: Path, preset: str, n: int) -> Path:
 
 def usable_store(path: Path, specs: list[TeacherSpec], n: int) -> bool:
     """A complete store at `path` of these teachers over n images with one view (any shard size)."""
-    from radio_distill.cache.store import done_shards, open_store
+    from radio_distill.store.group import done_shards, open_store
     from radio_distill.errors import RadioDistillError
 
     if not (path / "zarr.json").is_file():
@@ -299,7 +299,8 @@ def ensure_store(preset: str, n: int, *, work: Path = WORK, shard_size: int = 25
     """The store of `preset` over the first n generated photos (one view, default codecs): reused
     when complete (e.g. left by bench/build.py), else built with `build_cache` through Ray
     (targets do not depend on the batch size)."""
-    from radio_distill.cache.build import CacheConfig, build_cache
+    from radio_distill.cache.build import build_cache
+    from radio_distill.cache.config import CacheConfig
 
     specs = teacher_specs(preset)
     path = store_path(work, preset, n)
@@ -344,7 +345,7 @@ def loader_steps(reader, indices, step, *, resolution: int, batch_size: int, war
     """
     import gc
 
-    from radio_distill.train.reader import decode_targets
+    from radio_distill.store.reader import decode_targets
 
     loader = reader.loader(indices, resolution=resolution, batch_size=batch_size, seed=seed, start_step=0,
                            steps=warmup + steps, workers=workers, pin_memory=device.type == "cuda")

@@ -39,16 +39,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import common
-from radio_distill.cache.build import CacheConfig, build_cache
-from radio_distill.cache.dataset import load_rgb
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
+from radio_distill.store.dataset import load_rgb
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import build_teacher, tiny_teachers
-from radio_distill.cache.views import crop_resize, view_boxes
+from radio_distill.store.views import crop_resize, view_boxes
 from radio_distill.ops import normalise
 from radio_distill.student import TeacherDims, create_student, load_student, save_student
 from radio_distill.train.config import TrainConfig
 from radio_distill.train.loop import train
-from radio_distill.train.reader import CacheReader, StepSampler, TeacherMeta, decode_targets
+from radio_distill.store.reader import CacheReader, StepSampler, TeacherMeta, decode_targets
 from radio_distill.train.step import DistillStep, make_optimizer, to_grid
 
 FULL = dict(images=160, held_out=40, size=96, views="1,2,4,8", steps=300, batch_size=16, sides="64,96")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import common
 from radio_distill.cache.teachers import build_teacher
 from radio_distill.ops import autocast, normalise
-from radio_distill.train.reader import CacheReader, TeacherMeta
+from radio_distill.store.reader import CacheReader, TeacherMeta
 
 FULL = dict(teachers="three", images=1000, student="vit_base_patch16_224", resolution=224, batch_size=32, steps=10,
             warmup=3, workers=max(1, (os.cpu_count() or 2) - 2), cache_steps=60, cache_warmup=None, shard_size=256)

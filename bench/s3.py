@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 import common
-from radio_distill.cache.build import CacheConfig, build_cache
-from radio_distill.cache.inspect import verify_store
-from radio_distill.cache.location import ENVIRONMENT
-from radio_distill.train.reader import CacheReader
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
+from radio_distill.store.inspect import verify_store
+from radio_distill.store.location import ENVIRONMENT
+from radio_distill.store.reader import CacheReader
 
 FULL = dict(images=1024, shard_size=64)
 QUICK = dict(images=32, shard_size=8)

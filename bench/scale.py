@@ -36,13 +36,13 @@ import torch
 from PIL import Image
 
 import common
-from radio_distill.cache import layout as L
-from radio_distill.cache import provenance
-from radio_distill.cache.dataset import Manifest
-from radio_distill.cache.lock import build_lock
-from radio_distill.cache.location import location
-from radio_distill.cache.store import create_store, open_array, open_store, shard_key
-from radio_distill.cache.teachers import TeacherInfo
+from radio_distill.store import layout as L
+from radio_distill.store import provenance
+from radio_distill.store.dataset import Manifest
+from radio_distill.store.lock import build_lock
+from radio_distill.store.location import location
+from radio_distill.store.group import create_store, open_array, open_store, shard_key
+from radio_distill.store.layout import TeacherInfo
 
 FULL = dict(samples=common.IMAGENET_TRAIN, read=32, batch_size=8, workers=2)
 QUICK = dict(samples=20_000, read=32, batch_size=8, workers=2)
@@ -78,7 +78,7 @@ def write_store(path: Path, images: Path, n: int, read: int) -> None:
         writes = [open_array(path, L.STATUS).write(np.full(n, L.OK, np.uint8)),
                   open_array(path, L.BOXES).write(np.tile(np.float32([0, 0, 64, 64]), (n, VIEWS, 1)))]
         for name in INFOS:
-            for array in (p for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root):
+            for array in (p for p in L.target_arrays(name) if p in root):
                 handle = open_array(path, array)
                 first = np.zeros((min(SHARD_SIZE, n), *handle.shape[1:]), handle.dtype.numpy_dtype)
                 first[:read] = 1
@@ -159,7 +159,7 @@ def children(pid: int | str = "self") -> list[int]:
 def measure(store: str, read: int, batch_size: int, workers: int) -> dict:
     """In a fresh process: train()'s steps before its first step, timed, then a few loader batches."""
     torch.set_num_threads(1)
-    from radio_distill.train.reader import CacheReader
+    from radio_distill.store.reader import CacheReader
 
     start = time.perf_counter()
     reader = CacheReader(store)

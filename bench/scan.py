@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import common
-from radio_distill.cache.dataset import scan_dataset
+from radio_distill.store.dataset import scan_dataset
 
 CLASSES = 1000
 FULL = dict(files=200_000, repeats=3)

@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 import torch
 
 import common
-from radio_distill.cache.build import CacheConfig, build_cache
-from radio_distill.cache.dataset import load_rgb
-from radio_distill.cache.sources import Images, scan_source
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
+from radio_distill.store.dataset import load_rgb
+from radio_distill.store.sources import Images, scan_source
 
 FULL = dict(images=4000, per_tar=500, row_group=100, shard_size=256, batch_size=32, workers=1, repeats=2)
 QUICK = dict(images=256, per_tar=64, row_group=32, shard_size=64, batch_size=32, workers=1, repeats=1)

@@ -1,14 +1,14 @@
 """Storage: bytes per image-view and fidelity of each target codec, per teacher.
 
 Teacher outputs of view 0 of generated photos (bench precision: bf16 autocast on CUDA, fp32 on
-CPU) are encoded with `radio_distill.cache.codecs` and written to Zarr v3 arrays laid out as the
+CPU) are encoded with `radio_distill.store.codecs` and written to Zarr v3 arrays laid out as the
 store lays them out (chunk = one (sample, view), shard = all samples, the store's own zstd-1 +
-crc32c codecs from cache/store.py); bytes per view are the bytes on disk (shard index included).
+crc32c codecs from store/group.py); bytes per view are the bytes on disk (shard index included).
 Fidelity is the per-token cosine of the decoded spatial map (bilinearly unpooled to the teacher's
 grid where pooled) to the unquantised output: mean and min. The summary is stored fp16 (the
 build's default) in every row and counted in the bytes.
 
-Codecs (`cache/codecs.py`): `fp16`; `int8` (the default: per-token absmax int8 + one fp16 scale per
+Codecs (`store/codecs.py`): `fp16`; `int8` (the default: per-token absmax int8 + one fp16 scale per
 token); `int8+pool2` (2x2 average pooling first, `--pool`); and the calibrated ones a `--fidelity`
 budget may pick: `rot-int8` (PHI-S rotation, then per-token int8) and `pca<k>-int8` (k leading
 components, k a power of two). Their transforms are fit (`cache/calibrate.py`) on the first half of
@@ -52,8 +52,9 @@ import zarr
 
 import common
 from known_features import KNOWN_C, OUTLIER_CHANNELS, low_rank, outliers
-from radio_distill.cache import calibrate, codecs
-from radio_distill.cache.store import _compressors  # the store's own zstd-1 + crc32c chain
+from radio_distill.store import codecs
+from radio_distill.cache import calibrate
+from radio_distill.store.group import compressors  # the store's own zstd-1 + crc32c chain
 from radio_distill.cache.teachers import build_teacher
 from radio_distill.ops import autocast, normalise
 
@@ -88,7 +89,7 @@ def disk_bytes(arrays: dict[str, torch.Tensor]) -> int:
         for name, value in arrays.items():
             a = value.cpu().numpy()[:, None]
             arr = root.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(1, 1, *a.shape[2:]),
-                                    shards=a.shape, compressors=_compressors(), fill_value=0)
+                                    shards=a.shape, compressors=compressors(), fill_value=0)
             arr[...] = a
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file() and p.name != "zarr.json")
 
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                   + [(c, c, ".3f") for c in RADIO25_CODECS + ("int8+pool2",)], None,
                   title="RADIOv2.5 teacher set: raw size per image-view (summary fp16) and of an ImageNet-1k x 2 views store")
     payload = common.meta(device, __file__, args.argv, images_measured=args.images - args.images // 2,
-                          images_fit=args.images // 2, compressors="zstd(level=1) + crc32c, as cache/store.py",
+                          images_fit=args.images // 2, compressors="zstd(level=1) + crc32c, as store/group.py",
                           random_init=True, targets=targets, known_structure=known, known_structure_targets=known_targets,
                           radio25_bytes_per_view=radio25)
     out = common.report(payload, rows, COLUMNS, args.json_out,

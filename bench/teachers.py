@@ -25,7 +25,7 @@ import statistics
 import torch
 
 import common
-from radio_distill.cache import codecs
+from radio_distill.store import codecs
 from radio_distill.cache.teachers import build_teacher
 from radio_distill.ops import autocast, normalise
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import common
-from radio_distill.train.reader import CacheReader
+from radio_distill.store.reader import CacheReader
 
 FULL = dict(teachers="three", images=1000, student="vit_base_patch16_224", resolution=224, batch_size=128,
             steps=60, warmup=None, workers=max(1, (os.cpu_count() or 2) - 2), shard_size=256)

@@ -10,10 +10,9 @@ Letters: N samples, T tokens, C channels, k stored channels, h, w grid.
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from . import codecs
+from ..store import codecs
 
 ROTATION_SEED = 0  # of the random rotation used where C is not a power of two (no Hadamard matrix to build)
 

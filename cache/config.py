@@ -14,17 +14,50 @@ pool = 2                    # average-pool the spatial grid by this factor (a di
 sam_spatial = "preneck"     # SAM only: neck (default) | preneck
 fidelity = 0.995            # this teacher's budget, instead of codecs
 ```
-`teachers = "tiny"` selects the offline preset.
+`teachers = "tiny"` selects the offline preset. `CacheConfig` is what `build.build_cache` takes.
 """
 
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
-from .build import CacheConfig, Storage
-from .location import is_remote
-from .teachers import PRESETS, parse_teacher
+from ..store.location import is_remote
+from .teachers import PRESETS, TeacherSpec, parse_teacher
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one teacher's targets are stored: codec per target, spatial pooling factor. With a `fidelity`
+    budget (a mean token cosine) the codecs are 'auto': the calibration pass picks them per target."""
+
+    spatial: str = "int8"
+    summary: str = "fp16"
+    pool: int = 1
+    fidelity: float | None = None
+
+    def settings(self) -> dict:
+        """As recorded in the store's settings (no fidelity key without a budget, as before budgets)."""
+        return {k: v for k, v in asdict(self).items() if k != "fidelity" or v is not None}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    data: Path
+    out: str | Path  # a folder or an s3:// URL (`location.py`)
+    teachers: tuple[TeacherSpec, ...]
+    storage: dict[str, Storage] = field(default_factory=dict)  # by teacher name; default Storage()
+    views: int = 1
+    seed: int = 0
+    shard_size: int = 256
+    batch_size: int = 64
+    workers: int | None = None  # CPU-only runs; with GPUs there is one worker per GPU
+    address: str | None = None
+    overwrite: bool = False
+    max_shards: int | None = None  # stop after this many new shards (a resumable partial build)
+    pixels: int | None = None  # also store every view at this side, so training decodes no JPEG
+
+
 
 _TEACHER_TYPES = {"spec": str, "sam_spatial": str, **field_types(Storage)}  # the keys of a [[teachers]] entry
 

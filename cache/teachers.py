@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TeacherSpecError
+from ..store.layout import TeacherInfo
 
 FAMILIES = ("clip", "dinov2", "sam", "timm")
 SAM_SPATIAL = ("neck", "preneck")
@@ -47,18 +48,6 @@ class TeacherSpec:
     random_init: bool = False
     preset: str | None = None  # 'tiny' for the offline preset, recorded so stores say so
     model_kwargs: tuple[tuple[str, object], ...] = ()
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    """What a loaded teacher takes and produces; copied into the store's attrs."""
-
-    resolution: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    grid: tuple[int, int]
-    summary_dim: int | None
-    spatial_dim: int
 
 
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]+)=)?(?P<family>[a-z0-9]+):(?P<model>[^:@]+)"

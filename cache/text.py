@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from .. import __version__
 from ..errors import RadioDistillError, TeacherSpecError
 from ..ops import autocast, check_device
-from . import layout as L
-from .location import location
-from .store import open_store, teacher_names, write_whole
+from ..store import layout as L
+from ..store.group import open_store, teacher_names, write_whole
+from ..store.location import location
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",

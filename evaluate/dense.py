@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..cache.sources import oriented_size
+from ..store.sources import oriented_size
 from .metrics import IGNORE, miou
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ..errors import EvaluationError, RadioDistillError
 from ..ops import autocast, normalise
 from ..progress import Progress
-from ..train.reader import CacheReader, decode_targets, worker_error
+from ..store.reader import CacheReader, decode_targets, worker_error
 from ..train.step import to_grid
 
 VIEW = 0

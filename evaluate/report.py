@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import layout as L
-from ..cache.location import check_folder
-from ..cache.store import open_store, read_whole, weights_label
 from ..errors import EvaluationError
 from ..ops import check_device
+from ..store import layout as L
+from ..store.group import open_store, read_whole, weights_label
+from ..store.location import check_folder
 from ..student import load_student
 from .config import EvalConfig
 from .dense import load_masks, mask_path, probe_miou
@@ -60,7 +60,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         if bad:
             raise EvaluationError(f"{option} {','.join(map(str, bad))} is not a multiple of {model.input_stride}, "
                                   f"the input stride of '{run.student}'")
-    sams, sam_notes = _sam_decoders(cfg, run, device) if cfg.sam else ({}, ["turned off (--no-sam)"])
+    sams, sam_notes = sam_decoders(cfg, run, device) if cfg.sam else ({}, ["turned off (--no-sam)"])
 
     # 2. splits: queries = held-out; bank and probe training images = a seeded subset of the train split
     held = reader.indices(holdout=run.holdout, split="holdout")
@@ -99,10 +99,10 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
               "device": str(device), "teachers": labels,
               "split": {"holdout": run.holdout, "view": 0, "held_out": int(len(held)), "train": int(len(train)),
                         "bank": int(len(bank))}}
-    report["fidelity"] = _fidelity(test, reader)
+    report["fidelity"] = fidelity_scores(test, reader)
     if sweep:
         report["fidelity_by_resolution"] = _fidelity_by_resolution(by_side, reader, trained=run.sides)
-    report["knn"] = _knn(test, fit, cfg) if labelled else {"skipped": f"store '{reader.path}' is unlabelled "
+    report["knn"] = knn_scores(test, fit, cfg) if labelled else {"skipped": f"store '{reader.path}' is unlabelled "
                                                            "(fewer than 2 classes, or no labelled train/held-out samples)"}
     report["zero_shot"] = _zero_shot(root, reader, test) if labelled else {"skipped": "store is unlabelled"}
     if masks is None:
@@ -112,7 +112,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
                                       "samples (mask of a/b.jpg = MASKS/a/b.png)"}
     else:
         report["dense"] = _dense(reader, masks, bank, held, fit, test, cfg, device)
-    report["sam"], sam_ious = _sam(test, sams, sam_notes, cfg) if sams else ({"skipped": "; ".join(sam_notes)}, {})
+    report["sam"], sam_ious = sam_scores(test, sams, sam_notes, cfg) if sams else ({"skipped": "; ".join(sam_notes)}, {})
 
     # 5. throughput of the student and of each teacher's architecture on this device
     if cfg.throughput:
@@ -183,7 +183,7 @@ def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) 
     return np.sort(rng.permutation(np.asarray(rows, dtype=np.int64))[:cap])
 
 
-def _sam_decoders(cfg: EvalConfig, run, device) -> tuple[dict, list[str]]:
+def sam_decoders(cfg: EvalConfig, run, device) -> tuple[dict, list[str]]:
     """{SAM teacher: its `Sam` (prompt encoder + mask decoder used) on `device`} and why others are left out.
 
     Loaded before any pass, so a wrong --sam-checkpoint fails in seconds, not after the features."""
@@ -208,7 +208,7 @@ def _teacher_label(name: str, ident: dict) -> str:
     return f"{name} ({label})" if label else name
 
 
-def _fidelity(test: SplitFeatures, reader) -> dict:
+def fidelity_scores(test: SplitFeatures, reader) -> dict:
     out = {}
     for t in reader.teachers:
         fid = test.fidelity[t.name]
@@ -219,14 +219,14 @@ def _fidelity(test: SplitFeatures, reader) -> dict:
 
 def _fidelity_by_resolution(by_side: dict[int, SplitFeatures], reader, *, trained: tuple[int, ...]) -> dict:
     """Fidelity per teacher at each student input side: lists aligned with 'resolutions'."""
-    per_side = {side: _fidelity(feats, reader)["teachers"] for side, feats in by_side.items()}
+    per_side = {side: fidelity_scores(feats, reader)["teachers"] for side, feats in by_side.items()}
     teachers = {t.name: {target: [per_side[side][t.name][target] for side in by_side] for target in ("summary", "spatial")}
                 for t in reader.teachers}
     return {"resolutions": list(by_side), "trained": list(trained), "samples": int(len(next(iter(by_side.values())).indices)),
             "teachers": teachers}
 
 
-def _knn(test: SplitFeatures, fit: SplitFeatures, cfg: EvalConfig) -> dict:
+def knn_scores(test: SplitFeatures, fit: SplitFeatures, cfg: EvalConfig) -> dict:
     q, b = test.labels >= 0, fit.labels >= 0
     K = int(max(test.labels.max(), fit.labels.max())) + 1
 
@@ -286,7 +286,7 @@ def _dense(reader, masks: Path, bank, held, fit: SplitFeatures, test: SplitFeatu
             "teachers": teachers}
 
 
-def _sam(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
+def sam_scores(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
     """Per-prompt mask IoU, decoded from the student's SAM adaptor maps (resized to SAM's grid, as the
     drop-in does) and from the cached teacher features (resized from a pooled grid), vs the latter
     decoded once more: the teacher's own IoU, 1.0 for a deterministic decoder.

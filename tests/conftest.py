@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
 from radio_distill.cache.config import load_cache_config
 from radio_distill.cache.sample_data import make_sample_dataset
 
@@ -120,12 +121,11 @@ def s3_url(s3_env, request):
 def record_again():
     """`record_again(store, array)`: record every done shard's file of `array` as it is now, as if its build had
     written those values (for tests that plant values to see what a reader does with them)."""
-    import numpy as np
     import zarr
 
-    from radio_distill.cache import layout as L
-    from radio_distill.cache.provenance import values_digest
-    from radio_distill.cache.store import shard_key
+    from radio_distill.store import layout as L
+    from radio_distill.store.group import shard_key
+    from radio_distill.store.provenance import values_digest
 
     def record(store: Path, array: str) -> None:
         assert "/moments/" not in array, "arrays with a file per shard"

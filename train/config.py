@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .._toml import field_types, read_toml, typed
-from ..cache.location import check_folder, is_remote
 from ..errors import RadioDistillError
 from ..ops import check_device
+from ..store.location import check_folder, is_remote
 from .losses import KINDS, LossConfig
 
 

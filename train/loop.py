@@ -22,14 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import RadioDistillError, TrainingError
 from ..progress import Progress, fmt
+from ..store.reader import CacheReader, worker_error
 from ..student import TeacherDims, create_student, save_student
 from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import setup, teardown
 from .losses import check_teacher_weights
-from .reader import CacheReader, worker_error
 from .step import DistillStep, make_optimizer, pair_teachers
-
 
 RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images")
 
@@ -46,6 +45,43 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> f
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+def check_resume(saved: dict, run: dict, out: Path) -> None:
+    """--resume continues only the run that `saved` (its run.json) describes: the same store settings, student
+    and settings; `run` is what this call would start.
+
+    Raises:
+        TrainingError: naming what differs."""
+    if saved["store_settings"] != run["store_settings"]:
+        raise TrainingError(f"--resume: run '{out}' was trained from a store with other teachers or settings "
+                            f"than '{run['store']}'; resume with its own store or start a new --out")
+    if saved["student"] != run["student"] or saved["config"]["student_overrides"] != run["config"]["student_overrides"]:
+        raise TrainingError(f"--resume: run '{out}' trains '{saved['student']}', not '{run['student']}'")
+    changed = sorted(k for k in run["config"] if k not in RUNTIME_SETTINGS and saved["config"].get(k) != run["config"][k])
+    if changed:
+        was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
+        raise TrainingError(f"--resume: run '{out}' was started with {was}; an exact resume needs the same settings")
+
+
+def finite_rows(pending: list[torch.Tensor], step: int, *, names: list[str], world: int, ckpt: Path) -> list[list[float]]:
+    """Wait for the device once: the (K,) metrics of the steps up to `step` (averaged over `world` ranks, a
+    collective when world > 1), each finite, else a one-line error naming the first bad step and metric.
+
+    Raises:
+        TrainingError: a loss or the gradient norm is NaN or inf (the last checkpoint in `ckpt` is kept)."""
+    values = torch.stack(pending)  # (n, K)
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    rows = values.tolist()
+    for k, row in enumerate(rows):
+        bad = [name for name, v in zip(names, row) if not math.isfinite(v)]
+        if bad:
+            at = step - len(rows) + 1 + k
+            what = f"loss of teacher '{bad[0].split('/')[0]}' ({bad[0]})" if "/" in bad[0] else bad[0]
+            raise TrainingError(f"{what} is not finite at step {at}; the last checkpoint in '{ckpt}' is kept")
+    return rows
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
@@ -93,17 +129,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         resume_from = latest(ckpt)
         if resume_from is None:
             raise TrainingError(f"--resume: no checkpoint in '{out}'")
-        saved = read_state(resume_from)["run"]
-        if saved["store_settings"] != reader.settings:
-            raise TrainingError(f"--resume: run '{out}' was trained from a store with other teachers or settings "
-                                f"than '{reader.path}'; resume with its own store or start a new --out")
-        if saved["student"] != cfg.student or saved["config"]["student_overrides"] != run["config"]["student_overrides"]:
-            raise TrainingError(f"--resume: run '{out}' trains '{saved['student']}', not '{cfg.student}'")
-        changed = sorted(k for k in run["config"] if k not in RUNTIME_SETTINGS
-                         and saved["config"].get(k) != run["config"][k])
-        if changed:
-            was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
-            raise TrainingError(f"--resume: run '{out}' was started with {was}; an exact resume needs the same settings")
+        check_resume(read_state(resume_from)["run"], run, out)
     elif ckpt.exists() or latest(ckpt) is not None:  # a crash mid-swap leaves only checkpoint.old
         raise TrainingError(f"run folder '{out}' already holds a checkpoint; pass --resume or choose another --out")
     if procs.main:
@@ -117,22 +143,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     net = DistributedDataParallel(model, find_unused_parameters=partial) if procs.world > 1 else model
     distill = DistillStep(model, optimizer, reader.teachers, loss=cfg.loss, grad_clip=cfg.grad_clip, device=device,
                           net=net, pairing=pairing if partial else None)
-
-    def checked(pending: list[torch.Tensor], step: int, *, reduce: bool = True) -> list[float]:
-        """Wait for the device once: the metrics of the steps up to `step` (all ranks' mean), each finite,
-        else a one-line error naming the first bad step (the last checkpoint is kept)."""
-        values = torch.stack(pending)  # (n, K)
-        if reduce and procs.world > 1:
-            dist.all_reduce(values)
-            values /= procs.world
-        rows = values.tolist()
-        for k, row in enumerate(rows):
-            bad = [name for name, v in zip(distill.names, row) if not math.isfinite(v)]
-            if bad:
-                at = step - len(rows) + 1 + k
-                what = f"loss of teacher '{bad[0].split('/')[0]}' ({bad[0]})" if "/" in bad[0] else bad[0]
-                raise TrainingError(f"{what} is not finite at step {at}; the last checkpoint in '{ckpt}' is kept")
-        return rows[-1]
 
     # 6. data: one view per image per step, this process's slice of each global batch (one loader batch per part)
     end = min(steps, cfg.stop_at or steps)
@@ -156,7 +166,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 error = worker_error(e)
                 if procs.main and step > kept:
                     if pending:  # only this process may have failed: no collective here
-                        checked(pending, step - 1, reduce=False)
+                        finite_rows(pending, step - 1, names=distill.names, world=1, ckpt=ckpt)
                     save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step, run=run)
                     kept = step
                 if kept:
@@ -171,7 +181,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             logs = (step + 1) % cfg.log_every == 0 or step + 1 == end
             saves = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end
             if logs or saves:
-                values, pending = checked(pending, step), []
+                values, pending = finite_rows(pending, step, names=distill.names, world=procs.world, ckpt=ckpt)[-1], []
                 last = dict(zip(distill.names[:-2], values[:-2]))
             if procs.main and logs:
                 now = time.perf_counter()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ..errors import TrainingError
 from ..ops import autocast, normalise
+from ..store.reader import TeacherMeta, decode_targets
 from .losses import LossConfig, amradio_spatial_loss, phis_scale, phis_spatial_loss, summary_loss
-from .reader import TeacherMeta, decode_targets
 
 
 def to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -13,18 +13,18 @@ import pytest
 import torch
 import zarr
 
-from radio_distill.cache import codecs
-from radio_distill.cache import layout as L
+from radio_distill.store import codecs
+from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import load_cache_config
-from radio_distill.cache.dataset import load_rgb
-from radio_distill.cache.inspect import store_info, verify_store
-from radio_distill.cache.provenance import WHOLE, values_digest
-from radio_distill.cache.store import open_store
-from radio_distill.cache.views import crop_resize
+from radio_distill.store.dataset import load_rgb
+from radio_distill.store.inspect import store_info, verify_store
+from radio_distill.store.provenance import WHOLE, values_digest
+from radio_distill.store.group import open_store
+from radio_distill.store.views import crop_resize
 from radio_distill.errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
 from radio_distill.ops import normalise
-from radio_distill.train.reader import CacheReader, decode_targets
+from radio_distill.store.reader import CacheReader, decode_targets
 
 BUDGETS = {None: 0.95, "sam": 0.999}  # random tiny teachers: 0.95 is met by a PCA, 0.999 by plain int8
 

@@ -10,9 +10,10 @@ from dataclasses import replace
 import pytest
 import zarr
 
-from radio_distill.cache import layout as L
-from radio_distill.cache.build import Storage, build_cache
-from radio_distill.cache.inspect import store_info, verify_store
+from radio_distill.store import layout as L
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import Storage
+from radio_distill.store.inspect import store_info, verify_store
 from radio_distill.errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
 
 SHARDS = 15  # tests/conftest.py: 58 samples in shards of 4

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from radio_distill.cache import calibrate, codecs
+from radio_distill.store import codecs
+from radio_distill.cache import calibrate
 
 # the same generators bench/storage.py reports on
 _spec = importlib.util.spec_from_file_location("known_features", Path(__file__).parents[2] / "bench" / "known_features.py")

@@ -11,13 +11,13 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from radio_distill.cache import codecs
-from radio_distill.cache import layout as L
-from radio_distill.cache.dataset import load_rgb
-from radio_distill.cache.inspect import store_info
+from radio_distill.store import codecs
+from radio_distill.store import layout as L
+from radio_distill.store.dataset import load_rgb
+from radio_distill.store.inspect import store_info
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES, make_sample_dataset
 from radio_distill.cache.teachers import check_spec, parse_teacher
-from radio_distill.cache.views import crop_resize
+from radio_distill.store.views import crop_resize
 from radio_distill.cli import cache_app
 from radio_distill.errors import TeacherSpecError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 
 BIN = Path(sys.executable).parent
 

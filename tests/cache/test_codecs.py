@@ -4,7 +4,7 @@ calibrated codecs decode by one matmul with the transform they encoded with."""
 import pytest
 import torch
 
-from radio_distill.cache import codecs
+from radio_distill.store import codecs
 
 
 def test_int8_per_token_absmax_round_trip():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from radio_distill.cache.build import Storage
+from radio_distill.cache.config import Storage
 from radio_distill.cache.config import load_cache_config
 from radio_distill.cache.teachers import tiny_teachers
 from radio_distill.errors import RadioDistillError

@@ -13,14 +13,14 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
-from radio_distill.cache.dataset import Manifest
-from radio_distill.cache.inspect import store_info, verify_store
-from radio_distill.cache.lock import build_lock
+from radio_distill.store.dataset import Manifest
+from radio_distill.store.inspect import store_info, verify_store
+from radio_distill.store.lock import build_lock
 from radio_distill.cache.sample_data import make_sample_dataset
-from radio_distill.cache.store import create_store, open_store
-from radio_distill.cache.teachers import TeacherInfo
+from radio_distill.store.group import create_store, open_store
+from radio_distill.store.layout import TeacherInfo
 from radio_distill.cli import cache_app
 from radio_distill.errors import CacheLayoutError, RadioDistillError
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radio_distill.cache.dataset import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, scan_dataset
+from radio_distill.store.dataset import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, scan_dataset
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES, write_bad_files
 from radio_distill.errors import DatasetError
 
@@ -231,7 +231,7 @@ def test_huge_jpeg_is_decoded_at_reduced_scale(bad_files):
 
 
 def test_too_many_pixels_is_refused(tmp_path, monkeypatch):
-    from radio_distill.cache import dataset
+    from radio_distill.store import dataset
 
     Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
     monkeypatch.setattr(dataset, "MAX_PIXELS", 200 * 100 - 1)
@@ -256,7 +256,7 @@ def test_an_image_decodes_within_its_memory_bound_or_is_refused(tmp_path, monkey
     count was bounded. Now the bytes its mode takes are (`decoded_bytes`), and the 16 -> 8 bit step is float32."""
     import tracemalloc
 
-    from radio_distill.cache import dataset
+    from radio_distill.store import dataset
 
     Image.fromarray((np.arange(1000 * 800).reshape(800, 1000) % 65536).astype(np.uint16)).save(tmp_path / "g16.png")
     need = dataset.decoded_bytes((1000, 800), "I;16")

@@ -12,14 +12,14 @@ import pytest
 import zarr
 from PIL import ExifTags, Image
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import load_cache_config
-from radio_distill.cache.dataset import load_rgb
-from radio_distill.cache.views import crop_resize, view_boxes
+from radio_distill.store.dataset import load_rgb
+from radio_distill.store.views import crop_resize, view_boxes
 from radio_distill.evaluate.features import view_image
 from radio_distill.evaluate.report import PICTURE_SIDE
-from radio_distill.train.reader import CacheReader
+from radio_distill.store.reader import CacheReader
 
 SIZES = [(415, 258), (999, 999), (1001, 667), (451, 450), (257, 1023)]  # as stored, before orientation
 MAX_DIFF = 1.5  # mean abs difference (0..255) between a crop of a reduced decode and of the full decode

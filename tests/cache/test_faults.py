@@ -11,10 +11,11 @@ import zarr
 from typer.testing import CliRunner
 
 from radio_distill.cache import build
-from radio_distill.cache import layout as L
-from radio_distill.cache.build import ShardWorker, build_cache
+from radio_distill.store import layout as L
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.worker import ShardWorker
 from radio_distill.cache.config import load_cache_config
-from radio_distill.cache.lock import build_lock
+from radio_distill.store.lock import build_lock
 from radio_distill.cli import cache_app
 from radio_distill.errors import CacheLayoutError, RadioDistillError
 

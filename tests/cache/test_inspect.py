@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import zarr
 
-from radio_distill.cache import layout as L
-from radio_distill.cache.inspect import store_info, verify_store
-from radio_distill.cache.lock import build_lock
-from radio_distill.cache.dataset import scan_dataset
-from radio_distill.cache.store import lost_shards, open_array, open_store, resume_store
+from radio_distill.store import layout as L
+from radio_distill.store.inspect import store_info, verify_store
+from radio_distill.store.lock import build_lock
+from radio_distill.store.dataset import scan_dataset
+from radio_distill.store.group import lost_shards, open_array, open_store, resume_store
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
 from radio_distill.errors import CacheIntegrityError
 

@@ -1,6 +1,6 @@
 """Layout helpers that decide which bytes go where."""
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 
 
 def test_statistics_shards_spread_over_the_dataset():

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from radio_distill.cache import layout as L
-from radio_distill.cache import lock
+from radio_distill.store import layout as L
+from radio_distill.store import lock
 from radio_distill.cache.build import build_cache
-from radio_distill.cache.inspect import store_info, verify_store
-from radio_distill.cache.location import location
-from radio_distill.cache.lock import build_lock, check_token
-from radio_distill.cache.store import open_array, open_store
+from radio_distill.store.inspect import store_info, verify_store
+from radio_distill.store.location import location
+from radio_distill.store.lock import build_lock, check_token
+from radio_distill.store.group import open_array, open_store
 from radio_distill.cli import cache_app
 from radio_distill.errors import CacheLayoutError
 

@@ -11,15 +11,15 @@ import threading
 
 import pytest
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
-from radio_distill.cache.lock import build_lock, check_token
+from radio_distill.store.lock import build_lock, check_token
 from radio_distill.errors import CacheLayoutError
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from radio_distill.cache.lock import build_lock
+from radio_distill.store.lock import build_lock
 with build_lock(Path(sys.argv[1])) as token:
     print(token, flush=True)
     time.sleep(120)

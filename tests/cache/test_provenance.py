@@ -9,15 +9,15 @@ import pytest
 import zarr
 from PIL import Image
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import load_cache_config
-from radio_distill.cache.inspect import verify_store
-from radio_distill.cache.provenance import digest
+from radio_distill.store.inspect import verify_store
+from radio_distill.store.provenance import digest
 from radio_distill.cache.sample_data import make_sample_dataset
-from radio_distill.cache.store import open_store, shard_key
+from radio_distill.store.group import open_store, shard_key
 from radio_distill.errors import CacheIntegrityError, DatasetError
-from radio_distill.train.reader import CacheReader
+from radio_distill.store.reader import CacheReader
 
 from .conftest import SMALL_STORE
 

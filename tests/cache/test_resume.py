@@ -7,13 +7,14 @@ import pytest
 import torch
 import zarr
 
-from radio_distill.cache import codecs
-from radio_distill.cache import layout as L
-from radio_distill.cache.build import build_cache, retryable
+from radio_distill.store import codecs
+from radio_distill.store import layout as L
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.worker import retryable
 from radio_distill.cache.config import load_cache_config
-from radio_distill.cache.dataset import load_rgb
-from radio_distill.cache.inspect import verify_store
-from radio_distill.cache.views import crop_resize
+from radio_distill.store.dataset import load_rgb
+from radio_distill.store.inspect import verify_store
+from radio_distill.store.views import crop_resize
 from radio_distill.errors import CacheLayoutError
 
 GONE = ("circle/00004.jpg", "star/00006.jpg")  # rows 1 (shard 0) and 5 (shard 2) of the list

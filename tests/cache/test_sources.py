@@ -16,14 +16,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import load_cache_config
-from radio_distill.cache.dataset import scan_dataset
-from radio_distill.cache.inspect import verify_store
+from radio_distill.store.dataset import scan_dataset
+from radio_distill.store.inspect import verify_store
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES, make_sample_dataset
-from radio_distill.cache.sources import Images, scan_source
-from radio_distill.cache.store import open_store
+from radio_distill.store.sources import Images, scan_source
+from radio_distill.store.group import open_store
 from radio_distill.cli import cache_app
 from radio_distill.errors import DatasetError
 
@@ -315,7 +315,7 @@ def test_training_and_evaluation_read_tar_and_parquet_images_by_location(stores,
     from radio_distill.evaluate import EvalConfig, evaluate
     from radio_distill.train.config import TrainConfig
     from radio_distill.train.loop import train
-    from radio_distill.train.reader import CacheReader
+    from radio_distill.store.reader import CacheReader
 
     _write_masks(datasets, stores)
     folder = CacheReader(stores["folder"])
@@ -346,7 +346,7 @@ def test_training_and_evaluation_read_tar_and_parquet_images_by_location(stores,
 
 
 def test_a_missing_or_cut_tar_is_named_before_training(stores, datasets, tmp_path):
-    from radio_distill.train.reader import CacheReader
+    from radio_distill.store.reader import CacheReader
 
     shards = tmp_path / "shards"
     shutil.copytree(datasets["root"] / "shards", shards)

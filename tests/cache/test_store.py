@@ -11,13 +11,13 @@ import torch
 import zarr
 from PIL import Image
 
-from radio_distill.cache import codecs
-from radio_distill.cache import layout as L
-from radio_distill.cache.dataset import load_rgb, scan_dataset
-from radio_distill.cache.inspect import store_info
+from radio_distill.store import codecs
+from radio_distill.store import layout as L
+from radio_distill.store.dataset import load_rgb, scan_dataset
+from radio_distill.store.inspect import store_info
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
-from radio_distill.cache.store import open_store
-from radio_distill.cache.views import crop_resize, view_boxes
+from radio_distill.store.group import open_store
+from radio_distill.store.views import crop_resize, view_boxes
 from radio_distill.errors import CacheLayoutError
 
 N, V, S = 58, 2, 4  # tests/conftest.py: 48 scenes + 10 odd files, 2 views, shards of 4

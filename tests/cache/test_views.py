@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radio_distill.cache.views import CROP_RATIO, CROP_SCALE, crop_resize, view_boxes
+from radio_distill.store.views import CROP_RATIO, CROP_SCALE, crop_resize, view_boxes
 
 
 @pytest.mark.parametrize("width, height", [(96, 96), (640, 480), (300, 1000), (1, 1), (2, 1)])

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import tiny_teachers
 from radio_distill.cache.text import write_text_embeddings

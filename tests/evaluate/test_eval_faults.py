@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.errors import CacheIntegrityError, EvaluationError
 from radio_distill.evaluate.features import collect
 from radio_distill.student import load_student
-from radio_distill.train.reader import CacheReader
+from radio_distill.store.reader import CacheReader
 
 
 def test_corrupt_chunk_through_a_worker_is_one_line(eval_setup, tmp_path):

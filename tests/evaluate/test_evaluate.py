@@ -15,7 +15,7 @@ from radio_distill.evaluate import EvalConfig, evaluate
 from radio_distill.evaluate.throughput import images_per_second
 from radio_distill.train.config import TrainConfig
 from radio_distill.train.loop import train
-from radio_distill.train.reader import CacheReader, is_held_out
+from radio_distill.store.reader import CacheReader, is_held_out
 
 from .conftest import FAST, HOLDOUT, evaluate_in_subprocess
 

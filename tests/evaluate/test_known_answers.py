@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from radio_distill.cache import layout as L
-from radio_distill.cache.store import open_store
+from radio_distill.store import layout as L
+from radio_distill.store.group import open_store
 from radio_distill.evaluate import EvalConfig
 from radio_distill.evaluate.features import collect, load_run
 from radio_distill.evaluate.metrics import knn_top1
-from radio_distill.evaluate.report import _fidelity, _knn, _sam, _sam_decoders
+from radio_distill.evaluate.report import fidelity_scores, knn_scores, sam_scores, sam_decoders
 from radio_distill.student import StudentOutput
 from radio_distill.student.model import Features
-from radio_distill.train.reader import CacheReader, decode_targets
+from radio_distill.store.reader import CacheReader, decode_targets
 
 from .conftest import HOLDOUT
 
@@ -57,7 +57,7 @@ def split(eval_setup):
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_fidelity_of_a_student_equal_to_its_teachers_is_one(split, sign):
     reader, held, _ = split
-    fid = _fidelity(features(reader, held, sign), reader)
+    fid = fidelity_scores(features(reader, held, sign), reader)
     assert fid["samples"] == len(held) > 0
     for t, v in fid["teachers"].items():
         assert v["spatial"] == pytest.approx(sign, abs=1e-6), t
@@ -69,7 +69,7 @@ def test_fidelity_of_a_student_equal_to_its_teachers_is_one(split, sign):
 def test_knn_of_a_student_equal_to_its_teachers_is_the_teachers(eval_setup, split):
     reader, held, train = split
     cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=eval_setup.root / "unused", knn_k=5)
-    knn = _knn(features(reader, held), features(reader, train), cfg)
+    knn = knn_scores(features(reader, held), features(reader, train), cfg)
     root = open_store(reader.path)
     labels = reader.labels
     bank, queries = train[labels[train] >= 0], held[labels[held] >= 0]  # labelled samples only
@@ -86,11 +86,11 @@ def test_knn_of_a_student_equal_to_its_teachers_is_the_teachers(eval_setup, spli
 def test_sam_mask_iou_of_a_student_equal_to_its_teacher_is_one(eval_setup, split, sign):
     reader, held, _ = split
     cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=eval_setup.root / "unused")
-    sams, notes = _sam_decoders(cfg, load_run(eval_setup.run), torch.device("cpu"))
+    sams, notes = sam_decoders(cfg, load_run(eval_setup.run), torch.device("cpu"))
     assert list(sams) == ["sam"] and notes == []
     rows = np.arange(0, len(held), 2)
     feats = features(reader, held, sign, sam_rows=rows, sam_teachers=("sam",))
-    section, ious = _sam(feats, sams, notes, cfg)
+    section, ious = sam_scores(feats, sams, notes, cfg)
     assert section["images"] == len(rows) and ious["sam"].shape == (len(rows) * 16,)
     v = section["teachers"]["sam"]
     assert v["teacher"]["mean"] == 1.0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from radio_distill.errors import EvaluationError
 from radio_distill.evaluate import EvalConfig
 from radio_distill.evaluate.features import SplitFeatures
-from radio_distill.evaluate.report import _sam, _sam_decoders
+from radio_distill.evaluate.report import sam_scores, sam_decoders
 from radio_distill.evaluate.sam import mask_iou, prompt_masks, sam_model, sam_predictor, to_sam_grid
 from radio_distill.student import load_student
 
@@ -86,7 +86,7 @@ def test_pooled_targets_and_student_maps_are_resized_to_sams_grid(eval_setup):
         feats = SplitFeatures(indices=np.arange(3), labels=np.zeros(3), backbone_summary=None, sam_rows=np.arange(3),
                               sam_target={"sam": target.numpy()},
                               sam_student={"sam": (sign * target).permute(0, 3, 1, 2).numpy()})
-        section, ious = _sam(feats, {"sam": sam}, [], cfg)
+        section, ious = sam_scores(feats, {"sam": sam}, [], cfg)
         v = section["teachers"]["sam"]
         assert v["grid"] == [8, 8] and v["stored_grid"] == [4, 4] and v["teacher"]["min"] == 1.0
         assert check(v["student"]), v["student"]
@@ -98,10 +98,10 @@ def test_sam_decoders_say_why_a_sam_teacher_is_left_out(eval_setup, tmp_path):
                              "sam_pre": {"family": "sam", "model": "tiny", "preset": "tiny", "spatial": "preneck"},
                              "sam_h": {"family": "sam", "model": "vit_h", "preset": None, "spatial": "neck"}}}
     cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=tmp_path)
-    sams, notes = _sam_decoders(cfg, SimpleNamespace(store_settings=settings), "cpu")
+    sams, notes = sam_decoders(cfg, SimpleNamespace(store_settings=settings), "cpu")
     assert sams == {} and len(notes) == 2
     assert "sam_pre: cached pre-neck" in notes[0] and "sam_h (vit_h): pass its checkpoint with --sam-checkpoint" in notes[1]
-    none, why = _sam_decoders(cfg, SimpleNamespace(store_settings={"teachers": {"clip": {"family": "clip"}}}), "cpu")
+    none, why = sam_decoders(cfg, SimpleNamespace(store_settings={"teachers": {"clip": {"family": "clip"}}}), "cpu")
     assert none == {} and why == ["the store has no SAM teacher"]
 
 

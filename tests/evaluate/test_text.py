@@ -8,7 +8,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cache.text import spec_from_identity
 from radio_distill.cli import cache_app
 from radio_distill.errors import TeacherSpecError

@@ -3,7 +3,8 @@ trained from and evaluated like the built-in families."""
 
 import zarr
 
-from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import TeacherSpec
 from radio_distill.evaluate import EvalConfig, evaluate

@@ -10,12 +10,12 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.cli import train_app
 from radio_distill.errors import CacheLayoutError, DatasetError, TrainingError, UnknownStudentError
 from radio_distill.student import load_student
 from radio_distill.train.loop import train
-from radio_distill.train.reader import CacheReader
+from radio_distill.store.reader import CacheReader
 
 from .conftest import config
 

@@ -93,7 +93,7 @@ def test_phis_loss_and_spawned_loader_workers(train_store, tmp_path):
 
 
 def test_ray_train_two_workers_match_one_process(train_store, tmp_path, ray_session):
-    from radio_distill.train.distributed import train_on_ray
+    from radio_distill.train.on_ray import train_on_ray
 
     one = config(train_store, tmp_path / "one", steps=3)
     train(one, progress=False)
@@ -111,16 +111,16 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     import zarr
 
     from radio_distill.cache.build import CacheConfig, build_cache
-    from radio_distill.cache.store import open_store
+    from radio_distill.store.group import open_store
     from radio_distill.cache.teachers import tiny_teachers
-    from radio_distill.train.reader import CacheReader
+    from radio_distill.store.reader import CacheReader
 
     src = open_store(train_store)
     images = Path(src.attrs["dataset"]["root"])
     with_pixels = tmp_path / "pixels.zarr"
     build_cache(CacheConfig(data=images, out=with_pixels, teachers=tuple(tiny_teachers()), views=2, shard_size=8,
                             workers=2, pixels=32), progress=False)
-    from radio_distill.cache.inspect import store_info, verify_store
+    from radio_distill.store.inspect import store_info, verify_store
     assert verify_store(with_pixels)["arrays"] == verify_store(train_store)["arrays"] + 1
     assert store_info(with_pixels)["pixels"] == 32 and store_info(train_store)["pixels"] is None
     reader = CacheReader(with_pixels)

@@ -7,12 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from radio_distill.cache.build import CacheConfig, build_cache
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import tiny_teachers
 from radio_distill.student import TeacherDims, create_student, load_student
 from radio_distill.train.loop import train
-from radio_distill.train.reader import TeacherMeta
+from radio_distill.store.reader import TeacherMeta
 from radio_distill.train.step import pair_teachers
 
 from .conftest import config

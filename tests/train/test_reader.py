@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import zarr
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.errors import CacheIntegrityError, DatasetError
 from radio_distill.train import reader as reader_module
 from radio_distill.train.loop import train
-from radio_distill.train.reader import CacheReader, SampleIds, StepSampler, is_held_out
+from radio_distill.store.reader import CacheReader, SampleIds, StepSampler, is_held_out
 
 from .conftest import config
 

@@ -14,7 +14,7 @@ from radio_distill.cli import train_app
 from radio_distill.errors import TrainingError
 from radio_distill.student import TeacherDims, create_student
 from radio_distill.train.loop import train
-from radio_distill.train.reader import CacheReader, StepSampler
+from radio_distill.store.reader import CacheReader, StepSampler
 from radio_distill.train.step import DistillStep
 
 from .conftest import config

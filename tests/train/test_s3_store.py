@@ -12,12 +12,13 @@ import pytest
 
 from typer.testing import CliRunner
 
-from radio_distill.cache import layout as L
-from radio_distill.cache.build import CacheConfig, build_cache
-from radio_distill.cache.dataset import scan_dataset
+from radio_distill.store import layout as L
+from radio_distill.cache.build import build_cache
+from radio_distill.cache.config import CacheConfig
+from radio_distill.store.dataset import scan_dataset
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import tiny_teachers
-from radio_distill.cache.store import open_store
+from radio_distill.store.group import open_store
 from radio_distill.cli import cache_app, eval_app, train_app
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from radio_distill.train.reader import StepSampler
+from radio_distill.store.reader import StepSampler
 
 INDICES = np.array([3, 5, 8, 13, 21, 34, 55, 89, 144, 233])  # store rows of a split
 

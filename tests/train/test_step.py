@@ -9,12 +9,12 @@ import pytest
 import torch
 import zarr
 
-from radio_distill.cache import layout as L
+from radio_distill.store import layout as L
 from radio_distill.errors import TrainingError
 from radio_distill.ops import normalise
 from radio_distill.student import TeacherDims, create_student
 from radio_distill.train.loop import train
-from radio_distill.train.reader import CacheReader
+from radio_distill.store.reader import CacheReader
 from radio_distill.train.step import DistillStep, make_optimizer
 
 from .conftest import config
@@ -87,7 +87,7 @@ def test_the_total_loss_of_a_step_by_hand(kind):
     """Teacher a: summary 1 - cos([1, 0], [0, 1]) = 1; spatial token [1, 2] vs [3, 2], PHI-S scale = mean
     eigenvalue of diag(4, 4) = 4. Teacher b: spatial [0, 0] vs [1, 3], scale of diag(1, 9) = 5."""
     from radio_distill.train.losses import LossConfig
-    from radio_distill.train.reader import TeacherMeta
+    from radio_distill.store.reader import TeacherMeta
     from radio_distill.train.step import total_loss
 
     teachers = [TeacherMeta("a", 2, 2, (1, 1), (), {"spatial": {"mean": np.zeros(2), "cov": np.diag([4.0, 4.0])}}),

@@ -53,6 +53,8 @@ Layout v4 added the integrity records (`samples/sources`, `samples/shards`, attr
 written whole); a store of an older layout opens with the checks it allows (files present).
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 FORMAT = "radio-distill-cache"
@@ -84,11 +86,25 @@ def ours(name: str) -> bool:
 
 
 TARGETS = ("summary", "spatial")
+MOMENTS = ("count", "sum", "gram", "fidelity")  # per statistics shard (`moment_array`)
 CODECS = ("fp16", "int8")  # the ones a user names; a fidelity budget also picks the calibrated ones
 STAT_SHARDS = 16  # normalisation statistics come from K shards spread over the dataset: plenty of tokens, bounded cost
 CALIBRATION_SAMPLES = 2048  # view 0 of this many samples, spread over the dataset, calibrate the codecs
 CALIBRATION_HELD = 128  # of which at most this many are held back to measure the candidates (kept in memory)
 CALIB = ("mean", "cov", "phis", "basis")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a loaded teacher takes and produces; copied into its group's attrs."""
+
+    resolution: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    grid: tuple[int, int]
+    summary_dim: int | None
+    spatial_dim: int
+
 
 
 def teacher_group(teacher: str) -> str:
@@ -103,6 +119,11 @@ def target_array(teacher: str, target: str) -> str:
 def scale_array(teacher: str, target: str) -> str:
     """Path of the per-token fp16 scales of an int8 target."""
     return f"teachers/{teacher}/{target}_scale"
+
+
+def target_arrays(teacher: str) -> list[str]:
+    """Every target and scale array a teacher can have, in TARGETS order; a store holds those its codecs need."""
+    return [p for t in TARGETS for p in (target_array(teacher, t), scale_array(teacher, t))]
 
 
 def done_array(teacher: str) -> str:

@@ -6,11 +6,12 @@ import numpy as np
 
 from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError
 from ..progress import Progress
-from . import codecs, provenance
+from . import codecs
 from . import layout as L
+from . import provenance
+from .group import done_shards, lost_shards, open_array, open_store, read_whole, shard_key, teacher_names
 from .location import Location, location
 from .sources import Images
-from .store import done_shards, lost_shards, open_array, open_store, read_whole, shard_key, teacher_names
 
 
 def store_info(path: str | Path | Location) -> dict:
@@ -29,8 +30,7 @@ def store_info(path: str | Path | Location) -> dict:
     teachers = {}
     for name in names:
         attrs = dict(root[L.teacher_group(name)].attrs)
-        size = sum(path.size(a) for t in L.TARGETS for a in (L.target_array(name, t), L.scale_array(name, t))
-                   if a in root)  # the targets alone: statistics are a fixed cost, not per view
+        size = sum(path.size(a) for a in L.target_arrays(name) if a in root)  # statistics: a fixed cost, not per view
         teachers[name] = {
             "identity": attrs["identity"], "resolution": attrs["resolution"], "grid": attrs["grid"],
             "summary_dim": attrs["summary_dim"], "spatial_dim": attrs["spatial_dim"], "storage": attrs["storage"],
@@ -95,8 +95,7 @@ def verify_store(path: str | Path | Location, *, images: str | Path | None = Non
     if (status == L.PENDING).any():
         k = int(np.flatnonzero(status == L.PENDING)[0])
         raise CacheIntegrityError(f"{L.STATUS}: sample '{ids[k]}' was never processed")
-    targets = [p for name in names for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t))
-               if p in root] + ([L.PIXELS] if L.PIXELS in root else [])
+    targets = [p for name in names for p in L.target_arrays(name) if p in root] + ([L.PIXELS] if L.PIXELS in root else [])
     n_shards = L.shard_count(n, size)
     with Progress("verifying", total=len(targets) * n_shards, unit="shards", enabled=progress) as bar:
         for array in targets:

@@ -44,7 +44,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, _list_id, check_names, scan_dataset, text_labels
+from .dataset import Manifest, UnreadableImage, list_id, check_names, scan_dataset, text_labels
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -294,7 +294,7 @@ def _check_paths(pf, path: Path, root: Path, column: str) -> None:
             without = pc.and_(cells.is_valid(), cells.field("bytes").is_null()).to_numpy(zero_copy_only=False)
             for r in np.flatnonzero(without):
                 written = cells.field("path")[int(r)].as_py()
-                if written and _list_id((path.parent / Path(written).expanduser()).as_posix(), root.as_posix()) is None:
+                if written and list_id((path.parent / Path(written).expanduser()).as_posix(), root.as_posix()) is None:
                     raise DatasetError(f"parquet file '{path}', row {start + int(r)}: image path '{written}' is "
                                        f"outside the dataset's folder '{root}'; a row without bytes names a file "
                                        "under it")

@@ -174,7 +174,7 @@ def _read_list(path: Path) -> Manifest:
         if not written:
             raise DatasetError(f"list file '{path}', line {line}: no path in {row!r}; each line is 'path' or "
                                "'path,label'")
-        sample_id = _list_id(written, root)
+        sample_id = list_id(written, root)
         if sample_id is None:
             raise DatasetError(f"list file '{path}', line {line}: '{written}' is outside the list's folder '{root}'; "
                                "paths are relative to it, without '..' above it or absolute paths elsewhere")
@@ -212,7 +212,7 @@ def text_labels(names: list[str], where) -> tuple[tuple[int, ...], tuple[str, ..
     return tuple(index[n] if n else -1 for n in names), tuple(classes)
 
 
-def _list_id(written: str, root: str) -> str | None:
+def list_id(written: str, root: str) -> str | None:
     """The sample id of a listed path: normalised, relative to `root` (absolute posix); None outside it."""
     normal = posixpath.normpath(written)
     if posixpath.isabs(normal):

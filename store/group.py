@@ -14,7 +14,6 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorstore as ts
@@ -27,16 +26,14 @@ from . import codecs
 from . import layout as L
 from . import provenance
 from .dataset import Manifest
+from .layout import TeacherInfo
 from .location import Location, location
 from .sources import Images
-
-if TYPE_CHECKING:  # the trainer imports this module; it must not pull in the teachers
-    from .teachers import TeacherInfo
 
 zarr.config.set({"array.write_empty_chunks": True})  # a chunk of fill values still gets its file: absent = lost
 
 
-def _compressors():
+def compressors():
     return [ZstdCodec(level=1), Crc32cCodec()]
 
 
@@ -223,9 +220,9 @@ def shard_arrays(root: zarr.Group) -> list[str]:
     """The arrays of which each shard's worker writes (or reads and vouches for) one file, in the order of
     the shard record (`samples/shards`)."""
     samples = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.LOCATIONS, L.PIXELS]
-    per_teacher = [p for name in teacher_names(root) for t in L.TARGETS
-                   for p in (L.target_array(name, t), L.scale_array(name, t),
-                             *(L.moment_array(name, t, m) for m in ("count", "sum", "gram", "fidelity")))]
+    per_teacher = [p for name in teacher_names(root) for p in L.target_arrays(name)] + \
+        [L.moment_array(name, t, m) for name in teacher_names(root) for t in L.TARGETS
+         for m in L.MOMENTS]
     return [a for a in samples + per_teacher if a in root]
 
 
@@ -273,7 +270,7 @@ def read_whole(path: str | Path | Location, root: zarr.Group, name: str) -> np.n
 
 def _array(root: zarr.Group, name: str, shape, dtype, chunks, *, shards=None, fill=0, overwrite=False):
     return root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, overwrite=overwrite,
-                             compressors=_compressors(), fill_value="" if dtype is str else fill)
+                             compressors=compressors(), fill_value="" if dtype is str else fill)
 
 
 def check_settings(root: zarr.Group, settings: dict, path: str | Path | Location) -> None:
@@ -341,8 +338,7 @@ def lost_shards(path: str | Path | Location, root: zarr.Group) -> list[tuple[str
 def _lost_v3(path: Location, root: zarr.Group, done: dict) -> list[tuple[str, int, str]]:
     names = teacher_names(root)
     shared = [L.STATUS] + ([L.PIXELS] if root.attrs["settings"]["pixels"] else [])  # written before every flag
-    owners = {**{p: names for p in shared}, **{p: [name] for name in names for t in L.TARGETS
-                                                for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root}}
+    owners = {**{p: names for p in shared}, **{p: [name] for name in names for p in L.target_arrays(name) if p in root}}
     found = []
     for array, teachers in owners.items():
         meta = root[array].metadata

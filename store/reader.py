@@ -29,14 +29,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..cache import codecs, provenance
-from ..cache import layout as L
-from ..cache.dataset import UnreadableImage, load_rgb
-from ..cache.location import Location, location
-from ..cache.sources import Images
-from ..cache.store import lost_shards, open_array, open_store, read_whole, teacher_names
-from ..cache.views import crop_resize
 from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError, RadioDistillError
+from . import codecs
+from . import layout as L
+from . import provenance
+from .dataset import UnreadableImage, load_rgb
+from .group import lost_shards, open_array, open_store, read_whole, teacher_names
+from .location import Location, location
+from .sources import Images
+from .views import crop_resize
 
 IMAGE_CHECKS = 1024  # image files looked at before training: enough to catch a moved or partly copied dataset
 
@@ -143,7 +144,7 @@ class CacheReader:
     @staticmethod
     def _teacher(path: Location, root, name: str) -> TeacherMeta:
         attrs = root[L.teacher_group(name)].attrs
-        arrays = tuple(p for t in L.TARGETS for p in (L.target_array(name, t), L.scale_array(name, t)) if p in root)
+        arrays = tuple(p for p in L.target_arrays(name) if p in root)
         norm = {}
         transforms = {}
         for target in L.TARGETS:
