@@ -167,7 +167,7 @@ def _print_report(r: dict) -> None:
 def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")],
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False):
     """Show a store's teachers, dims, codecs, fidelity, sizes, shards done and unreadable samples."""
-    from .cache.inspect import store_info
+    from .store.inspect import store_info
 
     i = store_info(store)
     if as_json:
@@ -178,7 +178,7 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
     out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}{_packed(i)}, {len(i['classes'])} classes; "
               f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk"
               + (f"; view pixels stored at {i['pixels']} px" if i["pixels"] else ""), highlight=False)
-    from .cache.store import weights_label
+    from .store.group import weights_label
 
     for name, t in i["teachers"].items():
         ident, st, fid = t["identity"], t["storage"], t["fidelity"] or {}
@@ -210,7 +210,7 @@ def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cac
            images: Annotated[Optional[Path], typer.Option(help="Also hash every image (the dataset's folder, where it is now) and compare it with the bytes its targets were computed from. Default: images not read.")] = None):
     """Check every array training reads: every shard done, every chunk present, passing its checksum, of its
     shape, finite and holding what its build recorded (layout v4 on); with --images, the images too."""
-    from .cache.inspect import verify_store
+    from .store.inspect import verify_store
 
     r = verify_store(store, images=images, progress=True)
     hashed = f", {r['images']} images match" if "images" in r else ""
@@ -225,7 +225,7 @@ def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample 
            size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
            bad: Annotated[bool, typer.Option(help="Add the bad files real datasets hold (empty, truncated, CMYK...).")] = True):
     """Generate a labelled sample dataset with masks (shapes on textures), for demos and tests."""
-    from .cache.location import check_folder
+    from .store.location import check_folder
     from .cache.sample_data import make_sample_dataset
 
     check_folder(out, "OUT")
