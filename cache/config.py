@@ -123,6 +123,8 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
         if given:
             raise RadioDistillError(f"teacher '{spec.name}': {given[0]} and fidelity {budget} both given; a fidelity "
                                     "budget picks the codecs: give one or the other")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise RadioDistillError(f"teacher '{spec.name}': fidelity must be a number like 0.99, got {budget!r}")
         storage[spec.name] = Storage(spatial="auto", summary="auto", pool=pool, fidelity=float(budget))
     for option, named in (("--pool", pools or {}), ("--fidelity", {k for k in fidelity if k is not None})):
         unknown_names = set(named) - set(storage)
