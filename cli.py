@@ -216,12 +216,22 @@ def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cac
 @_one_line_errors
 def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into.")],
            images: Annotated[int, typer.Option(help="Number of labelled scene images.")] = 64,
-           size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+           size: Annotated[int, typer.Option(help="Image side in pixels (the one-shape sample; --scenes come at odd sizes of 96-176 px).")] = 96,
+           scenes: Annotated[bool, typer.Option(help="The generated world of the toy teachers: 1-3 shapes x colours x sizes on textured backgrounds, with captions (scenes.jsonl), class masks and instance masks.")] = False,
+           seed: Annotated[int, typer.Option(help="Seed of the images (train and held-out sets: different seeds).")] = 0,
            bad: Annotated[bool, typer.Option(help="Add the bad files real datasets hold (empty, truncated, CMYK...).")] = True):
     """Generate a labelled sample dataset with masks (shapes on textures), for demos and tests."""
-    from .cache.sample_data import make_sample_dataset
+    from .cache.sample_data import make_sample_dataset, write_bad_files
+    from .cache.world import write_scenes
 
-    folder = make_sample_dataset(out, images=images, size=size, bad=bad)
+    if scenes:
+        folder = write_scenes(out, images=images, seed=seed)
+        if bad:
+            write_bad_files(folder)
+        _stdout().print(f"wrote {images} scenes to {folder} (class masks in {out / 'masks'}, instance masks in "
+                        f"{out / 'instances'}, captions and objects in {out / 'scenes.jsonl'})")
+        return
+    folder = make_sample_dataset(out, images=images, size=size, seed=seed, bad=bad)
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
 
