@@ -77,7 +77,7 @@ def build(
     data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels), list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused), WebDataset tar shards or Parquet files: a path, glob or brace pattern, quoted, e.g. 'shards/{000000..000123}.tar' or 'data/train-*.parquet'.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output store: a folder, e.g. cache.zarr, or s3://bucket/prefix/cache.zarr (endpoint and credentials from the AWS_* environment variables).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024.")] = None,
-    teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights.")] = None,
+    teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights; 'toy' = small CLIP, DINOv2 and SAM trained on generated scenes (toy preset: trained on generated scenes; cache/toy/*.safetensors).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with any of these settings; options given here win.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per image: view 0 = centre square, others random-resized crops. [default: 1]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the random views. [default: 0]")] = None,

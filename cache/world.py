@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 SHAPES = ("circle", "cross", "square", "star", "triangle")  # sorted: folder labels and mask values agree
 COLOURS = {"red": (210, 40, 35), "yellow": (235, 205, 40), "green": (40, 170, 60), "blue": (40, 80, 215),
            "purple": (140, 50, 170), "white": (238, 238, 232)}
-SIZES = {"small": (0.09, 0.13), "medium": (0.15, 0.20), "large": (0.23, 0.29)}  # radius / short side
+SIZES = {"small": (0.11, 0.145), "medium": (0.165, 0.21), "large": (0.235, 0.29)}  # radius / short side
 BACKGROUNDS = ("grass", "sand", "water", "stone", "wood")
 SIDES = (96, 176)  # scene width and height are drawn from this range
 

@@ -36,7 +36,7 @@ class Views:
 
 def resize_mask(mask: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 label map, cropped to `box` and nearest-resized to `size` (w, h): (h, w) uint8."""
-    return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST, box=tuple(float(c) for c in box)))
+    return np.array(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST, box=tuple(float(c) for c in box)))
 
 
 def make_views(scenes: list[Scene], resolution: int, *, crops: int = 0, seed: int = 0, centre: bool = True) -> Views:

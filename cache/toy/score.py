@@ -27,7 +27,7 @@ from ...evaluate.metrics import knn_top1, zero_shot_top1
 from ...evaluate.sam import mask_iou
 from ...ops import normalise
 from ..text import DEFAULT_TEMPLATES, class_embeddings
-from ..world import SHAPES, Scene
+from ..world import COLOURS, SHAPES, Scene
 from .data import Views, make_views, resize_mask
 
 MIN_PIXELS = 64
@@ -44,30 +44,34 @@ def features(teacher, pixels: torch.Tensor, *, batch: int = 128) -> tuple[torch.
     return (None if summaries[0] is None else torch.cat(summaries)), torch.cat(spatials)
 
 
-def labels_of(scenes: list[Scene], views: Views) -> np.ndarray:
-    """(N,) the label (main shape) of the scene of each view."""
-    return np.array([scenes[k].label for k in views.scene])
+NAMES = {"shape": SHAPES, "colour": tuple(COLOURS)}  # what a scene's label can be: its main object's shape or colour
 
 
-def clip_zero_shot(teacher, scenes: list[Scene]) -> float:
-    """Zero-shot top-1 by shape name on view 0 of `scenes`."""
+def labels_of(scenes: list[Scene], views: Views, by: str = "shape") -> np.ndarray:
+    """(N,) the label of the scene of each view: its main object's shape (the scene label) or colour."""
+    return np.array([NAMES[by].index(getattr(scenes[k].things[scenes[k].main], by)) for k in views.scene])
+
+
+def clip_zero_shot(teacher, scenes: list[Scene], *, by: str = "shape") -> float:
+    """Zero-shot top-1 by shape (or colour) name on view 0 of `scenes`."""
     import open_clip
 
     views = make_views(scenes, teacher.resolution)
-    text = class_embeddings(teacher.model, open_clip.get_tokenizer(teacher.spec.model), list(SHAPES),
+    text = class_embeddings(teacher.model, open_clip.get_tokenizer(teacher.spec.model), list(NAMES[by]),
                             DEFAULT_TEMPLATES, device=torch.device("cpu"))
     summary, _ = features(teacher, views.pixels)
-    return zero_shot_top1(summary, text, labels_of(scenes, views))
+    return zero_shot_top1(summary, text, labels_of(scenes, views, by))
 
 
-def dinov2_scores(teacher, bank: list[Scene], probe: list[Scene], scenes: list[Scene], *, probe_steps: int = 300) -> dict:
-    """{'knn': kNN top-1 of `scenes` against a bank of `bank`'s summaries, 'dense_miou': a linear probe
-    trained on `probe`'s patch tokens, scored on `scenes`'} (view 0 everywhere)."""
+def dinov2_scores(teacher, bank: list[Scene], probe: list[Scene], scenes: list[Scene], *, probe_steps: int = 300,
+                  by: str = "shape") -> dict:
+    """{'knn': kNN top-1 by shape (or colour) of `scenes` against a bank of `bank`'s summaries,
+    'dense_miou': a linear probe trained on `probe`'s patch tokens, scored on `scenes`'} (view 0 everywhere)."""
     bank_views, probe_views, views = (make_views(s, teacher.resolution) for s in (bank, probe, scenes))
     bank_summary, _ = features(teacher, bank_views.pixels)
     summary, spatial = features(teacher, views.pixels)
-    knn = knn_top1(bank_summary, labels_of(bank, bank_views), summary, labels_of(scenes, views),
-                   num_classes=len(SHAPES))
+    knn = knn_top1(bank_summary, labels_of(bank, bank_views, by), summary, labels_of(scenes, views, by),
+                   num_classes=len(NAMES[by]))
     _, probe_spatial = features(teacher, probe_views.pixels)
     h, w = spatial.shape[1:3]
 

@@ -53,7 +53,7 @@ class ToyConfig:
 
 
 QUICK = ToyConfig(train_scenes=240, heldout_scenes=60, bank_scenes=240, probe_scenes=60, clip_steps=40, clip_batch=64,
-                  dinov2_steps=40, dinov2_batch=32, sam_steps=30, sam_batch=8)
+                  dinov2_steps=40, dinov2_batch=32, sam_steps=150, sam_batch=8)
 
 
 def new_clip():
@@ -130,16 +130,18 @@ def _train_job(out: Path, cfg: ToyConfig, families: tuple[str, ...], threads: in
     return times
 
 
-def evaluate(folder: Path, cfg: ToyConfig, *, families=("clip", "dinov2", "sam")) -> dict:
-    """Each teacher's own scores, loaded from `folder` by the preset's specs, on `cfg`'s held-out scenes."""
+def evaluate(folder: Path, cfg: ToyConfig, *, families=("clip", "dinov2", "sam"), by: str = "shape") -> dict:
+    """Each teacher's own scores, loaded from `folder` by the preset's specs, on `cfg`'s held-out scenes;
+    `by="colour"` scores zero-shot and kNN by the main object's colour instead of its shape."""
     specs = {s.family: s for s in toy_teachers(folder)}
     heldout = make_scenes(cfg.heldout_scenes, seed=cfg.heldout_seed)
     out = {}
     if "clip" in families:
-        out["clip_zero_shot"] = score.clip_zero_shot(build_teacher(specs["clip"]), heldout)
+        out["clip_zero_shot"] = score.clip_zero_shot(build_teacher(specs["clip"]), heldout, by=by)
     if "dinov2" in families:
         train = make_scenes(max(cfg.bank_scenes, cfg.probe_scenes), seed=cfg.seed)
-        d = score.dinov2_scores(build_teacher(specs["dinov2"]), train[:cfg.bank_scenes], train[:cfg.probe_scenes], heldout)
+        d = score.dinov2_scores(build_teacher(specs["dinov2"]), train[:cfg.bank_scenes], train[:cfg.probe_scenes],
+                                heldout, by=by)
         out["dinov2_knn"], out["dinov2_dense_miou"] = d["knn"], d["dense_miou"]
     if "sam" in families:
         s = score.sam_point_iou(build_teacher(specs["sam"]), heldout)
