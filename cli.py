@@ -77,7 +77,7 @@ def build(
     data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels), list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused), WebDataset tar shards or Parquet files: a path, glob or brace pattern, quoted, e.g. 'shards/{000000..000123}.tar' or 'data/train-*.parquet'.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output store: a folder, e.g. cache.zarr, or s3://bucket/prefix/cache.zarr (endpoint and credentials from the AWS_* environment variables).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024.")] = None,
-    teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights.")] = None,
+    teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights; 'toy' = small CLIP, DINOv2 and SAM trained on generated scenes (toy preset: trained on generated scenes; cache/toy/*.safetensors).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with any of these settings; options given here win.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per image: view 0 = centre square, others random-resized crops. [default: 1]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the random views. [default: 0]")] = None,
@@ -222,16 +222,26 @@ def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cac
 @_one_line_errors
 def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample dataset into: a new or empty one.")],
            images: Annotated[int, typer.Option(help="Number of labelled scene images.")] = 64,
-           size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+           size: Annotated[int, typer.Option(help="Image side in pixels (the one-shape sample; --scenes come at odd sizes of 96-176 px).")] = 96,
+           scenes: Annotated[bool, typer.Option(help="The generated world of the toy teachers: 1-3 shapes x colours x sizes on textured backgrounds, with captions (scenes.jsonl), class masks and instance masks.")] = False,
+           seed: Annotated[int, typer.Option(help="Seed of the images (train and held-out sets: different seeds).")] = 0,
            bad: Annotated[bool, typer.Option(help="Add the bad files real datasets hold (empty, truncated, CMYK...).")] = True):
     """Generate a labelled sample dataset with masks (shapes on textures), for demos and tests."""
+    from .cache.sample_data import make_sample_dataset, write_bad_files
+    from .cache.world import write_scenes
     from .store.location import check_folder
-    from .cache.sample_data import make_sample_dataset
 
     check_folder(out, "OUT")
     if out.is_dir() and any(out.iterdir()):  # its files would be overwritten or mixed into the dataset
         raise RadioDistillError(f"'{out}' is not empty; give a new or empty folder")
-    folder = make_sample_dataset(out, images=images, size=size, bad=bad)
+    if scenes:
+        folder = write_scenes(out, images=images, seed=seed)
+        if bad:
+            write_bad_files(folder)
+        _stdout().print(f"wrote {images} scenes to {folder} (class masks in {out / 'masks'}, instance masks in "
+                        f"{out / 'instances'}, captions and objects in {out / 'scenes.jsonl'})")
+        return
+    folder = make_sample_dataset(out, images=images, size=size, seed=seed, bad=bad)
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
 

@@ -4,7 +4,8 @@ patch tokens (DINOv3, SigLIP/SigLIP2, EVA...) behind one interface.
 A teacher maps normalised pixels to a summary vector (none for SAM) and a spatial feature map.
 Each is loaded by its own library exactly as users load it: a pretrained tag or a local file.
 The `tiny` preset builds the same three architectures at toy sizes with seeded random weights,
-for tests and the offline demo.
+for tests and the offline demo; the `toy` preset loads small ones trained on the generated world
+(`cache/world.py`) from the safetensors files in `cache/toy/`, through the ordinary weight-file specs.
 
 Letters: B batch, R input side, h, w grid, C spatial channels, D summary channels.
 """
@@ -26,6 +27,8 @@ from ..store.layout import TeacherInfo
 FAMILIES = ("clip", "dinov2", "sam", "timm")
 SAM_SPATIAL = ("neck", "preneck")
 TINY_CLIP = "radio-tiny-clip"
+TOY_CLIP = "radio-toy-clip"
+TOY_DIR = Path(__file__).parent / "toy"  # the toy teachers' trainer, weights and scores
 _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
 
@@ -46,7 +49,7 @@ class TeacherSpec:
     resolution: int | None = None
     sam_spatial: str = "neck"
     random_init: bool = False
-    preset: str | None = None  # 'tiny' for the offline preset, recorded so stores say so
+    preset: str | None = None  # 'tiny' or 'toy' for the offline presets, recorded so stores say so
     model_kwargs: tuple[tuple[str, object], ...] = ()
 
 
@@ -80,7 +83,30 @@ def tiny_teachers() -> list[TeacherSpec]:
     ]
 
 
-PRESETS = {"tiny": tiny_teachers}  # `--teachers NAME`: whole teacher sets by name
+TOY_DINOV2_KWARGS = (("depth", 4), ("embed_dim", 64), ("num_heads", 2))
+TOY_SIDES = {"clip": 64, "dinov2": 112, "sam": 128}
+
+
+def toy_teachers(folder: str | Path = TOY_DIR) -> list[TeacherSpec]:
+    """The trained offline preset: small CLIP, DINOv2 and SAM trained on generated scenes, loaded from
+    `clip.safetensors`, `dinov2.safetensors` and `sam.safetensors` in `folder` (what
+    `cache/toy/train_toy_teachers.py` writes) as the specs `clip:radio-toy-clip:FILE@64`,
+    `dinov2:vit_small_patch14_reg4_dinov2:FILE@112` (small dims) and `sam:toy:FILE@128` would."""
+    folder = Path(folder)
+    missing = [f for f in ("clip", "dinov2", "sam") if not (folder / f"{f}.safetensors").is_file()]
+    if missing:
+        raise TeacherSpecError(f"toy teachers: {', '.join(f + '.safetensors' for f in missing)} missing in '{folder}'; "
+                               "make them with `python -m radio_distill.cache.toy.train_toy_teachers`")
+    return [
+        TeacherSpec("clip", "clip", TOY_CLIP, weights=str(folder / "clip.safetensors"), resolution=TOY_SIDES["clip"], preset="toy"),
+        TeacherSpec("dinov2", "dinov2", "vit_small_patch14_reg4_dinov2", weights=str(folder / "dinov2.safetensors"),
+                    resolution=TOY_SIDES["dinov2"], preset="toy", model_kwargs=TOY_DINOV2_KWARGS),
+        TeacherSpec("sam", "sam", "toy", weights=str(folder / "sam.safetensors"), resolution=TOY_SIDES["sam"],
+                    preset="toy"),
+    ]
+
+
+PRESETS = {"tiny": tiny_teachers, "toy": toy_teachers}  # `--teachers NAME`: whole teacher sets by name
 
 
 def _is_file(weights: str | None) -> bool:
@@ -93,7 +119,7 @@ def check_spec(spec: TeacherSpec) -> None:
         raise TeacherSpecError(f"teacher '{spec.name}': weight file '{spec.weights}' does not exist")
     if spec.family == "clip":
         import open_clip
-        _register_tiny_clip()
+        register_model_configs()
         if spec.model not in open_clip.list_models():
             raise TeacherSpecError(f"teacher '{spec.name}': unknown open_clip model '{spec.model}'; "
                                    "see open_clip.list_models()")
@@ -253,15 +279,16 @@ class SamTeacher(Teacher):
         return None, x.float()
 
 
-def _register_tiny_clip() -> None:
+def register_model_configs() -> None:
+    """Make our open_clip configs (tiny and toy presets) known to open_clip by name."""
     import open_clip
-    if TINY_CLIP not in open_clip.list_models():
-        open_clip.add_model_config(_MODEL_CONFIGS / f"{TINY_CLIP}.json")
+    if not {TINY_CLIP, TOY_CLIP} <= set(open_clip.list_models()):
+        open_clip.add_model_config(_MODEL_CONFIGS)
 
 
 def build_clip(spec: TeacherSpec) -> Teacher:
     import open_clip
-    _register_tiny_clip()
+    register_model_configs()
     kwargs = {"force_image_size": spec.resolution} if spec.resolution else {}
     if spec.weights and not _is_file(spec.weights):  # e.g. OpenAI weights were trained with QuickGELU
         kwargs["force_quick_gelu"] = open_clip.get_pretrained_cfg(spec.model, spec.weights).get("quick_gelu", False)
@@ -310,27 +337,48 @@ def build_timm(spec: TeacherSpec) -> Teacher:
     return _timm_teacher(spec, TimmTeacher)
 
 
-def build_tiny_sam(checkpoint: str | None = None):
-    """segment_anything's `_build_sam` at toy sizes: 64 px input, 8 px patches, 32 channels."""
+def _small_sam(*, dim: int, size: int, patch: int, depth: int, embed_dim: int, heads: int, window: int,
+               decoder_depth: int, checkpoint: str | None):
+    """segment_anything's `_build_sam` at small sizes; the last encoder block attends globally."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-    dim, size, patch = 32, 64, 8
     sam = Sam(
-        image_encoder=ImageEncoderViT(depth=2, embed_dim=32, img_size=size, mlp_ratio=4,
-                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch,
-                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4,
-                                      out_chans=dim),
+        image_encoder=ImageEncoderViT(depth=depth, embed_dim=embed_dim, img_size=size, mlp_ratio=4,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=patch,
+                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[depth - 1],
+                                      window_size=window, out_chans=dim),
         prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch, size // patch),
                                      input_image_size=(size, size), mask_in_chans=4),
         mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                                 transformer=TwoWayTransformer(depth=decoder_depth, embedding_dim=dim, mlp_dim=2 * dim,
+                                                               num_heads=2),
                                  transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
     if checkpoint is not None:
-        with open(checkpoint, "rb") as f:
-            sam.load_state_dict(torch.load(f, weights_only=True))
+        sam.load_state_dict(load_weights(checkpoint))
     return sam
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch checkpoint (tensors only), on the CPU."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    with open(path, "rb") as f:
+        return torch.load(f, weights_only=True, map_location="cpu")
+
+
+def build_tiny_sam(checkpoint: str | None = None):
+    """segment_anything's `_build_sam` at toy sizes: 64 px input, 8 px patches, 32 channels."""
+    return _small_sam(dim=32, size=64, patch=8, depth=2, embed_dim=32, heads=2, window=4, decoder_depth=1,
+                      checkpoint=checkpoint)
+
+
+def build_toy_sam(checkpoint: str | None = None):
+    """The toy preset's SAM: 128 px input, 8 px patches (a 16 x 16 grid), 64 channels, 3 encoder blocks."""
+    return _small_sam(dim=64, size=128, patch=8, depth=3, embed_dim=64, heads=2, window=8, decoder_depth=2,
+                      checkpoint=checkpoint)
 
 
 @lru_cache(maxsize=1)
@@ -364,7 +412,7 @@ def use_sdpa(sam) -> None:
 
 def _sam_builders() -> dict:
     from segment_anything import sam_model_registry
-    return {**sam_model_registry, "tiny": build_tiny_sam}
+    return {**sam_model_registry, "tiny": build_tiny_sam, "toy": build_toy_sam}
 
 
 def build_sam(spec: TeacherSpec) -> Teacher:

@@ -88,6 +88,20 @@ def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = N
     return TeacherSpec(name=name, family=ident["family"], **kwargs)
 
 
+def class_embeddings(model, tokenizer, classes: list[str], templates: list[str] | tuple[str, ...], *,
+                     device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """(M, D) float32 unit class embeddings of an open_clip model: the normalised mean of each class's
+    normalised prompt embeddings (`_` in a class name reads as a space)."""
+    prompts = [t.format(c.replace("_", " ")) for c in classes for t in templates]  # (M * P,)
+    chunks = []
+    with torch.inference_mode(), autocast(device):
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    per_prompt = torch.cat(chunks).reshape(len(classes), len(templates), -1)  # (M, P, D)
+    return F.normalize(per_prompt.mean(1), dim=-1).cpu().numpy().astype(np.float32)  # (M, D)
+
+
 def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: list[str] | None = None,
                           templates: list[str] | None = None, weights: str | Path | None = None,
                           device: str | None = None, batch_size: int = 256) -> dict:
@@ -140,15 +154,8 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_teacher(spec_from_identity(teacher, ident, weights=weights), device=device).model
-    tokenizer = open_clip.get_tokenizer(ident["model"])
-    prompts = [t.format(c.replace("_", " ")) for c in classes for t in templates]  # (M * P,)
-    chunks = []
-    with torch.inference_mode(), autocast(device):
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(chunks).reshape(len(classes), len(templates), -1)  # (M, P, D)
-    embeddings = F.normalize(per_prompt.mean(1), dim=-1).cpu().numpy().astype(np.float32)  # (M, D)
+    embeddings = class_embeddings(model, open_clip.get_tokenizer(ident["model"]), classes, templates,
+                                  device=device, batch_size=batch_size)
 
     group = root.require_group(L.text_group(teacher))
     write_whole(root, L.text_array(teacher), embeddings, overwrite=True)

@@ -374,6 +374,8 @@ def weights_label(identity: dict) -> str:
     """How a teacher's weights are described to users: tiny and random-init teachers say so."""
     if identity.get("preset") == "tiny":
         return "tiny preset: toy size, random weights"
+    if identity.get("preset") == "toy":
+        return "toy preset: small teachers trained on generated scenes"
     return "random weights" if identity.get("random_init") else ""
 
 
