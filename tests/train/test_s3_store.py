@@ -16,7 +16,7 @@ from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import CacheConfig
 from radio_distill.store.dataset import scan_dataset
-from radio_distill.cache.sample_data import make_sample_dataset
+from radio_distill.cache.sample_data import CLASSES, make_sample_dataset
 from radio_distill.cache.teachers import tiny_teachers
 from radio_distill.store.group import open_store
 from radio_distill.cli import cache_app, eval_app, train_app
@@ -54,7 +54,9 @@ def test_a_store_on_s3_from_tar_shards_trains_and_evaluates(ray_session, s3_url,
     assert np.bincount(root[L.LOCATIONS][:, 0]).tolist() == [5, 5, 5, 1]  # (tar, offset, size) per sample
 
     runner = CliRunner()
-    _ok(runner.invoke(cache_app, ["text", s3_url, "--device", "cpu"]))
+    names = tmp_path / "classes.txt"  # tar cls labels are numbers: prompts need the words
+    names.write_text("\n".join(CLASSES) + "\n")
+    _ok(runner.invoke(cache_app, ["text", s3_url, "--device", "cpu", "--classes", str(names)]))
     run = tmp_path / "run"
     _ok(runner.invoke(train_app, [s3_url, "--student", "test_vit", "--out", str(run), "--steps", "2", "--batch-size",
                                   "4", "--resolution", "32", "--workers", "1", "--device", "cpu", "--holdout", "0.25"]))
