@@ -7,6 +7,7 @@ Letters: B batch, R side in pixels.
 """
 
 import functools
+import os
 
 import torch
 
@@ -29,9 +30,33 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
+AUTOCAST_ENV = "RADIO_DISTILL_AUTOCAST"  # bf16: on every device (the GPU's numerics, on the CPU); fp32: nowhere
+AUTOCAST_MODES = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast every stage runs under on `device`: bf16 on CUDA, none (fp32) on the CPU, unless
+    RADIO_DISTILL_AUTOCAST says `bf16` (every device: how the CPU tests run the GPU's precision) or
+    `fp32` (no device: a GPU run to compare with)."""
+    mode, device = os.environ.get(AUTOCAST_ENV) or "auto", torch.device(device)
+    if mode not in AUTOCAST_MODES:
+        raise RadioDistillError(f"{AUTOCAST_ENV}={mode!r}: choose from {', '.join(AUTOCAST_MODES)} (unset: auto, "
+                                "bf16 on CUDA and fp32 on the CPU)")
+    if mode == "fp32" or (mode == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU a disabled one (fp32), as every stage runs."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast on CUDA; on the CPU a disabled one (fp32), as every stage runs (`autocast_dtype`)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(torch.device(device).type, dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def autocast_environment() -> dict[str, str]:
+    """The autocast setting of this process, for processes Ray starts elsewhere ({} when unset)."""
+    mode = os.environ.get(AUTOCAST_ENV)
+    return {AUTOCAST_ENV: mode} if mode else {}
 
 
 def check_device(device: str | None) -> None:

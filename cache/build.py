@@ -20,6 +20,7 @@ import numpy as np
 
 from .._ray import check_address
 from ..errors import RadioDistillError
+from ..ops import autocast_environment
 from ..progress import Progress
 from ..store import layout as L
 from ..store import provenance
@@ -96,9 +97,10 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                 root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
             _redo_changed(out, root, manifest, names)
         todo = None if fresh else _todo(root, names, cfg.shard_size)[:cfg.max_shards]
-        results, failed, wall = [], {}, 0.0
+        results, failed, wall, placements = [], {}, 0.0, []
         if todo != []:  # a complete store starts no teacher
             workers, infos = _workers(cfg, out)
+            placements = ray.get([w.placement.remote() for w in workers])
             if fresh:
                 calibration = _calibrate(workers[0], manifest, settings=settings)
                 root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
@@ -114,7 +116,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             root = open_store(out, mode="r+")
             finalize_norm(root)
             _finalize_fidelity(root)
-        return _report(out, results, failed, wall, complete, calibrated=fresh)
+        return _report(out, results, failed, wall, complete, calibrated=fresh, placements=placements)
 
 
 def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:
@@ -131,7 +133,8 @@ def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
         cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
     # two shards per actor at once: one decodes or writes while the other computes
-    env = {"runtime_env": {"env_vars": s3_environment()}} if out.remote else {}  # actors on other nodes too
+    env_vars = {**(s3_environment() if out.remote else {}), **autocast_environment()}  # actors on other nodes too
+    env = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
     actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
                                             max_restarts=3, max_task_retries=3, **env)
     workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
@@ -296,7 +299,7 @@ def _cause(e: Exception) -> str:
 
 
 def _report(out: Location, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
-            calibrated: bool) -> dict:
+            calibrated: bool, placements: list[dict]) -> dict:
     info = store_info(out)
     done_images = sum(r["images"] for r in results)
     teachers = {}
@@ -310,7 +313,7 @@ def _report(out: Location, results: list[dict], failed: dict[int, str], wall: fl
             "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],
             "unreadable": info["unreadable"], "retryable": sum(map(retryable, info["unreadable"].values())),
-            "failed": dict(sorted(failed.items()))}
+            "failed": dict(sorted(failed.items())), "workers": placements}
 
 
 def _finalize_fidelity(root) -> None:
