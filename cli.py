@@ -294,7 +294,7 @@ def train(
             weights[name] = float(value)
         except ValueError:
             raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
-    cfg = load_train_config(config, store=store, student=student, out=out, steps=steps, epochs=epochs,
+    cfg = load_train_config(config, device_here=ray_workers is None, store=store, student=student, out=out, steps=steps, epochs=epochs,
                             batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution),
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,

@@ -59,17 +59,28 @@ def autocast_environment() -> dict[str, str]:
     return {AUTOCAST_ENV: mode} if mode else {}
 
 
-def check_device(device: str | None) -> None:
-    """One line, before anything is created, unless `device` is None, cpu, or a CUDA GPU this machine has."""
+def parse_device(device: str | None) -> torch.device:
+    """`device` (None: cpu) as a torch device, or one line unless it is cpu, cuda or cuda:N; not checked
+    against this machine's GPUs (for a device on other machines: Ray workers)."""
     try:
         dev = torch.device(device or "cpu")
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise RadioDistillError(f"--device {device!r}: not a device here; use cpu, cuda or cuda:N")
+    return dev
+
+
+def check_device(device: str | None, *, where: str = "here", fix: str = "use --device cpu") -> None:
+    """One line, before anything is created, unless `device` is None, cpu, or a CUDA GPU this machine has.
+
+    Args:
+        where, fix: where the GPUs were looked for, and what to do when there are none, as the line says them.
+    """
+    dev = parse_device(device)
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
-            raise RadioDistillError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+            raise RadioDistillError(f"--device {device}: no CUDA GPU is visible {where}; {fix}")
         if dev.index is not None and dev.index >= count:
             raise RadioDistillError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")

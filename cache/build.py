@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .._ray import check_address
+from .._ray import check_address, error_line
 from ..errors import RadioDistillError
 from ..ops import autocast_environment
 from ..progress import Progress
@@ -162,7 +162,7 @@ def _calibrate(worker, manifest, *, settings: dict) -> dict | None:
         result = ray.get(worker.calibrate.options(max_task_retries=0).remote(
             rows, [manifest.ids[r] for r in rows], locations, manifest.source(), budgets, settings["seed"]))
     except ray.exceptions.RayError as e:
-        raise RadioDistillError(f"calibration failed: {_cause(e)}") from None
+        raise RadioDistillError(f"calibration failed: {error_line(e)}") from None
     for name, targets in result["teachers"].items():
         for target, c in targets.items():
             if not c["met"]:  # pooling alone costs more: the most faithful codec is used
@@ -225,7 +225,7 @@ def _start(workers: list) -> tuple[dict, list]:
             try:
                 infos[ref] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                errors.append(_cause(e))
+                errors.append(error_line(e))
 
     deadline = time.monotonic() + START_TIMEOUT
     while pending and not infos and time.monotonic() < deadline:
@@ -275,7 +275,7 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as e:
-                failed[k] = _cause(e)
+                failed[k] = error_line(e)
                 if isinstance(e, ray.exceptions.RayActorError):  # gone for good: Ray's restarts are spent
                     continue
             else:
@@ -284,18 +284,6 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
             submit(w)
     failed.update({k: "not run: no Ray worker left" for k in queue})
     return results, failed
-
-
-def _cause(e: Exception) -> str:
-    """One line saying why a Ray task or actor failed: the original exception, not Ray's traceback."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException) and cause is not e:
-        text = f"{type(cause).__name__}: {cause}"
-    else:  # e.g. an actor whose __init__ raised: only the traceback's text is left; its exception line
-        found = re.findall(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.*)$", str(e), re.M)
-        text = f"{found[-1][0]}: {found[-1][1]}" if found else str(e)
-    text = re.sub(r"\s*\[source locations=.*?\]", "", " ".join(text.split()))  # tensorstore's C++ file:line list
-    return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end
 
 
 def _report(out: Location, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,

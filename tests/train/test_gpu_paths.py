@@ -61,3 +61,53 @@ def test_the_loop_under_bf16_autocast_follows_fp32(train_store, tmp_path, monkey
     for ra, rb in zip(a, b):
         for key in [k for k in ra if "/" in k] + ["loss"]:
             assert rb[key] == pytest.approx(ra[key], rel=LOOP_LOSS_REL), (ra["step"], key)
+
+
+def test_ray_workers_take_a_gpu_as_the_device_asks():
+    from radio_distill.train.on_ray import wants_gpu
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [wants_gpu(None, 2), wants_gpu(None, 0), wants_gpu(cuda, 2), wants_gpu(cuda, 0)] == [True, False, True, True]
+    assert not wants_gpu(cpu, 8)  # was: a GPU each, and an NCCL group for the CPU tensors of a CPU run
+
+
+@pytest.mark.parametrize("args, line", [
+    # the driver has no GPU: --device cuda is not refused for that, but the cluster has none either
+    (["--ray-workers", "1", "--device", "cuda"], "error: --ray-workers 1 --device cuda needs 1 GPU in the Ray cluster, "
+                                                 "which has 0; ask for fewer, or add nodes"),
+    (["--ray-workers", "1", "--device", "cuda:1"], "error: --device cuda:1 with --ray-workers: each worker trains on the "
+                                                   "GPU Ray gives it; give --device cuda"),
+])
+def test_ray_workers_device_is_not_checked_against_the_drivers_gpus(train_store, tmp_path, ray_session, monkeypatch,
+                                                                     args, line):
+    from typer.testing import CliRunner
+
+    from radio_distill.cli import train_app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(tmp_path / "r"),
+                                            "--steps", "1", "--batch-size", "8", *args])
+    assert result.exit_code == 2 and result.output.strip() == line, result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_ray_train_workers_that_cannot_start_are_one_line(train_store, tmp_path, ray_session, monkeypatch):
+    """Ray Train raises a ControllerError carrying the workers' traceback when their process group cannot start
+    (as NCCL's on a node whose GPUs CUDA cannot open, `tests/test_fake_gpus.py`): one line, its last."""
+    from ray.train import ControllerError
+    from ray.train.torch import TorchTrainer
+
+    from radio_distill.errors import RadioDistillError
+    from radio_distill.train.on_ray import train_on_ray
+
+    failure = RuntimeError("ray::execute._setup_torch_process_group() (pid=1, ip=10.0.0.2)\n  File \"config.py\", line 147,"
+                           " in _setup_torch_process_group\n    dist.init_process_group(\nValueError: ProcessGroupNCCL is "
+                           "only supported with GPUs, no GPUs found!")
+    def fit(self):
+        raise ControllerError(failure)
+
+    monkeypatch.setattr(TorchTrainer, "fit", fit)
+    with pytest.raises(RadioDistillError) as e:
+        train_on_ray(config(train_store, tmp_path / "r"), workers=1)
+    assert str(e.value) == ("Ray Train workers could not start: ValueError: ProcessGroupNCCL is only supported with "
+                            "GPUs, no GPUs found!")
