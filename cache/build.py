@@ -12,7 +12,6 @@ holding an image that changed since it was cached, or a store file that was lost
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
 
-import re
 import sys
 import time
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# beside real GPUs, Ray would hand an actor a real one: the device checks (BENCHMARKS.md, "GPU paths") run that
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="fake GPUs are for machines without CUDA")
 
 SCRIPT = r"""
 import json, sys

@@ -1,13 +1,8 @@
-"""The build's GPU code paths, run on the CPU: bf16 autocast (the precision the teachers run in on a GPU),
-and Ray's GPU placement with fake GPUs (a Ray of its own that lists 2 GPUs this machine does not have)."""
+"""The build's GPU code paths, run on the CPU: bf16 autocast (the precision the teachers run in on a GPU), and
+which GPU an actor takes (Ray's placement with fake GPUs: `tests/test_fake_gpus.py`)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import zarr
@@ -37,15 +32,24 @@ def decoded(store: Path, name: str, target: str) -> torch.Tensor | None:
 def test_the_build_under_bf16_autocast_on_the_cpu_stores_targets_within_bf16_of_fp32(small_store, small_config, tmp_path,
                                                                                    monkeypatch):
     """RADIO_DISTILL_AUTOCAST=bf16 runs the teachers as on a GPU (bf16 autocast + inference_mode), on the
-    CPU; the store's targets are those of the fp32 build within bf16's rounding."""
+    CPU; the store's targets are those of the fp32 build within bf16's rounding. Where Ray has GPUs (a device
+    check) both builds run on them, the reference with RADIO_DISTILL_AUTOCAST=fp32."""
+    import ray
+
+    reference = small_store  # built by CPU actors in fp32
+    if ray.cluster_resources().get("GPU"):
+        monkeypatch.setenv(AUTOCAST_ENV, "fp32")
+        reference = tmp_path / "fp32.zarr"
+        assert build_cache(small_config(reference, workers=1), progress=False)["complete"]
     monkeypatch.setenv(AUTOCAST_ENV, "bf16")  # the driver hands it to its Ray actors
     out = tmp_path / "bf16.zarr"
     report = build_cache(small_config(out, workers=1), progress=False)  # one actor: a new runtime env is a new process
     assert report["complete"] and report["ok"] == 8, report
-    assert [(p["device"], p["autocast"]) for p in report["workers"]] == [("cpu", "bfloat16")]
+    assert [p["autocast"] for p in report["workers"]] == ["bfloat16"] * len(report["workers"])
+    assert {p["device"] for p in report["workers"]} == ({"cuda:0"} if ray.cluster_resources().get("GPU") else {"cpu"})
     for name in ("clip", "dinov2", "sam"):
         for target in L.TARGETS:
-            ref, got = decoded(small_store, name, target), decoded(out, name, target)
+            ref, got = decoded(reference, name, target), decoded(out, name, target)
             if ref is None:
                 assert got is None and (name, target) == ("sam", "summary")
                 continue

@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from radio_distill.store.reader import CacheReader, StepSampler
 
+# NCCL, one GPU a rank: a device check (scripts/device_check.py) on a machine with 2 GPUs
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))]
 RUN = dict(batch_size=8, resolution=32, seed=0, holdout=0.1, steps=3)
 
 
@@ -25,7 +30,8 @@ def _drawn_by_rank_1_only(reader: CacheReader, *, step: int) -> int:
     return next(i for i, where in sorted(drawn.items()) if where == {(1, step)})
 
 
-def test_a_loader_failing_on_rank_1_ends_every_rank_with_its_line(train_store, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_loader_failing_on_rank_1_ends_every_rank_with_its_line(train_store, tmp_path, device):
     """Rank 1 reads an image whose bytes changed (its size and mtime kept: the start-up check passes, the read
     does not); rank 0's data is fine. Both ranks end at that step with rank 1's line, after rank 0 checkpoints
     the step before. Before, rank 0 went on into the step's gradient all-reduce and died there with gloo's
@@ -43,7 +49,7 @@ def test_a_loader_failing_on_rank_1_ends_every_rank_with_its_line(train_store, t
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--tee", "3", script,
            str(train_store), "--images", str(images), "--student", "test_vit", "--out", str(out), "--steps", "3",
-           "--batch-size", "8", "--resolution", "32", "--workers", "0", "--log-every", "1", "--device", "cpu",
+           "--batch-size", "8", "--resolution", "32", "--workers", "0", "--log-every", "1", "--device", device,
            "--holdout", "0.1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = (f"error: image '{path}' (sample {sample}) is not the image its targets were computed from (its bytes "

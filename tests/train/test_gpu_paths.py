@@ -1,5 +1,8 @@
 """The trainer's GPU code paths, run on the CPU: the step and the loop under bf16 autocast (the precision
-`radio-train` runs in on a GPU), compared with fp32."""
+`radio-train` runs in on a GPU), compared with fp32; the device of --ray-workers checked where the workers run.
+
+On a machine with CUDA the same tests also run on `cuda` (pinned batches, non-blocking copies, bf16 autocast
+against RADIO_DISTILL_AUTOCAST=fp32 on the same GPU): the device check of BENCHMARKS.md, "GPU paths"."""
 
 import copy
 import csv
@@ -22,13 +25,18 @@ from .conftest import config
 STEP_LOSS_REL, STEP_GRAD_COS, LOOP_LOSS_REL = 0.01, 0.99, 0.01
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (a device check, BENCHMARKS.md)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
 def _rows(run) -> list[dict]:
     with (run / "metrics.csv").open() as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("student", ["test_vit", "test_resnet", "test_eradio"])
-def test_a_step_under_bf16_autocast_gives_the_fp32_losses_and_gradients(train_store, monkeypatch, student):
+def test_a_step_under_bf16_autocast_gives_the_fp32_losses_and_gradients(train_store, monkeypatch, student, device):
     reader = CacheReader(train_store)
     batch = next(iter(reader.loader(reader.indices(holdout=0.1), resolution=32, batch_size=8, seed=0, start_step=0,
                                     steps=1, workers=0)))
@@ -38,11 +46,11 @@ def test_a_step_under_bf16_autocast_gives_the_fp32_losses_and_gradients(train_st
     out = {}
     for mode in ("fp32", "bf16"):
         monkeypatch.setenv(AUTOCAST_ENV, mode)
-        model = copy.deepcopy(first)
+        model = copy.deepcopy(first).to(device)
         step = DistillStep(model, make_optimizer(model, lr=1e-3, weight_decay=0.05), reader.teachers,
-                           loss=config(train_store, None).loss, grad_clip=1e9, device=torch.device("cpu"))
+                           loss=config(train_store, None).loss, grad_clip=1e9, device=torch.device(device))
         metrics = step(batch)
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).cpu()
         out[mode] = dict(zip(step.names, metrics.tolist())), grads
     (ref, g32), (got, g16) = out["fp32"], out["bf16"]
     assert g16.dtype == torch.float32 and not torch.equal(g32, g16)  # bf16 ran, the master weights stay fp32
@@ -51,8 +59,10 @@ def test_a_step_under_bf16_autocast_gives_the_fp32_losses_and_gradients(train_st
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) >= STEP_GRAD_COS
 
 
-def test_the_loop_under_bf16_autocast_follows_fp32(train_store, tmp_path, monkeypatch):
-    fp32 = config(train_store, tmp_path / "fp32", steps=3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_loop_under_bf16_autocast_follows_fp32(train_store, tmp_path, monkeypatch, device):
+    monkeypatch.setenv(AUTOCAST_ENV, "fp32")
+    fp32 = config(train_store, tmp_path / "fp32", steps=3, device=device)
     train(fp32, progress=False)
     monkeypatch.setenv(AUTOCAST_ENV, "bf16")
     train(replace(fp32, out=tmp_path / "bf16"), progress=False)
@@ -73,8 +83,9 @@ def test_ray_workers_take_a_gpu_as_the_device_asks():
 
 @pytest.mark.parametrize("args, line", [
     # the driver has no GPU: --device cuda is not refused for that, but the cluster has none either
-    (["--ray-workers", "1", "--device", "cuda"], "error: --ray-workers 1 --device cuda needs 1 GPU in the Ray cluster, "
-                                                 "which has 0; ask for fewer, or add nodes"),
+    pytest.param(["--ray-workers", "1", "--device", "cuda"], "error: --ray-workers 1 --device cuda needs 1 GPU in the Ray "
+                 "cluster, which has 0; ask for fewer, or add nodes", marks=pytest.mark.skipif(
+                     torch.cuda.is_available(), reason="the session's Ray has this machine's GPUs")),
     (["--ray-workers", "1", "--device", "cuda:1"], "error: --device cuda:1 with --ray-workers: each worker trains on the "
                                                    "GPU Ray gives it; give --device cuda"),
 ])
