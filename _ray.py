@@ -1,8 +1,9 @@
 """Ray clusters checked from the driver, so that a wrong `--address` or a cluster too small is one line within
 seconds: `ray.init` retries an address for a minute, a warning a second, and Ray waits forever for workers
-that a cluster cannot place."""
+that a cluster cannot place; and what fails inside Ray told in one line."""
 
 import os
+import re
 import sys
 
 from .errors import RadioDistillError
@@ -50,3 +51,15 @@ def check_room(need: dict[str, float], have: dict[str, float], *, asked: str, ma
             if not may_grow:
                 raise RadioDistillError(f"{short}; ask for fewer, or add nodes")
             print(f"warning: {short} now; waiting for it to grow (stop with Ctrl-C if it cannot)", file=sys.stderr)
+
+
+def error_line(e: BaseException) -> str:
+    """One line saying why a Ray task or actor failed: the original exception, not Ray's traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        text = f"{type(cause).__name__}: {cause}"
+    else:  # e.g. an actor whose __init__ raised: only the traceback's text is left; its exception line
+        found = re.findall(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.*)$", str(e), re.M)
+        text = f"{found[-1][0]}: {found[-1][1]}" if found else str(e)
+    text = re.sub(r"\s*\[source locations=.*?\]", "", " ".join(text.split()))  # tensorstore's C++ file:line list
+    return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end

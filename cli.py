@@ -130,6 +130,12 @@ def _print_report(r: dict) -> None:
     out.print(f"store {r['store']}: {r['samples']} samples x {r['views']} views, {state}")
     out.print(f"ran {r['shards_run']} shards, {r['images_run']} images in {r['seconds']:.1f} s"
               + (f" ({r['images_per_s']:.1f} images/s)" if r["images_per_s"] else ""))
+    if r["workers"]:  # where the teachers ran: one actor per GPU Ray lists, else CPU actors
+        w = r["workers"]
+        gpus = sum(len(p["gpu_ids"]) for p in w)
+        kinds = {f"{p['device'].split(':')[0]}, {p['autocast'] or 'fp32'}" for p in w}
+        out.print(f"on {len(w)} Ray workers ({gpus} GPUs) on {len({p['node'] for p in w})} nodes: "
+                  f"teachers on {'; '.join(sorted(kinds))}")
     cal = r["calibration"]
     if cal:  # its cost: a share of this run's time, or reused from the run that made the store
         share = f"{cal['seconds'] / (cal['seconds'] + r['seconds']):.1%} of this run" if cal["ran"] else "reused"
@@ -298,7 +304,7 @@ def train(
             weights[name] = float(value)
         except ValueError:
             raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
-    cfg = load_train_config(config, store=store, student=student, out=out, steps=steps, epochs=epochs,
+    cfg = load_train_config(config, device_here=ray_workers is None, store=store, student=student, out=out, steps=steps, epochs=epochs,
                             batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution),
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,

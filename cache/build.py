@@ -12,14 +12,14 @@ holding an image that changed since it was cached, or a store file that was lost
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
 
-import re
 import sys
 import time
 
 import numpy as np
 
-from .._ray import check_address
+from .._ray import check_address, error_line
 from ..errors import RadioDistillError
+from ..ops import autocast_environment
 from ..progress import Progress
 from ..store import layout as L
 from ..store import provenance
@@ -96,9 +96,10 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                 root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
             _redo_changed(out, root, manifest, names)
         todo = None if fresh else _todo(root, names, cfg.shard_size)[:cfg.max_shards]
-        results, failed, wall = [], {}, 0.0
+        results, failed, wall, placements = [], {}, 0.0, []
         if todo != []:  # a complete store starts no teacher
             workers, infos = _workers(cfg, out)
+            placements = ray.get([w.placement.remote() for w in workers])
             if fresh:
                 calibration = _calibrate(workers[0], manifest, settings=settings)
                 root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
@@ -114,7 +115,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             root = open_store(out, mode="r+")
             finalize_norm(root)
             _finalize_fidelity(root)
-        return _report(out, results, failed, wall, complete, calibrated=fresh)
+        return _report(out, results, failed, wall, complete, calibrated=fresh, placements=placements)
 
 
 def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:
@@ -131,7 +132,8 @@ def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
         cpus = max(1, min(int(r.get("CPU", 0) // r["GPU"]) for r in nodes))
     # two shards per actor at once: one decodes or writes while the other computes
-    env = {"runtime_env": {"env_vars": s3_environment()}} if out.remote else {}  # actors on other nodes too
+    env_vars = {**(s3_environment() if out.remote else {}), **autocast_environment()}  # actors on other nodes too
+    env = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
     actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
                                             max_restarts=3, max_task_retries=3, **env)
     workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
@@ -159,7 +161,7 @@ def _calibrate(worker, manifest, *, settings: dict) -> dict | None:
         result = ray.get(worker.calibrate.options(max_task_retries=0).remote(
             rows, [manifest.ids[r] for r in rows], locations, manifest.source(), budgets, settings["seed"]))
     except ray.exceptions.RayError as e:
-        raise RadioDistillError(f"calibration failed: {_cause(e)}") from None
+        raise RadioDistillError(f"calibration failed: {error_line(e)}") from None
     for name, targets in result["teachers"].items():
         for target, c in targets.items():
             if not c["met"]:  # pooling alone costs more: the most faithful codec is used
@@ -222,7 +224,7 @@ def _start(workers: list) -> tuple[dict, list]:
             try:
                 infos[ref] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                errors.append(_cause(e))
+                errors.append(error_line(e))
 
     deadline = time.monotonic() + START_TIMEOUT
     while pending and not infos and time.monotonic() < deadline:
@@ -272,7 +274,7 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as e:
-                failed[k] = _cause(e)
+                failed[k] = error_line(e)
                 if isinstance(e, ray.exceptions.RayActorError):  # gone for good: Ray's restarts are spent
                     continue
             else:
@@ -283,20 +285,8 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
     return results, failed
 
 
-def _cause(e: Exception) -> str:
-    """One line saying why a Ray task or actor failed: the original exception, not Ray's traceback."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException) and cause is not e:
-        text = f"{type(cause).__name__}: {cause}"
-    else:  # e.g. an actor whose __init__ raised: only the traceback's text is left; its exception line
-        found = re.findall(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.*)$", str(e), re.M)
-        text = f"{found[-1][0]}: {found[-1][1]}" if found else str(e)
-    text = re.sub(r"\s*\[source locations=.*?\]", "", " ".join(text.split()))  # tensorstore's C++ file:line list
-    return text if len(text) <= 320 else f"{text[:160]} ... {text[-155:]}"  # the OS error is at the end
-
-
 def _report(out: Location, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,
-            calibrated: bool) -> dict:
+            calibrated: bool, placements: list[dict]) -> dict:
     info = store_info(out)
     done_images = sum(r["images"] for r in results)
     teachers = {}
@@ -310,7 +300,7 @@ def _report(out: Location, results: list[dict], failed: dict[int, str], wall: fl
             "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],
             "unreadable": info["unreadable"], "retryable": sum(map(retryable, info["unreadable"].values())),
-            "failed": dict(sorted(failed.items()))}
+            "failed": dict(sorted(failed.items())), "workers": placements}
 
 
 def _finalize_fidelity(root) -> None:

@@ -7,6 +7,7 @@ arrays, the statistics rows and the shard's integrity record, and only then its 
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import CacheIntegrityError, RadioDistillError
-from ..ops import autocast, normalise
+from ..ops import autocast, autocast_dtype, normalise
 from ..store import codecs
 from ..store import layout as L
 from ..store import provenance
@@ -28,6 +29,20 @@ from ..store.views import crop_resize, view_boxes
 from . import calibrate
 from .teachers import TeacherSpec, build_teacher
 
+
+def gpu_index(gpu_ids: list, visible: str | None) -> int:
+    """The CUDA index, inside an actor, of the first GPU Ray gave it (`ray.get_gpu_ids()`): its place in
+    CUDA_VISIBLE_DEVICES (which Ray sets to the actor's GPUs: index 0), or the id itself where that is
+    unset (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1: every GPU visible, each actor must pick its own)."""
+    if not gpu_ids:
+        return 0
+    first = str(gpu_ids[0])
+    if visible is None:
+        return int(first)
+    listed = [d.strip() for d in visible.split(",")]
+    return listed.index(first) if first in listed else 0
+
+
 def retryable(reason: str) -> bool:
     """Whether an unreadable sample may read on a rerun: its file was missing (not there yet, or looked
     for at the dataset's old place), or the OS failed to read it (an `[Errno N]` I/O error, not the image)."""
@@ -38,8 +53,13 @@ class ShardWorker:
     """A Ray actor holding every teacher on one device; `run(shard, ...)` computes and writes one shard."""
 
     def __init__(self, specs: tuple[TeacherSpec, ...], store: str, *, batch_size: int, threads: int):
+        import ray
+
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.gpu_ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []  # [] outside Ray
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():  # the GPU Ray placed this actor on, not every actor's cuda:0
+            self.device = torch.device("cuda", gpu_index(self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
         self.teachers = {s.name: build_teacher(s, device=self.device) for s in specs}
         self.store, self.batch_size = location(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
@@ -48,6 +68,16 @@ class ShardWorker:
 
     def describe(self) -> dict:
         return {name: t.info() for name, t in self.teachers.items()}
+
+    def placement(self) -> dict:
+        """Where this actor runs: its node, the GPUs Ray gave it, CUDA_VISIBLE_DEVICES as Ray set it, the device
+        its teachers run on, its threads, and the autocast they run under ('bfloat16', or None: fp32)."""
+        import ray
+
+        dtype = autocast_dtype(self.device)
+        return {"node": ray.util.get_node_ip_address(), "gpu_ids": self.gpu_ids,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": str(self.device),
+                "threads": torch.get_num_threads(), "autocast": dtype and str(dtype).removeprefix("torch.")}
 
     def _forward(self, teacher, pixels: np.ndarray) -> dict:
         """(B, R, R, 3) uint8 -> {'summary': (B, D) | None, 'spatial': (B, h, w, C)} on the device."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
-from ..ops import check_device
+from ..ops import check_device, parse_device
 from ..store.location import check_folder, is_remote
 from .losses import KINDS, LossConfig
 
@@ -137,8 +137,11 @@ def check_option(option: str, value, rule: str, *, sep: str = " ") -> None:
         raise RadioDistillError(f"{option}{sep}{value!r}: must be {_WANT[rule]}")
 
 
-def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
-    """Merge a TOML recipe (optional) with command-line values (None = not given); the latter win."""
+def load_train_config(path: str | Path | None = None, *, device_here: bool = True, **overrides) -> TrainConfig:
+    """Merge a TOML recipe (optional) with command-line values (None = not given); the latter win.
+
+    `device_here`: training runs on this machine, so its GPUs are what --device is checked against; False
+    (--ray-workers): only its form, the Ray workers check it where they run (`on_ray.py`)."""
     raw = read_toml(path)
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known
@@ -164,6 +167,9 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     if values.get("steps") is None and values.get("epochs") is None:
         raise RadioDistillError("give --steps or --epochs")
     cfg = TrainConfig(**values)
-    check_device(cfg.device)
+    if device_here:
+        check_device(cfg.device)
+    else:
+        parse_device(cfg.device)
     check_folder(cfg.out, "--out")
     return cfg

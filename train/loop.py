@@ -26,7 +26,7 @@ from ..store.reader import CacheReader, worker_error
 from ..student import TeacherDims, create_student, save_student
 from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
-from .distributed import setup, teardown
+from .distributed import barrier, first_error, setup, teardown
 from .losses import check_teacher_weights
 from .step import DistillStep, make_optimizer, pair_teachers
 
@@ -161,14 +161,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             _step_threads(device, workers):
         for step in range(start, end):
             try:
-                batch = [next(batches) for _ in range(parts)]
+                batch, error = [next(batches) for _ in range(parts)], None
             except RadioDistillError as e:
-                error = worker_error(e)
-                if procs.main and step > kept:
-                    if pending:  # only this process may have failed: no collective here
-                        finite_rows(pending, step - 1, names=distill.names, world=1, ckpt=ckpt)
-                    save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step, run=run)
+                batch, error = None, worker_error(e)
+            error = first_error(error, procs)  # every rank, before this step's collectives: one rank's failure ends all
+            if error is not None:
+                if step > kept:
+                    if pending:  # every rank is here: the steps since the last check are checked as usual
+                        finite_rows(pending, step - 1, names=distill.names, world=procs.world, ckpt=ckpt)
+                    if procs.main:
+                        save_checkpoint(ckpt, model=model, optimizer=optimizer, step=step, run=run)
                     kept = step
+                barrier(procs)  # the others end once rank 0's checkpoint is written
                 if kept:
                     raise type(error)(f"{error}; the checkpoint in '{ckpt}' holds step {kept}: continue with "
                                       "--resume once the store is repaired") from None
