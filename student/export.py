@@ -17,6 +17,7 @@ from ..errors import RadioDistillError
 from ._registry import create_student
 from .backbones import TimmViT
 from .model import Student
+from .radio import RadioStudent
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -37,17 +38,7 @@ def save_student(model: Student, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "student": model.name,
-        "overrides": model.overrides,
-        "teachers": {t: asdict(d) for t, d in model.teachers.items()},
-        "deployed": model.deployed,
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "input_stride": model.input_stride,
-        "feature_info": model.feature_info,
-    }
+    config = student_config(model)
     try:
         text = json.dumps(config, indent=2)
     except TypeError as e:
@@ -68,6 +59,22 @@ def save_student(model: Student, directory: str | Path) -> Path:
     return directory
 
 
+def student_config(model: Student) -> dict:
+    """What ``load_student`` rebuilds ``model`` from (``config.json``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "student": model.name,
+        "overrides": model.overrides,
+        "teachers": {t: asdict(d) for t, d in model.teachers.items()},
+        "deployed": model.deployed,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "input_stride": model.input_stride,
+        "feature_info": model.feature_info,
+        "preferred_resolution": model.preferred_resolution,
+    }
+
+
 def student_dir(path: str | Path) -> Path:
     """The saved student of ``path``: a run folder (its ``student/``) or the student folder itself."""
     path = Path(path)
@@ -78,15 +85,19 @@ def student_dir(path: str | Path) -> Path:
     return path
 
 
-def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -> Student:
+def load_student(directory: str | Path, *, device: str | torch.device = "cpu",
+                 radio: bool = False) -> Student | RadioStudent:
     """Rebuilds a saved student, loads its weights strictly and returns it in eval mode.
 
     Args:
         directory: a run folder of `radio-train`, or the folder written by ``save_student``.
         device: where the model goes.
+        radio: return it behind RADIO's interface (``RadioStudent``: pixels in [0, 1], a dict of
+            ``(summary, features)``), not as the bare ``Student`` (normalised pixels, ``StudentOutput``).
 
     Returns:
-        the ``Student``; calling it gives the backbone's and every adaptor's outputs.
+        the ``Student`` (calling it gives the backbone's and every adaptor's outputs), or with ``radio``
+        the ``RadioStudent`` around it.
     """
     directory = student_dir(directory)
     config = json.loads((directory / CONFIG).read_text())
@@ -101,7 +112,9 @@ def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -
     if config.get("deployed"):
         model.switch_to_deploy()
     model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
-    return model.to(device).eval()
+    model.preferred_resolution = config.get("preferred_resolution")
+    model = model.to(device).eval()
+    return RadioStudent(model).to(device).eval() if radio else model
 
 
 def export_timm(run: str | Path, file: str | Path) -> dict:
