@@ -147,6 +147,7 @@ class TimmMap(nn.Module):
                                       "timm's vision_transformer family, a CNN or an E-RADIO size")
         for module in unused:  # head parts (conv_head, norm_head...): DDP refuses parameters that get no gradient
             self.model.set_submodule(module, nn.Identity())
+        self.dropped = list(unused)  # what an export rebuilding this model from timm must drop too
         self.input_stride = int(self.model.feature_info[-1]["reduction"])
         self.feature_info = {"num_chs": self.model.num_features, "reduction": self.input_stride}
         self.mean, self.std = _norm_cfg(self.model)

@@ -138,12 +138,22 @@ def export_timm(run: str | Path, file: str | Path) -> dict:
     if not isinstance(model.backbone, TimmViT):
         raise RadioDistillError(f"{run}: student '{model.name}' is not a timm ViT; only ViT students export to timm")
     backbone = model.backbone.model
-    not_timm = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}
-    kwargs = {k: v for k, v in model.overrides.items() if k not in not_timm}
-    if kwargs.get("cpe_size") is not None:  # CPE at evaluation is timm's own grid resize of a class-free table
-        kwargs.update(img_size=kwargs.pop("cpe_size"), no_embed_class=True)
-    kwargs.update(num_classes=0, global_pool="", class_token=False, reg_tokens=backbone.num_reg_tokens,
-                  dynamic_img_size=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, Path(file))
-    return {"model": model.name, "kwargs": kwargs}
+    return {"model": model.name, "kwargs": timm_kwargs(model)}
+
+
+NOT_TIMM = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}  # student-only overrides
+
+
+def timm_kwargs(model: Student) -> dict:
+    """The ``timm.create_model`` keywords that rebuild a timm student's backbone (its ``backbone.model``)
+    as it computes in eval mode."""
+    kwargs = {k: v for k, v in model.overrides.items() if k not in NOT_TIMM}
+    kwargs.update(num_classes=0, global_pool="")
+    if isinstance(model.backbone, TimmViT):
+        cpe_size = kwargs.pop("cpe_size", None)
+        if cpe_size is not None:  # CPE at evaluation is timm's own grid resize of a class-free table
+            kwargs.update(img_size=cpe_size, no_embed_class=True)
+        kwargs.update(class_token=False, reg_tokens=model.backbone.model.num_reg_tokens, dynamic_img_size=True)
+    return kwargs
