@@ -78,6 +78,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if bad:
         raise TrainingError(f"--resolution {bad[0]} is not a multiple of {model.input_stride}, "
                             f"the input stride of '{cfg.student}'")
+    model.preferred_resolution = max(cfg.sides)  # recorded with the student, RADIO's preferred_resolution
 
     # 4. the run folder: a fresh run, or --resume of one trained from the same store settings
     pairing = pair_teachers(reader.teachers, cfg.sides)  # a teacher cached at several sides: the closest trains
