@@ -110,6 +110,13 @@ def init_student(model: Student, path: str | Path) -> dict:
             "dropped": [t for t in old_teachers if t not in model.teachers]}
 
 
+def init_line(report: dict) -> str:
+    """One line saying what ``init_student`` took: '--init RUN: backbone, heads a/summary, ...; new heads: ...'."""
+    line = f"--init {report['from']}: backbone, heads {', '.join(report['kept']) or '(none)'}"
+    line += f"; new heads: {', '.join(report['new'])}" if report["new"] else "; no new heads"
+    return line + (f"; dropped teachers: {', '.join(report['dropped'])}" if report["dropped"] else "")
+
+
 def _prefix_rows(model: Student, old_teachers: dict, saved: dict) -> dict[str, list[int | None]]:
     """For a ViT: {key: for each new prefix row, the saved row it takes, or None (keep the fresh one)}."""
     if not isinstance(model.backbone, TimmViT):

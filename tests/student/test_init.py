@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from radio_distill.errors import RadioDistillError
 from radio_distill.student import TeacherDims, create_student, save_student
-from radio_distill.student.init import init_source, init_student
+from radio_distill.student.init import init_line, init_source, init_student
 
 OLD = {"extra": TeacherDims(10, 12), "clip": TeacherDims(32, 64), "sam": TeacherDims(None, 32)}
 NEW = {"clip": TeacherDims(32, 64), "dinov2": TeacherDims(48, 48), "sam": TeacherDims(None, 32)}
@@ -25,6 +25,8 @@ def test_vit_backbone_tokens_follow_their_teachers(tmp_path):
     report = init_student(model, tmp_path / "old")
     assert report == {"from": str(tmp_path / "old"), "kept": ["clip/summary", "clip/spatial", "sam/spatial"],
                       "new": ["dinov2/summary", "dinov2/spatial"], "dropped": ["extra"]}
+    assert init_line(report) == (f"--init {tmp_path / 'old'}: backbone, heads clip/summary, clip/spatial, sam/spatial; "
+                                 "new heads: dinov2/summary, dinov2/spatial; dropped teachers: extra")
     a, b = old.state_dict(), model.state_dict()
     for key in b:
         if key.startswith("backbone.") and not key.endswith(("reg_token", "pos_embed")):
