@@ -271,6 +271,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. [default: cuda if available]")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML recipe; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its checkpoint stopped.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Start from a trained student: a run folder, a student folder (or radio-export hf folder) or its model.safetensors. Its backbone comes over, and its heads of the teachers this store has too; new teachers get new heads. --student defaults to its student; --steps 0 saves it as it starts.")] = None,
     stop_at: Annotated[Optional[int], typer.Option(help="End this session after this step, checkpointed (for time-limited jobs); continue with --resume.")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Train on the finished shards of an incomplete store.")] = False,
     images: Annotated[Optional[Path], typer.Option(help="The image folder, when it moved since the build. [default: the root recorded in the store]")] = None,
@@ -293,6 +294,7 @@ def train(
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
+                            init=init,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers is not None:  # 0 is refused there, not taken for "train here"
         from .train.distributed import train_on_ray
