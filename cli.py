@@ -1,4 +1,4 @@
-"""Command lines: `radio-cache` (build, info, verify, sample) and `radio-train`.
+"""Command lines: `radio-cache` (build, info, verify, sample), `radio-train`, `radio-eval` and `radio-export`.
 
 Each command parses options, builds a config and calls one library function; a
 `RadioDistillError` is printed as one line and exits with status 2.
@@ -287,6 +287,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1 or cpu. [default: cuda if available]")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML recipe; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its checkpoint stopped.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Start from a trained student: a run folder, a student folder (or radio-export hf folder) or its model.safetensors. Its backbone comes over, and its heads of the teachers this store has too; new teachers get new heads. --student defaults to its student; --steps 0 saves it as it starts.")] = None,
     stop_at: Annotated[Optional[int], typer.Option(help="End this session after this step, checkpointed (for time-limited jobs); continue with --resume.")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Train on the finished shards of an incomplete store.")] = False,
     images: Annotated[Optional[Path], typer.Option(help="The image folder, when it moved since the build. [default: the root recorded in the store]")] = None,
@@ -309,6 +310,7 @@ def train(
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
+                            init=init,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers is not None:  # 0 is refused there, not taken for "train here"
         from .train.on_ray import train_on_ray
@@ -317,6 +319,41 @@ def train(
     result = run_training(cfg)
     _stdout().print(f"trained to step {result['step']} of {result['steps']}; student saved to {Path(result['out']) / 'student'} "
                     "(load it with radio_distill.student.load_student)")
+
+
+export_app = typer.Typer(help="Export a trained student: ONNX, a Hugging Face folder, or a ViT backbone for timm.",
+                         pretty_exceptions_enable=False, add_completion=False)
+EXPORT_FORMATS = ("onnx", "hf", "timm")
+
+
+@export_app.command()
+@_one_line_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="A `radio-train` run folder (its --out) or a saved student folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write (onnx, hf), or the .safetensors file (timm).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: one graph per --sides, batch dynamic, onnxruntime / TensorRT; hf: transformers.AutoModel.from_pretrained(OUT, trust_remote_code=True); timm: a ViT backbone for timm.create_model.")] = "onnx",
+    sides: Annotated[Optional[str], typer.Option(help="ONNX input sides (square), e.g. 224,448: one graph each. [default: the side the student was trained at]")] = None,
+    feature_fmt: Annotated[str, typer.Option(help="Layout of the spatial features: NLC (RADIO's) or NCHW (onnx, hf).")] = "NLC",
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+):
+    """Export RUN's student to OUT: RADIO's interface (pixels in [0, 1], (summary, features) per teacher)."""
+    from .student import export_hf, export_onnx, export_timm
+
+    if fmt not in EXPORT_FORMATS:
+        raise RadioDistillError(f"--format {fmt!r}: choose from {', '.join(EXPORT_FORMATS)}")
+    if sides is not None and fmt != "onnx":
+        raise RadioDistillError(f"--sides is for --format onnx; a {fmt} export takes any side")
+    if fmt == "onnx":
+        manifest = export_onnx(run, out, sides=_numbers("--sides", sides), feature_fmt=feature_fmt, opset=opset)
+        graphs = ", ".join(f"{side}: {file}" for side, file in manifest["sides"].items())
+        _stdout().print(f"wrote {out}: {graphs} and onnx.json; input 'pixels' (B, 3, S, S) in [0, 1], "
+                        f"outputs {', '.join(manifest['outputs'])}", highlight=False)
+    elif fmt == "hf":
+        export_hf(run, out, feature_fmt=feature_fmt)
+        _stdout().print(f"wrote {out}: load it with transformers.AutoModel.from_pretrained('{out}', "
+                        "trust_remote_code=True)", highlight=False)
+    else:
+        print(json.dumps(export_timm(run, out)))
 
 
 @cache_app.command()

@@ -147,6 +147,7 @@ class TimmMap(nn.Module):
                                       "timm's vision_transformer family, a CNN or an E-RADIO size")
         for module in unused:  # head parts (conv_head, norm_head...): DDP refuses parameters that get no gradient
             self.model.set_submodule(module, nn.Identity())
+        self.dropped = list(unused)  # what an export rebuilding this model from timm must drop too
         self.input_stride = int(self.model.feature_info[-1]["reduction"])
         self.feature_info = {"num_chs": self.model.num_features, "reduction": self.input_stride}
         self.mean, self.std = _norm_cfg(self.model)
@@ -173,11 +174,13 @@ def _trace_features(model: nn.Module, size: tuple[int, int]) -> tuple[torch.Size
     mode, and the top-most submodules none of whose parameters it uses (what forward_head alone
     needs), from one forward and backward on the meta device: no memory, no compute.
     """
-    params = {n: torch.empty_like(p, device="meta").requires_grad_() for n, p in model.named_parameters()}
-    buffers = {n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()}
-    x = torch.empty(2, 3, *size, device="meta")  # 2: BatchNorm refuses one value per channel in training
-    out = functional_call(_ForwardFeatures(model), {f"model.{n}": t for n, t in {**params, **buffers}.items()}, (x,))
-    grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
+    with torch.inference_mode(False), torch.enable_grad():  # also when a caller builds the student under no_grad
+        params = {n: torch.empty_like(p, device="meta").requires_grad_() for n, p in model.named_parameters()}
+        buffers = {n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()}
+        x = torch.empty(2, 3, *size, device="meta")  # 2: BatchNorm refuses one value per channel in training
+        out = functional_call(_ForwardFeatures(model), {f"model.{n}": t for n, t in {**params, **buffers}.items()},
+                              (x,))
+        grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
     unused = {n for n, g in zip(params, grads) if g is None}
     drop = []
     for name, module in model.named_modules():

@@ -17,6 +17,7 @@ from ..errors import RadioDistillError
 from ._registry import create_student
 from .backbones import TimmViT
 from .model import Student
+from .radio import RadioStudent
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -37,17 +38,7 @@ def save_student(model: Student, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "student": model.name,
-        "overrides": model.overrides,
-        "teachers": {t: asdict(d) for t, d in model.teachers.items()},
-        "deployed": model.deployed,
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "input_stride": model.input_stride,
-        "feature_info": model.feature_info,
-    }
+    config = student_config(model)
     try:
         text = json.dumps(config, indent=2)
     except TypeError as e:
@@ -68,6 +59,22 @@ def save_student(model: Student, directory: str | Path) -> Path:
     return directory
 
 
+def student_config(model: Student) -> dict:
+    """What ``load_student`` rebuilds ``model`` from (``config.json``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "student": model.name,
+        "overrides": model.overrides,
+        "teachers": {t: asdict(d) for t, d in model.teachers.items()},
+        "deployed": model.deployed,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "input_stride": model.input_stride,
+        "feature_info": model.feature_info,
+        "preferred_resolution": model.preferred_resolution,
+    }
+
+
 def student_dir(path: str | Path) -> Path:
     """The saved student of ``path``: a run folder (its ``student/``) or the student folder itself."""
     path = Path(path)
@@ -78,15 +85,19 @@ def student_dir(path: str | Path) -> Path:
     return path
 
 
-def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -> Student:
+def load_student(directory: str | Path, *, device: str | torch.device = "cpu",
+                 radio: bool = False) -> Student | RadioStudent:
     """Rebuilds a saved student, loads its weights strictly and returns it in eval mode.
 
     Args:
         directory: a run folder of `radio-train`, or the folder written by ``save_student``.
         device: where the model goes.
+        radio: return it behind RADIO's interface (``RadioStudent``: pixels in [0, 1], a dict of
+            ``(summary, features)``), not as the bare ``Student`` (normalised pixels, ``StudentOutput``).
 
     Returns:
-        the ``Student``; calling it gives the backbone's and every adaptor's outputs.
+        the ``Student`` (calling it gives the backbone's and every adaptor's outputs), or with ``radio``
+        the ``RadioStudent`` around it.
     """
     directory = student_dir(directory)
     config = json.loads((directory / CONFIG).read_text())
@@ -101,7 +112,9 @@ def load_student(directory: str | Path, *, device: str | torch.device = "cpu") -
     if config.get("deployed"):
         model.switch_to_deploy()
     model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
-    return model.to(device).eval()
+    model.preferred_resolution = config.get("preferred_resolution")
+    model = model.to(device).eval()
+    return RadioStudent(model).to(device).eval() if radio else model
 
 
 def export_timm(run: str | Path, file: str | Path) -> dict:
@@ -125,12 +138,22 @@ def export_timm(run: str | Path, file: str | Path) -> dict:
     if not isinstance(model.backbone, TimmViT):
         raise RadioDistillError(f"{run}: student '{model.name}' is not a timm ViT; only ViT students export to timm")
     backbone = model.backbone.model
-    not_timm = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}
-    kwargs = {k: v for k, v in model.overrides.items() if k not in not_timm}
-    if kwargs.get("cpe_size") is not None:  # CPE at evaluation is timm's own grid resize of a class-free table
-        kwargs.update(img_size=kwargs.pop("cpe_size"), no_embed_class=True)
-    kwargs.update(num_classes=0, global_pool="", class_token=False, reg_tokens=backbone.num_reg_tokens,
-                  dynamic_img_size=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, Path(file))
-    return {"model": model.name, "kwargs": kwargs}
+    return {"model": model.name, "kwargs": timm_kwargs(model)}
+
+
+NOT_TIMM = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}  # student-only overrides
+
+
+def timm_kwargs(model: Student) -> dict:
+    """The ``timm.create_model`` keywords that rebuild a timm student's backbone (its ``backbone.model``)
+    as it computes in eval mode."""
+    kwargs = {k: v for k, v in model.overrides.items() if k not in NOT_TIMM}
+    kwargs.update(num_classes=0, global_pool="")
+    if isinstance(model.backbone, TimmViT):
+        cpe_size = kwargs.pop("cpe_size", None)
+        if cpe_size is not None:  # CPE at evaluation is timm's own grid resize of a class-free table
+            kwargs.update(img_size=cpe_size, no_embed_class=True)
+        kwargs.update(class_token=False, reg_tokens=model.backbone.model.num_reg_tokens, dynamic_img_size=True)
+    return kwargs

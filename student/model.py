@@ -106,6 +106,7 @@ class Student(nn.Module):
         self.input_stride = int(backbone.input_stride)
         self.mean, self.std = tuple(backbone.mean), tuple(backbone.std)
         self.name, self.overrides, self.deployed = type(backbone).__name__, {}, False
+        self.preferred_resolution: int | None = None  # the side it was trained at (radio-train sets it)
         D = self.feature_info["num_chs"]
 
         def head(out: int) -> MLP2:

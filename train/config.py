@@ -14,6 +14,9 @@ teacher_weights = { sam = 0.5 }
 [student_overrides]
 num_registers = 4
 ```
+
+`init = "runs/vit_b"` (`--init`) starts from a trained student; with no `student` given, its student and
+overrides are taken.
 """
 
 import math
@@ -24,6 +27,7 @@ from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
 from ..ops import check_device, parse_device
 from ..store.location import check_folder, is_remote
+from ..student.init import init_config
 from .losses import KINDS, LossConfig
 
 
@@ -57,13 +61,15 @@ class TrainConfig:
     stop_at: int | None = None  # end this session after this step (checkpointed); continue with resume
     device: str | None = None  # default: cuda if available, else cpu
     images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
+    init: Path | None = None  # start from this trained student (run folder, student folder or its weights file)
 
     def __post_init__(self):
         for name in ("resolution", "batch_size"):  # TOML lists and 1-tuples: one form per setting
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value)[0] if len(value) == 1 else tuple(value))
-        check_fields(self, _RULES, optional=_OPTIONAL)
+        # --init with --steps 0 saves the initial student as is (its heads matched to this store's teachers)
+        check_fields(self, {**_RULES, "steps": "index"} if self.init is not None else _RULES, optional=_OPTIONAL)
         if self.steps is not None and self.epochs is not None:  # one would be dropped without a word
             raise RadioDistillError(f"--steps {self.steps} and --epochs {self.epochs}: give one of them, not both")
         if self.min_lr > self.lr:  # the cosine would climb from lr to min_lr
@@ -164,6 +170,13 @@ def load_train_config(path: str | Path | None = None, *, device_here: bool = Tru
         values[key] = values[key] if key == "store" and is_remote(values[key]) else Path(values[key])
     if values.get("images") is not None:
         values["images"] = Path(values["images"])
+    if values.get("init") is not None:
+        values["init"] = Path(values["init"])
+        started = init_config(values["init"])  # its student as it was built, unless another is asked for
+        if values.get("student") is None:
+            values["student"] = started["student"]
+        if values["student"] == started["student"] and "student_overrides" not in values:  # its weights, not timm's
+            values["student_overrides"] = {k: v for k, v in started["overrides"].items() if k != "pretrained"}
     if values.get("steps") is None and values.get("epochs") is None:
         raise RadioDistillError("give --steps or --epochs")
     cfg = TrainConfig(**values)

@@ -24,13 +24,15 @@ from ..errors import RadioDistillError, TrainingError
 from ..progress import Progress, fmt
 from ..store.reader import CacheReader, worker_error
 from ..student import TeacherDims, create_student, save_student
+from ..student.init import init_line, init_student
 from .checkpoint import latest, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import barrier, first_error, setup, teardown
 from .losses import check_teacher_weights
 from .step import DistillStep, make_optimizer, pair_teachers
 
-RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images")
+RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images",
+                    "init")  # a resume starts from its checkpoint, whatever --init says
 
 
 def default_warmup(steps: int) -> int:
@@ -105,7 +107,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     note = reader.unusable_note()
     if note and procs.main:
         print(note, file=sys.stderr)
-    steps = cfg.steps or math.ceil(cfg.epochs * len(indices) / per_step)
+    steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(indices) / per_step)
     warmup = default_warmup(steps) if cfg.warmup_steps is None else cfg.warmup_steps
     # 3. the student (built before the run folder: a bad name or resolution creates nothing)
     torch.manual_seed(cfg.seed)
@@ -114,6 +116,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if bad:
         raise TrainingError(f"--resolution {bad[0]} is not a multiple of {model.input_stride}, "
                             f"the input stride of '{cfg.student}'")
+    model.preferred_resolution = max(cfg.sides)  # recorded with the student, RADIO's preferred_resolution
+    started = None  # --init: a trained student's backbone, and its heads of the teachers this store has too
+    if cfg.init is not None and not cfg.resume:
+        started = init_student(model, cfg.init)
+        if procs.main:
+            print(init_line(started))
 
     # 4. the run folder: a fresh run, or --resume of one trained from the same store settings
     pairing = pair_teachers(reader.teachers, cfg.sides)  # a teacher cached at several sides: the closest trains
@@ -124,12 +132,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
     run = {"student": cfg.student, "config": json.loads(json.dumps(asdict(cfg), default=str)),
            "store": str(reader.path), "store_settings": reader.settings, "steps": steps,
-           "teachers": {n: asdict(d) for n, d in teachers.items()}, "pairing": {str(s): n for s, n in pairing.items()}}
+           "teachers": {n: asdict(d) for n, d in teachers.items()}, "pairing": {str(s): n for s, n in pairing.items()},
+           "init": started}
     if cfg.resume:
         resume_from = latest(ckpt)
         if resume_from is None:
             raise TrainingError(f"--resume: no checkpoint in '{out}'")
-        check_resume(read_state(resume_from)["run"], run, out)
+        saved = read_state(resume_from)["run"]
+        run["init"] = saved.get("init")
+        check_resume(saved, run, out)
     elif ckpt.exists() or latest(ckpt) is not None:  # a crash mid-swap leaves only checkpoint.old
         raise TrainingError(f"run folder '{out}' already holds a checkpoint; pass --resume or choose another --out")
     if procs.main:

@@ -112,3 +112,12 @@ def test_a_timm_model_without_a_feature_map_is_refused_by_name():
     with pytest.raises(UnknownStudentError, match=r"timm model 'test_vit_relpos' cannot be a student: .*"
                                                    r"\(2, 100, 96\) tensor, not a \(B, D, h, w\) feature map"):
         create_student("test_vit_relpos", teachers=TEACHERS)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_students_build_and_load_without_grad(mode, tmp_path):
+    """A timm map student traces its features with autograd when built: that must work under no_grad too."""
+    save_student(create_student("test_resnet", teachers=TEACHERS), tmp_path)
+    with mode():
+        assert create_student("test_resnet", teachers=TEACHERS).input_stride == 32
+        assert load_student(tmp_path).input_stride == 32

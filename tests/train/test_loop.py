@@ -110,9 +110,10 @@ def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_p
     """A store built with --pixels R gives the trainer the same pixels without the images."""
     import zarr
 
-    from radio_distill.cache.build import CacheConfig, build_cache
-    from radio_distill.store.group import open_store
+    from radio_distill.cache.build import build_cache
+    from radio_distill.cache.config import CacheConfig
     from radio_distill.cache.teachers import tiny_teachers
+    from radio_distill.store.group import open_store
     from radio_distill.store.reader import CacheReader
 
     src = open_store(train_store)
