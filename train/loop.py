@@ -35,6 +35,20 @@ RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "chec
                     "init")  # a resume starts from its checkpoint, whatever --init says
 
 
+MIN_HELD_OUT = 32  # held-out samples below which radio-eval's numbers are mostly noise
+
+
+def holdout_note(held: int, usable: int, holdout: float) -> str | None:
+    """A warning line when the held-out split is too small to measure a student on, with a --holdout that
+    would hold out MIN_HELD_OUT samples (when the store has them to spare); None when it is large enough."""
+    if held >= MIN_HELD_OUT or usable == 0:
+        return None
+    wanted = math.ceil(100 * min(0.5, MIN_HELD_OUT / usable)) / 100
+    more = f"; pass --holdout {wanted} to hold out about {round(wanted * usable)}" if wanted > holdout else ""
+    return (f"warning: --holdout {holdout} holds out {held} of {usable} usable samples, too few for radio-eval "
+            f"to measure the student on{more}")
+
+
 def default_warmup(steps: int) -> int:
     """Warmup steps when none are given: 5% of the run, at least one."""
     return max(1, steps // 20)
@@ -105,6 +119,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                             "usable): every batch would repeat samples; lower --batch-size")
     reader.check_images(indices, resolution=max(cfg.sides))
     note = reader.unusable_note()
+    if note and procs.main:
+        print(note, file=sys.stderr)
+    note = holdout_note(len(reader.indices(holdout=cfg.holdout, split="holdout")), int(reader.usable.sum()), cfg.holdout)
     if note and procs.main:
         print(note, file=sys.stderr)
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(indices) / per_step)

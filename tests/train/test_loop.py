@@ -15,7 +15,7 @@ import torch
 
 from radio_distill.errors import DatasetError
 from radio_distill.student import load_student
-from radio_distill.train.loop import default_warmup, get_lr, train
+from radio_distill.train.loop import default_warmup, get_lr, holdout_note, train
 
 from .conftest import config
 
@@ -169,3 +169,11 @@ def test_the_loop_logs_the_schedule(train_store, tmp_path):
     logged = [r["lr"] for r in read_metrics(tmp_path / "run")]
     assert logged == pytest.approx([get_lr(s, lr=1e-3, min_lr=1e-4, warmup=2, steps=5) for s in range(5)], rel=1e-6)
     assert logged[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_a_held_out_split_too_small_to_measure_is_named():
+    assert holdout_note(2, 40, 0.05) == ("warning: --holdout 0.05 holds out 2 of 40 usable samples, too few for "
+                                         "radio-eval to measure the student on; pass --holdout 0.5 to hold out about 20")
+    assert holdout_note(31, 1000, 0.03) == ("warning: --holdout 0.03 holds out 31 of 1000 usable samples, too few for "
+                                            "radio-eval to measure the student on; pass --holdout 0.04 to hold out about 40")
+    assert holdout_note(32, 1000, 0.03) is None and holdout_note(0, 0, 0.05) is None
