@@ -66,7 +66,7 @@ def _validate(cfg: CacheConfig) -> None:
     for spec in cfg.teachers:
         check_spec(spec)
         pool = cfg.storage.get(spec.name, Storage()).pool
-        h, w = grid(spec) if pool > 1 else (pool, pool)
+        h, w = grid(spec)  # the architecture on the meta device: a side that is no multiple of its patch fails here
         if h % pool or w % pool:  # avg_pool2d would drop the last rows and columns without a word
             divisors = [str(f) for f in range(2, min(h, w) + 1) if h % f == 0 == w % f]
             raise RadioDistillError(f"teacher '{spec.name}': pool factor {pool} does not divide its {h}x{w} grid; "

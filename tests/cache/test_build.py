@@ -73,6 +73,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_config):
         build_cache(cfg, progress=False)
     with pytest.raises(RadioDistillError, match="teacher names must be unique"):
         build_cache(replace(cfg, teachers=cfg.teachers[:1] * 2, storage={}), progress=False)
+    dinov2 = replace(cfg.teachers[1], resolution=115)  # was found inside a Ray worker, after it started
+    with pytest.raises(RadioDistillError, match="teacher 'dinov2': resolution 115 is not a multiple of its patch size 14"):
+        build_cache(replace(cfg, teachers=(cfg.teachers[0], dinov2), storage={}), progress=False)
     assert not (tmp_path / "x.zarr").exists()
 
 
