@@ -1,12 +1,12 @@
 """Students: timm backbones or E-RADIO, with summary tokens and per-teacher adaptor heads."""
 
 from . import eradio as _eradio  # noqa: F401  (registers the E-RADIO sizes)
-from ._registry import create_student, list_students, register_student
+from ._registry import check_student_name, create_student, list_students, register_student
 from .export import export_timm, load_student, save_student
 from .hf import export_hf
 from .model import StudentOutput, TeacherDims
 from .onnx import export_onnx
 from .radio import RadioStudent
 
-__all__ = ["create_student", "list_students", "register_student", "TeacherDims", "StudentOutput",
+__all__ = ["check_student_name", "create_student", "list_students", "register_student", "TeacherDims", "StudentOutput",
            "save_student", "load_student", "export_timm", "export_onnx", "export_hf", "RadioStudent"]

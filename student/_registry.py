@@ -28,6 +28,16 @@ def list_students(pattern: str = "*") -> list[str]:
     return sorted(n for n in _STUDENTS if fnmatch.fnmatchcase(n, pattern))
 
 
+def check_student_name(name: str) -> None:
+    """Raises UnknownStudentError, with the closest names, unless ``name`` is registered here or in timm."""
+    if name in _STUDENTS or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, list_students() + timm.list_models(), n=3)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    raise UnknownStudentError(f"unknown student {name!r}; {hint}see radio_distill.student.list_students() "
+                              f"and timm.list_models('{name.split('_')[0]}*')")
+
+
 def create_student(name: str, *, teachers: dict[str, TeacherDims], **overrides) -> Student:
     """Builds a student by name: a registered builder, else a timm backbone.
 
@@ -44,15 +54,10 @@ def create_student(name: str, *, teachers: dict[str, TeacherDims], **overrides) 
         UnknownStudentError: ``name`` is in neither registry.
     """
     teachers = as_teacher_dims(teachers)
+    check_student_name(name)
     if name in _STUDENTS:
         model = _STUDENTS[name](teachers=teachers, **overrides)
-    elif timm.is_model(name):
-        model = build_timm_student(name, teachers=teachers, **overrides)
     else:
-        close = difflib.get_close_matches(name, list_students() + timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
-        raise UnknownStudentError(
-            f"unknown student {name!r}; {hint}see radio_distill.student.list_students() "
-            f"and timm.list_models('{name.split('_')[0]}*')")
+        model = build_timm_student(name, teachers=teachers, **overrides)
     model.name, model.overrides = name, dict(overrides)
     return model

@@ -27,6 +27,7 @@ from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
 from ..ops import check_device, parse_device
 from ..store.location import check_folder, is_remote
+from ..student import check_student_name
 from ..student.init import init_config
 from .losses import KINDS, LossConfig
 
@@ -64,6 +65,7 @@ class TrainConfig:
     init: Path | None = None  # start from this trained student (run folder, student folder or its weights file)
 
     def __post_init__(self):
+        check_student_name(self.student)  # names before numbers: a misspelt student is what the user fixes first
         for name in ("resolution", "batch_size"):  # TOML lists and 1-tuples: one form per setting
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):

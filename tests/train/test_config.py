@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from radio_distill.errors import RadioDistillError
-from radio_distill.train.config import load_train_config
+from radio_distill.errors import RadioDistillError, UnknownStudentError
+from radio_distill.train.config import TrainConfig, load_train_config
 
 
 def test_recipe_and_command_line_merge(tmp_path):
@@ -150,3 +150,9 @@ def test_an_out_under_a_file_is_refused(tmp_path):
         with pytest.raises(RadioDistillError, match=f"--out '{out}'.* is a file, not a folder; give another --out"):
             load_train_config(store="s", out=out, steps=3)
     assert (tmp_path / "f.txt").read_text() == "keep me"
+
+
+def test_a_misspelt_student_is_named_before_any_number(tmp_path):
+    """It was reported as a batch-size problem first."""
+    with pytest.raises(UnknownStudentError, match="unknown student 'vit_smal_patch16_224'; did you mean "):
+        TrainConfig(store=tmp_path, out=tmp_path / "r", student="vit_smal_patch16_224", steps=1, batch_size=0)
