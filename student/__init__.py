@@ -8,5 +8,5 @@ from .model import StudentOutput, TeacherDims
 from .onnx import export_onnx
 from .radio import RadioStudent
 
-__all__ = ["check_student_name", "create_student", "list_students", "register_student", "TeacherDims", "StudentOutput",
-           "save_student", "load_student", "export_timm", "export_onnx", "export_hf", "RadioStudent"]
+__all__ = ["check_student_name", "create_student", "list_students", "register_student", "TeacherDims",
+           "StudentOutput", "save_student", "load_student", "export_timm", "export_onnx", "export_hf", "RadioStudent"]
