@@ -104,7 +104,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         report["fidelity_by_resolution"] = _fidelity_by_resolution(by_side, reader, trained=run.sides)
     report["knn"] = knn_scores(test, fit, cfg) if labelled else {"skipped": f"store '{reader.path}' is unlabelled "
                                                            "(fewer than 2 classes, or no labelled train/held-out samples)"}
-    report["zero_shot"] = _zero_shot(root, reader, test) if labelled else {"skipped": "store is unlabelled"}
+    report["zero_shot"] = zero_shot_scores(root, reader, test) if labelled else {"skipped": "store is unlabelled"}
     if masks is None:
         report["dense"] = {"skipped": masks_note}
     elif not (len(probe_train) and len(probe_test)):
@@ -240,10 +240,13 @@ def knn_scores(test: SplitFeatures, fit: SplitFeatures, cfg: EvalConfig) -> dict
             "student_backbone": top1(fit.backbone_summary, test.backbone_summary), "teachers": teachers}
 
 
-def _zero_shot(root, reader, test: SplitFeatures) -> dict:
+def zero_shot_scores(root, reader, test: SplitFeatures) -> dict:
     have = [t.name for t in reader.teachers if L.text_array(t.name) in root]
     if not have:
-        return {"skipped": "no CLIP text embeddings in the store; run `radio-cache text STORE` first"}
+        clips = [n for n, ident in reader.settings["teachers"].items() if ident.get("family") == "clip"]
+        if not clips:  # `radio-cache text` needs a CLIP teacher's text tower: it would fail too
+            return {"skipped": "no CLIP teacher in the store, so no text embeddings to classify by"}
+        return {"skipped": f"no CLIP text embeddings in the store; run `radio-cache text {reader.path}` first"}
     q = test.labels >= 0
     out, notes = {}, []
     for t in have:

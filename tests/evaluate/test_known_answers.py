@@ -98,3 +98,17 @@ def test_sam_mask_iou_of_a_student_equal_to_its_teacher_is_one(eval_setup, split
         assert v["student"]["min"] == 1.0
     else:  # negated embeddings draw other masks
         assert v["student"]["mean"] < 0.9
+
+
+def test_zero_shot_skip_says_what_the_store_lacks():
+    """The hint to run `radio-cache text` only where it can work: a store with a CLIP teacher."""
+    from types import SimpleNamespace
+
+    from radio_distill.evaluate.report import zero_shot_scores
+
+    reader = SimpleNamespace(teachers=[], path="s.zarr", settings={"teachers": {"dinov2": {"family": "dinov2"}}})
+    assert zero_shot_scores({}, reader, None) == {"skipped": "no CLIP teacher in the store, so no text embeddings to "
+                                                              "classify by"}
+    reader.settings["teachers"]["clip"] = {"family": "clip"}
+    assert zero_shot_scores({}, reader, None) == {"skipped": "no CLIP text embeddings in the store; run "
+                                                              "`radio-cache text s.zarr` first"}
