@@ -97,7 +97,7 @@ def verify_store(path: str | Path | Location, *, images: str | Path | None = Non
         raise CacheIntegrityError(f"{L.STATUS}: sample '{ids[k]}' was never processed")
     targets = [p for name in names for p in L.target_arrays(name) if p in root] + ([L.PIXELS] if L.PIXELS in root else [])
     n_shards = L.shard_count(n, size)
-    with Progress("verifying", total=len(targets) * n_shards, unit="shards", enabled=progress) as bar:
+    with Progress("verifying", total=len(targets) * n_shards, unit="shard files", enabled=progress) as bar:
         for array in targets:
             _verify_array(path, root, array, n, size, ids, bar, record.get(array, {}))
     report = {"store": str(path), "samples": n, "arrays": len(checked) + len(targets), "ok": True,
