@@ -10,7 +10,7 @@ import zarr
 
 from radio_distill.store import layout as L
 from radio_distill.errors import CacheIntegrityError, DatasetError
-from radio_distill.train import reader as reader_module
+from radio_distill.store import reader as reader_module
 from radio_distill.train.loop import train
 from radio_distill.store.reader import CacheReader, SampleIds, StepSampler, is_held_out
 
