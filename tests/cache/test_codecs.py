@@ -38,6 +38,14 @@ def test_int8_zero_and_tiny_tokens_keep_a_valid_scale():
     assert codecs.token_cosine(tiny, codecs.decode(values, scale)).item() > 0.999
 
 
+def test_int8_values_stay_in_range_when_the_scale_rounds_down_among_fp16_subnormals():
+    """absmax / 127 = 1.4 x 2**-24 is stored as the fp16 2**-24 (subnormals are multiples of it), so
+    absmax / scale = 177.8: the values are clamped to +-127, not wrapped around int8."""
+    a = 1.4 * 127 * 2**-24
+    values, scale = codecs.encode(torch.tensor([[a, -a, a / 2]]), "int8")
+    assert scale.item() == 2.0**-24 and values.tolist() == [[127, -127, 89]]  # round(88.9) = 89
+
+
 def test_fp16_is_half_precision_without_scale():
     x = torch.randn(3, 5)
     values, scale = codecs.encode(x, "fp16")
@@ -59,6 +67,9 @@ def test_codec_sizes():
     assert [codecs.token_bytes(c, 64) for c in ("fp16", "int8", "rot-int8", "pca8-int8", "pca16-fp16")] == \
         [128, 66, 66, 10, 32]
     assert codecs.stored_channels("pca8-int8", 64) == 8 and codecs.stored_channels("int8", 64) == 64
+    # k = 1 = 2**0 is a power of two: the smallest calibrated codec (one principal component)
+    assert codecs.parse("pca1-fp16", 64) == ("fp16", 1) and codecs.parse("pca1-int8", 2) == ("int8", 1)
+    assert codecs.parse("pca2-int8", 64) == ("int8", 2) and codecs.parse("pca32-fp16", 64) == ("fp16", 32)
 
 
 def test_transform_codec_encodes_coefficients_and_decodes_by_one_matmul():
@@ -88,3 +99,6 @@ def test_pool_averages_and_unpool_restores_the_grid():
     assert codecs.unpool(pooled, (4, 4)).shape == x.shape
     constant = torch.ones(1, 2, 2, 3)
     assert torch.allclose(codecs.unpool(constant, (4, 4)), torch.ones(1, 4, 4, 3))
+    # bilinear with half-pixel centres (align_corners=False): a 2-token ramp 0, 1 widens to 0, 1/4, 3/4, 1
+    ramp = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1)
+    assert codecs.unpool(ramp, (1, 4)).flatten().tolist() == [0.0, 0.25, 0.75, 1.0]

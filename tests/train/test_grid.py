@@ -27,3 +27,14 @@ def test_a_constant_map_stays_constant(size, grid):
 def test_two_by_two_shrinks_to_its_average():
     spatial = torch.tensor([[1.0, 2.0], [3.0, 10.0]]).view(1, 1, 2, 2)
     assert to_grid(spatial, (1, 1)).item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("shape, grid", [((1, 1, 1, 4), (1, 1)), ((1, 1, 4, 1), (1, 4))])
+def test_shrinking_either_axis_is_antialiased(shape, grid):
+    """A row (or column) 0, 0, 0, 8 shrunk to one token: antialiased bilinear weighs the 4 values by the
+    triangle 1 - |d| / 4 at d = -1.5, -0.5, 0.5, 1.5 (5/8, 7/8, 7/8, 5/8 over 3), so 8 x 5/24 = 5/3, where
+    plain bilinear would sample between the middle two (0). Widening the other axis changes nothing."""
+    spatial = torch.tensor([0.0, 0.0, 0.0, 8.0]).view(shape)
+    tokens = to_grid(spatial, grid)
+    assert tokens.shape == (1, grid[0] * grid[1], 1)
+    assert torch.allclose(tokens, torch.tensor(5 / 3))

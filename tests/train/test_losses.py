@@ -66,6 +66,14 @@ def test_phis_loss_is_mse_after_the_explicit_phis_transform():
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+def test_phis_scale_is_the_mean_eigenvalue_down_to_a_floor_that_only_guards_zero():
+    """A teacher of small activations (variance well below 1) keeps its own scale; only a dead one
+    (zero covariance) is floored, at 1e-12, so its loss is finite."""
+    assert phis_scale(np.diag([0.01, 0.03])) == pytest.approx(0.02, rel=1e-12)
+    assert phis_scale(np.array([[2e-6, 1.0], [1.0, 4e-6]])) == pytest.approx(3e-6, rel=1e-12)  # off-diagonals: no part
+    assert phis_scale(np.zeros((3, 3))) == 1e-12
+
+
 def test_teacher_weights_must_name_the_stores_teachers_and_leave_one_to_train():
     teachers = ["clip", "dinov2", "sam"]
     check_teacher_weights(LossConfig(teacher_weights={"clip": 0.0, "sam": 0.0}), teachers)  # dinov2 keeps 1.0

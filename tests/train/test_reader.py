@@ -40,6 +40,18 @@ def test_split_of_many_ids_at_once_is_is_held_out():
     assert is_held_out("a", 0.91) and not is_held_out("a", 0.909)  # crc32(b'a') = 0xE8B7BE43 = 0.90905 x 2**32
 
 
+def test_split_known_answers():
+    """An id is held out when crc32(id) / 2**32 is below the fraction, strictly: --holdout 0 holds out
+    nothing, even the id whose crc32 is 0, and the fraction equal to an id's hash leaves it in training."""
+    zero, a = "n00574/XhMx", 0xE8B7BE43 / 2**32  # crc32(b'n00574/XhMx') = 0; crc32(b'a') / 2**32, exactly
+    ids = SampleIds([zero, "a"])
+    assert not is_held_out(zero, 0.0) and ids.held_out(0.0).tolist() == [False, False]
+    assert is_held_out(zero, 2**-32) and ids.held_out(2**-32).tolist() == [True, False]
+    assert not is_held_out("a", a) and ids.held_out(a).tolist() == [True, False]
+    assert is_held_out("a", np.nextafter(a, 1)) and ids.held_out(np.nextafter(a, 1)).tolist() == [True, True]
+    assert ids.held_out(1.0).tolist() == [True, True]
+
+
 def test_images_option_points_the_store_at_a_moved_dataset(store_copy, tmp_path):
     images = CacheReader(store_copy).root_dir
     root = zarr.open_group(store_copy, mode="r+")

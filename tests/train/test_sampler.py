@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from radio_distill.errors import DatasetError
 from radio_distill.store.reader import StepSampler
 
 INDICES = np.array([3, 5, 8, 13, 21, 34, 55, 89, 144, 233])  # store rows of a split
@@ -62,6 +63,8 @@ def test_random_policy_draws_each_step_one_side_from_seed_and_step_alone():
     assert sides_of(ranks[0]) == sides_of(ranks[1]) == sides  # every DDP rank: the same side each step
     assert list(sampler(resolution=(32, 48, 64), start_step=6)) == whole[6:]  # resume
     assert sides_of(sampler(resolution=(32, 48, 64), seed=1)) != sides
+    two = sides_of(sampler(resolution=(32, 64), steps=40))  # two sides: also drawn, not always the first
+    assert set().union(*two) == {32, 64}
 
 
 def test_partition_policy_splits_every_global_batch_into_one_part_per_side():
@@ -80,3 +83,25 @@ def test_partition_policy_splits_every_global_batch_into_one_part_per_side():
     assert list(sampler(**kw, start_step=3)) == parts[6:]
     with pytest.raises(ValueError, match="global batch 2 is not divisible by 4 processes"):
         sampler(**kw, world=4)
+
+
+def test_partition_with_three_sides_gives_each_its_own_consecutive_items():
+    kw = dict(resolution=(32, 48, 64), batch_size=(2, 1, 3), policy="partition")
+    parts, whole = list(sampler(**kw)), sampler(**kw)
+    assert len(parts) == 30 and sides_of(parts) == [{32}, {48}, {64}] * 10
+    for step in range(10):
+        batch = whole.global_batch(step)
+        assert [[(i, v) for i, v, _ in p] for p in parts[3 * step:3 * step + 3]] == [batch[:2], batch[2:3], batch[3:]]
+
+
+def test_bad_batch_sizes_and_an_empty_split_are_refused():
+    with pytest.raises(ValueError, match=r"^batch sizes \(4, 2\) do not match sides \(32, 48, 64\) under policy "
+                                         r"'partition'$"):
+        sampler(resolution=(32, 48, 64), batch_size=(4, 2), policy="partition")
+    with pytest.raises(ValueError, match=r"^batch sizes \(4, 2\) do not match sides \(32, 64\) under policy 'random'$"):
+        sampler(resolution=(32, 64), batch_size=(4, 2))
+    with pytest.raises(DatasetError, match=r"^no usable samples to train on \(all unreadable, held out, or in "
+                                           r"unfinished shards\)$"):
+        StepSampler(np.array([], dtype=np.int64), views=1, resolution=32, batch_size=4, seed=0, start_step=0, steps=1)
+    one = StepSampler(np.array([7]), views=1, resolution=32, batch_size=2, seed=0, start_step=0, steps=2)
+    assert list(one) == [[(7, 0, 32), (7, 0, 32)]] * 2  # one sample: every epoch is that sample
