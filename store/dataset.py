@@ -34,6 +34,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DatasetError
 
+MAX_CLASSES = 100_000  # integer labels above this are refused: ImageNet-21k has 21,841 classes
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 INTEGER = re.compile(r"-?[0-9]+")  # a label text that is a number
 SURROGATES = re.compile("[\ud800-\udfff]")  # how Python holds the bytes of a file name that are not UTF-8
@@ -206,10 +207,22 @@ def text_labels(names: list[str], where) -> tuple[tuple[int, ...], tuple[str, ..
         if below is not None:
             raise DatasetError(f"{where(below)}: label {labels[below]} is below -1 (-1: unlabelled); labels are "
                                "0, 1, ...")
-        return labels, tuple(str(c) for c in range(max(labels) + 1))
+        return labels, numbered_classes(max(labels), where(labels.index(max(labels))))
     classes = sorted(set(given))
     index = {c: k for k, c in enumerate(classes)}
     return tuple(index[n] if n else -1 for n in names), tuple(classes)
+
+
+def numbered_classes(top: int, where: str) -> tuple[str, ...]:
+    """Class names '0' .. `top` for integer labels (the store lists every class by name).
+
+    Raises:
+        DatasetError: `top` above MAX_CLASSES, naming `where` it was written: such a label is no class
+            number (a 3000000 made a 56 MB zarr.json of names)."""
+    if top >= MAX_CLASSES:
+        raise DatasetError(f"{where}: label {top} would make {top + 1} classes; class numbers run 0, 1, ... below "
+                           f"{MAX_CLASSES} (is it an id, not a class?)")
+    return tuple(str(c) for c in range(top + 1))
 
 
 def list_id(written: str, root: str) -> str | None:

@@ -44,7 +44,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, list_id, check_names, scan_dataset, text_labels
+from .dataset import Manifest, UnreadableImage, check_names, list_id, numbered_classes, scan_dataset, text_labels
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -323,7 +323,7 @@ def _image_file(parquet: Path, path: str | None) -> Path | UnreadableImage:
 def _manifest(root, ids, labels, classes, *, kind, files, locations, column=None, reasons=None) -> Manifest:
     """Classes default to the label integers as names (0 .. max label)."""
     if classes is None:
-        classes = tuple(str(c) for c in range(max(labels, default=-1) + 1))
+        classes = numbered_classes(max(labels, default=-1), f"dataset '{root}'")
     bad = [v for v in labels if v >= len(classes) or v < -1]
     if bad:
         raise DatasetError(f"dataset '{root}': label {bad[0]} is outside its {len(classes)} classes")

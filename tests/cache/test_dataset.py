@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radio_distill.store.dataset import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, scan_dataset
+from radio_distill.store.dataset import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, scan_dataset, text_labels
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES, write_bad_files
 from radio_distill.errors import DatasetError
 
@@ -273,3 +273,14 @@ def test_an_image_decodes_within_its_memory_bound_or_is_refused(tmp_path, monkey
     finally:
         tracemalloc.stop()
     assert image.size == (1000, 800) and peak < 7 * 1000 * 800  # float64: 8 bytes a pixel for each of its copies
+
+
+def test_a_class_number_too_large_to_be_a_class_is_refused(tmp_path):
+    """A label of 3000000 (an id, not a class) made a 56 MB zarr.json listing '0' .. '2999999'."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    (tmp_path / "list.csv").write_text("a.jpg,3\nb.jpg,3000000\n")
+    with pytest.raises(DatasetError, match=r"line 2: label 3000000 would make 3000001 classes; class numbers run 0, 1, "
+                                           r"\.\.\. below 100000"):
+        scan_dataset(tmp_path / "list.csv")
+    assert text_labels(["3", "", "99999"], str)[1][-1] == "99999"

@@ -456,3 +456,12 @@ def test_a_tar_member_name_that_is_not_utf8_is_refused_at_scan(tmp_path):
         _add(tar, os.fsdecode(b"bad\xe9.jpg"), jpg.getvalue())  # a Latin-1 name
     with pytest.raises(DatasetError, match=r"the name b'.*/a\.tar/bad\\xe9' is not UTF-8"):
         scan_source(tmp_path / "a.tar")
+
+
+def test_a_tar_class_number_too_large_to_be_a_class_is_refused(tmp_path):
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        for key, label in (("a", b"1"), ("b", b"3000000")):
+            _add(tar, f"{key}.jpg", b"not decoded at scan")
+            _add(tar, f"{key}.cls", label)
+    with pytest.raises(DatasetError, match="label 3000000 would make 3000001 classes; class numbers run 0, 1"):
+        scan_source(tmp_path / "000000.tar")
