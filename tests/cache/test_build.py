@@ -151,5 +151,7 @@ def test_killed_worker_still_yields_a_complete_identical_store(ray_session, tiny
     report = outcome["report"]
     assert report["complete"] and not report["failed"] and report["shards_run"] == SHARDS, report  # in one run
     assert restarted, "no replacement worker was started"
+    # a kill in a chunk write leaves Zarr's temporary <key>.<uuid>.partial: the shard's rerun deletes it
+    assert not [p for p in out.rglob("*.partial")], "a temporary file of a killed write was left"
     verify_store(out)
     assert_same_store(out, tiny_store)
