@@ -35,6 +35,7 @@ from .worker import ShardWorker, retryable
 
 START_TIMEOUT = 900  # seconds the first actor gets to be placed and load its teachers (big weights, slow disks)
 PLACE_TIMEOUT = 300  # seconds the other actors get to start once the first one is ready
+UNAVAILABLE_TRIES = 3  # sends of a shard to actors found unreachable (Ray gave up its retries) before it is failed
 
 
 def _validate(cfg: CacheConfig) -> None:
@@ -110,7 +111,11 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             wall = time.perf_counter() - started
             for w in workers:
                 ray.kill(w)
-        complete = bool(done_shards(root, names).all())
+        done = done_shards(root, names)
+        for k in todo or []:  # every shard run is done or failed with its cause: never a silent partial store
+            if not done[k] and k not in failed:
+                failed[k] = "not done, though its Ray task returned"
+        complete = bool(done.all())
         if complete:
             root = open_store(out, mode="r+")
             finalize_norm(root)
@@ -134,8 +139,11 @@ def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:
     # two shards per actor at once: one decodes or writes while the other computes
     env_vars = {**(s3_environment() if out.remote else {}), **autocast_environment()}  # actors on other nodes too
     env = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    # a killed actor is restarted (up to 3 times) and its in-flight shards are retried on it until it is back or
+    # dead for good: no retry count, which Ray spends on the calls it fails fast (connection refused) before it
+    # has heard of the death; with 3, a slow GCS (a loaded machine) spent them all and the shards were lost
     actor = ray.remote(ShardWorker).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_concurrency=2,
-                                            max_restarts=3, max_task_retries=3, **env)
+                                            max_restarts=3, max_task_retries=-1, **env)
     workers = [actor.remote(cfg.teachers, str(out), batch_size=cfg.batch_size, threads=cpus) for _ in range(n_workers)]
     infos, workers = _start(workers)
     return workers, infos
@@ -253,10 +261,12 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
     """Feed shards to workers, two in flight each so decode never waits for dispatch.
 
     A shard that fails (its exception, or its actor dying past Ray's restarts) is recorded with its
-    one-line cause and the others go on. Returns (results of the shards run, {shard: cause})."""
+    one-line cause and the others go on. A shard whose actor was only unavailable (Ray gave up reaching it while
+    it restarts) is queued again, up to UNAVAILABLE_TRIES sends in all, and its actor kept.
+    Returns (results of the shards run, {shard: cause})."""
     import ray
 
-    queue, results, failed, inflight = list(shards), [], {}, {}
+    queue, results, failed, inflight, tries = list(shards), [], {}, {}, {}
     images = sum(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start for k in shards)
 
     def submit(worker):
@@ -273,6 +283,12 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
             w, k = inflight.pop(ref)
             try:
                 result = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError as e:  # may be back: the shard again, the actor kept
+                tries[k] = tries.get(k, 0) + 1
+                if tries[k] < UNAVAILABLE_TRIES:
+                    queue.insert(0, k)
+                else:
+                    failed[k] = error_line(e)
             except ray.exceptions.RayError as e:
                 failed[k] = error_line(e)
                 if isinstance(e, ray.exceptions.RayActorError):  # gone for good: Ray's restarts are spent

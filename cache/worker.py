@@ -208,6 +208,7 @@ class ShardWorker:
             for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
                 self._zarr(L.done_array(name))[shard] = 0
         else:  # the errors known from the scan (a tar key without an image) are kept
+            self._clear_partials(shard, L.shard_count(n, size))
             boxes, errors = np.zeros((count, views, 4), np.float32), self._zarr(L.ERRORS)[rows].astype(object)
             status, redo = np.full(count, L.OK, np.uint8), list(range(count))
             sources = np.zeros((count, 3), np.int64)
@@ -270,6 +271,24 @@ class ShardWorker:
             self._zarr(L.done_array(name))[shard] = 1
         return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
                 "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo))}
+
+    def _clear_partials(self, shard: int, n_shards: int) -> None:
+        """Delete the temporary files Zarr left where a kill stopped an earlier run of this shard in one of the
+        writes below (`<chunk>.<uuid>.partial`: harmless, nothing reads them, but clutter). Only where an earlier
+        run got that far: its target files, written first, are there (one stat; then a listing per array)."""
+        if self.store.remote:  # an S3 write leaves no temporary file
+            return
+        targets = [p for name in self.teachers for p in L.target_arrays(name) if self._zarr(p) is not None]
+        first = shard_key(self._zarr(targets[0]).metadata, targets[0], shard, n_shards)
+        if not os.path.exists(self.store.key(f"{targets[0]}/{first}")):
+            return
+        arrays = [L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.SHARDS] + [L.done_array(name) for name in self.teachers] + \
+            [L.moment_array(name, t, m) for name in self.teachers for t in L.TARGETS for m in L.MOMENTS]
+        for array in arrays:
+            if self._zarr(array) is not None:
+                key = shard_key(self._zarr(array).metadata, array, shard, n_shards)
+                if key is not None:
+                    self.store.clear_partial(f"{array}/{key}")
 
     def _record(self, shard: int, values: dict) -> None:
         """Write shard `shard`'s row of the integrity record: per array its file's size and the digest of the

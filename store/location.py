@@ -13,6 +13,7 @@ AWS_REGION or AWS_DEFAULT_REGION (default us-east-1).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +189,21 @@ class Location:
         base = self.key(name)
         return {p[len(base) + 1:]: f["size"] or 0 for p, f in self.fs.find(base, detail=True).items()}
 
+    def clear_partial(self, name: str) -> int:
+        """Delete the temporary files of Zarr's interrupted writes of the chunk file `name` (`<name>.<uuid>.partial`,
+        left where a kill stopped a write; nothing reads them). Local folders only: an S3 write leaves none.
+        Lists the file's folder. Returns how many were deleted."""
+        if self.remote:
+            return 0
+        path = Path(self.key(name))
+        stem = path.with_suffix("").name  # Zarr names the file as Path.with_suffix does
+        gone = 0
+        for p in path.parent.glob(f"{stem}.*.partial"):
+            if is_partial(p.name):
+                p.unlink(missing_ok=True)
+                gone += 1
+        return gone
+
     def file_size(self, name: str) -> int:
         """Bytes of the file `name`, asked anew (a listing cached earlier may predate its write)."""
         if not self.remote:
@@ -195,8 +211,9 @@ class Location:
         return self.fs.info(self.key(name), refresh=True)["size"]
 
     def size(self, name: str = "") -> int:
-        """Bytes of every file below `name`."""
-        return sum(f["size"] or 0 for f in self.fs.find(self.key(name), detail=True).values())
+        """Bytes of every file below `name` (but a temporary file of an interrupted write: `is_partial`)."""
+        return sum(f["size"] or 0 for p, f in self.fs.find(self.key(name), detail=True).items()
+                   if not is_partial(p.rsplit("/", 1)[-1]))
 
     def delete(self, name: str) -> None:
         """Delete the file or folder `name`, if there."""
@@ -204,6 +221,15 @@ class Location:
             self.fs.rm(self.key(name), recursive=True)
         except FileNotFoundError:
             pass
+
+
+def is_partial(filename: str) -> bool:
+    """Whether a file name is the temporary file of a Zarr chunk write (`<key>.<uuid hex>.partial`, renamed to the
+    key once written): left only where a kill stopped the write, and never read."""
+    return _PARTIAL.search(filename) is not None
+
+
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def _first_line(e: Exception) -> str:

@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import replace
 
+import psutil
 import pytest
 import zarr
 
@@ -17,6 +18,7 @@ from radio_distill.store.inspect import store_info, verify_store
 from radio_distill.errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
 
 SHARDS = 15  # tests/conftest.py: 58 samples in shards of 4
+GCS_STILL_S = 4.0  # seconds Ray's GCS is held still around a worker's kill (3 counted retries lasted less)
 
 
 def test_partial_build_resumes_to_the_uninterrupted_store(ray_session, tiny_config, tiny_store, tmp_path,
@@ -125,8 +127,19 @@ def test_killed_worker_still_yields_a_complete_identical_store(ray_session, tiny
     assert len(workers) == 2, [p.cmdline() for p in workers]
     victim = next((p for p in workers if ".run" in " ".join(p.cmdline())), workers[0])
     assert not done.all(), "the build finished before the kill; give it more shards"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=10)
+    # Ray's GCS held still while the worker dies, as on a loaded machine (CI): the driver's retries of the
+    # killed shards fail fast (connection refused) until it hears of the death. Counted retries were all
+    # spent so, the shards failed and the build returned incomplete (1 of 3 CI runs; 4 of 4 runs with this).
+    gcs = [p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]  # this session's Ray
+    for p in gcs:
+        p.suspend()
+    try:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        time.sleep(GCS_STILL_S)
+    finally:
+        for p in gcs:
+            p.resume()
 
     restarted = set()  # Ray restarts the actor in a new process, which redoes the killed shards
     deadline = time.monotonic() + 180
@@ -134,11 +147,11 @@ def test_killed_worker_still_yields_a_complete_identical_store(ray_session, tiny
         restarted |= {p.pid for p in shard_worker_processes()} - old - {p.pid for p in workers}
         thread.join(timeout=0.05)
     assert not thread.is_alive(), "build did not finish within 180 s of the kill"
-    assert restarted, "no replacement worker was started"
     assert "error" not in outcome, outcome.get("error")
     report = outcome["report"]
-    if not report["complete"]:  # seen once in 3 CI runs (the kill's timing; not understood yet): a rerun finishes it
-        report = build_cache(tiny_config(out), progress=False)
-    assert report["complete"], report
+    assert report["complete"] and not report["failed"] and report["shards_run"] == SHARDS, report  # in one run
+    assert restarted, "no replacement worker was started"
+    # a kill in a chunk write leaves Zarr's temporary <key>.<uuid>.partial: the shard's rerun deletes it
+    assert not [p for p in out.rglob("*.partial")], "a temporary file of a killed write was left"
     verify_store(out)
     assert_same_store(out, tiny_store)

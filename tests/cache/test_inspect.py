@@ -154,3 +154,32 @@ def test_every_written_shard_has_its_file_even_when_all_zeros(store_copy):
     assert lost_shards(store_copy, root) == [(array, 0, f"file is {(store_copy / array / 'c/0/0/0/0/0').stat().st_size}"
                                               f" bytes, {before} when it was written (cut short, replaced or swapped "
                                               "with another shard's)")]
+
+
+def test_temporary_files_of_a_killed_write_are_never_read_or_counted_and_the_shards_redo_deletes_them(
+        store_copy, tiny_store, tiny_specs, sample_dataset, file_digests):
+    """A kill in a chunk write leaves Zarr's `<key>.<uuid>.partial` beside the chunk (it writes there, then renames)."""
+    before = {k: v for k, v in store_info(store_copy).items() if k != "store"}
+    stray = {(array, k): store_copy / array / f"c/{k}{'/0' * (ndim - 1)}.{'ab' * 16}.partial"
+             for array, ndim in ((L.STATUS, 1), (L.done_array("sam"), 1), (L.SHARDS, 3)) for k in (3, 6)}
+    for path in stray.values():
+        path.write_bytes(b"\x00" * 1000)  # cut short: it would not decode
+    assert {k: v for k, v in store_info(store_copy).items() if k != "store"} == before  # its bytes not counted
+    verify_store(store_copy)
+    assert lost_shards(store_copy, open_store(store_copy)) == []
+
+    # shard 3 is redone (its last done flag was being written): only its temporary files go
+    root = open_store(store_copy, mode="r+")
+    root[L.done_array("sam")][3] = 0
+    from radio_distill.cache.worker import ShardWorker
+
+    worker = ShardWorker(tuple(tiny_specs[name] for name in ("clip", "dinov2", "sam")), str(store_copy), batch_size=8,
+                         threads=1)
+    with build_lock(store_copy) as token:
+        worker.run(3, str(sample_dataset), token)
+    assert sorted(key for key, path in stray.items() if path.exists()) == [(a, 6) for a in sorted(
+        (L.STATUS, L.done_array("sam"), L.SHARDS))]
+    for path in stray.values():
+        path.unlink(missing_ok=True)
+    verify_store(store_copy)
+    assert file_digests(store_copy) == file_digests(tiny_store)
