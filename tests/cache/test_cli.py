@@ -381,6 +381,7 @@ pool = 2
     return out, refused, result["built"]
 
 
+@pytest.mark.slow
 def test_config_build_refuses_another_store_then_overwrites_it(toml_build):
     out, refused, built = toml_build
     message = _one_error_line(refused)
