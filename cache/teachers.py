@@ -265,10 +265,12 @@ def check_weights_reachable(spec: TeacherSpec, *, timeout: float = PROBE_TIMEOUT
         try:
             if probe(source, timeout):
                 return
-        except Exception as e:  # noqa: BLE001 - unreachable, timed out or refused: all say the same to the user
+        except Exception as e:  # noqa: BLE001 - unreachable, timed out or refused (gated, private): one line
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             host = "the Hugging Face hub" if hf else "its server"
-            raise TeacherSpecError(f"{head} and {host} cannot be reached ({reason}); {fix}") from None
+            answered = getattr(e, "response", None) is not None or hasattr(e, "code")  # an HTTP error status
+            raise TeacherSpecError(f"{head} and {host} {'refuses them' if answered else 'cannot be reached'} "
+                                   f"({reason}); {fix}") from None
     raise TeacherSpecError(f"{head} and {'the hub' if hf else 'its server'} does not have them either; {fix}")
 
 

@@ -138,6 +138,19 @@ def test_uncached_tag_with_the_hub_unreachable_is_one_line(hub_cache, tmp_path, 
     assert "clip:ViT-B-16:FILE" in message and not out.exists()
 
 
+def test_uncached_tag_the_hub_refuses_is_one_line(hub_cache, monkeypatch):
+    """A gated or private repository answers with an error status: said as a refusal, with its reason."""
+    class Gated(Exception):
+        response = "401"
+
+    def refuses(source, timeout):
+        raise Gated("Access to model timm/vit_large_patch16_dinov3.lvd1689m is restricted")
+
+    monkeypatch.setattr(teachers, "probe", refuses)
+    with pytest.raises(TeacherSpecError, match=r"the Hugging Face hub refuses them \(Gated: Access to model .* is "
+                                               r"restricted\); download them on a machine"):
+        teachers.check_weights_reachable(parse_teacher("timm:vit_large_patch16_dinov3.lvd1689m"))
+
 def test_uncached_tag_the_hub_does_not_have_is_refused(hub_cache, monkeypatch):
     asked = []
     monkeypatch.setattr(teachers, "probe", lambda source, timeout: asked.append(source[3]) and False)
