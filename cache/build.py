@@ -30,7 +30,7 @@ from ..store.location import Location, location, s3_environment
 from ..store.lock import build_lock
 from ..store.sources import Images, scan_source
 from .config import CacheConfig, Storage
-from .teachers import check_spec, grid, identity
+from .teachers import check_spec, check_weights_reachable, grid, identity
 from .worker import ShardWorker, retryable
 
 START_TIMEOUT = 900  # seconds the first actor gets to be placed and load its teachers (big weights, slow disks)
@@ -73,6 +73,8 @@ def _validate(cfg: CacheConfig) -> None:
             raise RadioDistillError(f"teacher '{spec.name}': pool factor {pool} does not divide its {h}x{w} grid; "
                                     + (f"choose from {', '.join(divisors)}" if divisors else "it cannot be pooled"))
     check_address(cfg.address)
+    for spec in cfg.teachers:  # last, the one check that may ask the network: a tag's weights cached or reachable
+        check_weights_reachable(spec)
 
 
 def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:

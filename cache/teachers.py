@@ -12,6 +12,7 @@ Letters: B batch, R input side, h, w grid, C spatial channels, D summary channel
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -164,6 +165,113 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.sam_spatial not in SAM_SPATIAL:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM spatial target '{spec.sam_spatial}' "
                                    f"is not one of {', '.join(SAM_SPATIAL)}")
+
+
+PROBE_TIMEOUT = 8.0  # seconds the hub gets to answer one HEAD request, in the driver before Ray starts
+
+
+def _spec_text(spec: TeacherSpec) -> str:
+    return (f"{spec.family}:{spec.model}" + (f":{spec.weights}" if spec.weights else "")
+            + (f"@{spec.resolution}" if spec.resolution else ""))
+
+
+def _safe_first(filename: str, default: str, default_safe: str) -> list[str]:
+    """The files a library asks the hub for, in its order: the safetensors twin of a .bin first."""
+    if filename == default:
+        return [default_safe, filename]
+    return [filename[:-4] + ".safetensors", filename] if filename.endswith(".bin") else [filename]
+
+
+def weight_sources(spec: TeacherSpec) -> list[tuple]:
+    """Where the library fetches a pretrained tag's weights, in the order it tries them:
+    `('hf', repo, revision, filename)` or `('url', url, path it is cached at)`; empty when nothing is downloaded
+    (a local file, random weights)."""
+    if spec.family == "clip" and spec.weights and not _is_file(spec.weights):
+        import open_clip
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+        cfg = open_clip.get_pretrained_cfg(spec.model, spec.weights)
+        if cfg.get("hf_hub"):  # open_clip prefers the hub: 'org/model/' (its default file) or 'org/model/file'
+            repo, filename = cfg["hf_hub"].rsplit("/", 1)
+            return [("hf", repo, None, f) for f in _safe_first(filename or HF_WEIGHTS_NAME, HF_WEIGHTS_NAME,
+                                                                HF_SAFE_WEIGHTS_NAME)]
+        if cfg.get("url"):  # open_clip's own cache for URL downloads
+            return [("url", cfg["url"], str(Path("~/.cache/clip").expanduser() / Path(cfg["url"]).name))]
+    elif spec.family in ("dinov2", "timm") and spec.weights is None and not spec.random_init:
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(spec.model)  # the default tag's when the name has none
+        if cfg is not None and cfg.hf_hub_id:
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            return [("hf", repo, revision or None, f) for f in _safe_first(cfg.hf_hub_filename or "pytorch_model.bin",
+                                                                           "pytorch_model.bin", "model.safetensors")]
+        if cfg is not None and cfg.url:  # torch.hub's cache, where timm puts URL downloads
+            return [("url", cfg.url, str(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name))]
+    return []
+
+
+def _cached(source: tuple) -> bool:
+    if source[0] == "url":
+        return Path(source[2]).is_file()
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(source[1], source[3], revision=source[2]), str)
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants as hub
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
+    return hub.HF_HUB_OFFLINE or env in ("1", "ON", "YES", "TRUE")
+
+
+def probe(source: tuple, timeout: float) -> bool:
+    """One HEAD request: True if the server has the file, False if it answers that it has not; raises when it
+    cannot be reached or refuses (a gated or private repository without a token)."""
+    if source[0] == "url":
+        import urllib.error
+        import urllib.request
+        try:
+            urllib.request.urlopen(urllib.request.Request(source[1], method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return False
+            raise
+        return True
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    try:
+        get_hf_file_metadata(hf_hub_url(source[1], source[3], revision=source[2]), timeout=timeout)
+    except RemoteEntryNotFoundError:
+        return False
+    return True
+
+
+def check_weights_reachable(spec: TeacherSpec, *, timeout: float = PROBE_TIMEOUT) -> None:
+    """Fail fast, in the driver before Ray starts, when a pretrained tag's weights are neither in the library's
+    cache nor downloadable (offline, or the hub does not answer in `timeout` seconds): every worker would fail
+    on them later, after the store was created. A cached file costs no request."""
+    sources = weight_sources(spec)
+    if not sources or any(_cached(s) for s in sources):
+        return
+    import huggingface_hub.constants as hub
+    hf = sources[0][0] == "hf"
+    name = (f"{sources[0][1]}/{sources[0][3]}" + "".join(f" (or {s[3]})" for s in sources[1:])) if hf else sources[0][1]
+    where = f"the Hugging Face cache ({hub.HF_HUB_CACHE})" if hf else f"its cache ({sources[0][2]})"
+    fix = ("download them on a machine with network"
+           + (f" (`hf download {sources[0][1]} {sources[0][3]}`) and copy that Hugging Face cache here" if hf
+              else f" to {sources[0][2]}")
+           + f", or pass a local weight file: {spec.family}:{spec.model}:FILE")
+    head = f"teacher '{spec.name}' ({_spec_text(spec)}): its weights {name} are not in {where}"
+    if hf and _hub_offline():
+        raise TeacherSpecError(f"{head} and HF_HUB_OFFLINE is set; {fix}")
+    for source in sources:
+        try:
+            if probe(source, timeout):
+                return
+        except Exception as e:  # noqa: BLE001 - unreachable, timed out or refused (gated, private): one line
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            host = "the Hugging Face hub" if hf else "its server"
+            answered = getattr(e, "response", None) is not None or hasattr(e, "code")  # an HTTP error status
+            raise TeacherSpecError(f"{head} and {host} {'refuses them' if answered else 'cannot be reached'} "
+                                   f"({reason}); {fix}") from None
+    raise TeacherSpecError(f"{head} and {'the hub' if hf else 'its server'} does not have them either; {fix}")
 
 
 def identity(spec: TeacherSpec) -> dict:

@@ -50,6 +50,7 @@ def fake_gpu_ray(tmp_path_factory) -> tuple[dict, dict]:
     return build, train
 
 
+@pytest.mark.slow
 def test_a_build_on_2_gpus_starts_one_teacher_actor_per_gpu(fake_gpu_ray):
     build, _ = fake_gpu_ray
     assert build["complete"] and build["shards_run"] == 2

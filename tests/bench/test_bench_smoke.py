@@ -56,6 +56,7 @@ def test_teachers_sam_sdpa_matches_stock(bench):
     assert rows["clip"]["summary_cos_min"] >= 0.9999 and rows["dinov2"]["fp32_spatial_cos_min"] >= 0.9999
 
 
+@pytest.mark.slow
 def test_storage(bench):
     result = bench("storage", "--images", "4", "--teachers", "tiny-sam,tiny-clip", "--tokens", "2048")
     rows = {(r["teacher"].split()[1], r["codec"]): r for r in result["results"]}
@@ -76,6 +77,7 @@ def test_storage(bench):
     assert whole["fp16"] == pytest.approx(6.44, abs=0.01)  # the 6.4 MB per view: shapes of the real models
 
 
+@pytest.mark.slow
 def test_build(bench, ray_session):
     rows = bench("build", "--runs", "tiny:8,16", "--shard-size", "8", "--raw-steps", "1", "--stage-images", "8")["results"]
     assert [r["images"] for r in rows] == [8, 16]
@@ -88,6 +90,7 @@ def test_build(bench, ray_session):
     assert isinstance(rows[-1]["marginal_s_per_1k"], float)  # may be <= 0 at 8 vs 16 images: first-call costs
 
 
+@pytest.mark.slow
 def test_sources(bench, ray_session):
     rows = bench("sources", "--images", "16", "--per-tar", "8", "--row-group", "4", "--shard-size", "8")["results"]
     assert [r["format"] for r in rows] == ["files", "tar", "parquet"] and all(r["images"] == 16 for r in rows)
@@ -95,6 +98,7 @@ def test_sources(bench, ray_session):
         positive(r, "scan_s", "read_decode_images_per_s", "build_images_per_s", "build_vs_files")
 
 
+@pytest.mark.slow
 def test_s3(bench, ray_session):  # its own moto server; AWS_* are restored after
     rows = bench("s3", "--images", "16", "--shard-size", "8")["results"]
     assert [(r["place"], r["phase"]) for r in rows] == [(p, f) for p in ("local", "s3")
@@ -106,6 +110,7 @@ def test_s3(bench, ray_session):  # its own moto server; AWS_* are restored afte
     assert s3["build 16"]["requests_per_shard"] == s3["build 16"]["requests"] - s3["build 8"]["requests"] > 0
 
 
+@pytest.mark.slow
 def test_train(bench, ray_session):  # reuses the tiny-16 store of test_build when it ran first
     [row] = bench("train", "--images", "16", "--shard-size", "8", "--batch-size", "4", "--steps", "2",
                   "--warmup", "1", "--workers", "0")["results"]
@@ -113,6 +118,7 @@ def test_train(bench, ray_session):  # reuses the tiny-16 store of test_build wh
     assert 0 <= row["wait_fraction"] < 1 and row["bottleneck"] in ("data", "compute")
 
 
+@pytest.mark.slow
 def test_online(bench, ray_session):
     [row] = bench("online", "--images", "16", "--shard-size", "8", "--batch-size", "2", "--steps", "1",
                   "--warmup", "1", "--cache-steps", "2", "--cache-warmup", "1", "--workers", "0")["results"]
@@ -120,6 +126,7 @@ def test_online(bench, ray_session):
     assert 0 < row["online_teacher_share"] < 1
 
 
+@pytest.mark.slow
 def test_fidelity(bench, ray_session, tmp_path):
     result = bench("fidelity", "--plot", str(tmp_path / "fidelity.png"))
     rows = result["results"]
@@ -136,6 +143,7 @@ def test_student_speed(bench):
     positive(rows[0], "infer_img_s", "train_img_s")
 
 
+@pytest.mark.slow
 def test_scale(bench):
     [row] = bench("scale", "--samples", "3000", "--read", "16", "--workers", "1")["results"]
     assert row["samples"] == 3000 and row["train_samples"] > 2500

@@ -37,6 +37,7 @@ def budget_store(ray_session, small_config, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_budget_picks_records_and_stores_the_codecs(budget_store):
     info = store_info(budget_store)
     assert info["layout_version"] == L.LAYOUT_VERSION
@@ -89,6 +90,7 @@ def test_targets_decode_to_the_teachers_output(budget_store, small_dataset, teac
             assert decoded[name][target].shape == value.shape
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_calibration_and_redoes_shards_to_the_same_bytes(budget_store, small_config, tmp_path,
                                                                            assert_same_store):
     copy = tmp_path / "copy.zarr"
@@ -118,6 +120,7 @@ def test_verify_checks_the_calibration_arrays(budget_store, tmp_path):
         open_store(copy)
 
 
+@pytest.mark.slow
 def test_layout_v1_stores_open_and_newer_ones_are_refused(small_store, tmp_path):
     old = tmp_path / "v1.zarr"
     shutil.copytree(small_store, old)

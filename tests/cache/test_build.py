@@ -21,6 +21,7 @@ SHARDS = 15  # tests/conftest.py: 58 samples in shards of 4
 GCS_STILL_S = 4.0  # seconds Ray's GCS is held still around a worker's kill (3 counted retries lasted less)
 
 
+@pytest.mark.slow
 def test_partial_build_resumes_to_the_uninterrupted_store(ray_session, tiny_config, tiny_store, tmp_path,
                                                           assert_same_store, file_digests, shard_worker_processes):
     out = tmp_path / "resumed.zarr"
@@ -98,6 +99,7 @@ def test_fidelity_is_measured_on_every_statistics_shard(tiny_store):
         assert fidelity["min_cos"] == rows[:, 2].min() and fidelity["shards"] == SHARDS
 
 
+@pytest.mark.slow
 def test_killed_worker_still_yields_a_complete_identical_store(ray_session, tiny_config, tiny_store, tmp_path,
                                                                assert_same_store, shard_worker_processes):
     out = tmp_path / "killed.zarr"

@@ -3,6 +3,7 @@
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from radio_distill.store import layout as L
 from radio_distill.store.dataset import load_rgb
 from radio_distill.store.inspect import store_info
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES, make_sample_dataset
+from radio_distill.cache import teachers
 from radio_distill.cache.teachers import check_spec, parse_teacher
 from radio_distill.store.views import crop_resize
 from radio_distill.cli import cache_app
@@ -73,6 +75,113 @@ def test_bad_teacher_is_one_line_before_any_work(tmp_path, spec, culprit):
         check_spec(parse_teacher(spec))
     assert message == str(e.value)  # printed as raised
     assert not out.exists()
+
+
+# A pretrained tag's weights are looked up in the library's cache, then (online) asked of the hub, in the
+# driver before the store or Ray exist. The tests point huggingface_hub at an empty temporary cache.
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return cache
+
+
+def _cache_file(cache: Path, repo: str, filename: str) -> None:
+    """One file as huggingface_hub lays out its cache: refs/main names the snapshot holding it."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123456789abcdef")
+    (folder / "snapshots" / "0123456789abcdef").mkdir(parents=True)
+    (folder / "snapshots" / "0123456789abcdef" / filename).write_bytes(b"weights")
+
+
+def _no_probe(source, timeout):
+    raise AssertionError(f"asked the network for {source}")
+
+
+TAGGED = [("clip:ViT-B-16:openai@224", "timm/vit_base_patch16_clip_224.openai/open_clip_model.safetensors"),
+          ("dinov2:vit_small_patch14_dinov2.lvd142m", "timm/vit_small_patch14_dinov2.lvd142m/model.safetensors"),
+          ("timm:vit_large_patch16_dinov3.lvd1689m", "timm/vit_large_patch16_dinov3.lvd1689m/model.safetensors")]
+
+
+@pytest.mark.parametrize("spec, file", TAGGED)
+def test_uncached_tag_offline_is_one_line_before_any_work(hub_cache, tmp_path, monkeypatch, spec, file):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(teachers, "probe", _no_probe)
+    out = tmp_path / "x.zarr"
+    start = time.monotonic()
+    result = runner.invoke(cache_app, ["build", str(tmp_path / "no-such-data"), "--out", str(out), "--teacher", spec])
+    message = _one_error_line(result)
+    assert time.monotonic() - start < 30  # no download, no Ray: what it costs is importing the libraries
+    assert f"({spec}): its weights {file}" in message and "HF_HUB_OFFLINE is set" in message
+    assert str(hub_cache) in message and "pass a local weight file" in message
+    assert not out.exists()
+
+
+def test_uncached_tag_with_the_hub_unreachable_is_one_line(hub_cache, tmp_path, monkeypatch):
+    def unreachable(source, timeout):
+        assert timeout <= 10
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution\n(second line)")
+
+    monkeypatch.setattr(teachers, "probe", unreachable)
+    out = tmp_path / "x.zarr"
+    result = runner.invoke(cache_app, ["build", str(tmp_path / "no-such-data"), "--out", str(out),
+                                       "--teacher", "clip:ViT-B-16:openai"])
+    message = _one_error_line(result)
+    assert "teacher 'clip' (clip:ViT-B-16:openai): its weights timm/vit_base_patch16_clip_224.openai/" in message
+    assert "the Hugging Face hub cannot be reached (ConnectionError: [Errno -3] Temporary failure" in message
+    assert "clip:ViT-B-16:FILE" in message and not out.exists()
+
+
+def test_uncached_tag_the_hub_refuses_is_one_line(hub_cache, monkeypatch):
+    """A gated or private repository answers with an error status: said as a refusal, with its reason."""
+    class Gated(Exception):
+        response = "401"
+
+    def refuses(source, timeout):
+        raise Gated("Access to model timm/vit_large_patch16_dinov3.lvd1689m is restricted")
+
+    monkeypatch.setattr(teachers, "probe", refuses)
+    with pytest.raises(TeacherSpecError, match=r"the Hugging Face hub refuses them \(Gated: Access to model .* is "
+                                               r"restricted\); download them on a machine"):
+        teachers.check_weights_reachable(parse_teacher("timm:vit_large_patch16_dinov3.lvd1689m"))
+
+def test_uncached_tag_the_hub_does_not_have_is_refused(hub_cache, monkeypatch):
+    asked = []
+    monkeypatch.setattr(teachers, "probe", lambda source, timeout: asked.append(source[3]) and False)
+    with pytest.raises(TeacherSpecError, match="the hub does not have them either"):
+        teachers.check_weights_reachable(parse_teacher("dinov2:vit_small_patch14_dinov2.lvd142m"))
+    assert asked == ["model.safetensors", "pytorch_model.bin"]  # timm's order
+
+
+def test_uncached_tag_the_hub_has_passes(hub_cache, monkeypatch):
+    monkeypatch.setattr(teachers, "probe", lambda source, timeout: source[3] == "pytorch_model.bin")
+    teachers.check_weights_reachable(parse_teacher("dinov2:vit_small_patch14_dinov2.lvd142m"))
+
+
+@pytest.mark.parametrize("spec, file", [*TAGGED, ("dinov2:vit_small_patch14_dinov2",  # the default tag, its .bin
+                                                  "timm/vit_small_patch14_dinov2.lvd142m/pytorch_model.bin")])
+def test_cached_tag_passes_offline_without_asking(hub_cache, monkeypatch, spec, file):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(teachers, "probe", _no_probe)
+    repo, _, filename = file.rpartition("/")
+    _cache_file(hub_cache, repo, filename)
+    teachers.check_weights_reachable(parse_teacher(spec))
+
+
+def test_presets_and_weight_files_need_no_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(teachers, "probe", _no_probe)
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"")
+    for spec in [*teachers.tiny_teachers(), parse_teacher(f"clip:ViT-B-16:{weights}"),
+                 parse_teacher(f"dinov2:vit_small_patch14_dinov2.lvd142m:{weights}")]:
+        assert teachers.weight_sources(spec) == []
+        teachers.check_weights_reachable(spec)
 
 
 def test_bad_spec_syntax_is_one_line(tmp_path):
@@ -285,6 +394,7 @@ pool = 2
     return out, refused, result["built"]
 
 
+@pytest.mark.slow
 def test_config_build_refuses_another_store_then_overwrites_it(toml_build):
     out, refused, built = toml_build
     message = _one_error_line(refused)

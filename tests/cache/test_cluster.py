@@ -63,6 +63,7 @@ def cluster(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_build_on_a_cluster_and_a_failing_shard(cluster, small_dataset, small_store, tmp_path, assert_same_store):
     address, env = cluster
     out = shutil.copytree(small_store, tmp_path / "cache.zarr")

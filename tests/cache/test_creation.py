@@ -151,6 +151,7 @@ def test_only_our_own_files_make_a_half_created_store_and_overwrite_deletes_only
     assert (out / "notes.txt").read_text() == "keep me" and open_store(out).attrs["num_samples"] == 6
 
 
+@pytest.mark.slow
 def test_rerun_of_the_build_gets_past_a_killed_creation(ray_session, tiny_config, tmp_path, capfd):
     data = make_sample_dataset(tmp_path / "data", images=4)
     out = tmp_path / "killed.zarr"

@@ -22,6 +22,7 @@ from radio_distill.errors import CacheLayoutError, RadioDistillError
 NAMES = ("clip", "dinov2", "sam")
 
 
+@pytest.mark.slow
 def test_a_failing_shard_is_reported_and_the_others_go_on(ray_session, small_dataset, small_store, tmp_path,
                                                           assert_same_store):
     out = shutil.copytree(small_store, tmp_path / "cache.zarr")

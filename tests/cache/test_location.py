@@ -41,6 +41,7 @@ def _done(url: str) -> int:
     return int(open_array(loc, L.done_array("clip")).read().result().sum())
 
 
+@pytest.mark.slow
 def test_a_build_killed_on_s3_resumes_to_the_store_one_build_makes(ray_session, sample_dataset, tiny_config, tiny_store,
                                                                     read_arrays, s3_url, capfd):
     # the build in its own process, with its own Ray

@@ -59,6 +59,7 @@ def test_sources_record_the_bytes_each_target_came_from(small_store, small_datas
         assert sources[i].tolist() == [len(data), path.stat().st_mtime_ns, digest(data)]
 
 
+@pytest.mark.slow
 def test_a_replaced_image_is_noticed_by_verify_training_and_a_rerun(own_store, capfd):
     store, data = own_store
     root = zarr.open_group(store, mode="r")
@@ -111,6 +112,7 @@ def test_a_lost_sample_array_chunk_fails_verify_and_training(store_copy, array):
         CacheReader(store_copy)
 
 
+@pytest.mark.slow
 def test_a_rerun_writes_lost_sample_arrays_again(ray_session, small_config, store_copy, assert_same_store, small_store):
     for array in (L.IDS, L.LABELS, L.BOXES):
         _file(store_copy, array, 2).unlink()

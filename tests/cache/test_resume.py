@@ -24,6 +24,7 @@ def _list(folder, ids) -> None:
     (folder / "list.csv").write_text("path,label\n" + "".join(f"{i},{i.split('/')[0]}\n" for i in ids))
 
 
+@pytest.mark.slow
 def test_rerun_reads_the_dataset_where_it_is_now_and_retries_missing_files(
         ray_session, small_dataset, teachers, tmp_path, read_arrays, file_digests, shard_worker_processes):
     first = shutil.copytree(small_dataset, tmp_path / "first")

@@ -147,6 +147,7 @@ def test_parquet_scan_ids_labels_classes_and_rows(datasets):
     assert payloads == [(datasets["folder"] / i).read_bytes() for i in folder.ids]
 
 
+@pytest.mark.slow
 def test_folder_tar_and_parquet_stores_hold_identical_targets(stores, datasets, read_arrays):
     arrays = {kind: read_arrays(path) for kind, path in stores.items()}
     folder_ids = [str(i) for i in arrays["folder"][L.IDS]]
@@ -172,6 +173,7 @@ def test_folder_tar_and_parquet_stores_hold_identical_targets(stores, datasets, 
     assert L.LOCATIONS not in arrays["folder"] and arrays["tar"][L.LOCATIONS].shape == (len(folder_ids) + 1, 3)
 
 
+@pytest.mark.slow
 def test_a_partial_tar_build_moved_and_resumed_equals_the_whole_build(ray_session, datasets, stores, tmp_path,
                                                                       assert_same_store):
     moved = tmp_path / "elsewhere"
@@ -230,6 +232,7 @@ def test_bad_packed_input_is_named_in_one_line_before_anything_is_created(datase
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unreadable_members_and_rows_are_recorded_with_their_reasons(ray_session, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -252,6 +255,7 @@ def test_unreadable_members_and_rows_are_recorded_with_their_reasons(ray_session
         assert [k for k, v in report["unreadable"].items() if v == reason] == [culprit], report["unreadable"]
 
 
+@pytest.mark.slow
 def test_parquet_rows_with_a_path_instead_of_bytes_read_that_file(ray_session, tmp_path):
     """As `datasets`' `to_parquet` writes local images: {bytes: null, path}, absolute or relative to the file."""
     folder = make_sample_dataset(tmp_path / "data", images=3, size=64, bad=False)
@@ -361,6 +365,7 @@ def test_a_missing_or_cut_tar_is_named_before_training(stores, datasets, tmp_pat
         reader.check_images(rows)
 
 
+@pytest.mark.slow
 def test_calibration_reads_tar_samples_by_location(ray_session, datasets, tmp_path):
     out = tmp_path / "budget.zarr"
     report = build_cache(load_cache_config(data=datasets["tar_pattern"], out=out, fidelity={None: 0.99},

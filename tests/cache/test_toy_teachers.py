@@ -84,6 +84,7 @@ def test_deepest_point_is_inside_and_central():
     assert y == 5.5 and 6 <= x <= 12 and m[0, int(y), int(x)]
 
 
+@pytest.mark.slow
 def test_short_retrain_of_sam_beats_untrained(untrained, tmp_path):
     """The script's SAM training for 150 short steps, against the same seeded model untrained, both
     loaded through the preset's spec: the point-prompt mask IoU rises well above it."""

@@ -16,6 +16,7 @@ from radio_distill.student import load_student
 from radio_distill.store.reader import CacheReader
 
 
+@pytest.mark.slow
 def test_corrupt_chunk_through_a_worker_is_one_line(eval_setup, tmp_path):
     store = tmp_path / "copy.zarr"
     shutil.copytree(eval_setup.store, store)

@@ -51,6 +51,7 @@ def _non_trivial_batchnorm(model, size):
     ("test_coatnet", {}, (160, 160), (32, 32, [96, 32])),  # timm buffers the weights file does not hold
     ("test_eradio", {}, (64, 160), (16, 32, [96, 32])),
 ], ids=["vit", "vit-cpe", "cnn", "eradio"])
+@pytest.mark.slow
 def test_transformers_loads_the_folder_offline(name, overrides, size, expect, tmp_path):
     torch.manual_seed(0)
     model = _non_trivial_batchnorm(create_student(name, teachers=TEACHERS, **overrides), size)

@@ -39,6 +39,7 @@ def _cosine(a: np.ndarray, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(torch.from_numpy(a).flatten(1), b.flatten(1), dim=-1).min())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,sides", [("test_vit", (64, 96)), ("test_resnet", (64, 96)),
                                         ("test_eradio", (64, 160))])  # 160: E-RADIO's padded windows
 def test_onnxruntime_matches_the_student_at_two_sides(name, sides, tmp_path):

@@ -20,6 +20,7 @@ from radio_distill.store.reader import CacheReader
 from .conftest import config
 
 
+@pytest.mark.slow
 def test_incomplete_store_needs_allow_partial(store_copy, tmp_path):
     zarr.open_group(store_copy, mode="r+")[L.done_array("sam")][1] = 0
     with pytest.raises(CacheLayoutError, match="incomplete: 6 of 7 shards done.*--allow-partial"):
@@ -60,6 +61,7 @@ def test_unknown_student_names_where_to_look(train_store, tmp_path):
     assert not (tmp_path / "r").exists()  # the student is built before the run folder
 
 
+@pytest.mark.slow
 def test_a_ray_train_workers_error_is_its_one_line(train_store, tmp_path, ray_session):
     """The images' folder is looked for by the workers, not the driver: its error comes back as one line."""
     gone = tmp_path / "gone"

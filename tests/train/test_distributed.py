@@ -30,6 +30,7 @@ def _drawn_by_rank_1_only(reader: CacheReader, *, step: int) -> int:
     return next(i for i, where in sorted(drawn.items()) if where == {(1, step)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_loader_failing_on_rank_1_ends_every_rank_with_its_line(train_store, tmp_path, device):
     """Rank 1 reads an image whose bytes changed (its size and mtime kept: the start-up check passes, the read

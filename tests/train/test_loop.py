@@ -61,6 +61,7 @@ def test_resume_continues_exactly(train_store, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(train_store, tmp_path):
     one = config(train_store, tmp_path / "one", steps=3)
     train(one, progress=False)
@@ -82,6 +83,7 @@ def test_ddp_two_gloo_processes_match_one_process(train_store, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
+@pytest.mark.slow
 def test_phis_loss_and_spawned_loader_workers(train_store, tmp_path):
     cfg = config(train_store, tmp_path / "phis", steps=12, workers=2, loss=replace(config(train_store, tmp_path).loss,
                                                                                        kind="phis"))
@@ -92,6 +94,7 @@ def test_phis_loss_and_spawned_loader_workers(train_store, tmp_path):
     assert (tmp_path / "phis/tensorboard").is_dir() and any((tmp_path / "phis/tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_ray_train_two_workers_match_one_process(train_store, tmp_path, ray_session):
     from radio_distill.train.on_ray import train_on_ray
 
@@ -106,6 +109,7 @@ def test_ray_train_two_workers_match_one_process(train_store, tmp_path, ray_sess
     assert (tmp_path / "ray/student/model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_stored_view_pixels_train_exactly_like_decoded_images(train_store, tmp_path, ray_session):
     """A store built with --pixels R gives the trainer the same pixels without the images."""
     import zarr

@@ -43,6 +43,7 @@ def test_each_side_pairs_with_the_closest_entry_of_each_model():
                        384: ["clip", "hi", "siglip"], 1024: ["clip", "hi", "siglip"]}
 
 
+@pytest.mark.slow
 def test_a_store_with_dinov2_lo_and_hi_trains_each_at_its_side(two_sides_store, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = config(two_sides_store, run, steps=2, resolution=[48, 112], batch_size=[4, 4], resolution_policy="partition",

@@ -43,6 +43,7 @@ def _tars(folder, out, per_tar=5):
     return str(out / "{000000..000003}.tar")
 
 
+@pytest.mark.slow
 def test_a_store_on_s3_from_tar_shards_trains_and_evaluates(ray_session, s3_url, tmp_path):
     images = make_sample_dataset(tmp_path / "data", images=16, size=64, bad=False)
     shards = _tars(images, tmp_path / "shards")
