@@ -108,7 +108,7 @@ def patch_labels(maps: torch.Tensor, patch: int) -> torch.Tensor:
     return maps[:, patch // 2::patch, patch // 2::patch]
 
 
-def fit_dinov2(model, views: Views, scenes: list[Scene], *, steps: int, batch: int = 64, lr: float = 1e-3,
+def fit_dinov2(model, views: Views, scenes: list[Scene], *, steps: int, batch: int = 64, lr: float = 2e-3,
                seed: int = 0, log=None):
     """Train a timm ViT's tokens through `DinoHeads` on `views` (centred squares and crops), in place."""
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +120,7 @@ def fit_dinov2(model, views: Views, scenes: list[Scene], *, steps: int, batch: i
         for blk in model.blocks:
             for ls in (blk.ls1, blk.ls2):
                 if hasattr(ls, "gamma"):
-                    ls.gamma.fill_(0.1)
+                    ls.gamma.fill_(1.0)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     model.train()
