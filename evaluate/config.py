@@ -15,6 +15,7 @@ class EvalConfig:
     run: Path  # a `radio-train` run folder (run.json, student/, metrics.csv)
     out: Path  # where report.md, report.json, features.png and curves.png go
     masks: Path | None = None  # mask folder; default <images root>/../masks when it exists
+    instances: Path | None = None  # instance-mask folder (SAM's ground truth); default <images root>/../instances
     resolution: int | None = None  # student input side; default the run's (the largest of a multi-resolution run's)
     resolutions: tuple[int, ...] = ()  # fidelity at each of these sides too (same views); default a multi-res run's
     max_bank: int = 10000  # train-split samples in the kNN bank (a seeded subset when more)
