@@ -390,7 +390,7 @@ def evaluate(
     k: Annotated[int, typer.Option("--k", help="kNN neighbours.")] = 20,
     probe_images: Annotated[int, typer.Option(help="Images per split for the dense probe (a seeded subset when more).")] = 500,
     probe_steps: Annotated[int, typer.Option(help="Full-batch AdamW steps of each dense linear probe.")] = 300,
-    pictures: Annotated[int, typer.Option(help="Held-out images shown in features.png.")] = 4,
+    pictures: Annotated[int, typer.Option(help="Held-out images shown in features.png (and in sam_masks.png).")] = 4,
     resolution: Annotated[Optional[int], typer.Option(help="Student input side. (default: the run's; the largest of a multi-resolution run's)")] = None,
     resolutions: Annotated[Optional[str], typer.Option(help="Also measure fidelity at each of these input sides, e.g. 224,448 (a table and fidelity_resolution.png). (default: a multi-resolution run's sides)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
@@ -418,6 +418,8 @@ def evaluate(
     report = run_evaluation(cfg)
     skipped = [f"{name}: {section['skipped']}" for name, section in report.items()
                if isinstance(section, dict) and "skipped" in section]
+    skipped += [f"sam ground truth of {t}: {v['ground_truth']['skipped']}"
+                for t, v in report["sam"].get("teachers", {}).items() if "skipped" in v.get("ground_truth", {})]
     pictures = [v for k, v in report["pictures"].items() if k != "skipped" and v]
     _stdout().print(f"wrote {out / 'report.md'}, report.json, {', '.join(pictures)}")
     for line in skipped:

@@ -23,7 +23,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     probe_images: int = 500  # images per split for the dense probe (a seeded subset when more)
     probe_steps: int = 300  # full-batch AdamW steps of each linear probe
-    pictures: int = 4  # held-out images in features.png
+    pictures: int = 4  # held-out images in features.png (and in sam_masks.png, of those with objects)
     batch_size: int = 64
     workers: int = 2  # DataLoader processes (spawned); 0 reads in this process
     device: str | None = None  # default: cuda if available, else cpu

@@ -230,10 +230,15 @@ def _sam_objects(reader, instances: Path | None, note: str, rows: np.ndarray, si
         box = reader.boxes[r, 0]
         n = max(1, min(MAX_NATIVE_SIDE, int(round(float(box[2] - box[0])))))
         with Image.open(path) as mask:
-            native = torch.from_numpy(mask_grid(mask, box, (n, n), image_size=size))
+            native = _compact(mask_grid(mask, box, (n, n), image_size=size))
             for S in sides:
-                out[S].append((torch.from_numpy(mask_grid(mask, box, (S, S), image_size=size)), native))
+                out[S].append((_compact(mask_grid(mask, box, (S, S), image_size=size)), native))
     return out, ""
+
+
+def _compact(ids: np.ndarray) -> torch.Tensor:
+    """Instance ids as uint8 where they fit (up to 200 images of 1024 x 1024 at two sides are kept), else int32."""
+    return torch.from_numpy(ids.astype(np.uint8 if ids.max(initial=0) < 256 and ids.min(initial=0) >= 0 else np.int32))
 
 
 def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) -> np.ndarray:
