@@ -203,7 +203,7 @@ def sam_masks_png(path: Path, images: list[np.ndarray], panels: dict[str, list[d
     """
     names = list(panels)
     P, cols = len(images), 2 + 2 * len(names)
-    fig = _figure(1.8 * cols, 1.9 * P + 0.5)
+    fig = _figure(1.8 * cols, 2.05 * P + 0.6)
     axes = fig.subplots(P, cols, squeeze=False)
     for r, image in enumerate(images):
         first = panels[names[0]][r]
