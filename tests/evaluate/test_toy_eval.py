@@ -4,7 +4,9 @@ masks is reported for teacher and student, and a moved or changed file is said i
 
 The toy weights here are made in the test: CLIP and DINOv2 untrained (seeded), SAM trained for 60
 short steps (about 10 s on one thread) so that its masks mean something; the final toy weights are
-not needed.
+not needed. The tests on a built toy store and run (a Ray build, training, radio-eval: about a
+minute) are `slow`; the known answers of the ground-truth IoU need only the weights. The same logic
+on the tiny preset (no weight files) is in the quick set: test_sam.py, tests/cache/test_teachers.py.
 """
 
 import json
@@ -73,6 +75,7 @@ def toy_run(toy_weights, tmp_path_factory):
     return SimpleNamespace(root=root, store=cfg.out, run=root / "run", report=report, eval_cfg=eval_cfg)
 
 
+@pytest.mark.slow
 def test_build_records_where_it_found_the_weight_files(toy_run, toy_weights):
     root = zarr.open_group(toy_run.store, mode="r")
     assert root.attrs["weight_files"] == {f: str(toy_weights / f"{f}.safetensors") for f in ("clip", "dinov2", "sam")}
@@ -80,6 +83,7 @@ def test_build_records_where_it_found_the_weight_files(toy_run, toy_weights):
     assert ident["preset"] == "toy" and ident["weights"] == "sam.safetensors"  # the identity names no folder
 
 
+@pytest.mark.slow
 def test_radio_eval_reports_sam_against_ground_truth_without_flags(toy_run):
     r = toy_run.report
     assert "skipped" not in r["sam"] and "skipped" not in r["zero_shot"], (r["sam"], r["zero_shot"])
@@ -93,6 +97,7 @@ def test_radio_eval_reports_sam_against_ground_truth_without_flags(toy_run):
         assert {"teacher", "student"} <= set(r[section]["teachers"][row]), section
 
 
+@pytest.mark.slow
 def test_sam_predictor_finds_the_toy_checkpoint(toy_run):
     predictor = sam_predictor(toy_run.run)
     predictor.set_image(torch.randint(0, 256, (100, 140, 3), dtype=torch.uint8).numpy())
@@ -132,6 +137,7 @@ def _moved(toy_run, tmp_path, recorded: dict) -> SimpleNamespace:
     return SimpleNamespace(store=store, run=run)
 
 
+@pytest.mark.slow
 def test_a_moved_or_changed_weight_file_is_one_line(toy_run, toy_weights, tmp_path, monkeypatch):
     changed = tmp_path / "changed.safetensors"
     changed.write_bytes((toy_weights / "sam.safetensors").read_bytes()[:-1] + b"x")
