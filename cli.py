@@ -362,7 +362,7 @@ def text(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
          classes: Annotated[Optional[Path], typer.Option(help="Class names, one per line in label order. (default: the store's classes)")] = None,
          templates: Annotated[Optional[Path], typer.Option(help="Prompt templates with {}, one per line. (default: 'a photo of a {}.' and a few more)")] = None,
          teacher: Annotated[str, typer.Option(help="The CLIP teacher of the store whose text tower to run.")] = "clip",
-         weights: Annotated[Optional[Path], typer.Option(help="Local weight file, when the teacher was built from one (checked by sha256).")] = None,
+         weights: Annotated[Optional[Path], typer.Option(help="Local weight file, when the teacher was built from one (checked by sha256). [default: where the build found it, or the toy preset's in cache/toy/, if unchanged]")] = None,
          device: Annotated[Optional[str], typer.Option(help="cuda or cpu. (default: cuda if available)")] = None):
     """Run a CLIP teacher's text tower once; store normalised class embeddings for zero-shot evaluation."""
     from .cache.text import read_lines, write_text_embeddings
@@ -385,11 +385,12 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A `radio-train` run folder (its --out).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, report.json, features.png, curves.png.")],
     masks: Annotated[Optional[Path], typer.Option(help="PNG label maps mirroring the images, for the dense probe. (default: IMAGES/../masks if it exists)")] = None,
+    instances: Annotated[Optional[Path], typer.Option(help="PNG instance maps mirroring the images (object number + 1, 0 background), for SAM's point-prompt mask IoU against ground truth. (default: IMAGES/../instances if it exists)")] = None,
     max_bank: Annotated[int, typer.Option(help="Train samples in the kNN bank (a seeded subset when more).")] = 10000,
     k: Annotated[int, typer.Option("--k", help="kNN neighbours.")] = 20,
     probe_images: Annotated[int, typer.Option(help="Images per split for the dense probe (a seeded subset when more).")] = 500,
     probe_steps: Annotated[int, typer.Option(help="Full-batch AdamW steps of each dense linear probe.")] = 300,
-    pictures: Annotated[int, typer.Option(help="Held-out images shown in features.png.")] = 4,
+    pictures: Annotated[int, typer.Option(help="Held-out images shown in features.png (and in sam_masks.png).")] = 4,
     resolution: Annotated[Optional[int], typer.Option(help="Student input side. (default: the run's; the largest of a multi-resolution run's)")] = None,
     resolutions: Annotated[Optional[str], typer.Option(help="Also measure fidelity at each of these input sides, e.g. 224,448 (a table and fidelity_resolution.png). (default: a multi-resolution run's sides)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
@@ -398,8 +399,8 @@ def evaluate(
     throughput: Annotated[bool, typer.Option(help="Measure images/s of the student and each teacher architecture.")] = True,
     throughput_batch: Annotated[Optional[int], typer.Option(help="Batch for throughput. (default: 64 on CUDA, 4 on CPU)")] = None,
     images: Annotated[Optional[Path], typer.Option(help="The image folder, when it moved since the build. (default: the root recorded in the store)")] = None,
-    sam: Annotated[bool, typer.Option(help="SAM mask IoU of the student as SAM's image encoder, where the store has a SAM teacher (the tiny preset's decoder is seeded; a real one needs --sam-checkpoint).")] = True,
-    sam_checkpoint: Annotated[Optional[Path], typer.Option(help="The SAM teacher's checkpoint file (its prompt encoder and mask decoder), for the SAM metric.")] = None,
+    sam: Annotated[bool, typer.Option(help="SAM mask IoU of the student as SAM's image encoder, where the store has a SAM teacher (the tiny preset's decoder is seeded; another needs --sam-checkpoint unless its weight file is still where the build found it, or the toy preset's in cache/toy/).")] = True,
+    sam_checkpoint: Annotated[Optional[Path], typer.Option(help="The SAM teacher's checkpoint file (its prompt encoder and mask decoder), for the SAM metric. [default: the file the store was built from, if it is still there unchanged]")] = None,
     sam_images: Annotated[int, typer.Option(help="Held-out images of the SAM metric (a seeded subset when more).")] = 200,
 ):
     """Fidelity, kNN, zero-shot, dense-probe mIoU, SAM mask IoU and throughput of RUN's student vs its teachers, from STORE."""
@@ -409,7 +410,7 @@ def evaluate(
     sides = [v.strip() for v in (resolutions or "").split(",") if v.strip()]
     if not all(v.isdigit() for v in sides):
         raise RadioDistillError(f"--resolutions '{resolutions}': expected input sides separated by commas, e.g. 224,448")
-    cfg = EvalConfig(store=store, run=run, out=out, masks=masks, max_bank=max_bank, knn_k=k, probe_images=probe_images,
+    cfg = EvalConfig(store=store, run=run, out=out, masks=masks, instances=instances, max_bank=max_bank, knn_k=k, probe_images=probe_images,
                      probe_steps=probe_steps, pictures=pictures, resolution=resolution,
                      resolutions=tuple(int(v) for v in sides), batch_size=batch_size,
                      workers=workers, device=device, throughput=throughput, throughput_batch=throughput_batch,
@@ -417,6 +418,8 @@ def evaluate(
     report = run_evaluation(cfg)
     skipped = [f"{name}: {section['skipped']}" for name, section in report.items()
                if isinstance(section, dict) and "skipped" in section]
+    skipped += [f"sam ground truth of {t}: {v['ground_truth']['skipped']}"
+                for t, v in report["sam"].get("teachers", {}).items() if "skipped" in v.get("ground_truth", {})]
     pictures = [v for k, v in report["pictures"].items() if k != "skipped" and v]
     _stdout().print(f"wrote {out / 'report.md'}, report.json, {', '.join(pictures)}")
     for line in skipped:

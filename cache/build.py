@@ -30,7 +30,7 @@ from ..store.location import Location, location, s3_environment
 from ..store.lock import build_lock
 from ..store.sources import Images, scan_source
 from .config import CacheConfig, Storage
-from .teachers import check_spec, check_weights_reachable, grid, identity
+from .teachers import check_spec, check_weights_reachable, grid, identity, weight_files
 from .worker import ShardWorker, retryable
 
 START_TIMEOUT = 900  # seconds the first actor gets to be placed and load its teachers (big weights, slow disks)
@@ -97,6 +97,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             root = resume_store(out, manifest)
             if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
                 root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
+            _record_weight_files(root, cfg.teachers)  # the same files (by sha256, checked above), maybe moved
             _redo_changed(out, root, manifest, names)
         todo = None if fresh else _todo(root, names, cfg.shard_size)[:cfg.max_shards]
         results, failed, wall, placements = [], {}, 0.0, []
@@ -106,6 +107,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             if fresh:
                 calibration = _calibrate(workers[0], manifest, settings=settings)
                 root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
+                _record_weight_files(root, cfg.teachers)
                 todo = _todo(root, names, cfg.shard_size)[:cfg.max_shards]
             started = time.perf_counter()
             results, failed = _run_shards(workers, todo, len(manifest), cfg.shard_size, data_root=str(manifest.root),
@@ -123,6 +125,16 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
             finalize_norm(root)
             _finalize_fidelity(root)
         return _report(out, results, failed, wall, complete, calibrated=fresh, placements=placements)
+
+
+def _record_weight_files(root, teachers) -> None:
+    """Root attrs `weight_files`: {teacher: absolute path} of each teacher built from a local weight file,
+    where this build found it. Not part of the identity (which records the file's name and sha256): it
+    only tells `radio-eval` and `radio-cache text` where to look without being asked, and they use a
+    file there only when its sha256 is still the recorded one."""
+    files = weight_files(teachers)
+    if files and root.attrs.get("weight_files") != files:
+        root.attrs["weight_files"] = files
 
 
 def _workers(cfg: CacheConfig, out: Location) -> tuple[list, dict]:

@@ -286,6 +286,34 @@ def identity(spec: TeacherSpec) -> dict:
     return ident
 
 
+def weight_files(specs) -> dict[str, str]:
+    """{teacher: absolute path} of the specs that load a local weight file (what a build records beside
+    the identities, so the files can be found again without asking)."""
+    return {s.name: str(Path(s.weights).expanduser().resolve()) for s in specs if _is_file(s.weights)}
+
+
+def locate_weights(ident: dict, recorded: str | None = None) -> tuple[Path | None, list[str]]:
+    """The weight file a stored teacher was built from, found without asking: at the path its build
+    recorded (`recorded`, from the store's `weight_files`), or for the toy preset under its file name in
+    `cache/toy/` — only where the file still has the identity's sha256.
+
+    Returns:
+        (the file or None, the places looked at that failed, each 'PATH (missing|changed)'); (None, [])
+        when the identity names no weight file.
+    """
+    if not ident.get("sha256"):
+        return None, []
+    candidates = [Path(recorded)] if recorded else []
+    if ident.get("preset") == "toy" and ident.get("weights"):
+        candidates.append(TOY_DIR / ident["weights"])
+    tried = []
+    for path in dict.fromkeys(candidates):
+        if path.is_file() and sha256_file(path) == ident["sha256"]:
+            return path, tried
+        tried.append(f"{path} ({'changed' if path.is_file() else 'missing'})")
+    return None, tried
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

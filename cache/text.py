@@ -60,20 +60,26 @@ def _check_template(template: str) -> None:
                                 "(a brace itself is '{{' or '}}'), e.g. 'a photo of a {}.'")
 
 
-def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = None):
+def spec_from_identity(name: str, ident: dict, *, weights: str | Path | None = None, recorded: str | None = None):
     """The `TeacherSpec` that rebuilds a stored teacher; a weight file recorded by name + sha256 is
-    located with `weights` and checked against the sha256."""
-    from .teachers import TeacherSpec, sha256_file
+    located with `weights` and checked against the sha256. Without `weights` it is looked for where the
+    build found it (`recorded`, the store's `weight_files` entry) and, for the toy preset, in
+    `cache/toy/`, and used when its sha256 is still the recorded one."""
+    from .teachers import TeacherSpec, locate_weights, sha256_file
 
     known = {f.name for f in fields(TeacherSpec)} - {"name", "family", "model_kwargs", "sam_spatial"}
     kwargs = {k: v for k, v in ident.items() if k in known}
     kwargs["model_kwargs"] = tuple((ident.get("model_kwargs") or {}).items())
     if "spatial" in ident:
         kwargs["sam_spatial"] = ident["spatial"]
-    if ident.get("sha256"):
-        if weights is None:
+    if ident.get("sha256") and weights is None:
+        found, tried = locate_weights(ident, recorded)  # checked by sha256 there
+        if found is None:
+            looked = f"; not at {', '.join(tried)}" if tried else ""
             raise TeacherSpecError(f"teacher '{name}' was built from weight file '{ident['weights']}' "
-                                   f"(sha256 {ident['sha256'][:12]}...); pass --weights PATH to that file")
+                                   f"(sha256 {ident['sha256'][:12]}...){looked}; pass --weights PATH to that file")
+        kwargs["weights"] = str(found)
+    elif ident.get("sha256"):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise TeacherSpecError(f"teacher '{name}': --weights '{weights}' is not a file")
@@ -112,7 +118,8 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
         teacher: name of a CLIP-family teacher in the store.
         classes: class names in label order (default: the store's classes); `_` reads as a space.
         templates: prompts holding `{}` (default: `DEFAULT_TEMPLATES`).
-        weights: local weight file, when the teacher was built from one (checked by sha256).
+        weights: local weight file, when the teacher was built from one (checked by sha256); default the
+            file where the build found it (or the toy preset's in `cache/toy/`), if unchanged.
         device: default cuda when available, else cpu.
         batch_size: prompts per text-tower forward.
 
@@ -153,7 +160,8 @@ def write_text_embeddings(store: str | Path, *, teacher: str = "clip", classes: 
                                 f"({', '.join(store_classes[:5])}...); give one name per class, in label order")
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_teacher(spec_from_identity(teacher, ident, weights=weights), device=device).model
+    recorded = (root.attrs.get("weight_files") or {}).get(teacher)
+    model = build_teacher(spec_from_identity(teacher, ident, weights=weights, recorded=recorded), device=device).model
     embeddings = class_embeddings(model, open_clip.get_tokenizer(ident["model"]), classes, templates,
                                   device=device, batch_size=batch_size)
 

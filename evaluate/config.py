@@ -15,6 +15,7 @@ class EvalConfig:
     run: Path  # a `radio-train` run folder (run.json, student/, metrics.csv)
     out: Path  # where report.md, report.json, features.png and curves.png go
     masks: Path | None = None  # mask folder; default <images root>/../masks when it exists
+    instances: Path | None = None  # instance-mask folder (SAM's ground truth); default <images root>/../instances
     resolution: int | None = None  # student input side; default the run's (the largest of a multi-resolution run's)
     resolutions: tuple[int, ...] = ()  # fidelity at each of these sides too (same views); default a multi-res run's
     max_bank: int = 10000  # train-split samples in the kNN bank (a seeded subset when more)
@@ -22,7 +23,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     probe_images: int = 500  # images per split for the dense probe (a seeded subset when more)
     probe_steps: int = 300  # full-batch AdamW steps of each linear probe
-    pictures: int = 4  # held-out images in features.png
+    pictures: int = 4  # held-out images in features.png (and in sam_masks.png, of those with objects)
     batch_size: int = 64
     workers: int = 2  # DataLoader processes (spawned); 0 reads in this process
     device: str | None = None  # default: cuda if available, else cpu

@@ -38,6 +38,7 @@ class RunInfo:
     sides: tuple[int, ...]  # the training resolutions (several for a multi-resolution run)
     allow_partial: bool
     store_settings: dict
+    store: str | None = None  # the store it was trained from, where training found it
 
     @property
     def resolution(self) -> int:
@@ -57,7 +58,7 @@ def load_run(run: str | Path) -> RunInfo:
     cfg = data["config"]
     sides = cfg["resolution"] if isinstance(cfg["resolution"], list) else [cfg["resolution"]]
     return RunInfo(path, data["student"], float(cfg["holdout"]), tuple(int(s) for s in sides),
-                   bool(cfg.get("allow_partial")), data["store_settings"])
+                   bool(cfg.get("allow_partial")), data["store_settings"], data.get("store"))
 
 
 def open_reader(store: str | Path, run: RunInfo, *, images: str | Path | None = None) -> CacheReader:
@@ -83,6 +84,7 @@ class SplitFeatures:
     kept: np.ndarray = None  # (M,) positions in `indices` whose maps are kept
     backbone_spatial: np.ndarray = None  # (M, h, w, D) float16
     teacher_spatial: dict = field(default_factory=dict)  # teacher -> (M, ht, wt, Ct) float16, cached
+    student_spatial: dict = field(default_factory=dict)  # teacher -> (M, ht, wt, Ct) float16 adaptor maps at its grid
     shown: np.ndarray = None  # (P,) positions whose maps are kept for pictures
     shown_student: dict = field(default_factory=dict)  # teacher -> (P, ht, wt, Ct) adaptor maps at the teacher grid
     shown_teacher: dict = field(default_factory=dict)  # teacher -> (P, ht, wt, Ct) cached targets
@@ -102,7 +104,8 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
         model: a loaded student in eval mode on `device`.
         indices: (N,) store rows.
         resolution: student input side R.
-        keep: positions in `indices` whose spatial maps (backbone + cached teacher) are kept.
+        keep: positions in `indices` whose spatial maps (backbone, adaptors at each teacher grid, cached
+            teacher) are kept.
         show: positions whose adaptor and cached spatial maps are kept (pictures).
         sam_rows: positions whose adaptor maps at the student grid and cached targets of `sam_teachers`
             are kept (the SAM metric decodes both).
@@ -119,6 +122,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
     acc = {"backbone_summary": [], "backbone_spatial": [], "summary": {n: [] for n in names},
            "target_summary": {n: [] for n in names}, "fid_summary": {n: [] for n in names},
            "fid_spatial": {n: [] for n in names}, "target_spatial": {n: [] for n in names},
+           "student_spatial": {n: [] for n in names},
            "shown_student": {n: [] for n in names}, "shown_teacher": {n: [] for n in names},
            "sam_student": {n: [] for n in sam_teachers}, "sam_target": {n: [] for n in sam_teachers}}
     position = 0
@@ -149,6 +153,8 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
                 acc["fid_spatial"][t.name].append(F.cosine_similarity(grid, goal, dim=-1).mean(1).cpu().numpy())
                 if kept.any():
                     acc["target_spatial"][t.name].append(target["spatial"][kept].cpu().half().numpy())
+                    acc["student_spatial"][t.name].append(grid[kept].reshape(-1, *t.grid, grid.shape[-1]).cpu()
+                                                          .half().numpy())
                 if shown.any():
                     acc["shown_student"][t.name].append(grid[shown].reshape(-1, *t.grid, grid.shape[-1]).cpu().numpy())
                     acc["shown_teacher"][t.name].append(target["spatial"][shown].cpu().numpy())
@@ -171,6 +177,7 @@ def collect(reader: CacheReader, model, indices: np.ndarray, *, resolution: int,
         feats.fidelity[n] = {"summary": cat(acc["fid_summary"][n]), "spatial": cat(acc["fid_spatial"][n])}
         if acc["target_spatial"][n]:
             feats.teacher_spatial[n] = cat(acc["target_spatial"][n])
+            feats.student_spatial[n] = cat(acc["student_spatial"][n])
         if acc["shown_student"][n]:
             feats.shown_student[n] = cat(acc["shown_student"][n])
             feats.shown_teacher[n] = cat(acc["shown_teacher"][n])

@@ -1,5 +1,6 @@
 """Pictures: PCA-to-RGB feature maps of teachers next to the student, training curves, the SAM
-metric's per-prompt IoU histogram, and fidelity vs the student's input side.
+metric's per-prompt IoU histogram, SAM's point-prompt masks from the student next to the teacher's
+and the ground truth, and fidelity vs the student's input side.
 
 Drawn with matplotlib's Agg canvas (no display, no pyplot state). Per teacher, one PCA basis is
 fitted on the teacher's cached maps of the shown images; the student's adaptor maps are projected
@@ -167,6 +168,75 @@ def resolution_png(path: Path, sweep: dict) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _overlay(image: np.ndarray, masks: np.ndarray, ids: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """(H, W, 3) uint8 image with each (H, W) bool mask of `masks` (K, H, W) painted in its object's colour."""
+    out = image.astype(np.float64) / 255
+    for mask, k in zip(masks, ids):
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(_colour(k))
+    return out
+
+
+def _colour(k) -> tuple[float, float, float]:
+    """Object number k (1, 2, ...) -> its colour (tab10)."""
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab10"]((int(k) - 1) % 10)[:3])
+
+
+def sam_masks_png(path: Path, images: list[np.ndarray], panels: dict[str, list[dict]], *,
+                  captions: list[str] | None = None, note: str = "") -> Path:
+    """One row per image: the image, its ground-truth instances, then per SAM teacher the point-prompt
+    masks decoded from the teacher's cached embeddings and from the student's, prompt points drawn.
+
+    Args:
+        images: P (s, s, 3) uint8 view crops.
+        panels: {teacher: P dicts with 'truth' (s, s) instance ids, 'ids' (K,), 'points' (K, 2) x, y in
+            pixels, 'teacher' and 'student' (K, s, s) bool masks, 'iou' {'teacher', 'student'} means}
+            (what `report.sam_mask_panels` gives).
+        captions: one per image row.
+        note: a line under the title.
+    """
+    names = list(panels)
+    P, cols = len(images), 2 + 2 * len(names)
+    fig = _figure(1.8 * cols, 2.05 * P + 0.6)
+    axes = fig.subplots(P, cols, squeeze=False)
+    for r, image in enumerate(images):
+        first = panels[names[0]][r]
+        truth = first["truth"]
+        kinds = np.unique(truth[truth > 0])
+        cells = [(image, None, ""), (_overlay(image, truth[None] == kinds[:, None, None], kinds), first, "")]
+        for t in names:
+            cell = panels[t][r]
+            cells += [(_overlay(image, cell[who], cell["ids"]), cell, f"IoU {cell['iou'][who]:.2f}")
+                      for who in ("teacher", "student")]
+        outlines = [None, (truth[None] == kinds[:, None, None], kinds)] + [(panels[t][r][who], panels[t][r]["ids"])
+                                                                      for t in names for who in ("teacher", "student")]
+        for ax, (picture, cell, label), outline in zip(axes[r], cells, outlines):
+            ax.imshow(picture, interpolation="nearest")
+            for mask, k in zip(*outline) if outline is not None else ():
+                if mask.any() and not mask.all():  # the edge of each mask, in its object's colour
+                    ax.contour(mask.astype(float), levels=[0.5], colors=[_colour(k)], linewidths=1.2)
+            if cell is not None:
+                ax.scatter(cell["points"][:, 0] - 0.5, cell["points"][:, 1] - 0.5, s=28, c="white",
+                           edgecolors="black", linewidths=1.0, marker="o")
+            ax.set_xlim(-0.5, image.shape[1] - 0.5)
+            ax.set_ylim(image.shape[0] - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(label, fontsize=8)
+        if captions:
+            axes[r, 0].set_ylabel(captions[r], fontsize=7)
+    titles = ["image (view 0)", "ground truth\n(prompt points)"] + [f"{t}\n{who}" for t in names
+                                                                 for who in ("teacher (cached)", "student")]
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("SAM point-prompt masks: one point per object, the student as SAM's image encoder"
+                 + (f"\n{note}" if note else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -17,22 +17,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import EvaluationError
 from ..ops import check_device
 from ..store import layout as L
 from ..store.group import open_store, read_whole, weights_label
 from ..store.location import check_folder
+from ..store.sources import oriented_size
 from ..student import load_student
 from .config import EvalConfig
-from .dense import load_masks, mask_path, probe_miou
+from .dense import load_masks, mask_grid, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image
 from .metrics import IGNORE, knn_top1, zero_shot_top1
-from .pictures import curves_png, features_png, read_metrics, resolution_png, sam_png
-from .sam import load_sam, mask_agreement, to_sam_grid
+from .pictures import curves_png, features_png, read_metrics, resolution_png, sam_masks_png, sam_png
+from .sam import (MIN_PIXELS, PromptSideOnly, find_sam_checkpoint, load_sam, mask_agreement, object_points,
+                  point_masks, point_prompt_iou, sam_from_file, to_sam_grid)
 from .throughput import measure_throughput
 
 PICTURE_SIDE = 128
+MAX_NATIVE_SIDE = 1024  # ground-truth masks are compared at the view's side in source pixels, at most this
 SAM_POINTS = 4  # the SAM metric's prompts: a 4 x 4 grid of jittered single points per image
 
 
@@ -60,7 +65,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         if bad:
             raise EvaluationError(f"{option} {','.join(map(str, bad))} is not a multiple of {model.input_stride}, "
                                   f"the input stride of '{run.student}'")
-    sams, sam_notes = sam_decoders(cfg, run, device) if cfg.sam else ({}, ["turned off (--no-sam)"])
+    sams, sam_notes = (sam_decoders(cfg, run, device, weight_files=root.attrs.get("weight_files")) if cfg.sam
+                       else ({}, ["turned off (--no-sam)"]))
 
     # 2. splits: queries = held-out; bank and probe training images = a seeded subset of the train split
     held = reader.indices(holdout=run.holdout, split="holdout")
@@ -73,6 +79,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     bank = np.sort(rng.choice(train, cfg.max_bank, replace=False)) if len(train) > cfg.max_bank else train
     labelled = len(reader.classes) >= 2 and (reader.labels[bank] >= 0).any() and (reader.labels[held] >= 0).any()
     masks, masks_note = _masks_dir(cfg, reader)
+    instances, instances_note = _instances_dir(cfg, reader) if sams else (None, "")
     probe_train = _probe_rows(reader, bank, masks, cfg.probe_images, rng)
     probe_test = _probe_rows(reader, held, masks, cfg.probe_images, rng)
     need_bank = labelled or (len(probe_train) and len(probe_test))
@@ -112,7 +119,11 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
                                       "samples (mask of a/b.jpg = MASKS/a/b.png)"}
     else:
         report["dense"] = _dense(reader, masks, bank, held, fit, test, cfg, device)
-    report["sam"], sam_ious = sam_scores(test, sams, sam_notes, cfg) if sams else ({"skipped": "; ".join(sam_notes)}, {})
+    objects, objects_note = ({}, "") if not sams else _sam_objects(
+        reader, instances, instances_note, held[test.sam_rows],
+        {int(sam.prompt_encoder.input_image_size[0]) for sam in sams.values()})
+    report["sam"], sam_ious = (sam_scores(test, sams, sam_notes, cfg, objects=objects, objects_note=objects_note)
+                               if sams else ({"skipped": "; ".join(sam_notes)}, {}))
 
     # 5. throughput of the student and of each teacher's architecture on this device
     if cfg.throughput:
@@ -141,6 +152,14 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         if sam_ious:
             sam_png(out / "sam_iou.png", sam_ious)
             report["pictures"]["sam"] = "sam_iou.png"
+        if objects:  # the student's masks next to the teacher's and the ground truth, with the prompts
+            shown_sam, panels = sam_mask_panels(test, sams, objects, count=cfg.pictures, side=PICTURE_SIDE)
+            if shown_sam:
+                rows = held[test.sam_rows[shown_sam]]
+                sam_masks_png(out / "sam_masks.png", [view_image(reader, int(r), PICTURE_SIDE) for r in rows], panels,
+                              captions=[reader.ids[r] for r in rows], note="teachers: " + ", ".join(
+                                  labels[t] for t in panels))
+                report["pictures"]["sam_masks"] = "sam_masks.png"
         if sweep:
             resolution_png(out / "fidelity_resolution.png", report["fidelity_by_resolution"])
             report["pictures"]["resolutions"] = "fidelity_resolution.png"
@@ -175,6 +194,53 @@ def _masks_dir(cfg: EvalConfig, reader) -> tuple[Path | None, str]:
     return None, f"no masks: '{default}' does not exist; pass --masks DIR (PNG label maps mirroring the images)"
 
 
+def _instances_dir(cfg: EvalConfig, reader) -> tuple[Path | None, str]:
+    if cfg.instances is not None:
+        if not Path(cfg.instances).is_dir():
+            raise EvaluationError(f"--instances '{cfg.instances}' is not a folder")
+        return Path(cfg.instances), ""
+    default = reader.root_dir.parent / "instances"
+    if default.is_dir():
+        return default, ""
+    return None, (f"no instance masks: '{default}' does not exist; pass --instances DIR (PNG instance maps mirroring "
+                  "the images, object number + 1, 0 background)")
+
+
+def _sam_objects(reader, instances: Path | None, note: str, rows: np.ndarray, sides: set[int]) -> tuple[dict, str]:
+    """The ground truth of the SAM metric's held-out images (view 0), at each SAM input side S.
+
+    Returns:
+        {S: per row (instance ids at S (S, S), instance ids at the view's own side (n, n)) or None
+        when the image has no instance mask}, or {} and why.
+    """
+    if instances is None:
+        return {}, note
+    paths = [mask_path(instances, reader.ids[r]) for r in rows]
+    if not any(p.is_file() for p in paths):
+        return {}, (f"no instance masks under '{instances}' for the {len(rows)} held-out images of the SAM metric "
+                    "(instance mask of a/b.jpg = INSTANCES/a/b.png)")
+    out = {S: [] for S in sides}
+    sources = reader.images.read(reader.ids[rows], None if reader.locations is None else reader.locations[rows])
+    for r, path, source in zip(rows, paths, sources):
+        if not path.is_file():
+            for S in sides:
+                out[S].append(None)
+            continue
+        size = oriented_size(source)  # from the header: the box is in these pixels
+        box = reader.boxes[r, 0]
+        n = max(1, min(MAX_NATIVE_SIDE, int(round(float(box[2] - box[0])))))
+        with Image.open(path) as mask:
+            native = _compact(mask_grid(mask, box, (n, n), image_size=size))
+            for S in sides:
+                out[S].append((_compact(mask_grid(mask, box, (S, S), image_size=size)), native))
+    return out, ""
+
+
+def _compact(ids: np.ndarray) -> torch.Tensor:
+    """Instance ids as uint8 where they fit (up to 200 images of 1024 x 1024 at two sides are kept), else int32."""
+    return torch.from_numpy(ids.astype(np.uint8 if ids.max(initial=0) < 256 and ids.min(initial=0) >= 0 else np.int32))
+
+
 def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) -> np.ndarray:
     """Positions in `indices` of samples with a mask file: a seeded subset of at most `cap`."""
     if masks is None or cap <= 0:
@@ -183,10 +249,13 @@ def _probe_rows(reader, indices: np.ndarray, masks: Path | None, cap: int, rng) 
     return np.sort(rng.permutation(np.asarray(rows, dtype=np.int64))[:cap])
 
 
-def sam_decoders(cfg: EvalConfig, run, device) -> tuple[dict, list[str]]:
+def sam_decoders(cfg: EvalConfig, run, device, *, weight_files: dict | None = None) -> tuple[dict, list[str]]:
     """{SAM teacher: its `Sam` (prompt encoder + mask decoder used) on `device`} and why others are left out.
 
-    Loaded before any pass, so a wrong --sam-checkpoint fails in seconds, not after the features."""
+    A teacher's checkpoint is --sam-checkpoint, else its weight file where the build found it
+    (`weight_files`, the store's record) or, for the toy preset, in `cache/toy/` — either only with
+    the recorded sha256; the tiny preset needs none. Loaded before any pass, so a wrong
+    --sam-checkpoint fails in seconds, not after the features."""
     teachers = {n: i for n, i in run.store_settings["teachers"].items() if i["family"] == "sam"}
     if not teachers:
         return {}, ["the store has no SAM teacher"]
@@ -194,12 +263,18 @@ def sam_decoders(cfg: EvalConfig, run, device) -> tuple[dict, list[str]]:
     for name, ident in teachers.items():
         if ident.get("spatial", "neck") != "neck":
             notes.append(f"{name}: cached pre-neck; SAM's mask decoder needs the neck target (--sam-spatial neck)")
-        elif ident.get("preset") != "tiny" and cfg.sam_checkpoint is None:
-            notes.append(f"{name} ({ident['model']}): pass its checkpoint with --sam-checkpoint FILE")
+            continue
+        if ident.get("preset") != "tiny" and cfg.sam_checkpoint is None:
+            found, why = find_sam_checkpoint(ident, name, (weight_files or {}).get(name))  # sha256 checked there
+            if found is None:
+                notes.append(why)
+                continue
+            sam = sam_from_file(ident, found, name)
         else:
             sam = load_sam(ident, cfg.sam_checkpoint, name)
-            sam.image_encoder = None  # never run here (2.5 GB for SAM-H): only the prompt side is
-            sams[name] = sam.to(device).eval()
+        # never run here (2.5 GB for SAM-H): only the prompt side is; its input side stays known
+        sam.image_encoder = PromptSideOnly(sam.image_encoder.img_size)
+        sams[name] = sam.to(device).eval()
     return sams, notes
 
 
@@ -281,6 +356,7 @@ def _dense(reader, masks: Path, bank, held, fit: SplitFeatures, test: SplitFeatu
                           num_classes=K, steps=cfg.probe_steps, device=device, seed=cfg.seed)
 
     teachers = {t.name: {"teacher": score(fit.teacher_spatial[t.name], test.teacher_spatial[t.name], tuple(t.grid)),
+                         "student": score(fit.student_spatial[t.name], test.student_spatial[t.name], tuple(t.grid)),
                          "grid": list(t.grid)} for t in reader.teachers}
     return {"masks": str(masks), "classes": K, "train_images": int(len(fit.kept)), "test_images": int(len(test.kept)),
             "steps": cfg.probe_steps,
@@ -289,13 +365,19 @@ def _dense(reader, masks: Path, bank, held, fit: SplitFeatures, test: SplitFeatu
             "teachers": teachers}
 
 
-def sam_scores(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
-    """Per-prompt mask IoU, decoded from the student's SAM adaptor maps (resized to SAM's grid, as the
-    drop-in does) and from the cached teacher features (resized from a pooled grid), vs the latter
-    decoded once more: the teacher's own IoU, 1.0 for a deterministic decoder.
+def sam_scores(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfig, *, objects: dict | None = None,
+               objects_note: str = "") -> tuple[dict, dict]:
+    """SAM's mask decoder on the student's SAM adaptor maps (resized to SAM's grid, as the drop-in does)
+    and on the cached teacher features (resized from a pooled grid):
+
+    - ground truth: one positive point per object (its deepest pixel), each embedding's mask against
+      the instance mask (`point_prompt_iou`), teacher and student on the same prompts, where
+      `objects` (from `_sam_objects`) has the held-out images' instance masks;
+    - agreement: per-prompt IoU over a seeded grid of points, vs the cached features decoded once
+      more (the teacher's own: 1.0 for a deterministic decoder).
 
     Returns:
-        the report section and {teacher: (Ms * P,) student IoUs} for the histogram.
+        the report section and {teacher: (Ms * P,) student agreement IoUs} for the histogram.
     """
     out, ious = {}, {}
     for name, sam in sams.items():
@@ -303,15 +385,79 @@ def sam_scores(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfi
         target = torch.from_numpy(test.sam_target[name])  # (Ms, ht, wt, C)
         teacher = to_sam_grid(target.permute(0, 3, 1, 2), grid)  # (Ms, C, g, g)
         student = to_sam_grid(torch.from_numpy(test.sam_student[name]), grid)
+        maps = (objects or {}).get(int(sam.prompt_encoder.input_image_size[0]))
+        truth = ground_truth_iou(sam, teacher, student, maps) if maps else {"skipped": objects_note}
         iou = mask_agreement(sam, teacher, {"student": student, "teacher": teacher.clone()}, points=SAM_POINTS,
                              seed=cfg.seed)
         ious[name] = iou["student"].flatten().numpy()
-        out[name] = {"student": _distribution(ious[name]), "teacher": _distribution(iou["teacher"].flatten().numpy()),
-                     "grid": list(grid), "stored_grid": list(target.shape[1:3])}
+        out[name] = {"ground_truth": truth, "student": _distribution(ious[name]),
+                     "teacher": _distribution(iou["teacher"].flatten().numpy()), "grid": list(grid),
+                     "stored_grid": list(target.shape[1:3])}
     section = {"images": int(len(test.sam_rows)), "prompts_per_image": SAM_POINTS ** 2, "teachers": out}
     if notes:
         section["notes"] = notes
     return section, ious
+
+
+@torch.no_grad()
+def ground_truth_iou(sam, teacher: torch.Tensor, student: torch.Tensor, maps: list) -> dict:
+    """Mean point-prompt mask IoU against the instance masks, over objects, of the teacher's and the
+    student's embeddings (Ms, C, g, g) on the same prompts; `maps`: per image (instances at S, at its
+    own side) or None. {'teacher', 'student', 'objects', 'images'}, or {'skipped'} without objects."""
+    device = sam.prompt_encoder.get_dense_pe().device
+    got = {"teacher": [], "student": []}
+    images = 0
+    for m, pair in enumerate(maps):
+        if pair is None:
+            continue
+        at_s, native = pair
+        prompts = object_points(at_s, native)
+        if not len(prompts[0]):
+            continue
+        images += 1
+        for who, emb in (("teacher", teacher), ("student", student)):
+            got[who].append(point_prompt_iou(sam, emb[m].to(device), at_s, native, points=prompts))
+    if not images:
+        return {"skipped": f"no object of at least {MIN_PIXELS} pixels in the instance masks of the held-out images"}
+    per = {who: torch.cat(v) for who, v in got.items()}
+    return {"teacher": float(per["teacher"].mean()), "student": float(per["student"].mean()),
+            "objects": int(len(per["teacher"])), "images": images}
+
+
+@torch.no_grad()
+def sam_mask_panels(test: SplitFeatures, sams: dict, objects: dict, *, count: int, side: int) -> tuple[list, dict]:
+    """What `sam_masks_png` draws: up to `count` of the SAM metric's images with prompted objects
+    (evenly spread), and per SAM teacher, per image, the ground truth, the prompt points and the masks
+    of the teacher's and the student's embeddings, all at `side` px.
+
+    Returns:
+        (positions in `test.sam_rows`, {teacher: [per image {'truth' (side, side), 'points' (K, 2),
+        'ids' (K,), 'teacher'|'student': (K, side, side) bool, 'iou': {'teacher'|'student': float}}]}).
+    """
+    sides = {name: int(sam.prompt_encoder.input_image_size[0]) for name, sam in sams.items()}
+    usable = [p for p in range(len(test.sam_rows))
+              if all(objects[S][p] is not None and len(object_points(*objects[S][p])[0]) for S in sides.values())]
+    if not usable:
+        return [], {}
+    shown = [usable[int(k)] for k in np.unique(np.linspace(0, len(usable) - 1, min(count, len(usable))).round())]
+    panels = {}
+    for name, sam in sams.items():
+        device, S = sam.prompt_encoder.get_dense_pe().device, sides[name]
+        grid = tuple(sam.prompt_encoder.image_embedding_size)
+        embeddings = {"teacher": to_sam_grid(torch.from_numpy(test.sam_target[name][shown]).permute(0, 3, 1, 2), grid),
+                      "student": to_sam_grid(torch.from_numpy(test.sam_student[name][shown]), grid)}
+        panels[name] = []
+        for k, p in enumerate(shown):
+            at_s, native = objects[S][p]
+            ids, points = object_points(at_s, native)
+            truth = F.interpolate(native[None, None].float(), size=(side, side), mode="nearest")[0, 0].long()
+            cell = {"truth": truth.numpy(), "points": (points * side / S).numpy(), "ids": ids.numpy(), "iou": {}}
+            for who, emb in embeddings.items():
+                cell[who] = point_masks(sam, emb[k].to(device), points, (side, side)).cpu().numpy()
+                cell["iou"][who] = float(point_prompt_iou(sam, emb[k].to(device), at_s, native,
+                                                          points=(ids, points)).mean())
+            panels[name].append(cell)
+    return shown, panels
 
 
 def _distribution(x: np.ndarray) -> dict:
@@ -336,8 +482,13 @@ def _f(x, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _ratio(student, teacher) -> str:
+    """student / teacher, the share of the teacher's score the student reaches."""
+    return "—" if student is None or not teacher else f"{student / teacher:.2f}"
+
+
 def render_markdown(r: dict) -> str:
-    """report.json as Markdown tables: the student next to each teacher."""
+    """report.json as Markdown tables: every task's student score next to its teacher's, and their ratio."""
     lines = [f"# radio-eval: {r['student']} vs its teachers", "",
              f"- store: `{r['store']}`", f"- run: `{r['run']}` (student input {r['resolution']} px, device {r['device']})",
              f"- split: {r['split']['held_out']} held-out samples (fraction {r['split']['holdout']}, view 0) as "
@@ -370,18 +521,20 @@ def render_markdown(r: dict) -> str:
     lines += ["## kNN top-1", ""]
     if not skipped(k):
         lines += [f"k={k['k']}, cosine, votes exp(cos/{k['temperature']}); bank {k['bank']} train samples, "
-                  f"{k['queries']} held-out queries.", "", "| features | teacher (cached) | student |", "|---|---|---|"]
-        lines += [f"| {r['teachers'][t]} summary | {_f(v['teacher'])} | {_f(v['student'])} (adaptor) |"
-                  for t, v in k["teachers"].items()]
-        lines += [f"| student backbone summary | — | {_f(k['student_backbone'])} |", ""]
+                  f"{k['queries']} held-out queries.", "",
+                  "| features | teacher (cached) | student (adaptor) | student/teacher |", "|---|---|---|---|"]
+        lines += [f"| {r['teachers'][t]} summary | {_f(v['teacher'])} | {_f(v['student'])} | "
+                  f"{_ratio(v['student'], v['teacher'])} |" for t, v in k["teachers"].items()]
+        lines += [f"| student backbone summary | — | {_f(k['student_backbone'])} | — |", ""]
 
     z = r["zero_shot"]
     lines += ["## Zero-shot top-1", ""]
     if not skipped(z):
         lines += [f"Through the stored CLIP text embeddings; {z['queries']} held-out queries.", "",
-                  "| teacher | classes x templates | teacher (cached) | student (adaptor) |", "|---|---|---|---|"]
-        lines += [f"| {r['teachers'][t]} | {v['classes']} x {v['templates']} | {_f(v['teacher'])} | {_f(v['student'])} |"
-                  for t, v in z["teachers"].items()]
+                  "| teacher | classes x templates | teacher (cached) | student (adaptor) | student/teacher |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['teachers'][t]} | {v['classes']} x {v['templates']} | {_f(v['teacher'])} | {_f(v['student'])} "
+                  f"| {_ratio(v['student'], v['teacher'])} |" for t, v in z["teachers"].items()]
         lines += [f"- {n}" for n in z.get("notes", [])] + [""]
 
     d = r["dense"]
@@ -389,11 +542,12 @@ def render_markdown(r: dict) -> str:
     if not skipped(d):
         lines += [f"Linear per-patch classifier ({d['steps']} full-batch AdamW steps) on {d['train_images']} train "
                   f"images, mIoU over {d['classes']} classes on {d['test_images']} held-out images, each at its "
-                  f"features' own grid; masks from `{d['masks']}`.", "", "| features | grid | mIoU |", "|---|---|---|"]
-        lines += [f"| {r['teachers'][t]} (cached) | {'x'.join(map(str, v['grid']))} | {_f(v['teacher'])} |"
-                  for t, v in d["teachers"].items()]
+                  f"features' own grid (the student's adaptor maps at their teacher's); masks from `{d['masks']}`.", "",
+                  "| features | grid | teacher (cached) | student (adaptor) | student/teacher |", "|---|---|---|---|---|"]
+        lines += [f"| {r['teachers'][t]} | {'x'.join(map(str, v['grid']))} | {_f(v['teacher'])} | "
+                  f"{_f(v.get('student'))} | {_ratio(v.get('student'), v['teacher'])} |" for t, v in d["teachers"].items()]
         s = d["student_backbone"]
-        lines += [f"| student backbone | {'x'.join(map(str, s['grid']))} | {_f(s['miou'])} |", ""]
+        lines += [f"| student backbone | {'x'.join(map(str, s['grid']))} | — | {_f(s['miou'])} | — |", ""]
 
     p = r["throughput"]
     lines += ["## Throughput", ""]
@@ -414,18 +568,33 @@ def render_markdown(r: dict) -> str:
     s = r["sam"]
     lines += ["## SAM mask IoU", ""]
     if not skipped(s):
-        lines += [f"SAM's prompt decoder on {s['images']} held-out images (view 0), {s['prompts_per_image']} seeded "
-                  "single-point prompts each (a jittered grid): masks from the student's SAM adaptor output, resized "
-                  "to SAM's embedding grid as `sam_predictor` does, vs masks from the cached teacher features. "
-                  "IoU per prompt; the teacher row decodes the cached features again.", "",
+        lines += ["The student as SAM's image encoder: SAM's prompt encoder and mask decoder on the student's SAM "
+                  "adaptor output (resized to SAM's embedding grid, as `sam_predictor` does) and on the cached "
+                  "teacher features, held-out images (view 0).", "",
+                  "Against ground truth: one positive point per object (its deepest pixel), the single-mask output "
+                  "against the object's instance mask; mean IoU over objects, teacher and student on the same prompts.",
+                  "", "| teacher | images | objects | teacher (cached) | student (adaptor) | student/teacher |",
+                  "|---|---|---|---|---|---|"]
+        for t, v in s["teachers"].items():
+            g = v.get("ground_truth", {"skipped": "not measured"})
+            if "skipped" in g:
+                lines.append(f"| {r['teachers'][t]} | — | — | — | — | skipped: {g['skipped']} |")
+            else:
+                lines.append(f"| {r['teachers'][t]} | {g['images']} | {g['objects']} | {_f(g['teacher'])} | "
+                             f"{_f(g['student'])} | {_ratio(g['student'], g['teacher'])} |")
+        lines += ["", f"Agreement: {s['prompts_per_image']} seeded single-point prompts per image (a jittered grid) on "
+                  f"{s['images']} images; IoU per prompt of the masks from each embedding vs those from the cached "
+                  "features (the teacher row decodes them again: the reference).", "",
                   "| teacher | embeddings | grid | mean IoU | min | q1 | median | q3 | max |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for t, v in s["teachers"].items():
-            for who, label in (("student", "student (adaptor)"), ("teacher", "teacher (cached)")):
+            for who, label in (("teacher", "teacher (cached)"), ("student", "student (adaptor)")):
                 d = v[who]
                 lines.append(f"| {r['teachers'][t]} | {label} | {'x'.join(map(str, v['grid']))} | {_f(d['mean'])} | "
                              + " | ".join(_f(d[k], 3) for k in ("min", "q1", "median", "q3", "max")) + " |")
         lines += [f"- {n}" for n in s.get("notes", [])] + [""]
+        if r["pictures"].get("sam_masks"):
+            lines += ["![SAM point-prompt masks: ground truth, teacher, student](sam_masks.png)", ""]
         if r["pictures"].get("sam"):
             lines += ["![SAM mask IoU per prompt](sam_iou.png)", ""]
 

@@ -48,6 +48,18 @@ class StudentImageEncoder(nn.Module):
         return to_sam_grid(self.student(x).teachers[self.teacher].spatial, self.grid)
 
 
+class PromptSideOnly(nn.Module):
+    """Stands in for SAM's image encoder where only the prompt side runs (on cached or student
+    embeddings): keeps `img_size`, which `Sam.postprocess_masks` reads, and refuses to encode."""
+
+    def __init__(self, img_size: int):
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise EvaluationError("SAM's image encoder is not loaded here: decode cached or student embeddings")
+
+
 def to_sam_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, g, g) float32, bilinear: the drop-in's resize, shared by `radio-eval`'s SAM metric."""
     if tuple(spatial.shape[-2:]) == tuple(grid):
@@ -61,7 +73,9 @@ def sam_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher:
 
     Args:
         run: a `radio-train` run folder whose store has a SAM teacher.
-        checkpoint: the SAM teacher's checkpoint file; None only for the tiny preset (seeded weights).
+        checkpoint: the SAM teacher's checkpoint file; None for the tiny preset (seeded weights), and for a
+            teacher whose weight file is still where the build found it (or, for the toy preset, in
+            `cache/toy/`) with the recorded sha256.
         teacher: which SAM teacher of the store, when it has several.
         device: where the model goes.
 
@@ -81,7 +95,7 @@ def sam_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher:
     if ident.get("spatial", "neck") != "neck":
         raise EvaluationError(f"SAM teacher '{name}' was cached pre-neck; SAM's mask decoder needs the neck target "
                               "(build the store with --sam-spatial neck)")
-    sam = load_sam(ident, checkpoint, name)
+    sam = load_sam(ident, checkpoint, name, recorded=_recorded_weight_file(info.store, name))
     student = load_student(info.path)
     sam.image_encoder = StudentImageEncoder(
         student, name, resolution=info.resolution, img_size=sam.image_encoder.img_size,
@@ -97,10 +111,41 @@ def sam_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teac
     return SamPredictor(sam_model(run, checkpoint, teacher=teacher, device=device))
 
 
-def load_sam(ident: dict, checkpoint: str | Path | None, name: str):
+def _recorded_weight_file(store: str | None, name: str) -> str | None:
+    """Where the build of `store` found teacher `name`'s weight file (root attrs `weight_files`); None
+    when the store records none or cannot be opened (then only the toy preset's folder is looked in)."""
+    if not store:
+        return None
+    from ..store.group import open_store
+    from ..store.location import location
+
+    try:
+        return (open_store(location(store)).attrs.get("weight_files") or {}).get(name)
+    except Exception:  # a moved or unreachable store: only a hint is lost, the sha256 check still decides
+        return None
+
+
+def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None) -> tuple[Path | None, str]:
+    """The SAM teacher's checkpoint found without asking (see `cache.teachers.locate_weights`), else None
+    and one line saying what to pass."""
+    from ..cache.teachers import locate_weights
+
+    found, tried = locate_weights(ident, recorded)
+    if found is not None:
+        return found, ""
+    if tried:
+        return None, (f"{name} ({ident['model']}): its weight file '{ident.get('weights')}' (sha256 "
+                      f"{ident['sha256'][:12]}...) is not where it was: {', '.join(tried)}; pass its checkpoint "
+                      "with --sam-checkpoint FILE")
+    return None, f"{name} ({ident['model']}): pass its checkpoint with --sam-checkpoint FILE"
+
+
+def load_sam(ident: dict, checkpoint: str | Path | None, name: str, *, recorded: str | None = None):
     """The SAM teacher `name` (its store identity `ident`) as its library loads it, after checking the
-    file is the one cached from; the tiny preset needs no file (seeded)."""
-    from ..cache.teachers import TeacherSpec, build_teacher, sha256_file, tiny_teachers
+    file is the one cached from; the tiny preset needs no file (seeded), and without `checkpoint` a file
+    still at the path its build recorded (`recorded`), or a toy preset's in `cache/toy/`, with the
+    recorded sha256 is used."""
+    from ..cache.teachers import build_teacher, sha256_file, tiny_teachers
 
     if ident.get("preset") == "tiny":
         if checkpoint is not None:
@@ -109,13 +154,23 @@ def load_sam(ident: dict, checkpoint: str | Path | None, name: str):
         spec = next(s for s in tiny_teachers() if s.family == "sam")
         return build_teacher(spec).model  # seeded: the decoder the store's targets were made beside
     if checkpoint is None:
-        raise EvaluationError(f"SAM teacher '{name}' ({ident['model']}): pass its checkpoint file")
-    checkpoint = Path(checkpoint).expanduser()
-    if not checkpoint.is_file():
-        raise EvaluationError(f"SAM checkpoint '{checkpoint}' is not a file")
-    if ident.get("sha256") and sha256_file(checkpoint) != ident["sha256"]:
-        raise EvaluationError(f"SAM checkpoint '{checkpoint}' is not the file teacher '{name}' was cached from "
-                              f"({ident.get('weights')}, sha256 {ident['sha256'][:12]}...)")
+        checkpoint, why = find_sam_checkpoint(ident, name, recorded)  # sha256 checked there
+        if checkpoint is None:
+            raise EvaluationError(f"SAM teacher {why.replace(' with --sam-checkpoint FILE', ' file')}")
+    else:
+        checkpoint = Path(checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise EvaluationError(f"SAM checkpoint '{checkpoint}' is not a file")
+        if ident.get("sha256") and sha256_file(checkpoint) != ident["sha256"]:
+            raise EvaluationError(f"SAM checkpoint '{checkpoint}' is not the file teacher '{name}' was cached from "
+                                  f"({ident.get('weights')}, sha256 {ident['sha256'][:12]}...)")
+    return sam_from_file(ident, checkpoint, name)
+
+
+def sam_from_file(ident: dict, checkpoint: Path, name: str):
+    """SAM teacher `name` built by segment_anything from `checkpoint`, a file already checked to be its own."""
+    from ..cache.teachers import TeacherSpec, build_teacher
+
     spec = TeacherSpec(name, "sam", ident["model"], weights=str(checkpoint), resolution=ident.get("resolution"))
     sam = build_teacher(spec).model
     return sam.requires_grad_(False)
@@ -176,3 +231,79 @@ def mask_agreement(sam, reference: torch.Tensor, candidates: dict[str, torch.Ten
             masks = prompt_masks(sam, emb[part].to(device), points=points, seed=seed + start)
             out[name].append(mask_iou(ref, masks).cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+# Point-prompt mask IoU against ground truth: one positive point per object, at its deepest pixel.
+# The one implementation: `radio-eval` (teacher and student embeddings) and the toy SAM's own score
+# (`cache/toy/score.py`) both call `point_prompt_iou`.
+
+MIN_PIXELS = 64  # objects showing fewer pixels in a view (at its own side) are not prompted
+
+
+def deepest_points(masks: torch.Tensor) -> torch.Tensor:
+    """(K, R, R) bool masks -> (K, 2) float (x, y) pixel centre of each mask's pixel farthest (in
+    chessboard distance) from its edge; the first in raster order among equals."""
+    m = masks[:, None].float()  # (K, 1, R, R)
+    depth = torch.zeros_like(m)
+    while m.any():
+        depth += m
+        m = -F.max_pool2d(-m, 3, stride=1, padding=1)  # erosion; outside the view counts as background
+    flat = depth.flatten(1).argmax(1)
+    R = masks.shape[-1]
+    return torch.stack([flat % R, flat // R], -1).float() + 0.5
+
+
+def object_points(instances: torch.Tensor, native: torch.Tensor, *, min_pixels: int = MIN_PIXELS
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objects to prompt in a view and one point each.
+
+    Args:
+        instances: (S, S) instance ids (0 background) of the view at SAM's input side S.
+        native: (n, n) the same view's instance ids at its own side in source pixels.
+        min_pixels: objects with fewer pixels in `native` (or none in `instances`) are left out.
+
+    Returns:
+        ids (K,) and points (K, 2) float (x, y) in SAM's input frame: each object's deepest pixel at S.
+    """
+    ids, counts = native.unique(return_counts=True)
+    ids = ids[(ids > 0) & (counts >= min_pixels)]
+    ids = ids[torch.isin(ids, instances.unique())]  # shows at SAM's side too
+    if len(ids) == 0:
+        return ids, torch.zeros(0, 2)
+    return ids, deepest_points(instances[None] == ids[:, None, None])
+
+
+def point_masks(sam, embedding: torch.Tensor, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) bool masks SAM's decoder draws from one image's `embedding` (C, g, g) for K single
+    positive `points` (K, 2) (x, y in its input frame), single-mask output, upsampled by
+    `Sam.postprocess_masks` from its (unpadded, square) input frame to `size` (h, w)."""
+    device = embedding.device
+    sparse, dense = sam.prompt_encoder(points=(points[:, None].to(device),
+                                               torch.ones(len(points), 1, dtype=torch.int, device=device)),
+                                       boxes=None, masks=None)
+    low, _ = sam.mask_decoder(image_embeddings=embedding[None], image_pe=sam.prompt_encoder.get_dense_pe(),
+                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                              multimask_output=False)  # (K, 1, r, r)
+    return sam.postprocess_masks(low, tuple(sam.prompt_encoder.input_image_size), tuple(size))[:, 0] > sam.mask_threshold
+
+
+@torch.no_grad()
+def point_prompt_iou(sam, embedding: torch.Tensor, instances: torch.Tensor, native: torch.Tensor, *,
+                     min_pixels: int = MIN_PIXELS, points: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """(K,) IoU of each object's point-prompt mask with its ground-truth instance mask, on the CPU.
+
+    Args:
+        sam: a segment_anything `Sam` (prompt encoder and mask decoder used; its image encoder only
+            for its `img_size`).
+        embedding: (C, g, g) the image's embedding (SAM's own, a cached target, or a student's).
+        instances: (S, S) instance ids of the view at SAM's input side (the prompts' frame).
+        native: (n, n) instance ids of the view at its own side: masks are compared there.
+        min_pixels: see `object_points`.
+        points: (ids, points) from `object_points`, when already computed (e.g. for several embeddings).
+    """
+    ids, xy = points if points is not None else object_points(instances, native, min_pixels=min_pixels)
+    if len(ids) == 0:
+        return torch.zeros(0)
+    masks = point_masks(sam, embedding, xy, tuple(native.shape)).cpu()  # (K, n, n)
+    return mask_iou(masks, native[None] == ids[:, None, None])

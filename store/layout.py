@@ -39,6 +39,9 @@ calibrated codec, Q calibration samples.
 ```
 attrs `dataset`: root (where the images were at the last build), kind (folder | list | tar | parquet),
 classes, fingerprint; for tar and parquet also files (relative to root) and column (Parquet's image column).
+attrs `weight_files` (only when a teacher loads a local weight file): {teacher: absolute path} where the last
+build found it; not part of the identity (which holds the file's name and sha256), a hint that `radio-eval`
+and `radio-cache text` follow only while the file there still has that sha256.
 
 Target arrays: chunk = one (sample, view), shard = S samples, written whole by one worker; shard k of
 every target, scale and pixels array is one file, `c/k/0/...`, present once the shard is done.

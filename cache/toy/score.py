@@ -5,11 +5,11 @@ computed with the metric functions `radio-eval` uses:
   (`class_embeddings` over `DEFAULT_TEMPLATES`).
 - DINOv2: weighted kNN top-1 (`knn_top1`) of its summary, and a dense linear probe's mIoU
   (`probe_miou`) from its patch tokens against class masks resized to its grid.
-- SAM: point-prompt mask IoU: one positive point per object (its deepest pixel, farthest from the
-  edge) through the prompt encoder and mask decoder (single-mask output) on its own image
-  embeddings, the mask upsampled by `Sam.postprocess_masks` to the view's size in scene pixels and
-  compared with the instance mask there. Objects showing fewer than `MIN_PIXELS` pixels in the view
-  are not prompted.
+- SAM: point-prompt mask IoU (`evaluate.sam.point_prompt_iou`, which `radio-eval` uses too): one
+  positive point per object (its deepest pixel, farthest from the edge) through the prompt encoder
+  and mask decoder (single-mask output) on its own image embeddings, the mask upsampled by
+  `Sam.postprocess_masks` to the view's size in scene pixels and compared with the instance mask
+  there. Objects showing fewer than `MIN_PIXELS` pixels in the view are not prompted.
 
 Every score is on view 0 (the centred square the store caches first) of the given scenes.
 
@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...evaluate.dense import probe_miou
 from ...evaluate.metrics import knn_top1, zero_shot_top1
-from ...evaluate.sam import mask_iou
+from ...evaluate.sam import MIN_PIXELS, point_prompt_iou
 from ...ops import normalise
 from ..text import DEFAULT_TEMPLATES, class_embeddings
 from ..world import COLOURS, SHAPES, Scene
 from .data import Views, make_views, resize_mask
-
-MIN_PIXELS = 64
 
 
 @torch.inference_mode()
@@ -83,42 +80,19 @@ def dinov2_scores(teacher, bank: list[Scene], probe: list[Scene], scenes: list[S
     return {"knn": knn, "dense_miou": miou}
 
 
-def deepest_points(masks: torch.Tensor) -> torch.Tensor:
-    """(K, R, R) bool masks -> (K, 2) float (x, y) pixel centre of each mask's pixel farthest (in
-    chessboard distance) from its edge; the first in raster order among equals."""
-    m = masks[:, None].float()  # (K, 1, R, R)
-    depth = torch.zeros_like(m)
-    while m.any():
-        depth += m
-        m = -F.max_pool2d(-m, 3, stride=1, padding=1)  # erosion; outside the view counts as background
-    flat = depth.flatten(1).argmax(1)
-    R = masks.shape[-1]
-    return torch.stack([flat % R, flat // R], -1).float() + 0.5
-
-
 @torch.inference_mode()
 def sam_point_iou(teacher, scenes: list[Scene], *, min_pixels: int = MIN_PIXELS) -> dict:
-    """{'iou': mean point-prompt mask IoU over objects, 'objects': how many} on view 0 of `scenes`."""
+    """{'iou': mean point-prompt mask IoU over objects, 'objects': how many} on view 0 of `scenes`
+    (`evaluate.sam.point_prompt_iou` on the teacher's own embeddings)."""
     sam, R = teacher.model, teacher.resolution
     views = make_views(scenes, R)
     _, spatial = features(teacher, views.pixels)  # (N, g, g, C): the store's SAM target
-    pe = sam.prompt_encoder.get_dense_pe()
     ious = []
     for n, (k, box) in enumerate(zip(views.scene, views.box)):
         side = int(round(float(box[2] - box[0])))
         native = torch.from_numpy(resize_mask(scenes[k].instances, box, (side, side)))  # (side, side)
-        ids, counts = native.unique(return_counts=True)
-        ids = ids[(ids > 0) & (counts >= min_pixels)]
-        ids = ids[torch.isin(ids, views.instances[n].unique())]  # shows at the teacher's side too
-        if len(ids) == 0:
-            continue
-        points = deepest_points(views.instances[n][None] == ids[:, None, None])  # (K, 2) at side R
-        sparse, dense = sam.prompt_encoder(points=(points[:, None], torch.ones(len(ids), 1, dtype=torch.int)),
-                                           boxes=None, masks=None)
-        low, _ = sam.mask_decoder(image_embeddings=spatial[n].permute(2, 0, 1)[None], image_pe=pe,
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)  # (K, 1, r, r)
-        masks = sam.postprocess_masks(low, (R, R), (side, side))[:, 0] > sam.mask_threshold  # (K, side, side)
-        ious.append(mask_iou(masks, native[None] == ids[:, None, None]))
+        iou = point_prompt_iou(sam, spatial[n].permute(2, 0, 1), views.instances[n], native, min_pixels=min_pixels)
+        if len(iou):
+            ious.append(iou)
     ious = torch.cat(ious)
     return {"iou": float(ious.mean()), "objects": len(ious)}

@@ -430,6 +430,7 @@ def test_config_weight_files_reach_the_workers(toml_build, weight_files):
         ident = root[L.teacher_group(name)].attrs["identity"]
         assert ident["weights"] == path.name and ident["random_init"] is False and ident["preset"] is None
         assert len(ident["sha256"]) == 64
+        assert root.attrs["weight_files"][name] == str(path.resolve())  # where the build found it, beside the identity
     # the stored CLIP targets are those of the perturbed weights in the file, not of a random init
     _, _, teacher = weight_files["clip"]
     k = 0

@@ -214,3 +214,41 @@ def test_sam_micro_batches_give_the_same_maps(tiny_specs):
         singles = torch.cat([teacher(x[i:i + 1])[1] for i in range(len(x))])
     assert whole.shape == (len(x), 8, 8, 32)
     torch.testing.assert_close(whole, singles, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_files_are_recorded_and_found_again_only_unchanged(tmp_path, monkeypatch):
+    import zarr
+
+    from radio_distill.cache.build import _record_weight_files
+    from radio_distill.cache.teachers import locate_weights, sha256_file, weight_files
+
+    first = tmp_path / "a" / "sam.safetensors"
+    first.parent.mkdir()
+    first.write_bytes(b"weights")
+    spec = TeacherSpec("sam", "sam", "toy", weights=str(first), resolution=128, preset="toy")
+    specs = [spec, *tiny_teachers()[:2]]  # tiny teachers load no file: not recorded
+    assert weight_files(specs) == {"sam": str(first.resolve())}
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    _record_weight_files(root, specs)
+    assert root.attrs["weight_files"] == {"sam": str(first.resolve())}
+    ident = identity(spec)
+    assert ident["weights"] == "sam.safetensors" and ident["sha256"] == sha256_file(first)
+    assert locate_weights(ident, root.attrs["weight_files"]["sam"]) == (first.resolve(), [])
+    # the same file moved: a rebuild from there records the new place (the identity is the same)
+    moved = tmp_path / "b" / "sam.safetensors"
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert identity(TeacherSpec("sam", "sam", "toy", weights=str(moved), resolution=128, preset="toy")) == ident
+    monkeypatch.setattr("radio_distill.cache.teachers.TOY_DIR", tmp_path / "c")
+    assert locate_weights(ident, str(first)) == (None, [f"{first} (missing)", f"{tmp_path / 'c' / 'sam.safetensors'} "
+                                                                             "(missing)"])
+    _record_weight_files(root, [TeacherSpec("sam", "sam", "toy", weights=str(moved), resolution=128, preset="toy")])
+    assert locate_weights(ident, root.attrs["weight_files"]["sam"]) == (moved.resolve(), [])
+    moved.write_bytes(b"changed")
+    assert locate_weights(ident, str(moved))[1][0] == f"{moved} (changed)"
+    monkeypatch.setattr("radio_distill.cache.teachers.TOY_DIR", tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "sam.safetensors").write_bytes(b"weights")  # the toy preset's own folder is looked in last
+    assert locate_weights(ident, str(moved))[0] == tmp_path / "c" / "sam.safetensors"
+    assert locate_weights({**ident, "preset": None}, str(moved))[0] is None  # only for the toy preset
+    assert locate_weights({"weights": "openai", "sha256": None}) == (None, [])  # a tag, not a file

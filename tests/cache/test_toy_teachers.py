@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from radio_distill.cache.teachers import TOY_DIR, TOY_SIDES, build_teacher, build_toy_sam, parse_teacher, toy_teachers
-from radio_distill.cache.toy import fit, score
+from radio_distill.cache.toy import fit
 from radio_distill.cache.toy.data import make_views
 from radio_distill.cache.toy.train_toy_teachers import BARS, QUICK, evaluate, new_clip, new_dinov2, save
 from radio_distill.cache.world import make_scenes
 from radio_distill.errors import TeacherSpecError
+from radio_distill.evaluate.sam import deepest_points
 
 FAMILIES = ("clip", "dinov2", "sam")
 COMMITTED = all((TOY_DIR / f"{f}.safetensors").is_file() for f in FAMILIES) and (TOY_DIR / "scores.json").is_file()
@@ -97,7 +98,7 @@ def test_batched_decoder_is_the_library_decoder():
 def test_deepest_point_is_inside_and_central():
     m = torch.zeros(1, 20, 20, dtype=torch.bool)
     m[0, 2:9, 4:15] = True  # 7 rows x 11 columns: the middle row, middle-ish column
-    x, y = score.deepest_points(m)[0].tolist()
+    x, y = deepest_points(m)[0].tolist()  # the point-prompt IoU's prompts (radio-eval's and score.py's)
     assert y == 5.5 and 6 <= x <= 12 and m[0, int(y), int(x)]
 
 

@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import CacheConfig
@@ -21,10 +24,20 @@ HOLDOUT = 0.25
 FAST = dict(workers=0, device="cpu", probe_steps=40, throughput_seconds=0.05, batch_size=16)  # EvalConfig overrides
 
 
+def write_instances(data: Path) -> None:
+    """instances/ beside masks/: each one-shape sample's object is instance 1 (its class mask's shape)."""
+    for mask in sorted((data / "masks").rglob("*.png")):
+        out = data / "instances" / mask.relative_to(data / "masks")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(mask) as m:
+            Image.fromarray((np.asarray(m) > 0).astype(np.uint8)).save(out)
+
+
 @pytest.fixture(scope="session")
 def eval_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_data")
     images = make_sample_dataset(root / "data", images=40, size=64, bad=True)
+    write_instances(root / "data")
     cfg = CacheConfig(data=images, out=root / "cache.zarr", teachers=tuple(tiny_teachers()), views=2,
                       shard_size=8, workers=2)
     build_cache(cfg, progress=False)

@@ -151,19 +151,21 @@ def test_cli_help_and_a_real_run_without_text_embeddings(eval_setup, tmp_path):
     runner = CliRunner()
     result = runner.invoke(eval_app, ["--help"])
     assert result.exit_code == 0 and "--max-bank" in result.output and "--sam-checkpoint" in result.output
+    assert "--instances" in result.output
     store = tmp_path / "notext.zarr"
     shutil.copytree(eval_setup.store, store)
     shutil.rmtree(store / "teachers" / "clip" / "text")
     out = tmp_path / "eval"
     result = runner.invoke(eval_app, [str(store), str(eval_setup.run), "--out", str(out), "--workers", "0",
                                       "--device", "cpu", "--no-throughput", "--pictures", "2", "--probe-steps", "20",
-                                      "--sam-images", "3"])
+                                      "--sam-images", "3", "--instances", str(eval_setup.root / "data" / "instances")])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "radio-cache text" in report["zero_shot"]["skipped"]
     assert "radio-cache text" in (out / "report.md").read_text()
     assert "skipped zero_shot" in result.output.replace("\n", " ")
-    assert report["sam"]["images"] == 3 and "sam_iou.png" in result.output
+    assert report["sam"]["images"] == 3 and "sam_iou.png" in result.output and "sam_masks.png" in result.output
+    assert report["sam"]["teachers"]["sam"]["ground_truth"]["images"] <= 3
 
 
 def test_cli_errors_are_one_line(eval_setup, tmp_path):

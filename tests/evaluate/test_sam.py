@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from radio_distill.errors import EvaluationError
-from radio_distill.evaluate import EvalConfig
+from radio_distill.evaluate import EvalConfig, evaluate
 from radio_distill.evaluate.features import SplitFeatures
 from radio_distill.evaluate.report import sam_scores, sam_decoders
-from radio_distill.evaluate.sam import mask_iou, prompt_masks, sam_model, sam_predictor, to_sam_grid
+from radio_distill.evaluate.sam import mask_iou, object_points, prompt_masks, sam_model, sam_predictor, to_sam_grid
 from radio_distill.student import load_student
 
 from .conftest import FAST
@@ -138,3 +138,51 @@ def test_a_real_sam_teacher_needs_its_checkpoint_and_then_scores_the_same(eval_s
     for who in ("student", "teacher"):
         assert got[who] == pytest.approx(want[who], abs=1e-6), who
     assert sam_predictor(run, checkpoint).model.image_encoder.teacher == "sam"
+
+
+def test_ground_truth_iou_of_the_tiny_run_with_teacher_and_student(evaluated):
+    """eval_setup's dataset has instances/ (each sample's shape is object 1): every held-out image with
+    an instance mask is prompted once per object, teacher and student on the same prompts."""
+    s = evaluated.report["sam"]
+    truth = s["teachers"]["sam"]["ground_truth"]
+    assert 0 < truth["images"] <= s["images"] and truth["objects"] == truth["images"]  # one shape per image
+    assert 0 <= truth["teacher"] <= 1 and 0 <= truth["student"] <= 1
+    assert evaluated.report["pictures"]["sam_masks"] == "sam_masks.png"
+    md = (evaluated.out / "report.md").read_text()
+    row = f"| {evaluated.report['teachers']['sam']} | {truth['images']} | {truth['objects']} |"
+    assert row in md and "(sam_masks.png)" in md
+
+
+def test_ground_truth_iou_known_answers_on_the_tiny_sam(eval_setup):
+    """A student equal to the cached map (pooled 4x4 here) scores exactly the teacher's IoU; a square
+    object at the image's centre is prompted at its centre; images without instance masks are left out."""
+    sam = sam_model(eval_setup.run)
+    target = torch.randn(3, 4, 4, 32, generator=torch.Generator().manual_seed(0)).half()  # (Ms, ht, wt, C)
+    at_s = torch.zeros(64, 64, dtype=torch.long)
+    at_s[16:47, 16:47] = 1  # 31 x 31: its deepest pixel is the centre one
+    native = torch.zeros(96, 96, dtype=torch.long)
+    native[24:71, 24:71] = 1
+    assert object_points(at_s, native)[1].tolist() == [[31.5, 31.5]]
+    maps = {64: [(at_s, native), None, (at_s, native)]}
+    cfg = EvalConfig(store=eval_setup.store, run=eval_setup.run, out=eval_setup.root / "unused")
+    for student, same in ((target.permute(0, 3, 1, 2), True), (torch.zeros(3, 32, 4, 4), False)):
+        feats = SplitFeatures(indices=np.arange(3), labels=np.zeros(3), backbone_summary=None, sam_rows=np.arange(3),
+                              sam_target={"sam": target.numpy()}, sam_student={"sam": student.numpy()})
+        truth = sam_scores(feats, {"sam": sam}, [], cfg, objects=maps)[0]["teachers"]["sam"]["ground_truth"]
+        assert truth["images"] == 2 and truth["objects"] == 2
+        assert (truth["student"] == truth["teacher"]) == same, truth
+    no_masks = sam_scores(feats, {"sam": sam}, [], cfg, objects={}, objects_note="no instance masks: ...")[0]
+    assert no_masks["teachers"]["sam"]["ground_truth"] == {"skipped": "no instance masks: ..."}
+
+
+def test_without_instance_masks_the_ground_truth_is_skipped_with_the_reason(eval_setup, tmp_path):
+    cfg = dict(store=eval_setup.store, run=eval_setup.run, throughput=False, pictures=1, probe_images=4, max_bank=8,
+               **FAST)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = evaluate(EvalConfig(out=tmp_path / "a", instances=empty, **cfg), progress=False)
+    assert "no instance masks under" in r["sam"]["teachers"]["sam"]["ground_truth"]["skipped"]
+    assert "sam_masks" not in r["pictures"] and r["sam"]["teachers"]["sam"]["student"]["mean"] >= 0  # agreement stays
+    assert "skipped: no instance masks under" in (tmp_path / "a" / "report.md").read_text()
+    with pytest.raises(EvaluationError, match="--instances '.*nowhere' is not a folder"):
+        evaluate(EvalConfig(out=tmp_path / "b", instances=tmp_path / "nowhere", **cfg), progress=False)
