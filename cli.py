@@ -182,7 +182,7 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
     out = _stdout()
     out.print(f"[bold]{i['store']}[/] ({i['created_by']}, layout v{i['layout_version']})", highlight=False)
     out.print(f"  {i['samples']} samples x {i['views']} views from {i['dataset']}{_packed(i)}, {len(i['classes'])} classes; "
-              f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB on disk"
+              f"shards {i['shards_done']}/{i['shards_total']} done; {i['bytes'] / 1e6:.1f} MB of shard files"
               + (f"; view pixels stored at {i['pixels']} px" if i["pixels"] else ""), highlight=False)
     from .store.group import weights_label
 
@@ -213,10 +213,19 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
 @cache_app.command()
 @_one_line_errors
 def verify(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")],
-           images: Annotated[Optional[Path], typer.Option(help="Also hash every image (the dataset's folder, where it is now) and compare it with the bytes its targets were computed from. Default: images not read.")] = None):
+           images: Annotated[Optional[Path], typer.Option(help="Also hash every image (the dataset's folder, where it is now) and compare it with the bytes its targets were computed from. Default: images not read.")] = None,
+           repair: Annotated[bool, typer.Option(help="Instead of stopping at the first fault, find every done shard whose files were lost or altered and mark it not done, so that rerunning the same `radio-cache build` redoes it (a rerun lists no files).")] = False):
     """Check every array training reads: every shard done, every chunk present, passing its checksum, of its
     shape, finite and holding what its build recorded (layout v4 on); with --images, the images too."""
-    from .store.inspect import verify_store
+    from .store.inspect import repair_store, verify_store
+
+    if repair:
+        found = repair_store(store)
+        for shard, why in found.items():
+            _stdout().print(f"shard {shard}: {why}; marked not done", highlight=False)
+        _stdout().print(f"{len(found)} shards to redo: rerun the same `radio-cache build`" if found else
+                        f"ok: {store}: no done shard lost or altered", highlight=False)
+        return
 
     r = verify_store(store, images=images, progress=True)
     hashed = f", {r['images']} images match" if "images" in r else ""

@@ -291,7 +291,7 @@ def usable_store(path: Path, specs: list[TeacherSpec], n: int) -> bool:
     settings = root.attrs["settings"]
     return (settings["teachers"] == json.loads(json.dumps({s.name: identity(s) for s in specs}))
             and root.attrs["num_samples"] == n and root.attrs["views"] == 1
-            and bool(done_shards(root, [s.name for s in specs]).all()))
+            and bool(done_shards(path, root, [s.name for s in specs]).all()))
 
 
 def ensure_store(preset: str, n: int, *, work: Path = WORK, shard_size: int = 256, batch_size: int = 32,

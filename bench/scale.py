@@ -1,32 +1,38 @@
-"""A million samples: what `radio-train` does before its first step, and its memory, on an ImageNet-sized store.
+"""DataComp scale: what `radio-train` does before its first step, and its memory, on stores of 1M to 100M samples.
 
-Writes (once; reused while complete) a store of N samples through the store API: `create_store` with a
-Manifest of ImageNet-like ids (`nXXXXXXXX/nXXXXXXXX_K.JPEG` over 1000 classes), 2 views, three teachers
-with ViT-L-like dims (CLIP 768 summary / 1024 spatial at 16x16, DINOv2 1024 / 1024 at 16x16, SAM
-- / 256 at 64x64; int8 spatial, fp16 summary), every sample ok and every shard done. Targets stay
-fill values except those of the first `--read` samples (a constant, so the loader has something to
-read): shard 0's files are written by tensorstore and hard-linked as every other shard's, since a done
-shard must have its files (compressing terabytes of zeros would take hours); the integrity record holds
-each shard file's size, as a build's does. The image folder holds an
-empty file per id, and a small JPEG for the samples the loader reads.
+Writes (once; reused while complete) a store of N samples through the store API, without holding its ids:
+`create_store` with a Manifest whose ids, labels and locations are generated a block at a time. The dataset
+is laid out as img2dataset writes DataComp: WebDataset tars of 10,000 samples (`00000.tar` ...), ids
+`<tar>/<key>`, keys of 9 digits, no labels. Its tars are hard links of one small tar of `--read` JPEGs, and
+sample k's location is member k mod `--read` of its tar, so every sample is readable and the disk holds one
+tar. 2 views, three teachers with ViT-L-like dims (CLIP 768 summary / 1024 spatial at 16x16, DINOv2 1024 /
+1024 at 16x16, SAM - / 256 at 64x64; int8 spatial, fp16 summary), every sample ok, every shard done, shards
+of 1024 samples (98k shards at 100M: a file per shard and array, never one per sample). Targets hold a
+constant in the first `--read` rows of every shard and zeros elsewhere: shard 0's files are written by
+tensorstore and hard-linked as every other shard's, since a done shard must have its files (compressing
+terabytes of zeros would take hours); the integrity record holds each shard file's size, as a build's does.
 
-Measured in a fresh spawned process, as `train()` runs them before its first step:
-  open_s: `CacheReader(store)` (sample arrays, done flags, the lost-shard check) + `indices` (the
-  split) + `check_images`; also each part alone;
+Measured in a fresh spawned process right after the store is written or found, as `train()` runs them
+before its first step:
+  open_s: `CacheReader(store)` (done flags, status, split keys) + `indices` (the split) + `check_images`;
+  also each part alone;
   rss_main_mb: that process's peak RSS after opening and reading a few batches with spawned loader workers;
   rss_worker_mb: the largest loader worker's peak RSS minus that of an idle spawned process that
   imported torch (`rss_idle_worker_mb`).
-Targets at N = 1,281,167 (ImageNet-1k train): open <= 10 s, main <= 2 GB, each worker <= 0.5 GB above idle.
-Linux only (peak RSS from /proc).
+Targets: open <= 2 s at 1,281,167 samples (ImageNet-1k train) and <= 10 s at 100M; main <= 1 GB; each worker
+<= 0.5 GB above idle. Linux only (peak RSS from /proc).
 
     python bench/scale.py --samples 1281167 --json scale.json
+    python bench/scale.py --samples 100000000 --json scale-100m.json
     python bench/scale.py --quick                 # 20k samples
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -46,37 +52,78 @@ from radio_distill.store.layout import TeacherInfo
 
 FULL = dict(samples=common.IMAGENET_TRAIN, read=32, batch_size=8, workers=2)
 QUICK = dict(samples=20_000, read=32, batch_size=8, workers=2)
-CLASSES = 1000
-SHARD_SIZE, VIEWS = 256, 2
+PER_TAR = 10_000  # img2dataset's default samples per tar
+SHARD_SIZE, VIEWS = 1024, 2
+BLOCK = SHARD_SIZE * 1024  # rows written at a time
 NORM = ((0.5,) * 3, (0.5,) * 3)
 INFOS = {"clip": TeacherInfo(224, *NORM, (16, 16), 768, 1024), "dinov2": TeacherInfo(224, *NORM, (16, 16), 1024, 1024),
          "sam": TeacherInfo(1024, *NORM, (64, 64), None, 256)}
-LIMITS = {"open_s": 10.0, "rss_main_mb": 2048.0, "rss_worker_mb": 512.0}
+LIMITS = {"open_s": 2.0, "rss_main_mb": 1024.0, "rss_worker_mb": 512.0}
+LIMITS_100M = {"open_s": 10.0, "rss_main_mb": 1024.0, "rss_worker_mb": 512.0}
 
 
-def manifest(n: int, images: Path) -> Manifest:
-    """n ImageNet-like ids, sorted, spread evenly over 1000 WordNet-style class folders."""
-    wnids = [f"n{1440764 + 97 * c:08d}" for c in range(CLASSES)]
-    per = -(-n // CLASSES)
-    labels = np.arange(n) // per
-    ids = [f"{wnids[c]}/{wnids[c]}_{k}.JPEG" for k, c in enumerate(labels.tolist())]
-    return Manifest(images, tuple(ids), tuple(labels.tolist()), tuple(wnids))
+class Generated:
+    """A sequence of n rows made from their row numbers a slice at a time (`make(rows) -> values`), as a
+    Manifest's ids, labels or locations: a 100M-sample manifest never exists whole."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, part: slice):
+        return self.make(np.arange(*part.indices(self.n)))
 
 
-def write_store(path: Path, images: Path, n: int, read: int) -> None:
+def tar_names(n: int) -> tuple[str, ...]:
+    return tuple(f"{t:05d}.tar" for t in range(-(-n // PER_TAR)))
+
+
+def manifest(n: int, images: Path, members: np.ndarray) -> Manifest:
+    """n DataComp-like samples: ids `<tar>/<key>`, unlabelled, located in their tar at `members` (read, 2)."""
+    def ids(rows):
+        return [f"{t:05d}.tar/{t:05d}{k:04d}" for t, k in zip((rows // PER_TAR).tolist(), (rows % PER_TAR).tolist())]
+
+    def locations(rows):
+        return np.column_stack([rows // PER_TAR, members[rows % len(members)]]).astype(np.int64)
+
+    return Manifest(images, Generated(n, ids), Generated(n, lambda rows: np.full(len(rows), -1, np.int32)), (),
+                    kind="tar", files=tar_names(n), locations=Generated(n, locations))
+
+
+def write_images(images: Path, n: int, read: int) -> np.ndarray:
+    """One tar of `read` JPEG members (once), hard-linked as every tar of the dataset; (read, 2) int64 (data
+    offset, size) of its members."""
+    images.mkdir(parents=True, exist_ok=True)
+    first = images / tar_names(1)[0]
+    if not first.is_file():
+        with tarfile.open(first, "w") as tar:
+            for k in range(read):
+                data = io.BytesIO()
+                Image.fromarray(np.full((64, 64, 3), 40 + k, np.uint8)).save(data, "JPEG")
+                info = tarfile.TarInfo(f"{k:09d}.jpg")
+                info.size = len(data.getvalue())
+                tar.addfile(info, io.BytesIO(data.getvalue()))
+    for name in tar_names(n)[1:]:
+        if not (images / name).exists():
+            os.link(first, images / name)
+    with tarfile.open(first) as tar:
+        return np.array([(m.offset_data, m.size) for m in tar], np.int64)
+
+
+def write_store(path: Path, images: Path, n: int, read: int, members: np.ndarray) -> None:
     """The store of n samples described above (skipped when a complete one is there)."""
     if _complete(path, n):
         return
-    m = manifest(n, images)
+    m = manifest(n, images, members)
     storage = {name: {"spatial": "int8", "summary": "fp16", "pool": 1} for name in INFOS}
     settings = {"teachers": {name: {"family": name, "bench": "scale"} for name in INFOS}, "storage": storage,
-                "pixels": None, "views": VIEWS, "seed": 0, "shard_size": SHARD_SIZE, "dataset": m.fingerprint(),
+                "pixels": None, "views": VIEWS, "seed": 0, "shard_size": SHARD_SIZE, "dataset": f"scale-{n}",
                 "num_samples": n}
     with build_lock(path):
         root = create_store(path, manifest=m, settings=settings, infos=INFOS)
         n_shards = L.shard_count(n, SHARD_SIZE)
-        writes = [open_array(path, L.STATUS).write(np.full(n, L.OK, np.uint8)),
-                  open_array(path, L.BOXES).write(np.tile(np.float32([0, 0, 64, 64]), (n, VIEWS, 1)))]
         for name in INFOS:
             for array in (p for p in L.target_arrays(name) if p in root):
                 handle = open_array(path, array)
@@ -88,34 +135,38 @@ def write_store(path: Path, images: Path, n: int, read: int) -> None:
                     other = path / array / root[array].metadata.encode_chunk_key((k,) + (0,) * (handle.rank - 1))
                     other.parent.mkdir(parents=True, exist_ok=True)
                     os.link(path / array / key, other)
-        for w in writes:
-            w.result()
-        _record(path, root, n_shards, read)
+        tar = images / tar_names(1)[0]
+        mtime, digests = tar.stat().st_mtime_ns, [provenance.digest(tar.read_bytes()[a:a + b]) for a, b in members]
+        status, boxes, sources = (open_array(path, a) for a in (L.STATUS, L.BOXES, L.SOURCES))
+        for start in range(0, n, BLOCK):  # a block at a time: 100M boxes alone are 3.2 GB
+            rows = np.arange(start, min(n, start + BLOCK))
+            member = rows % len(members)
+            writes = [status[rows[0]:rows[-1] + 1].write(np.full(len(rows), L.OK, np.uint8)),
+                      boxes[rows[0]:rows[-1] + 1].write(np.broadcast_to(np.float32([0, 0, 64, 64]), (len(rows), VIEWS, 4))),
+                      sources[rows[0]:rows[-1] + 1].write(np.column_stack([members[member, 1], np.full(len(rows), mtime),
+                                                                           np.asarray(digests)[member]]))]
+            for w in writes:
+                w.result()
+        for array in (a for a in root[L.SHARDS].attrs["arrays"] if "/moments/" in a):
+            open_array(path, array).write(np.zeros(root[array].shape, root[array].dtype)).result()
+        _record(path, root, n_shards)
         for name in INFOS:  # done last, as a build marks shards
             open_array(path, L.done_array(name)).write(np.ones(n_shards, np.uint8)).result()
 
 
-def _record(path: Path, root, n_shards: int, read: int) -> None:
-    """Write the arrays a build writes per shard that are still empty (the images' sources as they are),
-    then the integrity record a build keeps: each shard file's size (the open compares sizes; value digests are for `verify`, not run here)."""
-    ids = manifest(root.attrs["num_samples"], Path(root.attrs["dataset"]["root"])).ids
-    stats = provenance.file_stats([Path(root.attrs["dataset"]["root"]) / i for i in ids])
-    sources = np.column_stack([stats, np.full(len(ids), provenance.digest(b""), np.int64)])
-    for k, sample_id in enumerate(ids[:read]):  # the JPEGs; every other image is an empty file
-        sources[k, 2] = provenance.digest((Path(root.attrs["dataset"]["root"]) / sample_id).read_bytes())
-    open_array(path, L.SOURCES).write(sources).result()
-    root[L.ERRORS][:] = np.full(root[L.ERRORS].shape, "", dtype=object)
+def _record(path: Path, root, n_shards: int) -> None:
+    """The integrity record a build keeps: each shard file's size (training compares sizes; the value digests
+    are for `verify`, not run here, and stay 0)."""
     arrays = root[L.SHARDS].attrs["arrays"]
-    for array in (a for a in arrays if "/moments/" in a):
-        open_array(path, array).write(np.zeros(root[array].shape, root[array].dtype)).result()
-    record = np.zeros((n_shards, len(arrays), 2), np.int64)
-    for j, array in enumerate(arrays):
-        sizes, meta = location(path).sizes(array), root[array].metadata
-        for k in range(n_shards):
-            key = shard_key(meta, array, k, n_shards)
-            if key is not None:
-                record[k, j, 0] = sizes[key]
-    open_array(path, L.SHARDS).write(record).result()
+    record = open_array(path, L.SHARDS)
+    for start in range(0, n_shards, L.RECORD_CHUNK * 64):
+        shards = range(start, min(n_shards, start + L.RECORD_CHUNK * 64))
+        rows = np.zeros((len(shards), len(arrays), 2), np.int64)
+        for j, array in enumerate(arrays):
+            meta = root[array].metadata
+            keys = [shard_key(meta, array, k, n_shards) for k in shards]
+            rows[:, j, 0] = [0 if key is None else os.stat(path / array / key).st_size for key in keys]
+        record[shards.start:shards.stop].write(rows).result()
 
 
 def _complete(path: Path, n: int) -> bool:
@@ -125,22 +176,6 @@ def _complete(path: Path, n: int) -> bool:
         return False
     done = [open_array(path, L.done_array(name)).read().result() for name in INFOS]
     return root.attrs["num_samples"] == n and all(d.all() for d in done)
-
-
-def write_images(images: Path, ids, read: int) -> None:
-    """An empty file per id (once), a 64 px JPEG for the first `read`."""
-    marker = images / f".complete-{len(ids)}"
-    if marker.is_file():
-        return
-    for folder in sorted({i.split("/", 1)[0] for i in ids}):
-        (images / folder).mkdir(parents=True, exist_ok=True)
-    for k, sample_id in enumerate(ids):
-        path = images / sample_id
-        if k < read:
-            Image.fromarray(np.full((64, 64, 3), 40 + k, np.uint8)).save(path, "JPEG")
-        elif not path.exists():
-            path.touch()
-    marker.touch()
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -168,7 +203,7 @@ def measure(store: str, read: int, batch_size: int, workers: int) -> dict:
     split = time.perf_counter()
     reader.check_images(indices, resolution=64)
     checked = time.perf_counter()
-    readable = indices[indices < read]
+    readable = indices[indices % SHARD_SIZE < read][:4 * batch_size * workers]  # rows whose targets are not zeros
     steps = 2 * workers
     loader = reader.loader(readable, resolution=64, batch_size=batch_size, seed=0, start_step=0, steps=steps,
                            workers=workers)
@@ -198,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     store = Path(args.work) / "stores" / f"scale-{args.samples}.zarr"
     images = Path(args.work) / f"scale-images-{args.samples}"
     started = time.perf_counter()
-    write_images(images, manifest(args.samples, images).ids, args.read)
-    write_store(store, images, args.samples, args.read)
+    members = write_images(images, args.samples, args.read)
+    write_store(store, images, args.samples, args.read, members)
     setup_s = time.perf_counter() - started
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
@@ -207,16 +242,17 @@ def main(argv: list[str] | None = None) -> dict:
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         row = pool.submit(measure, str(store), args.read, args.batch_size, args.workers).result()
     row = {"samples": args.samples, **row, "rss_idle_worker_mb": idle, "rss_worker_mb": row["worker_peak_mb"] - idle}
-    row["met"] = all(row[k] <= v for k, v in LIMITS.items()) if args.samples >= common.IMAGENET_TRAIN else None
+    limits = LIMITS_100M if args.samples >= 10**8 else LIMITS
+    row["met"] = all(row[k] <= v for k, v in limits.items()) if args.samples >= common.IMAGENET_TRAIN else None
     payload = common.meta(torch.device("cpu"), __file__, args.argv, store=str(store), views=VIEWS,
                           shard_size=SHARD_SIZE, workers=args.workers, setup_s=setup_s,
-                          limits={k: f"<= {v:g}" for k, v in LIMITS.items()})
+                          limits={k: f"<= {v:g}" for k, v in limits.items()})
     columns = [("samples", "samples", "d"), ("open_s", "open s", ".2f"), ("reader_s", "reader s", ".2f"),
                ("split_s", "split s", ".2f"), ("image_check_s", "image check s", ".2f"),
                ("rss_main_mb", "main MB", ".0f"), ("rss_worker_mb", "worker MB above idle", ".0f"),
                ("rss_idle_worker_mb", "idle worker MB", ".0f"), ("met", "targets met", "")]
     return common.report(payload, [row], columns, args.json_out,
-                         title="radio-train before its first step, on an ImageNet-sized store")
+                         title=f"radio-train before its first step, on a store of {args.samples:,} samples")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 The work unit is one shard of S samples. One `ShardWorker` actor (`worker.py`) per GPU (CPU actors when
 there is none) loads all teachers once, decodes each image once for all of them, and writes its shard's
-bytes itself; only shard ids and small stats travel through Ray. A shard is marked done per
-teacher only after all its data is written, so rerunning the same command resumes, and a killed
-actor is restarted by Ray with its in-flight shards retried. A shard that still fails is reported
+bytes itself; only the shard's ids, its status and its integrity record travel through Ray. The driver
+alone writes the done state (`group.commit_shards`, every COMMIT_EVERY seconds): a shard is done only
+after all its data is written, so rerunning the same command resumes, reading a few objects however
+many shards there are, and a killed actor is restarted by Ray with its in-flight shards retried. A shard that still fails is reported
 with its cause while the others go on. A rerun reads the images where it is told they are now, and
 also redoes the samples of done shards whose files were missing (`retryable`), and whole done shards
 holding an image that changed since it was cached, or a store file that was lost (`provenance.py`).
@@ -23,8 +24,8 @@ from ..ops import autocast_environment
 from ..progress import Progress
 from ..store import layout as L
 from ..store import provenance
-from ..store.group import (check_settings, create_store, done_shards, finalize_norm, open_array, open_store,
-                           resume_store, teacher_names)
+from ..store.group import (check_settings, commit_shards, create_store, done_shards, finalize_norm, open_array,
+                           open_store, read_rows, resume_store, teacher_names)
 from ..store.inspect import store_info
 from ..store.location import Location, location, s3_environment
 from ..store.lock import build_lock
@@ -35,6 +36,7 @@ from .worker import ShardWorker, retryable
 
 START_TIMEOUT = 900  # seconds the first actor gets to be placed and load its teachers (big weights, slow disks)
 PLACE_TIMEOUT = 300  # seconds the other actors get to start once the first one is ready
+COMMIT_EVERY = 2.0  # seconds between commits of the done state: a kill redoes at most this much finished work
 UNAVAILABLE_TRIES = 3  # sends of a shard to actors found unreachable (Ray gave up its retries) before it is failed
 
 
@@ -94,12 +96,12 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
         names = [t.name for t in cfg.teachers]
         if not fresh:  # the stored calibration is reused: the codecs of done shards must not change
             check_settings(open_store(out), settings, out)
-            root = resume_store(out, manifest)
+            root = resume_store(out)
             if root.attrs["dataset"]["root"] != str(manifest.root):  # the same samples (checked above), moved here
                 root.attrs["dataset"] = {**root.attrs["dataset"], "root": str(manifest.root)}
             _record_weight_files(root, cfg.teachers)  # the same files (by sha256, checked above), maybe moved
             _redo_changed(out, root, manifest, names)
-        todo = None if fresh else _todo(root, names, cfg.shard_size)[:cfg.max_shards]
+        todo = None if fresh else _todo(out, root, names, cfg.shard_size)[:cfg.max_shards]
         results, failed, wall, placements = [], {}, 0.0, []
         if todo != []:  # a complete store starts no teacher
             workers, infos = _workers(cfg, out)
@@ -108,23 +110,28 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
                 calibration = _calibrate(workers[0], manifest, settings=settings)
                 root = create_store(out, manifest=manifest, settings=settings, infos=infos, calibration=calibration)
                 _record_weight_files(root, cfg.teachers)
-                todo = _todo(root, names, cfg.shard_size)[:cfg.max_shards]
+                todo = _todo(out, root, names, cfg.shard_size)[:cfg.max_shards]
             started = time.perf_counter()
-            results, failed = _run_shards(workers, todo, len(manifest), cfg.shard_size, data_root=str(manifest.root),
-                                          token=token, progress=progress)
+            results, failed = _run_shards(workers, todo, manifest, cfg.shard_size, store=(out, root), token=token,
+                                          progress=progress)
             wall = time.perf_counter() - started
             for w in workers:
                 ray.kill(w)
-        done = done_shards(root, names)
-        for k in todo or []:  # every shard run is done or failed with its cause: never a silent partial store
+        done = done_shards(out, root, names)
+        for k, _ in todo or []:  # every shard run is done or failed with its cause: never a silent partial store
             if not done[k] and k not in failed:
                 failed[k] = "not done, though its Ray task returned"
         complete = bool(done.all())
-        if complete:
+        if complete and (todo or not _finalized(root, names)):  # a rerun with nothing to do reads no moments
             root = open_store(out, mode="r+")
             finalize_norm(root)
             _finalize_fidelity(root)
         return _report(out, results, failed, wall, complete, calibrated=fresh, placements=placements)
+
+
+def _finalized(root, names: list[str]) -> bool:
+    """Whether a complete store's statistics were reduced (`finalize_norm`, then `_finalize_fidelity`)."""
+    return all("fidelity" in root[L.teacher_group(name)].attrs for name in names)
 
 
 def _record_weight_files(root, teachers) -> None:
@@ -195,36 +202,38 @@ def _calibrate(worker, manifest, *, settings: dict) -> dict | None:
 def _redo_changed(out: Location, root, manifest, names: list[str]) -> None:
     """Clear the done flags of done shards holding an image that is no longer the bytes its targets were
     computed from (replaced under the same name), so the build redoes them whole. Stats every image file
-    (tars, Parquet: every file) and reads those whose mtime moved."""
-    if L.SOURCES not in root:  # before layout v4 nothing was recorded
-        return
+    (tars, Parquet: every file) and compares each shard's stats with its stamp (`provenance.py`, few objects);
+    only in shards whose stamp moved are the sources read, and the images whose mtime moved hashed."""
     n, size = root.attrs["num_samples"], root.attrs["shard_size"]
-    done = done_shards(root, names)
-    recorded = open_array(out, L.SOURCES).read().result()
-    rows = np.flatnonzero(np.repeat(done, size)[:n] & (recorded[:, 0] > 0))
-    if not rows.size:
+    done = done_shards(out, root, names)
+    images = Images(root.attrs["dataset"], manifest.root)
+    stats = provenance.source_stats(images, manifest.ids, manifest.locations)  # (N, 2)
+    stamps = open_array(out, L.STAMPS).read().result()
+    moved = [k for k in np.flatnonzero(done).tolist()
+             if provenance.stats_digest(stats[L.shard_rows(k, size, n)]) != stamps[k]]
+    if not moved:
         return
+    rows = np.concatenate([np.arange(L.shard_rows(k, size, n).start, L.shard_rows(k, size, n).stop) for k in moved])
+    recorded = read_rows(out, open_array(out, L.SOURCES, strict=True), L.SOURCES, rows)
+    rows, recorded = rows[recorded[:, 0] > 0], recorded[recorded[:, 0] > 0]
     locations = None if manifest.locations is None else manifest.locations[rows]
-    mask = provenance.changed(Images(root.attrs["dataset"], manifest.root), [manifest.ids[r] for r in rows.tolist()],
-                              locations, recorded[rows])
+    mask = provenance.changed(images, [manifest.ids[r] for r in rows.tolist()], locations, recorded)
     changed = rows[mask]
     if not changed.size:
         return
     shards = sorted({int(r) // size for r in changed})
     print(f"warning: {changed.size} images changed since they were cached (e.g. '{manifest.ids[int(changed[0])]}'); "
           f"redoing their {len(shards)} shards", file=sys.stderr)
-    for name in names:
-        for k in shards:
-            root[L.done_array(name)][k] = 0
+    commit_shards(out, root, {}, undone=shards)
 
 
-def _todo(root, names: list[str], size: int) -> list[int]:
-    """Shards to run: those not done, then done ones holding samples a rerun may now read."""
-    done = done_shards(root, names)
-    bad = np.flatnonzero(root[L.STATUS][:] == L.UNREADABLE)
+def _todo(out: Location, root, names: list[str], size: int) -> list[tuple[int, bool]]:
+    """(shard, retry) to run: those not done, then done ones holding samples a rerun may now read (retry)."""
+    done = done_shards(out, root, names)
+    bad = np.flatnonzero(open_array(out, L.STATUS).read().result() == L.UNREADABLE)
     reasons = root[L.ERRORS].get_coordinate_selection(bad) if bad.size else []
     again = {int(k) // size for k, reason in zip(bad, reasons) if retryable(str(reason))}
-    return [int(k) for k in np.flatnonzero(~done)] + sorted(k for k in again if done[k])
+    return [(int(k), False) for k in np.flatnonzero(~done)] + [(k, True) for k in sorted(again) if done[k]]
 
 
 def _start(workers: list) -> tuple[dict, list]:
@@ -270,9 +279,10 @@ def _start(workers: list) -> tuple[dict, list]:
     return next(iter(infos.values())), [calls[ref] for ref in infos]
 
 
-def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str, token: str,
+def _run_shards(workers, shards: list[tuple[int, bool]], manifest, size: int, *, store, token: str,
                 progress: bool) -> tuple[list[dict], dict[int, str]]:
-    """Feed shards to workers, two in flight each so decode never waits for dispatch.
+    """Feed (shard, retry) pairs to workers, two in flight each so decode never waits for dispatch, and commit
+    the done state of finished shards every COMMIT_EVERY seconds and at the end (`commit_shards`).
 
     A shard that fails (its exception, or its actor dying past Ray's restarts) is recorded with its
     one-line cause and the others go on. A shard whose actor was only unavailable (Ray gave up reaching it while
@@ -280,13 +290,20 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
     Returns (results of the shards run, {shard: cause})."""
     import ray
 
-    queue, results, failed, inflight, tries = list(shards), [], {}, {}, {}
-    images = sum(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start for k in shards)
+    out, root = store
+    n = len(manifest)
+    retried = [k for k, retry in shards if retry]
+    if retried:  # not done while they change: a kill now redoes them whole
+        commit_shards(out, root, {}, undone=retried)
+    queue, results, failed, inflight, tries, finished = list(shards), [], {}, {}, {}, {}
+    images = sum(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start for k, _ in shards)
+    committed = time.monotonic()
 
     def submit(worker):
         if queue:
-            k = queue.pop(0)
-            inflight[worker.run.remote(k, data_root, token)] = (worker, k)
+            k, retry = queue.pop(0)
+            samples = shard_samples(manifest, k, size)
+            inflight[worker.run.remote(k, str(manifest.root), token, samples, retry=retry)] = (worker, (k, retry))
 
     with Progress("caching", total=images, unit="images", enabled=progress) as bar:
         for w in workers:
@@ -294,13 +311,13 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
             submit(w)
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
-            w, k = inflight.pop(ref)
+            w, (k, retry) = inflight.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.ActorUnavailableError as e:  # may be back: the shard again, the actor kept
                 tries[k] = tries.get(k, 0) + 1
                 if tries[k] < UNAVAILABLE_TRIES:
-                    queue.insert(0, k)
+                    queue.insert(0, (k, retry))
                 else:
                     failed[k] = error_line(e)
             except ray.exceptions.RayError as e:
@@ -308,11 +325,26 @@ def _run_shards(workers, shards: list[int], n: int, size: int, *, data_root: str
                 if isinstance(e, ray.exceptions.RayActorError):  # gone for good: Ray's restarts are spent
                     continue
             else:
+                finished[k] = {key: result.pop(key) for key in ("status", "record", "stamp")}
                 results.append(result)
                 bar.advance(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start)
+            if finished and (not inflight or time.monotonic() - committed >= COMMIT_EVERY):
+                commit_shards(out, root, finished)
+                finished, committed = {}, time.monotonic()
             submit(w)
-    failed.update({k: "not run: no Ray worker left" for k in queue})
+    if finished:
+        commit_shards(out, root, finished)
+    failed.update({k: "not run: no Ray worker left" for k, _ in queue})
     return results, failed
+
+
+def shard_samples(manifest, shard: int, size: int) -> dict:
+    """What `ShardWorker.run` is given of shard `shard`'s samples from the scan: ids, labels, the scan's errors
+    and locations."""
+    rows = L.shard_rows(shard, size, len(manifest))
+    return {"ids": manifest.ids[rows], "labels": manifest.labels[rows],
+            "errors": [manifest.reasons.get(r, "") for r in range(rows.start, rows.stop)],
+            "locations": None if manifest.locations is None else manifest.locations[rows]}
 
 
 def _report(out: Location, results: list[dict], failed: dict[int, str], wall: float, complete: bool, *,

@@ -2,7 +2,8 @@
 
 A shard's images are read once (their bytes recorded, `provenance.py`), decoded once for every
 teacher, cropped to each view; each teacher's targets are encoded and written whole, then the sample
-arrays, the statistics rows and the shard's integrity record, and only then its done flags.
+arrays and the statistics rows. Its status and integrity record go back to the driver, which records
+them and then its done flags (`group.commit_shards`): the done state is the driver's alone.
 
 Letters: S samples per shard, V views, R teacher resolution, h, w grid, C channels, D summary dims.
 """
@@ -185,43 +186,38 @@ class ShardWorker:
             return arr[rows].read().result()
         return np.zeros((rows.stop - rows.start, *arr.shape[1:]), arr.dtype.numpy_dtype)
 
-    def run(self, shard: int, data_root: str, token: str) -> dict:
-        """Compute and write one shard, reading images under `data_root`. A shard already done is a
-        retry: only its samples a rerun may now read (`retryable`) are redone, the others keep their
-        bytes. `token` is the build's lock token: a build that no longer holds the store writes nothing."""
+    def run(self, shard: int, data_root: str, token: str, samples: dict, *, retry: bool = False) -> dict:
+        """Compute and write one shard, reading images under `data_root`; return its status and integrity
+        record for the driver to commit. `retry`: the shard is done (the driver cleared its flags) and only
+        its samples a rerun may now read (`retryable`) are redone, the others keep their bytes. `samples`: the
+        shard's ids, labels and locations from the scan, written again with its files (a lost chunk of them
+        is rewritten by the redo). `token` is the build's lock token: a build that no longer holds the store
+        writes nothing."""
         check_token(self.store, token)
         root = self._store()
         n, views, seed, size = (root.attrs[k] for k in ("num_samples", "views", "seed", "shard_size"))
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start
-        ids = [str(i) for i in self._zarr(L.IDS)[rows]]
-        if "" in ids:  # the fill value: the ids chunk is gone (a rerun writes it again from the scan)
-            raise CacheIntegrityError(f"{L.IDS}: shard {shard}'s chunk is gone; rerun the same `radio-cache build`")
-        locations = None if self._zarr(L.LOCATIONS) is None else self._zarr(L.LOCATIONS)[rows]
-        recorded = self._zarr(L.SOURCES) is not None  # layout v4 on: what each target came from is recorded
-        retry = all(self._zarr(L.done_array(name))[shard] == 1 for name in self.teachers)  # this shard's flags only
+        ids, locations = [str(i) for i in samples["ids"]], samples["locations"]
         if retry:
-            boxes, status, errors = (self._zarr(a)[rows] for a in (L.BOXES, L.STATUS, L.ERRORS))
+            boxes, status, errors, sources = (self._zarr(a)[rows] for a in (L.BOXES, L.STATUS, L.ERRORS, L.SOURCES))
             errors = errors.astype(object)
-            sources = self._zarr(L.SOURCES)[rows] if recorded else None
             redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
-            for name in self.teachers:  # not done while it changes: a kill now redoes it whole, never adds twice
-                self._zarr(L.done_array(name))[shard] = 0
         else:  # the errors known from the scan (a tar key without an image) are kept
             self._clear_partials(shard, L.shard_count(n, size))
-            boxes, errors = np.zeros((count, views, 4), np.float32), self._zarr(L.ERRORS)[rows].astype(object)
+            boxes, errors = np.zeros((count, views, 4), np.float32), np.asarray(samples["errors"], dtype=object)
             status, redo = np.full(count, L.OK, np.uint8), list(range(count))
             sources = np.zeros((count, 3), np.int64)
         min_side = max(t.resolution for t in self.teachers.values())
         images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
+        stats = provenance.source_stats(images, ids, locations)  # (S, 2): the shard's stamp, and mtimes of packed files
         wanted = ([ids[k] for k in redo], None if locations is None else locations[redo])
         payloads = images.read(*wanted)
-        mtimes = provenance.source_stats(images, *wanted)[:, 1] if images.packed else np.zeros(len(redo), np.int64)
+        mtimes = stats[redo, 1] if images.packed else np.zeros(len(redo), np.int64)
         scanned = [errors[k] for k in redo]
         read = list(self.pool.map(lambda p, m, why: _read_decode(p, m, min_side, why), payloads, mtimes, scanned))
         decoded = {k: d for k, (d, _) in zip(redo, read)}
-        if recorded:
-            sources[redo] = [r for _, r in read]
+        sources[redo] = [r for _, r in read]
         for k, d in decoded.items():
             if isinstance(d, str):
                 status[k], errors[k] = L.UNREADABLE, d
@@ -251,7 +247,9 @@ class ShardWorker:
         futures = [self._array(path)[rows].write(value) for path, value in arrays.items()]
         for f in futures:
             f.result()
-        written = {L.BOXES: boxes, L.STATUS: status, L.ERRORS: errors, **({L.SOURCES: sources} if recorded else {})}
+        written = {L.BOXES: boxes, L.ERRORS: errors, L.SOURCES: sources, L.IDS: np.asarray(ids, dtype=object),
+                   L.LABELS: np.asarray(samples["labels"], np.int32),
+                   **({L.LOCATIONS: locations} if locations is not None else {})}
         for a, value in written.items():
             self._zarr(a)[rows] = value
         if stats:  # every row is written, zeros included: a rerun of the shard replaces what a killed one left
@@ -264,13 +262,10 @@ class ShardWorker:
                         written[path] = _merge(moment, array[row], new) if retry else new
                         array[row] = written[path]
         check_token(self.store, token)
-        if recorded:
-            self._record(shard, {**arrays, **written, L.IDS: np.asarray(ids, dtype=object),
-                                 L.LABELS: self._zarr(L.LABELS)[rows], L.LOCATIONS: locations})
-        for name in self.teachers:  # only now is the shard done, teacher by teacher
-            self._zarr(L.done_array(name))[shard] = 1
         return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
-                "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo))}
+                "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo)),
+                "status": status, "record": self._record(shard, {**arrays, **written}),
+                "stamp": provenance.stats_digest(stats)}
 
     def _clear_partials(self, shard: int, n_shards: int) -> None:
         """Delete the temporary files Zarr left where a kill stopped an earlier run of this shard in one of the
@@ -282,7 +277,7 @@ class ShardWorker:
         first = shard_key(self._zarr(targets[0]).metadata, targets[0], shard, n_shards)
         if not os.path.exists(self.store.key(f"{targets[0]}/{first}")):
             return
-        arrays = [L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.SHARDS] + [L.done_array(name) for name in self.teachers] + \
+        arrays = [L.IDS, L.LABELS, L.LOCATIONS, L.BOXES, L.ERRORS, L.SOURCES] + \
             [L.moment_array(name, t, m) for name in self.teachers for t in L.TARGETS for m in L.MOMENTS]
         for array in arrays:
             if self._zarr(array) is not None:
@@ -290,9 +285,9 @@ class ShardWorker:
                 if key is not None:
                     self.store.clear_partial(f"{array}/{key}")
 
-    def _record(self, shard: int, values: dict) -> None:
-        """Write shard `shard`'s row of the integrity record: per array its file's size and the digest of the
-        values it holds (`values`, by array), as a later reader will find them (`provenance.py`)."""
+    def _record(self, shard: int, values: dict) -> np.ndarray:
+        """(F, 2) int64: shard `shard`'s row of the integrity record: per array its file's size and the digest of
+        the values it holds (`values`, by array), as a later reader will find them (`provenance.py`)."""
         record = self._zarr(L.SHARDS)
         files = record.attrs["arrays"]
         row = np.zeros((len(files), 2), np.int64)
@@ -301,7 +296,7 @@ class ShardWorker:
             if key is not None:
                 value = np.asarray(values[array], dtype=None if array in (L.IDS, L.ERRORS) else self._zarr(array).dtype)
                 row[j] = self.store.file_size(f"{array}/{key}"), provenance.values_digest(value)
-        record[shard] = row
+        return row
 
     def _run_teacher(self, teacher, decoded, boxes, pairs, out, storage, stats) -> tuple[float, dict]:
         """Forward (sample, view) `pairs` through one teacher; encode them into the shard's arrays `out`

@@ -78,6 +78,7 @@ def _missing_arrays(path: Location, store_attrs: dict) -> list[str]:
     arrays = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS] + ([L.PIXELS] if settings["pixels"] else [])
     arrays += [L.LOCATIONS] if Images(store_attrs["dataset"]).packed else []
     arrays += [L.SOURCES, L.SHARDS] if store_attrs["layout_version"] >= 4 else []
+    arrays += [L.SPLIT, L.STAMPS] if store_attrs["layout_version"] >= 5 else []
     missing = []
     for name in settings["storage"]:
         try:
@@ -162,17 +163,24 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
     root.attrs.update({"format": L.FORMAT, "layout_version": L.LAYOUT_VERSION, "created_by": f"radio-distill {__version__}",
                        "settings": settings, "num_samples": n, "views": views, "shard_size": size,
                        "seed": settings["seed"], "dataset": {**manifest.source(), "classes": list(manifest.classes),
-                                                            "fingerprint": manifest.fingerprint()}})
+                                                            "fingerprint": settings.get("dataset") or manifest.fingerprint()}})
     rows = (min(size, n),)
-    _array(root, L.IDS, (n,), str, rows)[:] = np.asarray(manifest.ids, dtype=object)
-    _array(root, L.LABELS, (n,), "int32", rows, fill=-1)[:] = np.asarray(manifest.labels, dtype=np.int32)
-    _array(root, L.BOXES, (n, views, 4), "float32", (rows[0], views, 4))
-    _array(root, L.STATUS, (n,), "uint8", rows, fill=L.PENDING)
+    ids, labels = _array(root, L.IDS, (n,), str, rows), _array(root, L.LABELS, (n,), "int32", rows, fill=-1)
     errors = _array(root, L.ERRORS, (n,), str, rows)
-    if manifest.reasons:  # known from the scan (a tar key without an image): the worker keeps them
-        errors[:] = np.asarray([manifest.reasons.get(k, "") for k in range(n)], dtype=object)
-    if manifest.locations is not None:
-        _array(root, L.LOCATIONS, (n, 3), "int64", (rows[0], 3))[:] = manifest.locations
+    locations = _array(root, L.LOCATIONS, (n, 3), "int64", (rows[0], 3)) if manifest.locations is not None else None
+    split = _array(root, L.SPLIT, (n,), "uint16", (min(n, L.STATUS_CHUNK),))
+    block = size * max(1, L.STATUS_CHUNK // size)  # whole chunks of every sample array: each written once
+    for start in range(0, n, block):  # a block at a time: a manifest may generate its ids (100M: ~10 GB as str)
+        part = slice(start, min(n, start + block))
+        some = list(manifest.ids[part])
+        ids[part] = np.asarray(some, dtype=object)
+        labels[part] = np.asarray(manifest.labels[part], dtype=np.int32)
+        split[part] = np.fromiter(map(L.split_key, some), np.uint16, len(some))
+        errors[part] = np.asarray([manifest.reasons.get(k, "") for k in range(part.start, part.stop)], dtype=object)
+        if locations is not None:
+            locations[part] = manifest.locations[part]
+    _array(root, L.BOXES, (n, views, 4), "float32", (rows[0], views, 4))
+    _array(root, L.STATUS, (n,), "uint8", (min(n, L.STATUS_CHUNK),), fill=L.PENDING)[:] = np.full(n, L.PENDING, np.uint8)
     _array(root, L.SOURCES, (n, 3), "int64", (rows[0], 3))
     if settings["pixels"]:
         r = settings["pixels"]
@@ -211,15 +219,18 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
             _array(root, L.moment_array(name, target, "sum"), (n_stats, dim), "float64", (1, dim))
             _array(root, L.moment_array(name, target, "gram"), (n_stats, dim, dim), "float64", (1, dim, dim))
             _array(root, L.moment_array(name, target, "fidelity"), (n_stats, 3), "float64", (1, 3))
-        _array(root, L.done_array(name), (n_shards,), "uint8", (1,))
+        _array(root, L.done_array(name), (n_shards,), "uint8", (min(n_shards, L.DONE_CHUNK),))[:] = 0
+    _array(root, L.STAMPS, (n_shards,), "int64", (min(n_shards, L.DONE_CHUNK),))[:] = 0
     files = shard_arrays(root)
-    _array(root, L.SHARDS, (n_shards, len(files), 2), "int64", (1, len(files), 2)).attrs["arrays"] = files
+    record = _array(root, L.SHARDS, (n_shards, len(files), 2), "int64", (min(n_shards, L.RECORD_CHUNK), len(files), 2))
+    record.attrs["arrays"] = files
+    record[:] = 0
 
 
 def shard_arrays(root: zarr.Group) -> list[str]:
     """The arrays of which each shard's worker writes (or reads and vouches for) one file, in the order of
     the shard record (`samples/shards`)."""
-    samples = [L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.LOCATIONS, L.PIXELS]
+    samples = [L.IDS, L.LABELS, L.BOXES, L.ERRORS, L.SOURCES, L.LOCATIONS, L.PIXELS]  # status: the driver's
     per_teacher = [p for name in teacher_names(root) for p in L.target_arrays(name)] + \
         [L.moment_array(name, t, m) for name in teacher_names(root) for t in L.TARGETS
          for m in L.MOMENTS]
@@ -284,18 +295,64 @@ def check_settings(root: zarr.Group, settings: dict, path: str | Path | Location
                            "use another --out, or --overwrite to rebuild it")
 
 
-def open_array(store: str | Path | Location, name: str) -> ts.TensorStore:
+def open_array(store: str | Path | Location, name: str, *, strict: bool = False) -> ts.TensorStore:
     """Open an existing array of the store with tensorstore (the hot path).
 
     Chunks equal to the fill value are written too (tensorstore skips them by default), so every
-    written shard has its file even when all its samples are unreadable: a missing file is a loss."""
-    spec = {"driver": "zarr3", "kvstore": location(store).kvstore(name), "store_data_equal_to_fill_value": True}
+    written shard has its file even when all its samples are unreadable: a missing file is a loss.
+    `strict`: reading a chunk whose file is absent fails (`CacheIntegrityError` from `read_rows`) instead of
+    giving fill values: for files that must be there (a done shard's, the done state of layout v5)."""
+    spec = {"driver": "zarr3", "kvstore": location(store).kvstore(name), "store_data_equal_to_fill_value": True,
+            "fill_missing_data_reads": not strict}
     return ts.open(spec, open=True).result()
 
 
-def done_shards(root: zarr.Group, teachers: list[str]) -> np.ndarray:
-    """(n_shards,) bool: shards done for every teacher."""
-    flags = [root[L.done_array(t)][:] == 1 for t in teachers]
+def read_rows(store: str | Path | Location, handle: ts.TensorStore, array: str, rows=slice(None), *,
+              what: str = "") -> np.ndarray:
+    """`handle[rows]` read (rows: a slice, or an integer array in any order); a file that is absent (a strict
+    handle) or fails its checksum raises one line naming the array (and `what` was read).
+
+    Raises:
+        CacheIntegrityError: run `radio-cache verify --repair` to have the build redo the shards concerned."""
+    try:
+        if isinstance(rows, slice):
+            return handle[rows].read().result()
+        return handle.oindex[np.asarray(rows, np.int64)].read().result()
+    except (ValueError, RuntimeError) as e:
+        lost = "not found" in str(e).lower() or "missing" in str(e).lower()
+        why = "a file of it is gone" if lost else f"a chunk fails to decode ({str(e).splitlines()[0][:160]})"
+        raise CacheIntegrityError(f"{array}: {why}{f' (reading {what})' if what else ''}; run `radio-cache verify "
+                                  f"{store} --repair`, then rerun the same `radio-cache build` to redo its shards") from None
+
+
+def commit_shards(path: str | Path | Location, root: zarr.Group, done: dict[int, dict], undone: list[int] = ()) -> None:
+    """Record shards whose files are written, as the build's driver alone does: their status rows and integrity
+    records first, then their done flags (a kill between the two leaves them not done: redone, never trusted
+    half-recorded); and clear the flags of `undone` shards (done ones about to be redone).
+
+    Args:
+        done: {shard: {'status': (S,) uint8, 'record': (F, 2) int64, 'stamp': int}} as `ShardWorker.run`
+            returns them.
+    """
+    path, names = location(path), teacher_names(root)
+    n, size = root.attrs["num_samples"], root.attrs["shard_size"]
+    with ts.Transaction() as txn:  # each chunk read, changed by every shard in it, and written once
+        status, record, stamps = (open_array(path, a).with_transaction(txn) for a in (L.STATUS, L.SHARDS, L.STAMPS))
+        for k, result in done.items():
+            status[L.shard_rows(k, size, n)] = result["status"]
+            record[k] = result["record"]
+            stamps[k] = result["stamp"]
+    for value, shards in ((0, list(undone)), (1, sorted(done))):
+        if shards:
+            with ts.Transaction() as txn:
+                for name in names:
+                    open_array(path, L.done_array(name)).with_transaction(txn).oindex[np.asarray(shards)] = value
+
+
+def done_shards(path: str | Path | Location, root: zarr.Group, teachers: list[str]) -> np.ndarray:
+    """(n_shards,) bool: shards done for every teacher (tensorstore: before v5 a flag was a file)."""
+    strict = root.attrs["layout_version"] >= 5
+    flags = [read_rows(path, open_array(path, L.done_array(t), strict=strict), L.done_array(t)) == 1 for t in teachers]
     return np.logical_and.reduce(flags)
 
 
@@ -350,23 +407,17 @@ def _lost_v3(path: Location, root: zarr.Group, done: dict) -> list[tuple[str, in
     return found
 
 
-def resume_store(path: str | Path | Location, manifest: Manifest) -> zarr.Group:
-    """Open a store to resume its build (the caller holds the lock): done shards with a lost file lose their
-    done flags, so the build redoes them; the sample arrays made at creation (ids, labels, locations) are
-    written again from `manifest` (the same samples: the caller checked the fingerprint) for those shards."""
+def resume_store(path: str | Path | Location) -> zarr.Group:
+    """Open a store to resume its build (the caller holds the lock and checked its settings). Reads no listing:
+    the done state says what is written; `radio-cache verify --repair` finds what was lost since.
+
+    Raises:
+        CacheLayoutError: a store of a layout before v5 (its done state is a file per shard)."""
     root = open_store(path, mode="r+")
-    lost = lost_shards(path, root)
-    n, size = root.attrs["num_samples"], root.attrs["shard_size"]
-    given = {L.IDS: np.asarray(manifest.ids, dtype=object), L.LABELS: np.asarray(manifest.labels, dtype=np.int32),
-             L.LOCATIONS: manifest.locations}
-    for array, shard in sorted({(a, k) for a, k, _ in lost}):
-        print(f"warning: {array}: shard {shard} was done but its file is lost; redoing the shard", file=sys.stderr)
-        if array in given:
-            rows = L.shard_rows(shard, size, n)
-            root[array][rows] = given[array][rows]
-    for shard in sorted({k for _, k, _ in lost}):
-        for name in teacher_names(root):
-            root[L.done_array(name)][shard] = 0
+    if root.attrs["layout_version"] < L.LAYOUT_VERSION:
+        raise CacheLayoutError(f"store '{path}' is layout v{root.attrs['layout_version']}: this version reads it but "
+                               f"finishes only v{L.LAYOUT_VERSION} stores; train on it as it is (--allow-partial), or "
+                               "rebuild it with --overwrite")
     return root
 
 

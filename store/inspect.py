@@ -9,7 +9,9 @@ from ..progress import Progress
 from . import codecs
 from . import layout as L
 from . import provenance
-from .group import done_shards, lost_shards, open_array, open_store, read_whole, shard_key, teacher_names
+from .group import (commit_shards, done_shards, lost_shards, open_array, open_store, read_rows, read_whole, resume_store,
+                    shard_key, teacher_names)
+from .lock import build_lock
 from .location import Location, location
 from .sources import Images
 
@@ -23,14 +25,15 @@ def store_info(path: str | Path | Location) -> dict:
     root = open_store(path)
     n, views, size = root.attrs["num_samples"], root.attrs["views"], root.attrs["shard_size"]
     names = teacher_names(root)
-    done = done_shards(root, names)
-    status = np.where(np.repeat(done, size)[:n], root[L.STATUS][:], L.PENDING)
+    done = done_shards(path, root, names)
+    status = np.where(np.repeat(done, size)[:n], open_array(path, L.STATUS).read().result(), L.PENDING)
     bad = np.flatnonzero(status == L.UNREADABLE)
     ids, errors = root[L.IDS], root[L.ERRORS]
+    sizes = _file_bytes(path, root)
     teachers = {}
     for name in names:
         attrs = dict(root[L.teacher_group(name)].attrs)
-        size = sum(path.size(a) for a in L.target_arrays(name) if a in root)  # statistics: a fixed cost, not per view
+        size = sum(sizes(a) for a in L.target_arrays(name) if a in root)  # statistics: a fixed cost, not per view
         teachers[name] = {
             "identity": attrs["identity"], "resolution": attrs["resolution"], "grid": attrs["grid"],
             "summary_dim": attrs["summary_dim"], "spatial_dim": attrs["spatial_dim"], "storage": attrs["storage"],
@@ -45,8 +48,18 @@ def store_info(path: str | Path | Location) -> dict:
             "shards_total": int(done.size), "shards_done": int(done.sum()),
             "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
-            "bytes": path.size(), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
+            "bytes": sizes(None), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
             "calibration": root.attrs.get("calibration")}
+
+
+def _file_bytes(path: Location, root):
+    """`sizes(array)`: bytes of an array's files (None: of the store's). From the integrity record (v4 on: the
+    shard files, the bulk of a store, in few objects); before, from a listing of the store."""
+    if L.SHARDS not in root:
+        return lambda array: path.size(array or "")
+    record = open_array(path, L.SHARDS).read().result()  # (n_shards, F, 2)
+    totals = dict(zip(root[L.SHARDS].attrs["arrays"], record[:, :, 0].sum(0).tolist()))
+    return lambda array: sum(totals.values()) if array is None else totals.get(array, 0)
 
 
 def verify_store(path: str | Path | Location, *, images: str | Path | None = None, progress: bool = False) -> dict:
@@ -75,7 +88,8 @@ def verify_store(path: str | Path | Location, *, images: str | Path | None = Non
         array, shard, why = lost[0]
         rows = L.shard_rows(shard, size, n)
         raise CacheIntegrityError(f"{array}: shard {shard} (samples {rows.start}-{rows.stop - 1}) {why} ({len(lost)} "
-                                  "shard files lost or altered); rerun the same `radio-cache build` to redo it")
+                                  f"shard files lost or altered); run `radio-cache verify {path} --repair`, then rerun "
+                                  "the same `radio-cache build` to redo it")
     record = _record(path, root)
     ids = _read(path, root, L.IDS, slice(0, n), None)
     checked = [a for a in (L.IDS, L.LABELS, L.BOXES, L.STATUS, L.ERRORS, L.SOURCES, L.LOCATIONS) if a in root]
@@ -91,7 +105,7 @@ def verify_store(path: str | Path | Location, *, images: str | Path | None = Non
             checked.append(array)
     checked += _verify_calibration(path, root, names, n, ids)
     checked += _verify_whole(path, root, names)
-    status = root[L.STATUS][:]
+    status = read_rows(path, open_array(path, L.STATUS, strict=True), L.STATUS)
     if (status == L.PENDING).any():
         k = int(np.flatnonzero(status == L.PENDING)[0])
         raise CacheIntegrityError(f"{L.STATUS}: sample '{ids[k]}' was never processed")
@@ -119,12 +133,50 @@ def _record(path: Location, root) -> dict[str, dict[int, int]]:
     return out
 
 
+def repair_store(path: str | Path | Location) -> dict[int, str]:
+    """Find the done shards whose files are lost or altered since their build (gone, of another size than
+    recorded, failing to decode, holding other values than recorded) and clear their done flags, so that the
+    next run of the same `radio-cache build` redoes them: a build's rerun trusts the done state and lists no
+    files. Holds the build lock. Returns {shard: the first thing found wrong}.
+
+    Raises:
+        CacheLayoutError: a store of a layout this version does not finish (`resume_store`)."""
+    path = location(path)
+    with build_lock(path):
+        root = resume_store(path)
+        n, size = root.attrs["num_samples"], root.attrs["shard_size"]
+        found = {}
+        for array, shard, why in lost_shards(path, root):
+            found.setdefault(shard, f"{array} {why}")
+        stats = L.stat_shards(L.shard_count(n, size))
+        done = done_shards(path, root, teacher_names(root))
+        for array, shards in _record(path, root).items():
+            for shard, want in shards.items():
+                if shard in found or not done[shard]:
+                    continue
+                rows = stats.index(shard) if "/moments/" in array else L.shard_rows(shard, size, n)
+                try:
+                    values = root[array][rows]
+                except Exception as e:  # zstd or crc32c
+                    found[shard] = f"{array} fails to decode ({str(e).splitlines()[0][:80]})"
+                    continue
+                if not _holds(root, array, values, want):
+                    found[shard] = f"{array} holds other values than its build wrote"
+        commit_shards(path, root, {}, undone=sorted(found))
+    return dict(sorted(found.items()))
+
+
+def _holds(root, array: str, values, want: int) -> bool:
+    """Whether `values` read from `array` are those whose digest its build recorded."""
+    return provenance.values_digest(np.asarray(values, dtype=None if values.dtype.kind in "OT" else root[array].dtype)) == want
+
+
 def _same(path: Location, root, array: str, shard: int, values, want: int) -> None:
-    if provenance.values_digest(np.asarray(values, dtype=None if values.dtype.kind in "OT" else root[array].dtype)) != want:
+    if not _holds(root, array, values, want):
         key = shard_key(root[array].metadata, array, shard, root[L.SHARDS].shape[0])
-        raise CacheIntegrityError(f"{array}: shard {shard} holds other values than its build wrote (its file was "
-                                  f"swapped with another shard's, or replaced); delete '{path.key(f'{array}/{key}')}' "
-                                  "and rerun the same `radio-cache build` to redo the shard")
+        raise CacheIntegrityError(f"{array}: shard {shard} holds other values than its build wrote (its file "
+                                  f"'{path.key(f'{array}/{key}')}' was swapped with another shard's, or replaced); run "
+                                  f"`radio-cache verify {path} --repair`, then rerun the same `radio-cache build`")
 
 
 def _verify_whole(path: Location, root, names: list[str]) -> list[str]:

@@ -9,12 +9,17 @@ calibrated codec, Q calibration samples.
   samples/ids        (N,)          str, path relative to the dataset root (tar: `<tar>/<key>`, Parquet: `<file>/<row>`)
   samples/labels     (N,)          int32, -1 when unlabelled
   samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
-  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE
+  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE; chunks of STATUS_CHUNK rows, written by the
+                                   build's driver with the done state (layout v5 on)
+  samples/stamps     (n_shards,)   int64, per shard the digest of its images' (size, mtime) when it was built
+                                   (`provenance.py`), written by the driver with the done state (v5 on)
+  samples/split      (N,)          uint16, `split_key` of each id: the hold-out split without reading ids (v5 on)
   samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
   samples/sources    (N, 3)        int64, (size, mtime_ns, digest) of the image bytes each sample's targets were
                                    computed from (`provenance.py`); zeros where unreadable
   samples/shards     (n_shards, F, 2) int64, per shard the (size, digest) of its file of each of the F arrays its
-                                   attrs `arrays` list, written before its done flags (`provenance.py`)
+                                   attrs `arrays` list, written before its done flags (`provenance.py`); chunks
+                                   of RECORD_CHUNK shards (v5 on)
   samples/locations  (N, 3)        int64, where each image is in a tar or Parquet dataset (`sources.py`): tar
                                    (file, offset, size) of the image member's data, Parquet (file, row group,
                                    row in it); file indexes attrs dataset.files. Absent for folders and lists
@@ -26,7 +31,8 @@ calibrated codec, Q calibration samples.
     calib/*          (C,) (C, C) (C, k)  the calibration of a teacher with a fidelity budget, per target:
                                    float64 mean and cov, float32 PHI-S transform W (C, C) and, for a
                                    calibrated codec (`codecs.py`), its basis; decoded x = y @ basisᵀ + mean
-    done             (n_shards,)   uint8, set only after the shard's data is written
+    done             (n_shards,)   uint8, set only after the shard's data is written; chunks of DONE_CHUNK
+                                   shards (v5 on)
     moments/*        (K, ...)      float64 per-shard sums for the normalisation statistics, and the
                                    codec's fidelity: [sum, count, min] of token cosines (K, 3)
     norm/*           (C,) (C, C)   float64 mean and covariance, written when the build completes
@@ -47,6 +53,10 @@ Target arrays: chunk = one (sample, view), shard = S samples, written whole by o
 every target, scale and pixels array is one file, `c/k/0/...`, present once the shard is done.
 Sample arrays: chunk = S samples, written by the worker that owns the shard. From layout v4 every chunk
 has its file, fill values included, so an absent file is always a loss.
+The done state (status, the integrity record, the done flags) is written by the build's driver alone,
+in that order, from what each worker returns once its shard's files are written: a few objects however
+many shards there are, so that opening a store or resuming a build reads few files (layout v5 on; before,
+each worker wrote its shard's, a file per shard).
 
 Layout v2 added the calibrated codecs (`calib/*`, `samples/calibration`); a v1 store has none of them
 and reads as before, while an older version refuses a v2 store instead of misreading its codes.
@@ -54,15 +64,18 @@ Layout v3 added tar and Parquet datasets (`samples/locations`, dataset kind, fil
 store is a folder or list dataset.
 Layout v4 added the integrity records (`samples/sources`, `samples/shards`, attrs `written` of arrays
 written whole); a store of an older layout opens with the checks it allows (files present).
+Layout v5 gathered the done state into few objects (driver-written, see above) and added `samples/split`;
+an older store is read (its split computed from its ids) but not resumed.
 """
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 FORMAT = "radio-distill-cache"
-LAYOUT_VERSION = 4
-READS = (1, 2, 3, 4)  # layout versions this version opens
+LAYOUT_VERSION = 5
+READS = (1, 2, 3, 4, 5)  # layout versions this version opens
 
 IDS = "samples/ids"
 LABELS = "samples/labels"
@@ -74,12 +87,17 @@ CALIBRATION = "samples/calibration"
 LOCATIONS = "samples/locations"
 SOURCES = "samples/sources"
 SHARDS = "samples/shards"
+SPLIT = "samples/split"
+STAMPS = "samples/stamps"
 
 PENDING, OK, UNREADABLE = 0, 1, 2
 
 LOCK_FILE = "build.lock"
 HOLDER_FILE = "build.json"
 STAGING = ".partial"
+STATUS_CHUNK = 1 << 20  # rows of a status chunk (v5): 100M samples are 96 files
+DONE_CHUNK = 1 << 16  # shards of a done-flags chunk (v5)
+RECORD_CHUNK = 1024  # shards of an integrity-record chunk (v5): ~1 MB, rewritten at each commit
 STORE_NAMES = ("zarr.json", "samples", "teachers")  # what a store holds at its top, beside the three above
 
 
@@ -147,6 +165,16 @@ def norm_array(teacher: str, target: str, stat: str) -> str:
 def calib_array(teacher: str, target: str, name: str) -> str:
     """`name` in CALIB: a calibrated teacher's statistics and transforms of one target."""
     return f"teachers/{teacher}/calib/{target}_{name}"
+
+
+def split_key(sample_id: str) -> int:
+    """The 16 bits of an id that decide its split: the top half of its crc32, so a rebuild agrees."""
+    return zlib.crc32(sample_id.encode()) >> 16
+
+
+def held_out(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """(N,) bool of (N,) `split_key`s: held out when the key falls in the first `fraction` of its range."""
+    return keys < round(fraction * 65536)
 
 
 def calibration_rows(num_samples: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """What every stored value was made from, so a change is noticed instead of trained on.
 
-Two records, both written by the worker that writes a shard, before its done flags:
+Three records, made by the worker that writes a shard, before its done flags:
 
 - `samples/sources` (N, 3) int64: per sample the (size, mtime_ns, digest) of the image bytes its
   targets were computed from. mtime is the image file's (folder, list) or its tar / Parquet file's;
@@ -9,8 +9,12 @@ Two records, both written by the worker that writes a shard, before its done fla
 - `samples/shards` (n_shards, F, 2) int64: per shard and per array in its attrs `arrays`, the (size,
   digest) of the shard's file of that array: its bytes on disk (size) and its decoded values
   (digest). A lost file, one cut short or swapped with another shard's, and a chunk whose values
-  changed all disagree with it; opening a store compares sizes (one listing per array), `verify`
-  the values.
+  changed all disagree with it; the loader compares a shard's sizes when it first meets the shard,
+  `verify` lists every file and compares the values.
+- `samples/stamps` (n_shards,) int64: per shard the `stats_digest` of its images' (size, mtime) as
+  `source_stats` gave them when it was built: a rerun stats the images and reads the sources of only
+  the shards whose stamp moved, instead of every shard's file.
+The last two are returned to the build's driver, which writes them with the done flags (layout v5).
 
 Arrays written whole once (calibration, norm, text embeddings) carry their (size, digest) in their
 own attrs (`WHOLE`). The digest is the crc32c of the values' bytes (strings: UTF-8, NUL-separated):
@@ -89,6 +93,11 @@ def source_stats(images, ids, locations: np.ndarray | None) -> np.ndarray:
     stats = file_stats([images.root / images.files[f] for f in used.tolist()])
     stats[:, 0] = -1
     return stats[np.searchsorted(used, files)]
+
+
+def stats_digest(stats: np.ndarray) -> int:
+    """The stamp of a shard: digest of its (S, 2) `source_stats` rows."""
+    return values_digest(np.asarray(stats, np.int64))
 
 
 def changed(images, ids, locations: np.ndarray | None, recorded: np.ndarray, *, full: bool = False) -> np.ndarray:

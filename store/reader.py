@@ -9,23 +9,24 @@ happens on the training device. Loader workers are spawned (zarr and
 tensorstore threads deadlock after fork) and open their tensorstore handles inside the worker;
 they read a whole batch with one tensorstore read per array.
 
-Sized for ImageNet-scale stores (1.28M samples): the sample arrays are read with tensorstore
-(thousands of small chunks), the split is vectorised, sample ids travel to workers as one bytes
-buffer, and the image check looks at a seeded sample of the files (a file missing later is named
-when it is read). Images in tars or Parquet files are read by their stored locations: a member's
-bytes at its offset, a Parquet row from its row group; no tar is scanned.
+Sized for DataComp-scale stores (10^8 samples and more): opening reads three bytes per sample (status,
+split key) and the done flags, in a few files; the sampler permutes integer indices without an array per
+epoch; loader workers get no per-sample array and read the ids, boxes and locations of their batch's
+rows (`Column`); a done shard's files are checked against its integrity record when first met, and the
+image check looks at a seeded sample of the files in a few shards (a file missing later is named when
+it is read). Images in tars or Parquet files are read by their stored locations: a member's bytes at its
+offset, a Parquet row from its row group; no tar is scanned.
 
 Letters: N samples, B batch, R student side, V views, h, w teacher grid, C channels, D summary dims.
 """
 
-import functools
 import json
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -34,7 +35,7 @@ from . import codecs
 from . import layout as L
 from . import provenance
 from .dataset import UnreadableImage, load_rgb
-from .group import lost_shards, open_array, open_store, read_whole, teacher_names
+from .group import done_shards, open_array, open_store, read_rows, read_whole, teacher_names
 from .location import Location, location
 from .sources import Images
 from .views import crop_resize
@@ -59,40 +60,60 @@ class TeacherMeta:
 
 
 def is_held_out(sample_id: str, fraction: float) -> bool:
-    """Deterministic split by sample id: the same ids are held out on every machine and run."""
-    return zlib.crc32(sample_id.encode()) / 2**32 < fraction
+    """Deterministic split by sample id (`layout.split_key`): the same ids are held out on every machine and run."""
+    return bool(L.held_out(np.uint16(L.split_key(sample_id)), fraction))
 
 
-class SampleIds:
-    """Sample ids as one fixed-width UTF-8 bytes array; `ids[i]` is the id string.
+class Column:
+    """One sample array of a store, read when indexed: `column[rows]` (an int, or an integer array in any order,
+    optionally followed by indices of the trailing axes: `boxes[r, 0]`). Nothing per sample is held, so a loader
+    worker gets it pickled in bytes and reads the rows of its batch. Ids read as str (one) or an array of str.
 
-    A spawned loader worker receives it as one buffer (1.28M ImageNet ids: 41 MB, pickled in
-    milliseconds), where an object array of Python strings is ~110 MB and slow to pickle.
-    """
+    A file that is gone (a done shard's) or fails its checksum raises `CacheIntegrityError` naming the array."""
 
-    def __init__(self, ids):
-        self.data = np.array([i.encode() for i in np.asarray(ids).tolist()], dtype=np.bytes_)  # (N,) bytes
+    def __init__(self, store: Location, array: str):
+        self.store, self.array, self._handle = store, array, None
 
-    def __len__(self) -> int:
-        return len(self.data)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None}
 
-    def __getitem__(self, i):
-        """The id of row `i` (str), or of rows `i` (an array of str)."""
-        picked = self.data[i]
-        return picked.decode() if isinstance(picked, bytes) else np.strings.decode(picked, "utf-8")
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        one = np.ndim(rows) == 0
+        rows = np.atleast_1d(np.asarray(rows, np.int64))
+        if self.array == L.IDS:
+            values = self._ids(rows)
+        else:
+            if self._handle is None:
+                self._handle = open_array(self.store, self.array, strict=True)
+            what = f"rows {rows.min()}-{rows.max()}" if rows.size else ""
+            values = read_rows(self.store, self._handle, self.array, rows, what=what)
+        values = values[(slice(None), *rest)] if rest else values
+        return values[0] if one else values
 
-    @functools.cached_property
-    def crc32(self) -> np.ndarray:
-        """(N,) uint32 crc32 of each id's UTF-8 bytes."""
-        return np.fromiter(map(zlib.crc32, self.data.tolist()), np.uint32, len(self.data))
-
-    def held_out(self, fraction: float) -> np.ndarray:
-        """(N,) bool: `is_held_out` of every id, vectorised."""
-        return self.crc32 / 2**32 < fraction
+    def _ids(self, rows: np.ndarray) -> np.ndarray:
+        """zarr-python: tensorstore reads no variable-length strings. The fill value '' is a lost chunk."""
+        if self._handle is None:
+            self._handle = zarr.open_group(self.store.zarr_store(read_only=True), mode="r")[self.array]
+        try:
+            values = np.asarray(self._handle.get_coordinate_selection(rows), dtype=object)
+        except Exception as e:  # zstd or crc32c of a damaged chunk
+            raise CacheIntegrityError(f"{self.array}: a chunk fails to decode ({str(e).splitlines()[0][:120]}); run "
+                                      f"`radio-cache verify {self.store} --repair`") from None
+        if (values == "").any():
+            raise CacheIntegrityError(f"{self.array}: row {int(rows[np.argmax(values == '')])}'s chunk is gone; run "
+                                      f"`radio-cache verify {self.store} --repair`, then rerun the same `radio-cache "
+                                      "build` to redo its shard")
+        return values.astype(str)
 
 
 class CacheReader:
     """A store opened for training: teachers, the usable samples of a split, and loaders.
+
+    Opening reads the done flags and two numeric arrays, a byte (status) and two (split key) per sample, in a
+    few files each (layout v5; an older store's split is computed from its ids): no id, box or location, and no
+    listing of files. Those are read row by row where they are used (`Column`), and a file that a done shard
+    should have is found missing when it is read.
 
     Args:
         path: the store: a folder or an s3:// URL.
@@ -105,39 +126,32 @@ class CacheReader:
         root = open_store(self.path)
         self.settings = root.attrs["settings"]
         self.views = root.attrs["views"]
+        self.shard_size = root.attrs["shard_size"]
         self.images = Images(root.attrs["dataset"], images)
         self.root_dir = self.images.root
         self.classes = list(root.attrs["dataset"]["classes"])
         names = teacher_names(root)
-        # tensorstore reads the many small chunks of these arrays concurrently (zarr-python: one at a time)
-        arrays = [L.LABELS, L.BOXES, L.STATUS] + [L.done_array(name) for name in names]
-        arrays += [a for a in (L.LOCATIONS, L.SOURCES) if a in root]
-        reads = dict(zip(arrays, [open_array(self.path, a).read() for a in arrays]))
-
-        def whole(array: str, read):  # a chunk failing its checksum or decompression is named, as targets' are
-            try:
-                return read()
-            except (ValueError, RuntimeError) as e:
-                raise CacheIntegrityError(f"{array}: a chunk fails to decode ({str(e).splitlines()[0][:160]}); run "
-                                          f"`radio-cache verify {self.path}`") from None
-
-        self.ids = SampleIds(whole(L.IDS, lambda: root[L.IDS][:]))
-        values = {a: whole(a, r.result) for a, r in reads.items()}
-        self.labels, self.boxes, status = (values[a] for a in (L.LABELS, L.BOXES, L.STATUS))
-        self.locations = values.get(L.LOCATIONS)  # (N, 3), `sources.py`
-        self.sources = values.get(L.SOURCES)  # (N, 3), `provenance.py`
-        done = np.logical_and.reduce([values[L.done_array(name)] == 1 for name in names])
+        v5 = root.attrs["layout_version"] >= 5
+        done = done_shards(self.path, root, names)
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
                                    "finish it with the same `radio-cache build` command, or pass --allow-partial")
-        gone = lost_shards(self.path, root)
-        if gone:
-            (array, shard, why), more = gone[0], f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-            raise CacheIntegrityError(f"store '{self.path}': {array} shard {shard} {why}{more}, so its samples would "
-                                      "train on wrong values; rerun the same `radio-cache build` command to redo it")
-        size, n = root.attrs["shard_size"], root.attrs["num_samples"]
-        self.usable = np.repeat(done, size)[:n] & (status == L.OK)
+        status = read_rows(self.path, open_array(self.path, L.STATUS, strict=v5), L.STATUS)
+        n = len(status)
+        usable = np.repeat(done, self.shard_size)[:n] & (status == L.OK)
+        self.num_samples, self.num_usable = n, int(usable.sum())
         self.unreadable = int((status == L.UNREADABLE).sum())
+        self._usable = np.packbits(usable)  # a bit a sample: 12.5 MB at 100M
+        del status, usable
+        if v5:  # (N,) uint16 split keys, read a block at a time by `indices`: 200 MB at 100M, not held
+            self._split = open_array(self.path, L.SPLIT, strict=True)
+        else:  # computed from every id: the cost a v5 store avoids
+            ids = root[L.IDS][:]
+            self._split = np.fromiter(map(L.split_key, ids.tolist()), np.uint16, len(ids))
+        self.ids, self.labels, self.boxes = (Column(self.path, a) for a in (L.IDS, L.LABELS, L.BOXES))
+        self.locations = Column(self.path, L.LOCATIONS) if L.LOCATIONS in root else None  # (N, 3), `sources.py`
+        self.sources = Column(self.path, L.SOURCES) if L.SOURCES in root else None  # (N, 3), `provenance.py`
+        self.record = root[L.SHARDS].attrs["arrays"] if L.SHARDS in root else None  # arrays of `samples/shards`
         self.teachers = [self._teacher(self.path, root, name) for name in names]
         self.pixels = self.settings.get("pixels")  # side of the stored view pixels, or None
 
@@ -159,14 +173,23 @@ class CacheReader:
                            transforms, attrs["resolution"], model)
 
     def indices(self, *, holdout: float, split: str = "train") -> np.ndarray:
-        """Usable sample indices of the 'train' or 'holdout' split."""
-        held = self.ids.held_out(holdout)
-        return np.flatnonzero(self.usable & (held if split == "holdout" else ~held))
+        """Usable sample indices of the 'train' or 'holdout' split, ascending (int32 below 2**31 samples:
+        380 MB for 95M, computed a block at a time from the usable bits and the stored split keys)."""
+        dtype = np.int32 if self.num_samples < 2**31 else np.int64
+        parts, block = [], 1 << 23  # a multiple of 8: whole bytes of the usable bits
+        for start in range(0, self.num_samples, block):
+            stop = min(self.num_samples, start + block)
+            usable = np.unpackbits(self._usable[start // 8:-(-stop // 8)], count=stop - start).view(bool)
+            keys = self._split[start:stop]
+            keys = keys if isinstance(keys, np.ndarray) else read_rows(self.path, keys, L.SPLIT, what=f"rows {start}-")
+            held = L.held_out(keys, holdout)
+            parts.append((np.flatnonzero(usable & (held if split == "holdout" else ~held)) + start).astype(dtype))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
     def unusable_note(self) -> str | None:
         """A warning line when fewer than all samples can be trained on (unreadable or missing images,
         unfinished shards), with the count and share; None when all can."""
-        n, bad = len(self.usable), int((~self.usable).sum())
+        n, bad = self.num_samples, self.num_samples - self.num_usable
         if not bad:
             return None
         pending = bad - self.unreadable
@@ -174,36 +197,49 @@ class CacheReader:
         return (f"warning: {bad} of {n} samples ({bad / n:.1%}) of store '{self.path}' cannot be trained on ({why}); "
                 "`radio-cache info` lists them, and a rerun of the build retries missing files")
 
+    def sample_rows(self, indices: np.ndarray, count: int, *, shards: int = 32) -> np.ndarray:
+        """A seeded sample of about `count` of `indices` (ascending) from `shards` of the shards they are in, so
+        that reading their ids, locations or sources reads few chunks; all of them when they are few."""
+        if len(indices) <= count:
+            return np.asarray(indices)
+        rng = np.random.default_rng(0)
+        picked = []
+        for shard in np.unique(indices[rng.choice(len(indices), shards)] // self.shard_size).tolist():
+            bounds = np.array([shard * self.shard_size, (shard + 1) * self.shard_size], indices.dtype)  # else a copy
+            lo, hi = np.searchsorted(indices, bounds)
+            take = min(hi - lo, -(-count // shards))
+            picked.append(indices[lo + np.sort(rng.choice(hi - lo, take, replace=False))])
+        return np.concatenate(picked)
+
     def check_images(self, indices: np.ndarray, *, resolution: int | None = None) -> None:
         """Fail early, naming a missing image, when the dataset root moved (unless the store holds the
         view pixels at `resolution` (the largest side) or more: then the images are not needed). Looks at a
-        seeded sample of IMAGE_CHECKS files (all of a small split): a file missing later is named when it is read."""
+        seeded sample of about IMAGE_CHECKS images in a few shards (`sample_rows`; all of a small split; tars and
+        Parquet: every file, they are few): a file missing later is named when it is read."""
         if self.pixels and resolution is not None and resolution <= self.pixels:
             return
         if not self.root_dir.is_dir():
             raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; move the images "
                                "back, or give their new place with --images")
-        if len(indices) > IMAGE_CHECKS and not self.images.packed:  # tars, Parquet: every file, they are few
-            indices = np.sort(np.random.default_rng(0).choice(indices, IMAGE_CHECKS, replace=False))
-        missing = self.images.missing(self.ids[indices], None if self.locations is None else self.locations[indices])
+        rows = self.sample_rows(np.asarray(indices), IMAGE_CHECKS)
+        ids, locations = self.ids[rows], None if self.locations is None else self.locations[rows]
+        missing = self.images.missing(ids, locations)
         if missing:
             raise DatasetError(f"image '{missing}' is missing; the dataset changed since the store was built, "
                                "or lives elsewhere now (--images)")
         if self.sources is not None:
-            if len(indices) > IMAGE_CHECKS:  # tars, Parquet: hashing every image would read the dataset
-                indices = np.sort(np.random.default_rng(0).choice(indices, IMAGE_CHECKS, replace=False))
-            mask = provenance.changed(self.images, self.ids[indices], None if self.locations is None
-                                      else self.locations[indices], self.sources[indices])
+            mask = provenance.changed(self.images, ids, locations, self.sources[rows])
             if mask.any():
-                raise DatasetError(f"image '{self.images.root / self.ids[int(indices[np.argmax(mask)])]}' is not the "
+                raise DatasetError(f"image '{self.images.root / ids[int(np.argmax(mask))]}' is not the "
                                    f"image the store's targets were computed from ({int(mask.sum())} of "
-                                   f"{len(indices)} looked at differ); give the images the store was built from "
+                                   f"{len(rows)} looked at differ); give the images the store was built from "
                                    "(--images), or rerun `radio-cache build` to redo the changed ones")
 
     def dataset(self, *, resolution: int) -> "ViewDataset":
-        return ViewDataset(self.path, self.images, self.ids, self.boxes, self.teachers, resolution,
-                           pixels=self.pixels, locations=self.locations,
-                           digests=None if self.sources is None else self.sources[:, 2])
+        return ViewDataset(self.path, self.images, self.teachers, resolution, pixels=self.pixels,
+                           shard_size=self.shard_size, record=self.record,
+                           columns={"ids": self.ids, "boxes": self.boxes, "locations": self.locations,
+                                    "sources": self.sources})
 
     def loader(self, indices: np.ndarray, *, resolution: int | tuple[int, ...], batch_size: int | tuple[int, ...],
                seed: int, start_step: int, steps: int, policy: str = "random", rank: int = 0, world: int = 1,
@@ -254,26 +290,20 @@ class StepSampler(Sampler):
             raise DatasetError("no usable samples to train on (all unreadable, held out, or in unfinished shards)")
         self.indices, self.views, self.batch_size, self.seed = np.asarray(indices), views, sum(self.sizes), seed
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
-        self._epochs = {}
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * len(self.sizes)
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order, view per position) of an epoch; the last two are kept (a batch may straddle two)."""
-        if epoch not in self._epochs:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
-            self._epochs[epoch] = (self.indices[rng.permutation(len(self.indices))],
-                                   rng.integers(0, self.views, len(self.indices)))
-        return self._epochs[epoch]
-
     def global_batch(self, step: int) -> list[tuple[int, int]]:
-        n, out = len(self.indices), []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            order, views = self._epoch(pos // n)
-            out.append((int(order[pos % n]), int(views[pos % n])))
-        return out
+        """(sample, view) of each item of global batch `step`: position p is item p mod n of epoch p // n."""
+        n = len(self.indices)
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        samples, views = np.empty(len(positions), np.int64), np.empty(len(positions), np.int64)
+        for epoch in np.unique(positions // n).tolist():
+            at = positions // n == epoch
+            samples[at] = self.indices[permute(positions[at] % n, n, (self.seed, epoch))]
+            views[at] = mix(positions[at].astype(np.uint64) ^ _words((self.seed, epoch, VIEW_STREAM))[0]) % self.views
+        return list(zip(samples.tolist(), views.tolist()))
 
     def parts(self, step: int) -> list[tuple[int, int]]:
         """(side, global part size) of each part of `step`."""
@@ -294,6 +324,38 @@ class StepSampler(Sampler):
 
 
 SIDE_STREAM = 0x5349  # the random policy's draws: a seed word no epoch permutation uses
+VIEW_STREAM = 0x5649  # the views' draws
+ROUNDS = 4  # Feistel rounds: enough to shuffle for SGD (not cryptography)
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: (K,) uint64 -> (K,) uint64 well-mixed, elementwise (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _words(key: tuple) -> np.ndarray:
+    return np.random.default_rng(list(key)).integers(0, 2**63, ROUNDS, dtype=np.uint64)
+
+
+def permute(positions: np.ndarray, n: int, key: tuple) -> np.ndarray:
+    """A seeded permutation of range(n) at `positions` ((K,) in [0, n)), without the (n,) array an epoch's
+    shuffle would take (760 MB at 95M samples): a Feistel network on the fewest even bits covering n, walked
+    around its cycles until the value is below n again, so it maps range(n) onto itself one to one."""
+    half = max(1, -(-max(n - 1, 1).bit_length() // 2))
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    keys = _words(key)
+    x = np.asarray(positions).astype(np.uint64)
+    walking = np.ones(len(x), bool)
+    while walking.any():
+        left, right = x[walking] >> shift, x[walking] & mask
+        for k in keys:
+            left, right = right, left ^ (mix(right ^ k) & mask)
+        x[walking] = (left << shift) | right
+        walking[walking] = x[walking] >= n
+    return x.astype(np.int64)
 
 
 class ViewDataset(Dataset):
@@ -308,34 +370,31 @@ class ViewDataset(Dataset):
     targets that read as the fill value (all zero: a shard file lost after the shard was done).
     """
 
-    def __init__(self, store: Location, images: Images, ids: SampleIds, boxes, teachers: list[TeacherMeta],
-                 resolution: int, *, pixels: int | None = None, locations: np.ndarray | None = None,
-                 digests: np.ndarray | None = None):
-        self.store, self.images, self.ids, self.boxes, self.locations = store, images, ids, boxes, locations
-        self.digests = digests  # (N,) int64 of the image bytes each sample's targets came from (`provenance.py`)
+    def __init__(self, store: Location, images: Images, teachers: list[TeacherMeta], resolution: int, *,
+                 columns: dict, shard_size: int, pixels: int | None = None, record: list[str] | None = None):
+        self.store, self.images = store, images
+        self.ids, self.boxes, self.locations, self.sources = (columns[c] for c in ("ids", "boxes", "locations", "sources"))
         self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if pixels else [])
         # one per target: its scale when int8 (all zero only where never written), else its values
         self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
                        for t in teachers for x in L.TARGETS if L.target_array(t.name, x) in t.arrays]
-        self.resolution, self.pixels = resolution, pixels
-        self._handles = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        self.resolution, self.pixels, self.shard_size, self.record = resolution, pixels, shard_size, record
+        self._handles, self._checked = None, set()
 
     def __getitem__(self, item: tuple[int, ...]) -> dict:
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: list[tuple[int, ...]]) -> list[dict]:
         if self._handles is None:  # opened here, inside the (spawned) worker
-            self._handles = {p: open_array(self.store, p) for p in self.arrays}
+            self._handles = {p: open_array(self.store, p, strict=True) for p in self.arrays}
         side = items[0][2] if len(items[0]) > 2 else self.resolution
         assert all(len(x) == 2 or x[2] == side for x in items), "a batch holds one side"
         items = [(i, v) for i, v, *_ in items]
         stored = bool(self.pixels) and side <= self.pixels
         rows, views = (np.array(c, dtype=np.int64) for c in zip(*items))
-        reads = {p: h.vindex[rows, views].read() for p, h in self._handles.items()  # concurrent, (B, ...) each
-                 if p != L.PIXELS or stored}
+        arrays = [p for p in self._handles if p != L.PIXELS or stored]
+        self._check_files(rows, arrays + ([] if stored else [L.IDS, L.BOXES, L.LOCATIONS, L.SOURCES]))
+        reads = {p: self._handles[p].vindex[rows, views].read() for p in arrays}  # concurrent, (B, ...) each
         values = {p: self._result(p, r, items) for p, r in reads.items()}
         for p in self.filled:
             empty = ~values[p].reshape(len(items), -1).view(np.uint8).any(axis=1)
@@ -343,7 +402,7 @@ class ViewDataset(Dataset):
                 i, v = items[int(np.argmax(empty))]
                 raise CacheIntegrityError(f"{p}: sample '{self.ids[i]}' (row {i}, view {v}) reads as all zeros, the "
                                           f"fill value of a chunk never written, although its shard is done; run "
-                                          f"`radio-cache verify {self.store}`")
+                                          f"`radio-cache verify {self.store} --repair`")
         pixels = values.pop(L.PIXELS, None)
         if pixels is None:
             pixels = self.crops(items, side)
@@ -354,6 +413,41 @@ class ViewDataset(Dataset):
         targets = {p: torch.from_numpy(a) for p, a in values.items()}
         return [{"index": i, "view": v, "pixels": pixels[k], **{p: t[k] for p, t in targets.items()}}
                 for k, (i, v) in enumerate(items)]
+
+    def _check_files(self, rows: np.ndarray, arrays: list[str]) -> None:
+        """The first time a shard is met, its files of `arrays` must have the sizes its build recorded (a file
+        swapped with another shard's, or replaced, decodes fine but holds other samples' values): one stat per
+        file, instead of a listing of the whole store at open. Stores before layout v4 record nothing."""
+        shards = sorted(set((rows // self.shard_size).tolist()) - self._checked)
+        if not shards or self.record is None:
+            return
+        record = read_rows(self.store, open_array(self.store, L.SHARDS), L.SHARDS, np.asarray(shards))  # (k, F, 2)
+        for j, array in enumerate(self.record):
+            if array not in arrays:
+                continue
+            meta = self._meta(array)
+            for row, k in enumerate(shards):
+                want = int(record[row, j, 0])
+                key = meta.encode_chunk_key((k,) + (0,) * (len(meta.shape) - 1))
+                try:
+                    have = self.store.file_size(f"{array}/{key}")
+                except (FileNotFoundError, OSError):
+                    have = None
+                if want == 0 or have != want:
+                    why = ("has no integrity record" if want == 0 else "file is gone" if have is None else
+                           f"file is {have} bytes, {want} when it was written (cut short, replaced or swapped "
+                           "with another shard's)")
+                    raise CacheIntegrityError(f"{array}: shard {k} {why}, so its samples would train on wrong values; "
+                                              f"run `radio-cache verify {self.store} --repair`, then rerun the same "
+                                              "`radio-cache build` to redo it")
+        self._checked.update(shards)
+
+    def _meta(self, array: str):
+        if not hasattr(self, "_metas"):
+            self._metas = {}
+        if array not in self._metas:
+            self._metas[array] = zarr.open_group(self.store.zarr_store(read_only=True), mode="r")[array].metadata
+        return self._metas[array]
 
     def _result(self, array: str, read, items) -> np.ndarray:
         """The values of a batch read; when a chunk fails (checksum, truncation), names its sample."""
@@ -380,24 +474,27 @@ class ViewDataset(Dataset):
         """(B, R, R, 3) uint8: views (sample, view) decoded from the original images at `side` (default:
         `resolution`); the images of a batch are read together (`Images.read`)."""
         side = side or self.resolution
-        rows = [i for i, _ in items]
-        payloads = self.images.read(self.ids[rows], None if self.locations is None else self.locations[rows])
+        rows = np.array([i for i, _ in items], np.int64)
+        ids = self.ids[rows]
+        boxes = self.boxes[rows][np.arange(len(rows)), [v for _, v in items]]  # (B, 4)
+        digests = None if self.sources is None else self.sources[rows, 2]
+        payloads = self.images.read(ids, None if self.locations is None else self.locations[rows])
         out = []
-        for (i, v), payload in zip(items, payloads):
+        for k, ((i, v), payload) in enumerate(zip(items, payloads)):
             try:
                 if payload is None:
                     raise UnreadableImage("no image member")
                 data, (_, _, digest) = provenance.read_image(payload)
                 if isinstance(data, UnreadableImage):
                     raise data
-                if self.digests is not None and digest != self.digests[i]:
-                    raise DatasetError(f"image '{self.images.root / self.ids[i]}' (sample {i}) is not the image its "
+                if digests is not None and digest != digests[k]:
+                    raise DatasetError(f"image '{self.images.root / ids[k]}' (sample {i}) is not the image its "
                                        "targets were computed from (its bytes changed since the build); give the "
                                        "images the store was built from (--images), or rerun `radio-cache build`")
                 image, span, _ = load_rgb(data, min_side=side)
             except UnreadableImage as e:
-                raise DatasetError(f"image '{self.images.root / self.ids[i]}' (sample {i}) became unreadable: {e}") from None
-            out.append(crop_resize(image, self.boxes[i, v], side, span=span))
+                raise DatasetError(f"image '{self.images.root / ids[k]}' (sample {i}) became unreadable: {e}") from None
+            out.append(crop_resize(image, boxes[k], side, span=span))
         return np.stack(out)
 
 

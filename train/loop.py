@@ -115,13 +115,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if 0 < len(indices) < per_step:
         sizes = ",".join(map(str, cfg.batch_sizes))
         raise TrainingError(f"--batch-size {sizes} takes {per_step} samples a step, more than the "
-                            f"{len(indices)} of the training split (--holdout {cfg.holdout} of {int(reader.usable.sum())} "
+                            f"{len(indices)} of the training split (--holdout {cfg.holdout} of {reader.num_usable} "
                             "usable): every batch would repeat samples; lower --batch-size")
     reader.check_images(indices, resolution=max(cfg.sides))
     note = reader.unusable_note()
     if note and procs.main:
         print(note, file=sys.stderr)
-    note = holdout_note(len(reader.indices(holdout=cfg.holdout, split="holdout")), int(reader.usable.sum()), cfg.holdout)
+    note = holdout_note(len(reader.indices(holdout=cfg.holdout, split="holdout")), reader.num_usable, cfg.holdout)
     if note and procs.main:
         print(note, file=sys.stderr)
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(indices) / per_step)

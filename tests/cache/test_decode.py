@@ -111,12 +111,12 @@ def test_build_stores_the_boxes_of_the_true_size_and_their_pixels(odd_store):
 def test_training_reader_crops_reduced_decodes(odd_store, resolution):
     reader = CacheReader(odd_store)
     dataset = reader.dataset(resolution=resolution)
-    for i in range(len(reader.ids)):
+    for i in range(reader.num_samples):
         for v in range(3):
             assert _diff(dataset.crop(i, v), _full_crop(odd_store, i, v, resolution)) < MAX_DIFF
 
 
 def test_eval_pictures_crop_reduced_decodes(odd_store):
     reader = CacheReader(odd_store)
-    for i in range(len(reader.ids)):
+    for i in range(reader.num_samples):
         assert _diff(view_image(reader, i, PICTURE_SIDE), _full_crop(odd_store, i, 0, PICTURE_SIDE)) < MAX_DIFF

@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 from radio_distill.cache import build
 from radio_distill.store import layout as L
-from radio_distill.cache.build import build_cache
+from radio_distill.cache.build import build_cache, shard_samples
 from radio_distill.cache.worker import ShardWorker
 from radio_distill.cache.config import load_cache_config
+from radio_distill.store.group import commit_shards
 from radio_distill.store.lock import build_lock
+from radio_distill.store.sources import scan_source
 from radio_distill.cli import cache_app
 from radio_distill.errors import CacheLayoutError, RadioDistillError
 
@@ -107,10 +109,11 @@ def test_a_worker_of_a_build_that_lost_the_store_writes_nothing(small_dataset, s
     for name in NAMES:
         root[L.done_array(name)][1] = 0
     worker = ShardWorker(tuple(tiny_specs.values()), str(out), batch_size=64, threads=torch.get_num_threads())
+    samples = shard_samples(scan_source(small_dataset), 1, root.attrs["shard_size"])
     with build_lock(out) as token:  # the rerun's
         before = file_digests(out)
         with pytest.raises(CacheLayoutError, match="no longer holds the lock"):
-            worker.run(1, str(small_dataset), "the-killed-build")
+            worker.run(1, str(small_dataset), "the-killed-build", samples)
         assert file_digests(out) == before
-        worker.run(1, str(small_dataset), token)
+        commit_shards(out, root, {1: worker.run(1, str(small_dataset), token, samples)})  # as the rerun's driver
     assert_same_store(out, small_store)

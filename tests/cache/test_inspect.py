@@ -7,10 +7,11 @@ import pytest
 import zarr
 
 from radio_distill.store import layout as L
-from radio_distill.store.inspect import store_info, verify_store
+from radio_distill.store.inspect import repair_store, store_info, verify_store
 from radio_distill.store.lock import build_lock
 from radio_distill.store.dataset import scan_dataset
-from radio_distill.store.group import lost_shards, open_array, open_store, resume_store
+from radio_distill.cache.build import shard_samples
+from radio_distill.store.group import commit_shards, lost_shards, open_array, open_store
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
 from radio_distill.errors import CacheIntegrityError
 
@@ -39,13 +40,14 @@ def test_info_describes_the_store(tiny_store, sample_dataset):
     assert info["ok"] == N - len(BAD_FILES) and info["pending"] == 0 and info["unreadable"] == BAD_FILES
     assert info["layout_version"] == L.LAYOUT_VERSION and info["created_by"].startswith("radio-distill ")
     assert sorted(info["teachers"]) == ["clip", "dinov2", "sam"]
-    disk = sum(p.stat().st_size for p in tiny_store.rglob("*") if p.is_file())
+    recorded = zarr.open_group(tiny_store, mode="r")[L.SHARDS].attrs["arrays"]  # a file per shard: the bulk
+    disk = sum(p.stat().st_size for a in recorded for p in (tiny_store / a).rglob("*") if p.is_file() and p.name != "zarr.json")
     assert info["bytes"] == disk
     for name, t in info["teachers"].items():
         assert t["shards_done"] == info["shards_total"] and t["fidelity"]["spatial"]["mean_cos"] >= 0.999
         targets = [d for d in (tiny_store / "teachers" / name).iterdir()
                    if d.name in ("summary", "spatial", "summary_scale", "spatial_scale")]  # not moments/, norm/
-        teacher_disk = sum(p.stat().st_size for d in targets for p in d.rglob("*") if p.is_file())
+        teacher_disk = sum(p.stat().st_size for d in targets for p in d.rglob("*") if p.is_file() and p.name != "zarr.json")
         assert t["bytes"] == teacher_disk and t["bytes_per_view"] == pytest.approx(teacher_disk / (N * V))
     assert info["teachers"]["sam"]["summary_dim"] is None and info["teachers"]["clip"]["summary_dim"] == 32
 
@@ -87,8 +89,8 @@ def test_verify_names_the_array_and_sample_of_a_corrupted_chunk(store_copy):
 
 
 def test_verify_names_a_corrupted_sample_array(store_copy):
-    _flip_middle(store_copy / L.STATUS / "c" / "3", count=4)
-    with pytest.raises(CacheIntegrityError, match=f"^{L.STATUS}: unreadable chunk"):
+    _flip_middle(store_copy / L.LABELS / "c" / "3", count=4)
+    with pytest.raises(CacheIntegrityError, match=f"^{L.LABELS}: unreadable chunk"):
         verify_store(store_copy)
 
 
@@ -102,12 +104,10 @@ def test_verify_names_an_unfinished_shard(store_copy):
 def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy, record_again):
     root = zarr.open_group(store_copy, mode="r+")
     ids = root[L.IDS][:]
-    root[L.STATUS][7] = L.PENDING
-    record_again(store_copy, L.STATUS)
+    root[L.STATUS][7] = L.PENDING  # the driver's: no per-shard record
     with pytest.raises(CacheIntegrityError, match=f"sample '{ids[7]}' was never processed"):
         verify_store(store_copy)
     root[L.STATUS][7] = L.OK
-    record_again(store_copy, L.STATUS)
     summary = root[L.target_array("dinov2", "summary")]
     value = summary[9]
     value[1, 5] = np.inf
@@ -118,7 +118,7 @@ def test_verify_names_a_sample_never_processed_and_non_finite_targets(store_copy
 
 
 @pytest.mark.parametrize("array", [L.target_array("clip", "spatial"), L.scale_array("clip", "spatial"),
-                                   L.target_array("dinov2", "summary"), L.STATUS])
+                                   L.target_array("dinov2", "summary"), L.BOXES])
 def test_verify_names_a_done_shard_whose_file_is_gone(store_copy, array):
     """Zarr reads a missing shard as fill values: training would learn all-zero targets for it."""
     root = open_store(store_copy)
@@ -128,20 +128,22 @@ def test_verify_names_a_done_shard_whose_file_is_gone(store_copy, array):
     with pytest.raises(CacheIntegrityError) as e:
         verify_store(store_copy)
     assert str(e.value) == (f"{array}: shard 2 (samples 8-11) is done but its file is gone (1 shard files lost or "
-                            "altered); rerun the same `radio-cache build` to redo it")
+                            f"altered); run `radio-cache verify {store_copy} --repair`, then rerun the same "
+                            "`radio-cache build` to redo it")
 
 
-def test_resume_redoes_done_shards_whose_files_are_gone(store_copy, sample_dataset, capfd):
+def test_repair_marks_the_shards_whose_files_are_gone_not_done(store_copy):
+    """A rerun lists no files (its cost would grow with the store): `verify --repair` finds the lost ones and
+    clears their shards' done flags, for every teacher, so that the rerun redoes them."""
     root = open_store(store_copy)
-    for array in (L.target_array("sam", "spatial"), L.STATUS):
-        key = root[array].metadata.encode_chunk_key((5,) + (0,) * (root[array].ndim - 1))
+    for array, shard in ((L.target_array("sam", "spatial"), 5), (L.BOXES, 5), (L.IDS, 9)):
+        key = root[array].metadata.encode_chunk_key((shard,) + (0,) * (root[array].ndim - 1))
         (store_copy / array / key).unlink()
-    with build_lock(store_copy):
-        root = resume_store(store_copy, scan_dataset(sample_dataset))
-    assert "warning: teachers/sam/spatial: shard 5 was done but its file is lost; redoing the shard" in capfd.readouterr().err
+    found = repair_store(store_copy)
+    assert sorted(found) == [5, 9] and "is done but its file is gone" in found[9]
     flags = {name: root[L.done_array(name)][:] for name in ("clip", "dinov2", "sam")}
-    assert all(f[5] == 0 and f.sum() == L.shard_count(N, S) - 1 for f in flags.values())  # status: every teacher
-    assert lost_shards(store_copy, root) == []
+    assert all(f[5] == 0 == f[9] and f.sum() == L.shard_count(N, S) - 2 for f in flags.values())
+    assert lost_shards(store_copy, root) == [] and repair_store(store_copy) == {}  # not done: nothing claims them
 
 
 def test_every_written_shard_has_its_file_even_when_all_zeros(store_copy):
@@ -161,7 +163,7 @@ def test_temporary_files_of_a_killed_write_are_never_read_or_counted_and_the_sha
     """A kill in a chunk write leaves Zarr's `<key>.<uuid>.partial` beside the chunk (it writes there, then renames)."""
     before = {k: v for k, v in store_info(store_copy).items() if k != "store"}
     stray = {(array, k): store_copy / array / f"c/{k}{'/0' * (ndim - 1)}.{'ab' * 16}.partial"
-             for array, ndim in ((L.STATUS, 1), (L.done_array("sam"), 1), (L.SHARDS, 3)) for k in (3, 6)}
+             for array, ndim in ((L.ERRORS, 1), (L.BOXES, 3), (L.SOURCES, 2)) for k in (3, 6)}
     for path in stray.values():
         path.write_bytes(b"\x00" * 1000)  # cut short: it would not decode
     assert {k: v for k, v in store_info(store_copy).items() if k != "store"} == before  # its bytes not counted
@@ -175,10 +177,11 @@ def test_temporary_files_of_a_killed_write_are_never_read_or_counted_and_the_sha
 
     worker = ShardWorker(tuple(tiny_specs[name] for name in ("clip", "dinov2", "sam")), str(store_copy), batch_size=8,
                          threads=1)
+    samples = shard_samples(scan_dataset(sample_dataset), 3, S)
     with build_lock(store_copy) as token:
-        worker.run(3, str(sample_dataset), token)
+        commit_shards(store_copy, root, {3: worker.run(3, str(sample_dataset), token, samples)})
     assert sorted(key for key, path in stray.items() if path.exists()) == [(a, 6) for a in sorted(
-        (L.STATUS, L.done_array("sam"), L.SHARDS))]
+        (L.ERRORS, L.BOXES, L.SOURCES))]
     for path in stray.values():
         path.unlink(missing_ok=True)
     verify_store(store_copy)

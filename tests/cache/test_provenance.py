@@ -12,7 +12,7 @@ from PIL import Image
 from radio_distill.store import layout as L
 from radio_distill.cache.build import build_cache
 from radio_distill.cache.config import load_cache_config
-from radio_distill.store.inspect import verify_store
+from radio_distill.store.inspect import repair_store, verify_store
 from radio_distill.store.provenance import digest
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.store.group import open_store, shard_key
@@ -104,18 +104,27 @@ def test_images_of_another_dataset_with_the_same_names_are_refused(small_store, 
 
 @pytest.mark.parametrize("array", [L.IDS, L.LABELS, L.BOXES, L.ERRORS, L.SOURCES])
 def test_a_lost_sample_array_chunk_fails_verify_and_training(store_copy, array):
+    """Training meets the loss where it reads the array: the loader (ids, boxes, sources) when it first meets the
+    shard, evaluation's labels; nothing but `info` and `verify` reads the errors."""
     _file(store_copy, array, 1).unlink()
     message = f"{array}: shard 1 \\(samples 2-3\\) is done but its file is gone"
     with pytest.raises(CacheIntegrityError, match=message):
         verify_store(store_copy)
-    with pytest.raises(CacheIntegrityError, match=f"{array} shard 1 is done but its file is gone"):
-        CacheReader(store_copy)
+    reader = CacheReader(store_copy)
+    row = int(next(i for i in reader.indices(holdout=0.0) if i // reader.shard_size == 1))
+    if array == L.LABELS:
+        with pytest.raises(CacheIntegrityError, match=f"^{array}: a file of it is gone .*--repair"):
+            reader.labels[[0, row]]
+    elif array != L.ERRORS:
+        with pytest.raises(CacheIntegrityError, match=f"^{array}: shard 1 file is gone.*--repair"):
+            reader.dataset(resolution=32)[(row, 0)]
 
 
 @pytest.mark.slow
 def test_a_rerun_writes_lost_sample_arrays_again(ray_session, small_config, store_copy, assert_same_store, small_store):
     for array in (L.IDS, L.LABELS, L.BOXES):
         _file(store_copy, array, 2).unlink()
+    assert list(repair_store(store_copy)) == [2]  # a rerun trusts the done state: repair marks the shard not done
     report = build_cache(small_config(store_copy), progress=False)
     assert report["shards_run"] == 1
     assert_same_store(store_copy, small_store)
@@ -148,9 +157,11 @@ def test_two_swapped_shard_files_fail_verify_and_training(store_copy, array):
     b.write_bytes(data_a)
     with pytest.raises(CacheIntegrityError, match=f"{array}: shard 1 .*(swapped|replaced)"):
         verify_store(store_copy)
-    if len(data_a) != len(data_b):  # training's open compares sizes; verify reads the values
-        with pytest.raises(CacheIntegrityError, match=f"{array} shard 1 file is .* bytes"):
-            CacheReader(store_copy)
+    if len(data_a) != len(data_b):  # the loader compares sizes when it first meets a shard; verify reads the values
+        reader = CacheReader(store_copy)
+        row = int(next(i for i in reader.indices(holdout=0.0) if i // reader.shard_size == 1))
+        with pytest.raises(CacheIntegrityError, match=f"^{array}: shard 1 file is .* bytes"):
+            reader.dataset(resolution=32)[(row, 0)]
 
 
 def test_swapped_sample_array_files_of_one_size_fail_verify(store_copy):

@@ -323,7 +323,7 @@ def test_training_and_evaluation_read_tar_and_parquet_images_by_location(stores,
 
     _write_masks(datasets, stores)
     folder = CacheReader(stores["folder"])
-    folder_ids = [str(i) for i in folder.ids[np.arange(len(folder.ids))]]
+    folder_ids = [str(i) for i in folder.ids[np.arange(folder.num_samples)]]
 
     def no_scan(*args, **kwargs):
         raise AssertionError("a tar was scanned while training")

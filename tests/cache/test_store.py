@@ -118,8 +118,10 @@ def test_chunk_is_one_sample_view_and_shard_is_shard_size_samples(tiny_store, ro
     # one file per shard on disk
     files = sorted((tiny_store / L.target_array(name, "spatial") / "c").rglob("*"))
     assert len([f for f in files if f.is_file()]) == L.shard_count(N, S)
-    for path in (L.IDS, L.STATUS, L.BOXES):  # sample arrays: one chunk per shard, one writer
+    for path in (L.IDS, L.BOXES):  # sample arrays: one chunk per shard, one writer
         assert _meta(tiny_store, path)["chunk_grid"]["configuration"]["chunk_shape"][0] == S
+    for path, rows in ((L.STATUS, N), (L.SPLIT, N), (L.done_array(name), L.shard_count(N, S))):  # the driver's
+        assert _meta(tiny_store, path)["chunk_grid"]["configuration"]["chunk_shape"][0] == rows  # one file
 
 
 def test_boxes_view0_centred_square_and_views_inside_the_image(root, sample_dataset):
@@ -207,7 +209,7 @@ def test_open_store_refuses_what_is_not_ours(tmp_path, tiny_store):
     shutil.copytree(tiny_store, old)
     zarr.open_group(old, mode="r+").attrs["layout_version"] = L.LAYOUT_VERSION + 1
     with pytest.raises(CacheLayoutError, match=f"layout v{L.LAYOUT_VERSION + 1}, this version reads "
-                                               f"v1, v2, v3, v{L.LAYOUT_VERSION}; rebuild it"):
+                                               f"v1, v2, v3, v4, v{L.LAYOUT_VERSION}; rebuild it"):
         open_store(old)
 
 

@@ -27,7 +27,7 @@ def test_corrupt_chunk_through_a_worker_is_one_line(eval_setup, tmp_path):
     data[mid:mid + 32] = bytes(b ^ 0xFF for b in data[mid:mid + 32])
     shard_file.write_bytes(bytes(data))
     reader = CacheReader(store)
-    rows = [i for i in range(8) if reader.usable[i]]
+    rows = [i for i in reader.indices(holdout=0.0).tolist() if i < 8]
     with pytest.raises(CacheIntegrityError) as e:
         collect(reader, load_student(eval_setup.run), rows, resolution=32, device=torch.device("cpu"), batch_size=8,
                 workers=1, progress=False)

@@ -22,7 +22,8 @@ from .conftest import config
 # bf16 rounds each value to 2^-9 (~0.2%). From the same weights and batch, a step's losses were within 0.2% of
 # fp32 (measured: vit 0.06%, resnet 0.20%, eradio 0.20%) and its gradients at cos 0.997 (resnet) to 1.0000 (vit);
 # over the loop's first 3 steps (the weights drift apart) the losses stayed within 0.11%. Bounds: 5-10x that
-STEP_LOSS_REL, STEP_GRAD_COS, LOOP_LOSS_REL = 0.01, 0.99, 0.01
+# grad_norm sums every gradient's bf16 rounding: 1.3% off on one batch of E-RADIO (its direction: the cosine)
+STEP_LOSS_REL, STEP_NORM_REL, STEP_GRAD_COS, LOOP_LOSS_REL = 0.01, 0.03, 0.99, 0.01
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (a device check, BENCHMARKS.md)")
@@ -55,7 +56,7 @@ def test_a_step_under_bf16_autocast_gives_the_fp32_losses_and_gradients(train_st
     (ref, g32), (got, g16) = out["fp32"], out["bf16"]
     assert g16.dtype == torch.float32 and not torch.equal(g32, g16)  # bf16 ran, the master weights stay fp32
     for name in ref:
-        assert got[name] == pytest.approx(ref[name], rel=STEP_LOSS_REL), name
+        assert got[name] == pytest.approx(ref[name], rel=STEP_NORM_REL if name == "grad_norm" else STEP_LOSS_REL), name
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) >= STEP_GRAD_COS
 
 

@@ -12,7 +12,7 @@ from radio_distill.store import layout as L
 from radio_distill.errors import CacheIntegrityError, DatasetError
 from radio_distill.store import reader as reader_module
 from radio_distill.train.loop import train
-from radio_distill.store.reader import CacheReader, SampleIds, StepSampler, is_held_out
+from radio_distill.store.reader import CacheReader, StepSampler, is_held_out
 
 from .conftest import config
 
@@ -32,24 +32,31 @@ def first_drawn(reader: CacheReader, *, after: int, holdout: float = 0.1, batch_
 
 def test_split_of_many_ids_at_once_is_is_held_out():
     ids = [f"n{c:08d}/n{c:08d}_{k}.JPEG" for c in range(40) for k in range(50)] + ["a", "é/ü.jpg", "b.png"]
-    packed = SampleIds(np.array(ids, dtype=object))
-    assert len(packed) == len(ids) and [packed[i] for i in range(len(ids))] == ids
-    assert packed[np.array([1, len(ids) - 2])].tolist() == [ids[1], ids[-2]]
+    keys = np.array([L.split_key(i) for i in ids], np.uint16)
     for fraction in (0.0, 0.05, 0.5, 0.95, 1.0):
-        assert packed.held_out(fraction).tolist() == [is_held_out(i, fraction) for i in ids]
-    assert is_held_out("a", 0.91) and not is_held_out("a", 0.909)  # crc32(b'a') = 0xE8B7BE43 = 0.90905 x 2**32
+        assert L.held_out(keys, fraction).tolist() == [is_held_out(i, fraction) for i in ids]
+    assert 0.04 < L.held_out(keys, 0.05).mean() < 0.06
+    assert is_held_out("a", 0.91) and not is_held_out("a", 0.909)  # crc32(b'a') = 0xE8B7BE43: key 0xE8B7 = 59575
 
 
 def test_split_known_answers():
-    """An id is held out when crc32(id) / 2**32 is below the fraction, strictly: --holdout 0 holds out
-    nothing, even the id whose crc32 is 0, and the fraction equal to an id's hash leaves it in training."""
-    zero, a = "n00574/XhMx", 0xE8B7BE43 / 2**32  # crc32(b'n00574/XhMx') = 0; crc32(b'a') / 2**32, exactly
-    ids = SampleIds([zero, "a"])
-    assert not is_held_out(zero, 0.0) and ids.held_out(0.0).tolist() == [False, False]
-    assert is_held_out(zero, 2**-32) and ids.held_out(2**-32).tolist() == [True, False]
-    assert not is_held_out("a", a) and ids.held_out(a).tolist() == [True, False]
-    assert is_held_out("a", np.nextafter(a, 1)) and ids.held_out(np.nextafter(a, 1)).tolist() == [True, True]
-    assert ids.held_out(1.0).tolist() == [True, True]
+    """An id is held out when the top 16 bits of its crc32 are below round(fraction x 65536): --holdout 0 holds
+    out nothing, even the id whose crc32 is 0, and 1 everything."""
+    zero, a = "n00574/XhMx", 0xE8B7 / 65536  # crc32(b'n00574/XhMx') = 0; crc32(b'a') >> 16 = 0xE8B7
+    assert L.split_key(zero) == 0 and L.split_key("a") == 0xE8B7
+    assert not is_held_out(zero, 0.0) and not is_held_out(zero, 0.4 / 65536) and is_held_out(zero, 1 / 65536)
+    assert not is_held_out("a", a) and is_held_out("a", a + 1 / 65536)
+    assert is_held_out("a", 1.0) and is_held_out(zero, 1.0)
+
+
+def test_the_store_records_the_split_key_of_every_id(store_copy):
+    """The split is read from `samples/split`, written at creation: it must be the ids' own keys."""
+    root = zarr.open_group(store_copy, mode="r")
+    ids = root[L.IDS][:].tolist()
+    assert root[L.SPLIT][:].tolist() == [L.split_key(i) for i in ids]
+    reader = CacheReader(store_copy)
+    held = reader.indices(holdout=0.3, split="holdout")
+    assert set(held.tolist()) == {k for k in reader.indices(holdout=0.0).tolist() if is_held_out(ids[k], 0.3)}
 
 
 def test_images_option_points_the_store_at_a_moved_dataset(store_copy, tmp_path):
@@ -72,20 +79,28 @@ def test_fewer_than_all_samples_ok_is_said_at_the_start(train_store, tmp_path, c
     assert f"warning: {bad} of {n} samples ({bad / n:.1%})" in capfd.readouterr().err
 
 
-def test_a_done_shard_whose_file_is_gone_is_refused_at_open(store_copy):
+def test_a_done_shard_whose_file_is_gone_is_refused_when_met(store_copy):
+    """Opening lists no file (its cost would grow with the store); the loader finds the file gone when it first
+    meets the shard, and names it, before reading a value."""
     array = L.target_array("clip", "spatial")
     root = zarr.open_group(store_copy, mode="r")
     (store_copy / array / root[array].metadata.encode_chunk_key((1, 0, 0, 0, 0))).unlink()
-    with pytest.raises(CacheIntegrityError, match=f"{array} shard 1 is done but its file is gone.*build"):
-        CacheReader(store_copy)
+    reader = CacheReader(store_copy)
+    size, usable = reader.shard_size, reader.indices(holdout=0.0)
+    dataset = reader.dataset(resolution=32)
+    assert dataset[(int(usable[0]), 0)]["pixels"].shape == (3, 32, 32)  # shard 0 is whole
+    in_shard_1 = int(usable[(usable >= size) & (usable < 2 * size)][0])
+    with pytest.raises(CacheIntegrityError, match=rf"^{array}: shard 1 file is gone.*verify .* --repair"):
+        dataset[(in_shard_1, 0)]
 
 
 @pytest.mark.parametrize("array", [L.scale_array("clip", "spatial"), L.target_array("dinov2", "summary")])
-def test_targets_that_read_as_fill_values_are_refused_naming_array_and_sample(store_copy, array):
+def test_targets_that_read_as_fill_values_are_refused_naming_array_and_sample(store_copy, array, record_again):
     reader = CacheReader(store_copy)
     i = int(reader.indices(holdout=0.0)[5])
     stored = zarr.open_group(store_copy, mode="r+")[array]
     stored[i, 1] = np.zeros(stored.shape[2:], stored.dtype)  # as a lost chunk reads
+    record_again(store_copy, array)  # as if written so: the file checks pass, the read finds the zeros
     dataset = reader.dataset(resolution=32)
     assert dataset[(i, 0)]["pixels"].shape == (3, 32, 32)
     with pytest.raises(CacheIntegrityError, match=rf"^{array}: sample '{reader.ids[i]}' \(row {i}, view 1\) "
@@ -102,7 +117,8 @@ def test_corrupt_chunk_is_named_by_array_and_sample(store_copy):
     shard_file.write_bytes(bytes(data))
     reader = CacheReader(store_copy)
     dataset = reader.dataset(resolution=32)
-    shard = [(i, v) for i in range(8, 16) if reader.usable[i] for v in range(2)]
+    usable = set(reader.indices(holdout=0.0).tolist())
+    shard = [(i, v) for i in range(8, 16) if i in usable for v in range(2)]
     with pytest.raises(CacheIntegrityError) as e:
         dataset.__getitems__(shard)
     message = str(e.value)
@@ -122,14 +138,15 @@ def test_a_corrupt_sample_array_chunk_is_named_by_train_and_eval(store_copy, tmp
         flipped = bytearray(original)
         flipped[len(flipped) // 2] ^= 0xFF
         chunk.write_bytes(bytes(flipped))
-        for make in (lambda: CacheReader(store_copy),
-                     lambda: train(config(store_copy, tmp_path / "new"), progress=False),
-                     lambda: evaluate(EvalConfig(store=store_copy, run=run, out=tmp_path / "eval"), progress=False)):
+        CacheReader(store_copy)  # reads neither: training reads ids where it reads images, evaluation labels
+        makers = [lambda: evaluate(EvalConfig(store=store_copy, run=run, out=tmp_path / "eval"), progress=False)]
+        makers += [lambda: train(config(store_copy, tmp_path / "new"), progress=False)] if array == L.IDS else []
+        for make in makers:
             with pytest.raises(CacheIntegrityError) as e:
                 make()
             message = str(e.value)
             assert message.startswith(f"{array}: a chunk fails to decode (") and "\n" not in message
-            assert message.endswith(f"); run `radio-cache verify {store_copy}`")
+            assert f"run `radio-cache verify {store_copy} --repair`" in message
         chunk.write_bytes(original)
     assert not (tmp_path / "new").exists() and not (tmp_path / "eval").exists()
 

@@ -19,18 +19,19 @@ from radio_distill.train.step import DistillStep
 
 from .conftest import config
 
-# radio-train's first 3 steps on the shared tiny store (test_vit, side 32, batch 8, seed 0), logged by
-# the commit before multi-resolution training (35486af): one side must still give exactly these
+# radio-train's first 3 steps on the shared tiny store (test_vit, side 32, batch 8, seed 0), logged by the
+# commit before multi-resolution training (35486af) and logged again when the sampler's epochs became a Feistel
+# permutation (issue 21: other batches, same code path): one side must still give exactly these
 BEFORE = [
-    {"clip/summary": 0.9571611881256104, "clip/spatial": 0.9733842611312866, "dinov2/summary": 1.135464072227478,
-     "dinov2/spatial": 0.9216858148574829, "sam/spatial": 0.95220547914505, "loss": 4.939900875091553,
-     "grad_norm": 34.136295318603516},
-    {"clip/summary": 0.43167656660079956, "clip/spatial": 0.8520910143852234, "dinov2/summary": 0.8090649247169495,
-     "dinov2/spatial": 0.8333294987678528, "sam/spatial": 0.8788023591041565, "loss": 3.804964303970337,
-     "grad_norm": 8.034090995788574},
-    {"clip/summary": 0.3005540072917938, "clip/spatial": 0.8362692594528198, "dinov2/summary": 0.4454905390739441,
-     "dinov2/spatial": 0.7468464374542236, "sam/spatial": 0.6569517850875854, "loss": 2.986112117767334,
-     "grad_norm": 3.507016181945801},
+    {"clip/summary": 1.1024150848388672, "clip/spatial": 0.9931684732437134, "dinov2/summary": 1.1468067169189453,
+     "dinov2/spatial": 0.963769793510437, "sam/spatial": 0.9989674687385559, "loss": 5.205127716064453,
+     "grad_norm": 29.29607391357422},
+    {"clip/summary": 0.4760543704032898, "clip/spatial": 0.9058499336242676, "dinov2/summary": 0.6914141774177551,
+     "dinov2/spatial": 0.8249129056930542, "sam/spatial": 0.8660776019096375, "loss": 3.7643091678619385,
+     "grad_norm": 6.742377758026123},
+    {"clip/summary": 0.34354084730148315, "clip/spatial": 0.7838226556777954, "dinov2/summary": 0.4167955815792084,
+     "dinov2/spatial": 0.7730318903923035, "sam/spatial": 0.7084039449691772, "loss": 3.025594711303711,
+     "grad_norm": 3.909531593322754},
 ]
 
 
