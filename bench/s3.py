@@ -133,7 +133,7 @@ def done_state_store(work: Path, shards: int) -> tuple[Path, Path]:
     root = create_store(store, manifest=manifest, settings=settings, infos=infos)
     stats = provenance.source_stats(Images(manifest.source()), manifest.ids, None)
     open_array(store, L.STAMPS).write(np.array([provenance.stats_digest(stats[k:k + 1]) for k in range(shards)])).result()
-    open_array(store, L.STATUS).write(np.full(shards, L.UNREADABLE, np.uint8)).result()
+    open_array(store, L.STATUS).write(np.full(shards, L.OK, np.uint8)).result()
     for s in specs:
         open_array(store, L.done_array(s.name)).write(np.ones(shards, np.uint8)).result()
         root[L.teacher_group(s.name)].attrs["fidelity"] = {}  # reduced, as a complete build leaves it

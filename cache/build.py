@@ -228,11 +228,10 @@ def _redo_changed(out: Location, root, manifest, names: list[str]) -> None:
 
 
 def _todo(out: Location, root, names: list[str], size: int) -> list[tuple[int, bool]]:
-    """(shard, retry) to run: those not done, then done ones holding samples a rerun may now read (retry)."""
+    """(shard, retry) to run: those not done, then done ones holding samples a rerun may now read (retry: status
+    MISSING, so the status alone says it, not each sample's error)."""
     done = done_shards(out, root, names)
-    bad = np.flatnonzero(open_array(out, L.STATUS).read().result() == L.UNREADABLE)
-    reasons = root[L.ERRORS].get_coordinate_selection(bad) if bad.size else []
-    again = {int(k) // size for k, reason in zip(bad, reasons) if retryable(str(reason))}
+    again = {int(k) // size for k in np.flatnonzero(open_array(out, L.STATUS, strict=True).read().result() == L.MISSING)}
     return [(int(k), False) for k in np.flatnonzero(~done)] + [(k, True) for k in sorted(again) if done[k]]
 
 

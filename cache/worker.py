@@ -202,7 +202,7 @@ class ShardWorker:
         if retry:
             boxes, status, errors, sources = (self._zarr(a)[rows] for a in (L.BOXES, L.STATUS, L.ERRORS, L.SOURCES))
             errors = errors.astype(object)
-            redo = [k for k in range(count) if status[k] == L.UNREADABLE and retryable(str(errors[k]))]
+            redo = [k for k in range(count) if status[k] == L.MISSING]
         else:  # the errors known from the scan (a tar key without an image) are kept
             self._clear_partials(shard, L.shard_count(n, size))
             boxes, errors = np.zeros((count, views, 4), np.float32), np.asarray(samples["errors"], dtype=object)
@@ -220,7 +220,7 @@ class ShardWorker:
         sources[redo] = [r for _, r in read]
         for k, d in decoded.items():
             if isinstance(d, str):
-                status[k], errors[k] = L.UNREADABLE, d
+                status[k], errors[k] = (L.MISSING if retryable(d) else L.UNREADABLE), d
             else:
                 status[k], errors[k] = L.OK, ""
                 boxes[k] = view_boxes(d[2], d[3], views=views, seed=seed, sample_id=ids[k])
@@ -263,7 +263,7 @@ class ShardWorker:
                         array[row] = written[path]
         check_token(self.store, token)
         return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
-                "unreadable": int(sum(status[k] == L.UNREADABLE for k in redo)),
+                "unreadable": int(sum(status[k] in L.BAD for k in redo)),
                 "status": status, "record": self._record(shard, {**arrays, **written}),
                 "stamp": provenance.stats_digest(stats)}
 

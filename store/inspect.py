@@ -27,7 +27,7 @@ def store_info(path: str | Path | Location) -> dict:
     names = teacher_names(root)
     done = done_shards(path, root, names)
     status = np.where(np.repeat(done, size)[:n], open_array(path, L.STATUS).read().result(), L.PENDING)
-    bad = np.flatnonzero(status == L.UNREADABLE)
+    bad = np.flatnonzero(np.isin(status, L.BAD))
     ids, errors = root[L.IDS], root[L.ERRORS]
     sizes = _file_bytes(path, root)
     teachers = {}

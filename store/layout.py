@@ -9,7 +9,7 @@ calibrated codec, Q calibration samples.
   samples/ids        (N,)          str, path relative to the dataset root (tar: `<tar>/<key>`, Parquet: `<file>/<row>`)
   samples/labels     (N,)          int32, -1 when unlabelled
   samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
-  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE; chunks of STATUS_CHUNK rows, written by the
+  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE / MISSING (v5); chunks of STATUS_CHUNK rows, written by the
                                    build's driver with the done state (layout v5 on)
   samples/stamps     (n_shards,)   int64, per shard the digest of its images' (size, mtime) when it was built
                                    (`provenance.py`), written by the driver with the done state (v5 on)
@@ -90,7 +90,9 @@ SHARDS = "samples/shards"
 SPLIT = "samples/split"
 STAMPS = "samples/stamps"
 
-PENDING, OK, UNREADABLE = 0, 1, 2
+PENDING, OK, UNREADABLE, MISSING = 0, 1, 2, 3  # MISSING: unreadable for now (the file absent, an I/O
+# error): a rerun retries it (`worker.retryable`) without reading the errors
+BAD = (UNREADABLE, MISSING)
 
 LOCK_FILE = "build.lock"
 HOLDER_FILE = "build.json"

@@ -100,9 +100,14 @@ def test_sources(bench, ray_session):
 
 @pytest.mark.slow
 def test_s3(bench, ray_session):  # its own moto server; AWS_* are restored after
-    rows = bench("s3", "--images", "16", "--shard-size", "8")["results"]
+    rows = bench("s3", "--images", "16", "--shard-size", "8", "--shards", "64")["results"]
+    rows, scale = rows[:-2], rows[-2:]
     assert [(r["place"], r["phase"]) for r in rows] == [(p, f) for p in ("local", "s3")
                                                         for f in ("build 8", "build 16", "rerun", "verify", "open")]
+    assert [r["phase"] for r in scale] == ["rerun, complete, 64 shards", "resume, half done, 64 shards: first shard "
+                                                                          "written"]
+    for r in scale:
+        positive(r, "seconds", "requests", "requests_per_100_shards", "objects")
     for r in rows:
         positive(r, "seconds")
         assert (r["requests"] is None) == (r["place"] == "local"), r
@@ -147,7 +152,7 @@ def test_student_speed(bench):
 def test_scale(bench):
     [row] = bench("scale", "--samples", "3000", "--read", "16", "--workers", "1")["results"]
     assert row["samples"] == 3000 and row["train_samples"] > 2500
-    positive(row, "open_s", "reader_s", "rss_main_mb", "rss_idle_worker_mb", "worker_peak_mb")
+    positive(row, "open_s", "reader_s", "rss_main_mb", "rss_idle_worker_mb", "worker_peak_mb", "info_s", "listing_s")
     assert row["rss_worker_mb"] == row["worker_peak_mb"] - row["rss_idle_worker_mb"] and row["met"] is None
 
 

@@ -451,7 +451,7 @@ def test_config_list_file_labels_and_missing_file(toml_build):
     assert ids[-1] == "gone.jpg" and ids[0].startswith("circle/")
     assert list(root[L.LABELS][:]) == [0, 0, 0, 1, 1, 1, 1]  # classes from the CSV: circle, star
     assert root.attrs["dataset"]["classes"] == ["circle", "star"]
-    assert root[L.STATUS][6] == L.UNREADABLE and root[L.ERRORS][6] == "missing file"
+    assert root[L.STATUS][6] == L.MISSING and root[L.ERRORS][6] == "missing file"
     assert store_info(out)["unreadable"] == {"gone.jpg": "missing file"}
     assert (root[L.STATUS][:6] == L.OK).all()
 

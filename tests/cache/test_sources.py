@@ -162,7 +162,7 @@ def test_folder_tar_and_parquet_stores_hold_identical_targets(stores, datasets, 
             r = rows[sample_id]
             for path in (L.STATUS, L.ERRORS, L.BOXES, L.LABELS, *targets):
                 assert np.array_equal(x[path][r], arrays["folder"][path][f]), (kind, sample_id, path)
-        bad = {str(x[L.IDS][r]): str(x[L.ERRORS][r]) for r in np.flatnonzero(x[L.STATUS] == L.UNREADABLE)}
+        bad = {str(x[L.IDS][r]): str(x[L.ERRORS][r]) for r in np.flatnonzero(np.isin(x[L.STATUS], L.BAD))}
         expected = {_key(kind, i, folder_ids): reason for i, reason in bad.items()}
         assert {k: v for k, v in expected.items() if k in BAD_FILES} == BAD_FILES
         if kind == "tar":  # the key without an image is a sample, unreadable, saying what it has

@@ -15,6 +15,7 @@ from radio_distill.store import codecs
 from radio_distill.store import layout as L
 from radio_distill.store.dataset import load_rgb, scan_dataset
 from radio_distill.store.inspect import store_info
+from radio_distill.cache.worker import retryable
 from radio_distill.cache.sample_data import BAD_FILES, CLASSES
 from radio_distill.store.group import open_store
 from radio_distill.store.views import crop_resize, view_boxes
@@ -146,14 +147,14 @@ def test_status_and_reasons_of_bad_inputs(root, tiny_store):
     ids, status, errors = root[L.IDS][:], root[L.STATUS][:], root[L.ERRORS][:]
     by_id = {i: (s, e) for i, s, e in zip(ids, status, errors)}
     for name, reason in BAD_FILES.items():
-        assert by_id[name] == (L.UNREADABLE, reason)
+        assert by_id[name] == (L.MISSING if retryable(reason) else L.UNREADABLE, reason)
     for name in ("cmyk.jpg", "grey16.png", "grey.jpg", "rgba.png", "palette.png", "one_pixel.png", "huge.jpg"):
         assert by_id[name] == (L.OK, ""), name
     assert (status != L.PENDING).all() and (status == L.OK).sum() == N - len(BAD_FILES)
     info = store_info(tiny_store)
     assert info["unreadable"] == BAD_FILES and info["ok"] == N - 3 and info["pending"] == 0
     # unreadable samples hold no targets
-    bad = np.flatnonzero(status == L.UNREADABLE)
+    bad = np.flatnonzero(np.isin(status, L.BAD))
     assert (root[L.target_array("clip", "spatial")][bad[0]] == 0).all()
 
 
