@@ -56,6 +56,7 @@ import tarfile
 import threading
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -189,10 +190,12 @@ def _sidecar_samples(root: Path, name: str) -> tuple[list[str], list[int]]:
             that is no integer, successes other than its stats count.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     path = os.path.join(root, _sidecar(name))
-    pf = _open_parquet(path, "parquet sidecar", pre_buffer=False)  # 2 small reads: cheaper than its IO-thread hop
+    try:  # status as codes into its few values; pre-buffering off: 2 small reads cost less than its IO-thread hop
+        pf = _open_parquet(path, "parquet sidecar", pre_buffer=False, read_dictionary=["status"])
+    except KeyError:  # no status column
+        pf = _open_parquet(path, "parquet sidecar")
     have = pf.schema_arrow.names
     lacking = [c for c in ("key", "status") if c not in have]
     if lacking:
@@ -204,14 +207,15 @@ def _sidecar_samples(root: Path, name: str) -> tuple[list[str], list[int]]:
         raise DatasetError(f"parquet sidecar '{path}' cannot be read ({e}); it is truncated or not Parquet") from None
     for column in ("key", "status"):
         kind = table.schema.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
             raise DatasetError(f"parquet sidecar '{path}': its '{column}' column is {kind}; img2dataset writes it "
                                "as text")
-    success = pc.equal(table.column("status"), "success")  # null: no success (`filter` drops it)
-    keys = table.column("key").filter(success)
-    if keys.null_count:
+    success = _success_rows(table.column("status"))
+    keys = list(compress(table.column("key").to_pylist(), success.tolist()))
+    if None in keys:
         raise DatasetError(f"parquet sidecar '{path}': a 'success' row has no key")
-    ids = [f"{name}/{k}" for k in keys.to_pylist()]
+    ids = [f"{name}/{k}" for k in keys]
     if len(set(ids)) < len(ids):
         seen = set()
         twice = next(i for i in ids if i in seen or seen.add(i)).split("/")[-1]
@@ -220,12 +224,22 @@ def _sidecar_samples(root: Path, name: str) -> tuple[list[str], list[int]]:
     _check_stats(os.path.join(root, f"{name[:-len('.tar')]}_stats.json"), path, len(ids))
     labels = [-1] * len(ids)
     if "label" in have:
-        values, text = _label_values(table.column("label").filter(success), path)
+        values, text = _label_values(table.column("label").filter(pa.array(success)), path)
         if text:
             raise DatasetError(f"parquet sidecar '{path}': its 'label' column holds class names; labels of tar "
                                "samples are class indices (0, 1, ...), as in their `cls` or `json` member")
         labels = [-1 if v is None else v for v in values]
     return ids, labels
+
+
+def _success_rows(status) -> np.ndarray:
+    """(rows,) bool: where a dictionary-encoded `status` column is 'success' (null: not)."""
+    rows = [np.zeros(0, bool)]
+    for chunk in status.chunks:  # a row group, with its own codes
+        values = chunk.dictionary.to_pylist()
+        code = values.index("success") if "success" in values else -1
+        rows.append(chunk.indices.to_numpy(zero_copy_only=False) == code)  # a null is NaN: no code
+    return np.concatenate(rows)
 
 
 def _check_stats(path: str, sidecar: str, successes: int) -> None:

@@ -27,6 +27,7 @@ from radio_distill.store.dataset import UnreadableImage
 from radio_distill.store.sources import UNRESOLVED, Images, scan_source
 
 SHARDS, PER_SHARD = 3, 10  # URLs per shard, as img2dataset's --number_sample_per_shard
+BUFFER = 4  # sidecar rows per row group (img2dataset's BufferedParquetWriter: 100)
 SCHEMA = pa.schema([("label", pa.int64()), ("caption", pa.string()), ("url", pa.string()), ("key", pa.string()),
                     ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32()),
                     ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
@@ -72,7 +73,9 @@ def write_img2dataset(out: Path, *, shards: int = SHARDS, per_shard: int = PER_S
                                "json": json.dumps(meta, indent=4)})
                 rows.append(meta)
             tar.close()
-        pq.write_table(pa.Table.from_pylist(rows, SCHEMA), out / f"{name}.parquet")
+        with pq.ParquetWriter(out / f"{name}.parquet", SCHEMA) as writer:  # its buffer: a row group per 100 rows
+            for start in range(0, per_shard, BUFFER):
+                writer.write_table(pa.Table.from_pylist(rows[start:start + BUFFER], SCHEMA))
         successes = sum(r["status"] == "success" for r in rows)
         (out / f"{name}_stats.json").write_text(json.dumps(
             {"count": per_shard, "successes": successes, "failed_to_download": per_shard - successes,
@@ -224,7 +227,9 @@ def test_bad_sidecars_are_named_in_one_line_before_anything_is_created(downloade
     (tmp_path / "no_stats").mkdir()  # other writers than img2dataset: no stats, checked no further
     for f in source.glob("0000[01].*"):
         shutil.copy(f, tmp_path / "no_stats" / f.name)
-    assert len(scan_source(tmp_path / "no_stats" / "*.tar")) == 14
+    _with(tmp_path / "no_stats", "00001", status=[None if k == a else r["status"] for k, r in enumerate(rows)])
+    m = scan_source(tmp_path / "no_stats" / "*.tar")
+    assert len(m) == 13 and f"00001.tar/{keys[a]}" not in m.ids  # a row without status is no success
     store = tmp_path / "x.zarr"
     result = CliRunner().invoke(cache_app, ["build", str(tmp_path / "no_sidecar" / "*.tar"), "--out", str(store),
                                             "--teachers", "tiny"])
