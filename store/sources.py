@@ -25,8 +25,8 @@ in one call, so both follow download completion); labels from a `label` column (
 sidecar has one, else -1. No tar is read, only stat'ed: where each image is comes from the tar's
 headers when a worker first reads it (`UNRESOLVED`, `Images.resolve`), so the fingerprint is a
 function of the sidecars; a key without an image member in the tar then reads as unreadable, saying
-so. Planning costs ~0.3 ms of CPU a sidecar and 0.5 us a sample (bench/plan.py: 100,000 tars in
-50-63 s on a loaded 2-core VM). Refused in one line: a sidecar that cannot be read, lacks `key` or
+so. Planning costs ~0.3-0.6 ms of CPU a sidecar and 0.5 us a sample (bench/plan.py: 100,000 tars
+in 50-71 s on a loaded 2-core VM). Refused in one line: a sidecar that cannot be read, lacks `key` or
 `status`, lists a key twice as a success, or counts other successes than its `_stats.json` (when
 there is one); and a tar without its sidecar beside tars with one: img2dataset writes one per tar,
 so a missing one is a failed shard or an incomplete copy, and listing that tar's headers instead
