@@ -13,7 +13,25 @@ the member with the first of TAR_IMAGES the key has (jpg before jpeg, png, webp)
 member is a sample recorded unreadable, its reason naming the members it has; a key with two members
 of one extension (`a.jpg` twice, or `a.jpg` and `a.JPG`) is refused, as is an image listed twice in a
 list file. Id `<tar>/<key>`; samples in tar order, then member order, so a shard of consecutive
-samples is one span of a tar.
+samples is one span of a tar. Listing reads every member header of every tar (512 bytes per member,
+spread over the whole file): with a file system's readahead, about the whole dataset streamed before
+the first teacher runs, hundreds of TB for DataComp-1B.
+
+Tars with img2dataset's sidecars are planned from the sidecars alone: beside `00042.tar` its
+`00042.parquet` (a row per URL of the shard: `key`, `status`, `url`, `caption`, ...) and
+`00042_stats.json` (counts: `successes`, ...). The samples are the rows with status `success`, in
+row order, which is the tar's member order (img2dataset writes a success's row and its tar members
+in one call, so both follow download completion); labels from a `label` column (integers) if the
+sidecar has one, else -1. No tar is read, only stat'ed: where each image is comes from the tar's
+headers when a worker first reads it (`UNRESOLVED`, `Images.resolve`), so the fingerprint is a
+function of the sidecars; a key without an image member in the tar then reads as unreadable, saying
+so. Planning costs ~0.3-0.6 ms of CPU a sidecar and 0.5 us a sample (bench/plan.py: 100,000 tars
+in 50-71 s on a loaded 2-core VM). Refused in one line: a sidecar that cannot be read, lacks `key` or
+`status`, lists a key twice as a success, or counts other successes than its `_stats.json` (when
+there is one); and a tar without its sidecar beside tars with one: img2dataset writes one per tar,
+so a missing one is a failed shard or an incomplete copy, and listing that tar's headers instead
+would read it whole where the user expects nothing read (copy the sidecar, or leave the tar out of
+the pattern).
 
 Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
 `path`), or plain binary; labels come from the `label` column, class names from the schema's
@@ -25,8 +43,9 @@ the Parquet file's folder), and one with neither is unreadable. That file must b
 a path outside it is refused at the scan, as a list file refuses one (`_check_paths`).
 
 `locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
-file: tar (file, offset of the member's data, its size; offset -1: no image member); Parquet (file,
-row group, row in the group). `file` indexes `files`.
+file: tar (file, offset of the member's data, its size; offset NO_IMAGE: no image member, UNRESOLVED:
+planned from a sidecar, found by key in the tar's headers when read); Parquet (file, row group, row
+in the group). `file` indexes `files`.
 """
 
 import glob
@@ -36,7 +55,9 @@ import os
 import posixpath
 import tarfile
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +72,9 @@ PACKED = {".tar": "tar", ".parquet": "parquet"}
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # preferred, in this order, when a Parquet file has several
 NO_IMAGE = -1  # tar location offset of a key without an image member
+UNRESOLVED = -2  # tar location offset of a sample planned from its sidecar: found in its tar's headers when read
+SIDECAR_THREADS = 4  # sidecars read at once: a network file system's latencies overlap (more contend for the GIL)
+TAR_LISTINGS = 4  # tars whose member headers one `Images` keeps (a build shard spans one or two)
 COALESCE = 1 << 20  # tar members closer than this are read in one read (a build shard: its whole span)
 
 
@@ -62,42 +86,67 @@ def scan_source(data: str | Path) -> Manifest:
     if path.is_dir() or (path.suffix not in PACKED and not path.name.endswith(COMPRESSED_TARS)
                          and (path.is_file() or not pattern)):
         return scan_dataset(path)
-    files = _expand(text)
-    compressed = [f for f in files if f.name.endswith(COMPRESSED_TARS)]
+    files = _expand(text)  # paths as text: 100,000 tars are listed in a second
+    compressed = [f for f in files if f.endswith(COMPRESSED_TARS)]
     if compressed:
         raise DatasetError(f"'{compressed[0]}' is a compressed tar: training reads members by their offsets, which "
                            "a compressed stream has not; decompress the shards first (e.g. gunzip, zstd -d)")
-    kinds = {PACKED.get(f.suffix) for f in files}
+    kinds = {PACKED.get(os.path.splitext(f)[1]) for f in files}
     if kinds - set(PACKED.values()) or len(kinds) > 1:
-        raise DatasetError(f"'{text}' matches {', '.join(sorted(f.name for f in files)[:3])}...; a pattern names "
-                           "only .tar files or only .parquet files")
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    names = tuple(f.relative_to(root).as_posix() for f in files)
+        raise DatasetError(f"'{text}' matches {', '.join(sorted(os.path.basename(f) for f in files)[:3])}...; a "
+                           "pattern names only .tar files or only .parquet files")
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    start = len(os.path.join(root, ""))
+    names = tuple(f[start:] for f in files)
     kind = kinds.pop()
     scan = _scan_tars if kind == "tar" else _scan_parquet
-    manifest = scan(root, names)
+    manifest = scan(Path(root), names)
     if not manifest.ids:
         raise DatasetError(f"'{text}' ({len(files)} {kind} files) holds no samples")
     check_names(manifest)
     return manifest
 
 
-def _expand(pattern: str) -> list[Path]:
-    """The files a brace and glob pattern names, each once, in pattern order (globs sorted)."""
+def _expand(pattern: str) -> list[str]:
+    """The files a brace and glob pattern names, resolved (`os.path.realpath`), each once, in pattern order
+    (globs sorted as paths, component by component)."""
     files = []
     for part in braceexpand(os.path.expanduser(pattern)):
         if any(c in part for c in "*?["):
-            files += sorted(Path(p) for p in glob.glob(part, recursive=True) if Path(p).is_file())
-        elif Path(part).is_file():
-            files.append(Path(part))
+            files += sorted((p for p in glob.glob(part, recursive=True) if os.path.isfile(p)),
+                            key=lambda p: p.split(os.sep))
+        elif os.path.isfile(part):
+            files.append(part)
         else:
             raise DatasetError(f"'{part}'{f' (from {pattern!r})' if part != pattern else ''} does not exist")
     if not files:
         raise DatasetError(f"'{pattern}' matches no file")
-    return list(dict.fromkeys(f.resolve() for f in files))
+    folders = {}
+    return list(dict.fromkeys(_resolved(f, folders) for f in files))
+
+
+def _resolved(path: str, folders: dict[str, str]) -> str:
+    """`os.path.realpath` of a file, each folder's links resolved once (`folders`: resolved so far): a file
+    that is no link is its resolved folder and its name."""
+    path = os.path.abspath(path)
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
 
 
 def _scan_tars(root: Path, names: tuple[str, ...]) -> Manifest:
+    """From the tars' img2dataset sidecars when they have them, else from their member headers."""
+    sidecars = [os.path.isfile(os.path.join(root, _sidecar(n))) for n in names]
+    if any(sidecars):
+        if not all(sidecars):
+            lone = names[sidecars.index(False)]
+            raise DatasetError(f"tar file '{root / lone}' has no sidecar '{_sidecar(lone)}' while {sum(sidecars)} of "
+                               f"the {len(names)} tars have theirs; img2dataset writes one per tar: copy it, or leave "
+                               "the tar out of the pattern")
+        return _scan_sidecars(root, names)
     ids, labels, locations, reasons = [], [], [], {}
     for f, name in enumerate(names):
         for key, members, label in _tar_samples(root / name):
@@ -111,8 +160,111 @@ def _scan_tars(root: Path, names: tuple[str, ...]) -> Manifest:
     return _manifest(root, ids, labels, None, kind="tar", files=names, locations=locations, reasons=reasons)
 
 
-def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
-    """(key, {extension: (data offset, size)}, label or -1) per key of a tar, in member order.
+def _sidecar(tar: str) -> str:
+    """img2dataset's Parquet sidecar of a tar: `a/00042.tar` -> `a/00042.parquet`."""
+    return tar[:-len(".tar")] + ".parquet"
+
+
+def _scan_sidecars(root: Path, names: tuple[str, ...]) -> Manifest:
+    """The tars' samples from their sidecars. On a warm page cache the reads are bound by the GIL (~0.3 ms
+    a sidecar on 2 cores); the threads overlap a network file system's latency."""
+    pool = ThreadPoolExecutor(SIDECAR_THREADS)
+    try:  # the first bad sidecar in tar order is named; those not started yet are cancelled
+        planned = list(pool.map(lambda name: _sidecar_samples(root, name), names))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    ids = [i for tar_ids, _ in planned for i in tar_ids]
+    labels = [v for _, values in planned for v in values]
+    locations = np.zeros((len(ids), 3), np.int64)
+    locations[:, 0] = np.repeat(np.arange(len(names)), [len(i) for i, _ in planned])
+    locations[:, 1] = UNRESOLVED
+    return _manifest(root, ids, labels, None, kind="tar", files=names, locations=locations)
+
+
+def _sidecar_samples(root: Path, name: str) -> tuple[list[str], list[int]]:
+    """(ids, labels) of a tar's samples from its sidecars, in member order: the `success` rows of its
+    Parquet sidecar (only its `key`, `status` and `label` columns are read), checked against the
+    `successes` of its `_stats.json` when it has one.
+
+    Raises:
+        DatasetError: naming the sidecar: unreadable, without `key` or `status` (or not text), a key
+            twice among its successes, a label that is no integer, successes other than its stats count.
+    """
+    import pyarrow as pa
+
+    path = os.path.join(root, _sidecar(name))
+    try:  # status as codes into its few values; pre-buffering off: 2 small reads cost less than its IO-thread hop
+        pf = _open_parquet(path, "parquet sidecar", pre_buffer=False, read_dictionary=["status"])
+    except KeyError:  # no status column
+        pf = _open_parquet(path, "parquet sidecar")
+    have = pf.schema_arrow.names
+    lacking = [c for c in ("key", "status") if c not in have]
+    if lacking:
+        raise DatasetError(f"parquet sidecar '{path}' has no '{lacking[0]}' column (its columns: {', '.join(have)}); "
+                           "img2dataset writes `key` and `status` for every URL of the tar")
+    try:
+        table = pf.read(columns=["key", "status"] + (["label"] if "label" in have else []), use_threads=False)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"parquet sidecar '{path}' cannot be read ({e}); it is truncated or not Parquet") from None
+    for column in ("key", "status"):
+        kind = table.schema.field(column).type
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
+            raise DatasetError(f"parquet sidecar '{path}': its '{column}' column is {kind}; img2dataset writes it "
+                               "as text")
+    success = _success_rows(table.column("status"))
+    keys = list(compress(table.column("key").to_pylist(), success.tolist()))
+    if None in keys:
+        raise DatasetError(f"parquet sidecar '{path}': a 'success' row has no key")
+    ids = [f"{name}/{k}" for k in keys]
+    if len(set(ids)) < len(ids):
+        seen = set()
+        twice = next(i for i in ids if i in seen or seen.add(i)).split("/")[-1]
+        raise DatasetError(f"parquet sidecar '{path}' lists key '{twice}' twice as a success; a tar holds each key "
+                           "once")
+    _check_stats(os.path.join(root, f"{name[:-len('.tar')]}_stats.json"), path, len(ids))
+    labels = [-1] * len(ids)
+    if "label" in have:
+        values, text = _label_values(table.column("label").filter(pa.array(success)), path)
+        if text:
+            raise DatasetError(f"parquet sidecar '{path}': its 'label' column holds class names; labels of tar "
+                               "samples are class indices (0, 1, ...), as in their `cls` or `json` member")
+        labels = [-1 if v is None else v for v in values]
+    return ids, labels
+
+
+def _success_rows(status) -> np.ndarray:
+    """(rows,) bool: where a dictionary-encoded `status` column is 'success' (null: not)."""
+    rows = [np.zeros(0, bool)]
+    for chunk in status.chunks:  # a row group, with its own codes
+        values = chunk.dictionary.to_pylist()
+        code = values.index("success") if "success" in values else -1
+        rows.append(chunk.indices.to_numpy(zero_copy_only=False) == code)  # a null is NaN: no code
+    return np.concatenate(rows)
+
+
+def _check_stats(path: str, sidecar: str, successes: int) -> None:
+    """Refuse a Parquet sidecar whose `success` rows are not the `successes` its `_stats.json` counts (a
+    sidecar of another download of the shard); a tar without stats (other writers than img2dataset) passes."""
+    try:
+        with open(path, "rb") as f:
+            stats = json.loads(f.read())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"stats file '{path}' cannot be read ({e}); img2dataset writes a JSON object") from None
+    counted = stats.get("successes") if isinstance(stats, dict) else None
+    if not isinstance(counted, int) or isinstance(counted, bool):
+        raise DatasetError(f"stats file '{path}' has no 'successes' count; img2dataset writes it for every tar")
+    if counted != successes:
+        raise DatasetError(f"parquet sidecar '{sidecar}' lists {successes} 'success' rows, its stats "
+                           f"'{os.path.basename(path)}' count {counted} successes; they come from different downloads "
+                           "of the shard: copy both again")
+
+
+def _tar_samples(path: Path, *, labels: bool = True) -> list[tuple[str, dict, int]]:
+    """(key, {extension: (data offset, size)}, label or -1) per key of a tar, in member order; labels
+    False: the `cls` and `json` members are not read (every label -1).
 
     `tarfile` reads each header and seeks over the data. It ends quietly at a header it cannot read
     (a file cut mid-header or at a member boundary), so the end-of-archive blocks are checked too.
@@ -135,7 +287,7 @@ def _tar_samples(path: Path) -> list[tuple[str, dict, int]]:
                 names[key, ext.lower()] = m.name
                 members, label = samples.setdefault(key, ({}, [-1]))
                 members[ext.lower()] = (m.offset_data, m.size)
-                if ext.lower() in ("cls", "json"):
+                if labels and ext.lower() in ("cls", "json"):
                     label[0] = _label(tar.extractfile(m).read(), ext.lower(), f"{path}: {m.name}")
             end = tar.offset
         with open(path, "rb") as f:
@@ -179,7 +331,7 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
                 raise DatasetError(f"parquet file '{root / name}' names other classes than the files before it")
             classes = names_here
         if "label" in schema.names:
-            values, text = _label_values(pf, root / name)
+            values, text = _label_values(pf.read(columns=["label"]).column("label"), root / name)
             if texts not in (None, text):
                 kinds = ("class names", "integers") if text else ("integers", "class names")
                 raise DatasetError(f"parquet file '{root / name}' has {kinds[0]} as labels, the files before it "
@@ -203,7 +355,7 @@ def _scan_parquet(root: Path, names: tuple[str, ...]) -> Manifest:
     return _manifest(root, ids, labels, classes, kind="parquet", files=names, locations=locations, column=column)
 
 
-def _label_values(pf, path: Path) -> tuple[list, bool]:
+def _label_values(column, path: Path) -> tuple[list, bool]:
     """A Parquet file's `label` column: (values, whether they are class names): integers, or class names
     (strings); None where unlabelled (null, or a float NaN).
 
@@ -212,7 +364,6 @@ def _label_values(pf, path: Path) -> tuple[list, bool]:
     """
     import pyarrow as pa
 
-    column = pf.read(columns=["label"]).column("label")
     if pa.types.is_dictionary(column.type):  # as pandas writes categories
         column = column.cast(column.type.value_type)
     kind = column.type
@@ -242,14 +393,14 @@ def _named_labels(names: list, classes: tuple[str, ...] | None, where) -> tuple[
     return [index[n] if n else -1 for n in names], classes
 
 
-def _open_parquet(path: Path):
+def _open_parquet(path: Path, what: str = "parquet file", **options):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, **options)
     except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"parquet file '{path}' cannot be read ({e}); it is truncated or not Parquet") from None
+        raise DatasetError(f"{what} '{path}' cannot be read ({e}); it is truncated or not Parquet") from None
 
 
 def _image_column(schema, path: Path) -> str:
@@ -345,9 +496,10 @@ class Images:
         self.kind = source.get("kind", "folder")  # stores before layout v3 are folders or lists: read alike
         self.files, self.column = tuple(source.get("files", ())), source.get("column")
         self._parquet, self._lock = {}, threading.Lock()  # open Parquet files (footers parsed once)
+        self._listings = OrderedDict()  # file index -> a tar's keys listed from its headers, the last TAR_LISTINGS
 
-    def __getstate__(self) -> dict:  # a spawned loader worker opens its own Parquet files
-        return {**self.__dict__, "_parquet": {}, "_lock": None}
+    def __getstate__(self) -> dict:  # a spawned loader worker opens its own Parquet files, lists its own tars
+        return {**self.__dict__, "_parquet": {}, "_lock": None, "_listings": OrderedDict()}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
@@ -358,7 +510,9 @@ class Images:
 
     def read(self, ids, locations: np.ndarray | None) -> list:
         """Per sample: its file's path (folder, list), its image bytes, an `UnreadableImage`, or None for a
-        tar key without an image (its reason is the scan's, stored in the store).
+        tar key without an image (its reason is the scan's, stored in the store). An UNRESOLVED tar sample
+        is found by key in its tar's headers (`resolve`); its key without an image member reads as an
+        `UnreadableImage` saying so.
 
         Args:
             ids: (B,) sample ids.
@@ -367,15 +521,73 @@ class Images:
         if not self.packed:
             return [self.root / i for i in ids]
         out = [None] * len(ids)
+        if self.kind == "tar":
+            locations, reasons = self._resolve(ids, locations)
+            for k, reason in reasons.items():
+                out[k] = UnreadableImage(reason)
         by_file = defaultdict(list)
         for k, (f, a, b) in enumerate(np.asarray(locations).tolist()):
-            if self.kind == "parquet" or a != NO_IMAGE:
+            if self.kind == "parquet" or a >= 0:
                 by_file[f].append((k, a, b))
         read = self._tar if self.kind == "tar" else self._rows
         for f, wanted in by_file.items():
             for k, value in read(self.root / self.files[f], wanted):
                 out[k] = value
         return out
+
+    def resolve(self, ids, locations: np.ndarray) -> np.ndarray:
+        """(B, 3) `locations` of tar samples with their UNRESOLVED rows found by key in their tars' member
+        headers (each tar listed once per process, the last TAR_LISTINGS kept). A row stays UNRESOLVED
+        where the key has no image member or the tar cannot be listed: `read` gives the reason.
+
+        The build worker calls it on its shard before reading (a listing per tar of the shard, then its
+        images read as spans) and records what it returns in the store's locations, so training's random
+        reads find each image without listing a tar.
+
+        Args:
+            ids: (B,) sample ids.
+            locations: (B, 3) their locations.
+        """
+        return self._resolve(ids, locations)[0]
+
+    def _resolve(self, ids, locations: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """(`resolve`'s locations, {row: why it stays UNRESOLVED})."""
+        locations = np.array(locations, dtype=np.int64)
+        rows = np.flatnonzero(locations[:, 1] == UNRESOLVED)
+        reasons = {}
+        for f in np.unique(locations[rows, 0]).tolist():
+            name = self.files[f]
+            listing = self._listing(f)
+            for k in rows[locations[rows, 0] == f].tolist():
+                key = ids[k][len(name) + 1:]
+                found = listing if isinstance(listing, str) else listing.get(key, "")
+                if isinstance(found, str):
+                    reasons[k] = found or f"no image member in '{name}' (no member of key '{key}')"
+                else:
+                    locations[k, 1:] = found
+        return locations, reasons
+
+    def _listing(self, f: int) -> dict | str:
+        """{key: (offset, size) of its image member, or why it has none} of tar `f` from its member
+        headers, or why it cannot be listed (not kept: a later read tries again)."""
+        with self._lock:
+            if f in self._listings:
+                self._listings.move_to_end(f)
+                return self._listings[f]
+        path = self.root / self.files[f]
+        try:
+            samples = _tar_samples(path, labels=False)
+        except DatasetError as e:
+            return "missing file" if not path.exists() else str(e)
+        listing = {}
+        for key, members, _ in samples:
+            ext = next((e for e in TAR_IMAGES if e in members), None)
+            listing[key] = members[ext] if ext else f"no image member in '{self.files[f]}' (has: {', '.join(members)})"
+        with self._lock:
+            self._listings[f] = listing
+            while len(self._listings) > TAR_LISTINGS:
+                self._listings.popitem(last=False)
+        return listing
 
     def _tar(self, path: Path, wanted: list) -> list:
         """(k, bytes or UnreadableImage) of members (k, offset, size): members within COALESCE of each other
@@ -443,12 +655,14 @@ class Images:
 
     def missing(self, ids, locations: np.ndarray | None) -> str | None:
         """The first image file (folder, list) or packed file that is absent, or a tar shorter than its
-        members reach; None when all are there."""
+        members reach (UNRESOLVED samples: not known without listing the tar; its presence is checked);
+        None when all are there."""
         if not self.packed:
             return next((str(self.root / i) for i in ids if not (self.root / i).is_file()), None)
         ends = np.zeros(len(self.files), np.int64)
         if self.kind == "tar":
-            np.maximum.at(ends, locations[:, 0], locations[:, 1] + locations[:, 2])
+            known = locations[locations[:, 1] >= 0]
+            np.maximum.at(ends, known[:, 0], known[:, 1] + known[:, 2])
         for name, end in zip(self.files, ends.tolist()):
             path = self.root / name
             if not path.is_file():

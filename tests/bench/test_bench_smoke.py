@@ -98,6 +98,12 @@ def test_sources(bench, ray_session):
         positive(r, "scan_s", "read_decode_images_per_s", "build_images_per_s", "build_vs_files")
 
 
+def test_plan(bench):
+    [row] = bench("plan", "--shapes", "30x10")["results"]
+    assert (row["tars"], row["samples"], row["tars_opened"]) == (30, 270, 0) and row["met"] is None
+    positive(row, "scan_s", "tars_per_s", "us_per_sample", "read_mb", "sidecar_mb", "stats_mb")
+
+
 @pytest.mark.slow
 def test_s3(bench, ray_session):  # its own moto server; AWS_* are restored after
     rows = bench("s3", "--images", "16", "--shard-size", "8", "--shards", "64")["results"]
