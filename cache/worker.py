@@ -210,6 +210,8 @@ class ShardWorker:
             sources = np.zeros((count, 3), np.int64)
         min_side = max(t.resolution for t in self.teachers.values())
         images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
+        if images.kind == "tar":  # planned from sidecars: found in the tar's headers here, and stored for training
+            locations = images.resolve(ids, locations)
         stats = provenance.source_stats(images, ids, locations)  # (S, 2): the shard's stamp, and mtimes of packed files
         wanted = ([ids[k] for k in redo], None if locations is None else locations[redo])
         payloads = images.read(*wanted)

@@ -2,6 +2,7 @@
 when read, with no tar read while planning; a bad sidecar is named in one line before anything is created."""
 
 import builtins
+from dataclasses import replace
 import io
 import json
 import math
@@ -235,3 +236,25 @@ def test_bad_sidecars_are_named_in_one_line_before_anything_is_created(downloade
                                             "--teachers", "tiny"])
     assert result.exit_code != 0 and "00002.tar" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not store.exists()
+
+
+def test_a_build_from_sidecars_stores_the_locations_the_headers_give(ray_session, tiny_config, tmp_path):
+    """The planner reads no tar; each build worker finds its shard's members by key, and the store keeps where they
+    are, so that training reads each image at its offset like a header-scanned tar's."""
+    from radio_distill.cache.build import build_cache
+    from radio_distill.store import layout as L
+    from radio_distill.store.group import open_array
+    from radio_distill.store.reader import CacheReader
+
+    write_img2dataset(tmp_path / "shards")
+    pattern = str(tmp_path / "shards" / "*.tar")
+    planned = scan_source(pattern)
+    assert (planned.locations[:, 1] == UNRESOLVED).all()
+    out = tmp_path / "cache.zarr"
+    report = build_cache(replace(tiny_config(out), data=pattern, views=1), progress=False)
+    assert report["complete"] and report["ok"] == len(planned)
+    for sidecar in (tmp_path / "shards").glob("*.parquet"):  # the header scan of the same tars
+        sidecar.unlink()
+    np.testing.assert_array_equal(open_array(out, L.LOCATIONS).read().result(), scan_source(pattern).locations)
+    reader = CacheReader(out)
+    assert reader.dataset(resolution=16)[(int(reader.indices(holdout=0.0)[0]), 0)]["pixels"].shape == (3, 16, 16)
