@@ -127,8 +127,8 @@ def test_layout_v1_stores_open_and_newer_ones_are_refused(small_store, tmp_path)
     zarr.open_group(old, mode="r+").attrs["layout_version"] = 1  # a v1 store: plain codecs, no calibration
     reader = CacheReader(old)
     assert all(not t.transforms for t in reader.teachers) and store_info(old)["layout_version"] == 1
-    zarr.open_group(old, mode="r+").attrs["layout_version"] = 5
-    with pytest.raises(CacheLayoutError, match=r"^store '.*' is layout v5, this version reads v1, v2, v3, v4; rebuild"):
+    zarr.open_group(old, mode="r+").attrs["layout_version"] = 6
+    with pytest.raises(CacheLayoutError, match=r"^store '.*' is layout v6, this version reads v1, v2, v3, v4, v5; rebuild"):
         open_store(old)
 
 
