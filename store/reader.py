@@ -108,6 +108,47 @@ class Column:
         return values.astype(str)
 
 
+class Rows:
+    """Ascending sample rows: `rows`, or range(n) without the ascending `excluded`. Indexed by position like an
+    array (`rows[positions]`), `len`, `searchsorted`, and `np.asarray` (which makes the array).
+
+    Selecting position p of range(n) without E: the row r = p + k, k the number of excluded rows below r, which is
+    the number of i with E[i] - i <= p (E[i] - i: the rows kept before E[i])."""
+
+    def __init__(self, n: int, *, rows: np.ndarray | None = None, excluded: np.ndarray | None = None):
+        self.n, self.rows, self.excluded = n, rows, excluded
+        if excluded is not None:
+            self._kept_before = excluded - np.arange(len(excluded), dtype=excluded.dtype)  # non-decreasing
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else self.n - len(self.excluded)
+
+    def __getitem__(self, positions):
+        if self.rows is not None:
+            return self.rows[positions]
+        if isinstance(positions, slice):
+            positions = np.arange(*positions.indices(len(self)))
+        positions = np.asarray(positions)
+        return positions + np.searchsorted(self._kept_before, positions, side="right").astype(positions.dtype)
+
+    def searchsorted(self, values) -> np.ndarray:
+        """Position of the first row >= each of `values`."""
+        if self.rows is not None:
+            return np.searchsorted(self.rows, np.asarray(values, self.rows.dtype))
+        values = np.asarray(values, self.excluded.dtype)
+        return values - np.searchsorted(self.excluded, values)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.rows if self.rows is not None else self[np.arange(len(self), dtype=self.excluded.dtype)]
+        return out if dtype is None else out.astype(dtype)
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def tolist(self) -> list[int]:
+        return np.asarray(self).tolist()
+
+
 class CacheReader:
     """A store opened for training: teachers, the usable samples of a split, and loaders.
 
@@ -137,13 +178,17 @@ class CacheReader:
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
                                    "finish it with the same `radio-cache build` command, or pass --allow-partial")
-        status = read_rows(self.path, open_array(self.path, L.STATUS, strict=v5), L.STATUS)
-        n = len(status)
-        usable = np.repeat(done, self.shard_size)[:n] & (status == L.OK)
-        self.num_samples, self.num_usable = n, int(usable.sum())
-        self.unreadable = int(np.isin(status, L.BAD).sum())
-        self._usable = np.packbits(usable)  # a bit a sample: 12.5 MB at 100M
-        del status, usable
+        status = open_array(self.path, L.STATUS, strict=v5)
+        n, size, block = status.shape[0], self.shard_size, 1 << 23  # block: whole bytes of bits
+        self._usable = np.zeros(-(-n // 8), np.uint8)  # a bit a sample: 12.5 MB at 100M
+        self.num_samples, self.num_usable, self.unreadable = n, 0, 0
+        for start in range(0, n, block):  # a block at a time: 100M bytes of status and flags are not held
+            values = read_rows(self.path, status, L.STATUS, slice(start, min(n, start + block)))
+            flags = np.repeat(done[start // size:-(-(start + len(values)) // size)], size)[start % size:][:len(values)]
+            usable = (values == L.OK) & flags
+            self._usable[start // 8:start // 8 + -(-len(values) // 8)] = np.packbits(usable)
+            self.num_usable += int(usable.sum())
+            self.unreadable += int(np.isin(values, L.BAD).sum())
         if v5:  # (N,) uint16 split keys, read a block at a time by `indices`: 200 MB at 100M, not held
             self._split = open_array(self.path, L.SPLIT, strict=True)
         else:  # computed from every id: the cost a v5 store avoids
@@ -173,26 +218,33 @@ class CacheReader:
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
                            transforms, attrs["resolution"], model)
 
-    def indices(self, *, holdout: float, split: str = "train") -> np.ndarray:
-        """Usable sample indices of the 'train' or 'holdout' split, ascending (int32 below 2**31 samples:
-        380 MB for 95M), from the usable bits and the stored split keys, a block at a time on two threads
-        (numpy and tensorstore release the GIL)."""
-        dtype = np.int32 if self.num_samples < 2**31 else np.int64
-        block = 1 << 22  # a multiple of 8: whole bytes of the usable bits
+    def indices(self, *, holdout: float, split: str = "train") -> "Rows":
+        """Usable sample rows of the 'train' or 'holdout' split, ascending (`Rows`: the rows, or all rows but the
+        excluded ones when those are fewer: a 95% train split of 100M samples is 20 MB, not 380 MB). Two passes
+        over the usable bits and the stored split keys, a block at a time on two threads (numpy and tensorstore
+        release the GIL): one counts, one keeps the smaller side."""
+        block, n = 1 << 22, self.num_samples
 
-        def part(start: int) -> np.ndarray:
-            stop = min(self.num_samples, start + block)
+        def kept(start: int) -> np.ndarray:
+            stop = min(n, start + block)
             usable = np.unpackbits(self._usable[start // 8:-(-stop // 8)], count=stop - start).view(bool)
             keys = self._split[start:stop]
             keys = keys if isinstance(keys, np.ndarray) else read_rows(self.path, keys, L.SPLIT, what=f"rows {start}-")
             held = L.held_out(keys, holdout)
-            rows = np.flatnonzero(np.logical_and(usable, held if split == "holdout" else ~held, out=usable))
-            rows += start
-            return rows.astype(dtype)
+            return np.logical_and(usable, held if split == "holdout" else ~held, out=usable)
 
+        def rows(start: int, keep: bool) -> np.ndarray:
+            found = np.flatnonzero(kept(start) if keep else ~kept(start))
+            found += start
+            return found.astype(np.int32 if n < 2**31 else np.int64)
+
+        starts = range(0, n, block)
         with ThreadPoolExecutor(2) as pool:
-            parts = list(pool.map(part, range(0, self.num_samples, block)))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+            count = sum(pool.map(lambda start: int(np.count_nonzero(kept(start))), starts))
+            keep = count <= n - count
+            parts = list(pool.map(lambda start: rows(start, keep), starts))
+        found = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return Rows(n, rows=found) if keep else Rows(n, excluded=found)
 
     def unusable_note(self) -> str | None:
         """A warning line when fewer than all samples can be trained on (unreadable or missing images,
@@ -205,16 +257,15 @@ class CacheReader:
         return (f"warning: {bad} of {n} samples ({bad / n:.1%}) of store '{self.path}' cannot be trained on ({why}); "
                 "`radio-cache info` lists them, and a rerun of the build retries missing files")
 
-    def sample_rows(self, indices: np.ndarray, count: int, *, shards: int = 32) -> np.ndarray:
-        """A seeded sample of about `count` of `indices` (ascending) from `shards` of the shards they are in, so
+    def sample_rows(self, indices, count: int, *, shards: int = 32) -> np.ndarray:
+        """A seeded sample of about `count` of `indices` (ascending: `Rows` or an array) from `shards` of the shards they are in, so
         that reading their ids, locations or sources reads few chunks; all of them when they are few."""
         if len(indices) <= count:
             return np.asarray(indices)
         rng = np.random.default_rng(0)
         picked = []
         for shard in np.unique(indices[rng.choice(len(indices), shards)] // self.shard_size).tolist():
-            bounds = np.array([shard * self.shard_size, (shard + 1) * self.shard_size], indices.dtype)  # else a copy
-            lo, hi = np.searchsorted(indices, bounds)
+            lo, hi = indices.searchsorted([shard * self.shard_size, (shard + 1) * self.shard_size])
             take = min(hi - lo, -(-count // shards))
             picked.append(indices[lo + np.sort(rng.choice(hi - lo, take, replace=False))])
         return np.concatenate(picked)
@@ -229,7 +280,7 @@ class CacheReader:
         if not self.root_dir.is_dir():
             raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; move the images "
                                "back, or give their new place with --images")
-        rows = self.sample_rows(np.asarray(indices), IMAGE_CHECKS)
+        rows = self.sample_rows(indices if isinstance(indices, Rows) else np.asarray(indices), IMAGE_CHECKS)
         ids, locations = self.ids[rows], None if self.locations is None else self.locations[rows]
         missing = self.images.missing(ids, locations)
         if missing:
@@ -296,7 +347,8 @@ class StepSampler(Sampler):
                 raise ValueError(f"global batch {size} is not divisible by {world} processes")
         if len(indices) == 0:
             raise DatasetError("no usable samples to train on (all unreadable, held out, or in unfinished shards)")
-        self.indices, self.views, self.batch_size, self.seed = np.asarray(indices), views, sum(self.sizes), seed
+        self.indices = indices if isinstance(indices, Rows) else np.asarray(indices)  # no (N,) copy of a Rows
+        self.views, self.batch_size, self.seed = views, sum(self.sizes), seed
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
 
     def __len__(self) -> int:

@@ -51,7 +51,7 @@ def features(reader, indices, sign=1.0, **kw):
 @pytest.fixture(scope="module")
 def split(eval_setup):
     reader = CacheReader(eval_setup.store)
-    return reader, reader.indices(holdout=HOLDOUT, split="holdout"), reader.indices(holdout=HOLDOUT, split="train")
+    return (reader, *(np.asarray(reader.indices(holdout=HOLDOUT, split=s)) for s in ("holdout", "train")))
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

@@ -26,7 +26,7 @@ def test_incomplete_store_needs_allow_partial(store_copy, tmp_path):
     with pytest.raises(CacheLayoutError, match="incomplete: 6 of 7 shards done.*--allow-partial"):
         train(config(store_copy, tmp_path / "run"), progress=False)
     reader = CacheReader(store_copy, allow_partial=True)
-    used = reader.indices(holdout=0.0)
+    used = np.asarray(reader.indices(holdout=0.0))
     assert used.size and not np.any((used >= 8) & (used < 16)), "samples of the unfinished shard were used"
     train(config(store_copy, tmp_path / "run", allow_partial=True, steps=2), progress=False)
 

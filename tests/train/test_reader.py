@@ -86,7 +86,7 @@ def test_a_done_shard_whose_file_is_gone_is_refused_when_met(store_copy):
     root = zarr.open_group(store_copy, mode="r")
     (store_copy / array / root[array].metadata.encode_chunk_key((1, 0, 0, 0, 0))).unlink()
     reader = CacheReader(store_copy)
-    size, usable = reader.shard_size, reader.indices(holdout=0.0)
+    size, usable = reader.shard_size, np.asarray(reader.indices(holdout=0.0))
     dataset = reader.dataset(resolution=32)
     assert dataset[(int(usable[0]), 0)]["pixels"].shape == (3, 32, 32)  # shard 0 is whole
     in_shard_1 = int(usable[(usable >= size) & (usable < 2 * size)][0])
@@ -182,3 +182,27 @@ def test_an_image_gone_after_the_start_is_named_when_read(store_copy, tmp_path, 
                                            rf"missing file; the checkpoint .* holds step {step}: continue"):
         train(config(store_copy, run, images=images, steps=step + 2), progress=False)
     assert json.loads((run / "checkpoint/state.json").read_text())["step"] == step
+
+
+@pytest.mark.parametrize("n", [1, 10, 1000, 100_003])
+def test_rows_without_the_excluded_read_as_the_kept_rows(n):
+    """A 95% train split is held as the 5% it excludes: positions, lengths and searches must be the kept rows'."""
+    from radio_distill.store.reader import Rows
+
+    rng = np.random.default_rng(n)
+    mask = rng.random(n) < 0.7
+    kept, excluded = np.flatnonzero(mask).astype(np.int32), np.flatnonzero(~mask).astype(np.int32)
+    for rows in (Rows(n, rows=kept), Rows(n, excluded=excluded)):
+        assert len(rows) == len(kept) and np.array_equal(np.asarray(rows), kept) and rows.tolist() == kept.tolist()
+        positions = rng.integers(0, len(kept), 64)
+        assert np.array_equal(rows[positions], kept[positions]) and rows[int(positions[0])] == kept[positions[0]]
+        values = rng.integers(0, n + 1, 64)
+        assert np.array_equal(rows.searchsorted(values), np.searchsorted(kept, values))
+
+
+def test_the_train_split_is_held_as_what_it_excludes(store_copy):
+    reader = CacheReader(store_copy)
+    train_rows, held = reader.indices(holdout=0.2), reader.indices(holdout=0.2, split="holdout")
+    assert train_rows.excluded is not None and held.rows is not None  # each the smaller side
+    assert sorted(train_rows.tolist() + held.tolist()) == reader.indices(holdout=0.0).tolist()
+    assert len(reader.indices(holdout=0.0).excluded) == reader.num_samples - reader.num_usable
