@@ -164,3 +164,10 @@ def test_scale(bench):
 
 def test_run_all_parses():
     subprocess.run(["bash", "-n", str(BENCH / "run_all.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_resume(bench):
+    [row] = bench("resume", "--images", "24", "--workers", "1")["results"]
+    assert row["shards"] == 24 and row["same_values"] and row["same_bytes"]
+    positive(row, "build_s", "resume_s")
