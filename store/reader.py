@@ -135,7 +135,7 @@ class Rows:
         """Position of the first row >= each of `values`."""
         if self.rows is not None:
             return np.searchsorted(self.rows, np.asarray(values, self.rows.dtype))
-        values = np.asarray(values, self.excluded.dtype)
+        values = np.clip(np.asarray(values, np.int64), 0, self.n)  # kept rows below v: v minus the excluded below it
         return values - np.searchsorted(self.excluded, values)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -196,7 +196,7 @@ def test_rows_without_the_excluded_read_as_the_kept_rows(n):
         assert len(rows) == len(kept) and np.array_equal(np.asarray(rows), kept) and rows.tolist() == kept.tolist()
         positions = rng.integers(0, len(kept), 64)
         assert np.array_equal(rows[positions], kept[positions]) and rows[int(positions[0])] == kept[positions[0]]
-        values = rng.integers(0, n + 1, 64)
+        values = rng.integers(-5, n + 2000, 64)  # beyond the rows too (a shard's end past the last sample)
         assert np.array_equal(rows.searchsorted(values), np.searchsorted(kept, values))
 
 
