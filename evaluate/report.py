@@ -184,26 +184,24 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _masks_dir(cfg: EvalConfig, reader) -> tuple[Path | None, str]:
-    if cfg.masks is not None:
-        if not Path(cfg.masks).is_dir():
-            raise EvaluationError(f"--masks '{cfg.masks}' is not a folder")
-        return Path(cfg.masks), ""
-    default = reader.root_dir.parent / "masks"
-    if default.is_dir():
-        return default, ""
-    return None, f"no masks: '{default}' does not exist; pass --masks DIR (PNG label maps mirroring the images)"
+    return _beside_images(cfg.masks, "--masks", reader.root_dir.parent / "masks",
+                          "PNG label maps mirroring the images")
 
 
 def _instances_dir(cfg: EvalConfig, reader) -> tuple[Path | None, str]:
-    if cfg.instances is not None:
-        if not Path(cfg.instances).is_dir():
-            raise EvaluationError(f"--instances '{cfg.instances}' is not a folder")
-        return Path(cfg.instances), ""
-    default = reader.root_dir.parent / "instances"
+    return _beside_images(cfg.instances, "--instances", reader.root_dir.parent / "instances",
+                          "PNG instance maps mirroring the images, object number + 1, 0 background", what="instance masks")
+
+
+def _beside_images(given, option: str, default: Path, kind: str, *, what: str = "masks") -> tuple[Path | None, str]:
+    """(the folder given with `option`, or `default` beside the images when it exists, else None; why not)."""
+    if given is not None:
+        if not Path(given).is_dir():
+            raise EvaluationError(f"{option} '{given}' is not a folder")
+        return Path(given), ""
     if default.is_dir():
         return default, ""
-    return None, (f"no instance masks: '{default}' does not exist; pass --instances DIR (PNG instance maps mirroring "
-                  "the images, object number + 1, 0 background)")
+    return None, f"no {what}: '{default}' does not exist; pass {option} DIR ({kind})"
 
 
 def _sam_objects(reader, instances: Path | None, note: str, rows: np.ndarray, sides: set[int]) -> tuple[dict, str]:
