@@ -70,15 +70,16 @@ def build(data, out: Path, *, views: int, seed: int) -> float:
     return json.loads(took.read_text())
 
 
-def online(cfg: TrainConfig, reader: CacheReader) -> dict[str, float]:
-    """Distil `cfg.student` into `cfg.out` as `train(cfg)` does from `reader`'s store, but with the tiny
-    teachers in the loop on a fresh random resized crop of every image every step.
+def online(cfg: TrainConfig, reader: CacheReader, specs=None) -> dict[str, float]:
+    """Distil `cfg.student` into `cfg.out` as `train(cfg)` does from `reader`'s store, but with the
+    teachers of `specs` (default: the tiny preset) in the loop on a fresh random resized crop of every
+    image every step.
 
     Returns:
         seconds of 'teachers' (their crops and forwards) and of 'student' (image decode, its crop, the step).
     """
     device = torch.device("cpu")
-    teachers = [build_teacher(s, device=device) for s in tiny_teachers()]
+    teachers = [build_teacher(s, device=device) for s in (specs or tiny_teachers())]
     infos = {t.spec.name: t.info() for t in teachers}
     metas = [TeacherMeta(name, i.summary_dim, i.spatial_dim, i.grid, (), {}) for name, i in infos.items()]
     torch.manual_seed(cfg.seed)

@@ -171,3 +171,20 @@ def test_resume(bench):
     [row] = bench("resume", "--images", "24", "--workers", "1")["results"]
     assert row["shards"] == 24 and row["same_values"] and row["same_bytes"]
     positive(row, "build_s", "resume_s")
+
+
+@pytest.mark.slow
+def test_tasks(bench, ray_session):
+    rows = bench("tasks")["results"]
+    codecs = {r["codec"]: r for r in rows if r["table"] == "codecs"}
+    views = {r["run"]: r for r in rows if r["table"] == "views"}
+    assert set(codecs) == {"fp16", "int8"} and set(views) == {"teachers (cached targets)", "cached V=1", "cached V=2", "online"}
+    tasks = ("kNN shape", "zero-shot shape", "dense mIoU DINOv2", "dense mIoU SAM", "SAM point IoU")
+    for r in rows:
+        assert all(0 <= r[t] <= 1 for t in tasks), r
+    # the V=1 store is built as the int8 codec's store: its cached targets score exactly the same
+    assert [views["teachers (cached targets)"][t] for t in tasks] == [codecs["int8"][t] for t in tasks]
+    assert codecs["fp16"]["bytes_per_view"] > 1.5 * codecs["int8"]["bytes_per_view"]
+    assert codecs["int8"]["picked"]["dinov2/spatial"] == "int8" and codecs["fp16"]["picked"]["dinov2/spatial"] == "fp16"
+    assert views["teachers (cached targets)"]["SAM point IoU"] > 0.3  # the toy SAM knows masks; a 2-step student does not
+    assert views["online"]["teacher_s_epoch"] > 0 and views["cached V=2"]["build_s"] > 0
