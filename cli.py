@@ -278,7 +278,7 @@ train_app = typer.Typer(help="Distil a student from a store's cached targets, ne
 @_one_line_errors
 def train(
     store: Annotated[Optional[str], typer.Argument(help="Store made by `radio-cache build`: a folder or an s3:// URL.")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student: eradio_small/base/large or any timm model name, e.g. vit_base_patch16_224, convnext_tiny. [default: vit_small_patch16_224]")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student: eradio_small/base/large, vitdet_tiny/small/base or any timm model name, e.g. vit_base_patch16_224, convnext_tiny. [default: vit_small_patch16_224]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: checkpoint/, student/, metrics.csv, tensorboard/.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (or give --epochs).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Epochs over the training split (or give --steps).")] = None,
@@ -330,7 +330,7 @@ def train(
                     "(load it with radio_distill.student.load_student)")
 
 
-export_app = typer.Typer(help="Export a trained student: ONNX, a Hugging Face folder, or a ViT backbone for timm.",
+export_app = typer.Typer(help="Export a trained student: ONNX, a Hugging Face folder, or a ViT (or ViTDet) backbone for timm.",
                          pretty_exceptions_enable=False, add_completion=False)
 EXPORT_FORMATS = ("onnx", "hf", "timm")
 
@@ -340,7 +340,7 @@ EXPORT_FORMATS = ("onnx", "hf", "timm")
 def export(
     run: Annotated[Path, typer.Argument(help="A `radio-train` run folder (its --out) or a saved student folder.")],
     out: Annotated[Path, typer.Argument(help="Folder to write (onnx, hf), or the .safetensors file (timm).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: one graph per --sides, batch dynamic, onnxruntime / TensorRT; hf: transformers.AutoModel.from_pretrained(OUT, trust_remote_code=True); timm: a ViT backbone for timm.create_model.")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: one graph per --sides, batch dynamic, onnxruntime / TensorRT; hf: transformers.AutoModel.from_pretrained(OUT, trust_remote_code=True); timm: a ViT or ViTDet backbone for timm.create_model.")] = "onnx",
     sides: Annotated[Optional[str], typer.Option(help="ONNX input sides (square), e.g. 224,448: one graph each. [default: the side the student was trained at]")] = None,
     feature_fmt: Annotated[str, typer.Option(help="Layout of the spatial features: NLC (RADIO's) or NCHW (onnx, hf).")] = "NLC",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,

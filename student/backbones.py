@@ -62,7 +62,7 @@ class TimmViT(nn.Module):
         self.model = timm.create_model(
             name, pretrained=pretrained, num_classes=0, global_pool="", dynamic_img_size=True,
             class_token=False, reg_tokens=num_summary + num_registers, **kwargs)
-        self.label, self.num_summary = name, num_summary
+        self.label, self.timm_name, self.num_summary = name, name, num_summary
         ph, pw = self.model.patch_embed.patch_size
         assert ph == pw, "non-square patches are not supported"
         self.input_stride = ph
@@ -129,14 +129,17 @@ class TimmMap(nn.Module):
         name: timm model name.
         num_summary: ignored (maps have one pooled summary); kept for a uniform builder call.
         pretrained: load timm's pretrained weights (downloads; off by default).
+        label: the name input errors give (a registered student built on ``name``); default ``name``.
         **kwargs: passed to ``timm.create_model``.
     """
 
-    def __init__(self, name: str, *, num_summary: int = 0, pretrained: bool = False, **kwargs):
+    def __init__(self, name: str, *, num_summary: int = 0, pretrained: bool = False, label: str | None = None,
+                 **kwargs):
         super().__init__()
-        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="",
-                                       **kwargs)
-        self.label = name
+        # what rebuilds this model in plain timm (the timm and Hugging Face exports)
+        self.timm_name, self.timm_kwargs = name, dict(num_classes=0, global_pool="", **kwargs)
+        self.model = timm.create_model(name, pretrained=pretrained, **self.timm_kwargs)
+        self.label = label or name
         # some families (Swin, ...) return channels-last maps
         self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         side = kwargs.get("img_size") or self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.models import VisionTransformerSAM
 
 from ..errors import RadioDistillError
 from ._registry import create_student
-from .backbones import TimmViT
+from .backbones import TimmMap, TimmViT
 from .model import Student
 from .radio import RadioStudent
 
@@ -118,29 +119,32 @@ def load_student(directory: str | Path, *, device: str | torch.device = "cpu",
 
 
 def export_timm(run: str | Path, file: str | Path) -> dict:
-    """Writes a ViT student's backbone as a plain timm checkpoint (safetensors).
+    """Writes a ViT or ViTDet student's backbone as a plain timm checkpoint (safetensors).
 
     Plain timm then loads it with no code of this package::
 
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), **kwargs)
 
-    and its ``forward_features`` gives the student backbone's tokens (B, P + h * w, D): P prefix
-    tokens (one summary token per summary teacher, then registers), then the patch tokens.
+    and its ``forward_features`` gives what the student backbone computes: for a ViT the tokens
+    (B, P + h * w, D), P prefix tokens (one summary token per summary teacher, then registers) before
+    the patch tokens; for a ViTDet student (timm's ``VisionTransformerSAM``) the map (B, D, h, w),
+    whose mean is the student's summary.
 
     Args:
-        run: a run folder or saved student folder of a timm ViT student.
+        run: a run folder or saved student folder of a timm ViT or ViTDet student.
         file: the ``.safetensors`` file to write.
 
     Returns:
         ``{"model": name, "kwargs": {...}}``: the timm name and the ``create_model`` keywords.
     """
     model = load_student(run)
-    if not isinstance(model.backbone, TimmViT):
-        raise RadioDistillError(f"{run}: student '{model.name}' is not a timm ViT; only ViT students export to timm")
-    backbone = model.backbone.model
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
+    backbone = model.backbone
+    if not (isinstance(backbone, TimmViT) or isinstance(getattr(backbone, "model", None), VisionTransformerSAM)):
+        raise RadioDistillError(f"{run}: student '{model.name}' is not a timm ViT; only ViT and ViTDet students "
+                                "export to timm")
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.model.state_dict().items()}
     save_file(state, Path(file))
-    return {"model": model.name, "kwargs": timm_kwargs(model)}
+    return {"model": backbone.timm_name, "kwargs": timm_kwargs(model)}
 
 
 NOT_TIMM = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_pre_norm"}  # student-only overrides
@@ -149,6 +153,8 @@ NOT_TIMM = {"num_registers", "pretrained", "head_hidden", "head_blocks", "head_p
 def timm_kwargs(model: Student) -> dict:
     """The ``timm.create_model`` keywords that rebuild a timm student's backbone (its ``backbone.model``)
     as it computes in eval mode."""
+    if isinstance(model.backbone, TimmMap):  # it keeps what it was created with (a ViTDet size's keywords too)
+        return dict(model.backbone.timm_kwargs)
     kwargs = {k: v for k, v in model.overrides.items() if k not in NOT_TIMM}
     kwargs.update(num_classes=0, global_pool="")
     if isinstance(model.backbone, TimmViT):

@@ -78,12 +78,12 @@ def backbone_spec(model: Student) -> dict:
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.cfg.__dict__.items()}
         return {"kind": "eradio", "cfg": cfg, "deployed": model.deployed}
     if isinstance(backbone, TimmViT):
-        return {"kind": "timm_vit", "model": model.name, "kwargs": timm_kwargs(model),
+        return {"kind": "timm_vit", "model": backbone.timm_name, "kwargs": timm_kwargs(model),
                 "num_summary": backbone.num_summary, "input_stride": backbone.input_stride,
                 "cpe": hasattr(backbone, "cpe_state")}
     if isinstance(backbone, TimmMap):
-        return {"kind": "timm_map", "model": model.name, "kwargs": timm_kwargs(model), "dropped": backbone.dropped,
-                "nhwc": backbone.nhwc}
+        return {"kind": "timm_map", "model": backbone.timm_name, "kwargs": timm_kwargs(model),
+                "dropped": backbone.dropped, "nhwc": backbone.nhwc}
     raise RadioDistillError(f"student '{model.name}': its backbone {type(backbone).__name__} has no Hugging Face "
                             "export; timm ViTs, timm feature-map models and E-RADIO do")
 

@@ -6,7 +6,7 @@ Each graph takes ``pixels`` (B, 3, S, S), float32 in [0, 1] (the normalisation i
 (B, C, h, w) with 'NCHW'. ``onnx.json`` beside the graphs lists the sides, files, inputs and outputs.
 
 One graph per side, not one with dynamic height and width: the sides fix the ViT position-embedding
-resampling and E-RADIO's window partition to constants, which is also what TensorRT wants.
+resampling and the window partitions (E-RADIO, ViTDet) to constants, which is also what TensorRT wants.
 Letters: B batch, S side, D backbone width, S' summary tokens, N = h * w.
 """
 
@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer_sam import Attention as SamAttention
 from torch import Tensor, nn
 
 from ..errors import RadioDistillError
@@ -76,6 +77,9 @@ def export_onnx(run: str | Path, folder: str | Path, *, sides: tuple[int, ...] |
         raise RadioDistillError(f"--sides {bad[0]}: student '{model.student.name}' takes sides that are multiples "
                                 f"of {step}, e.g. {model.get_nearest_supported_resolution(bad[0], bad[0]).height}")
     model.student.switch_to_deploy()  # BatchNorm folded into convolutions (E-RADIO): fewer nodes, same values
+    for module in model.modules():
+        if isinstance(module, SamAttention):  # ViTDet: onnxscript's SDPA takes 4-D q, k, v only, SAM's are 3-D
+            module.fused_attn = False  # timm's explicit q k^T, softmax, v: the same values
     graph = _Flat(model, feature_fmt).eval()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,13 @@ def test_student_speed(bench):
     positive(rows[0], "infer_img_s", "train_img_s")
 
 
+def test_student_speed_puts_a_vitdet_next_to_its_plain_vit(bench):
+    vit, vitdet = bench("student_speed", "--models", "vit_tiny_patch16_224", "vitdet_tiny", "--steps", "1",
+                        "--infer-only", "--backbone-only")["results"]
+    assert vit["train_img_s"] is None and "infer_x_vit" not in vit and "train_x_vit" not in vitdet
+    assert vitdet["infer_x_vit"] == round(vitdet["infer_img_s"] / vit["infer_img_s"], 2)
+
+
 @pytest.mark.slow
 def test_scale(bench):
     [row] = bench("scale", "--samples", "3000", "--read", "16", "--workers", "1")["results"]

@@ -50,7 +50,8 @@ def _non_trivial_batchnorm(model, size):
     ("test_vit", {"cpe_size": 128}, (64, 96), (16, 16, [96, 32])),
     ("test_coatnet", {}, (160, 160), (32, 32, [96, 32])),  # timm buffers the weights file does not hold
     ("test_eradio", {}, (64, 160), (16, 32, [96, 32])),
-], ids=["vit", "vit-cpe", "cnn", "eradio"])
+    ("test_vitdet", {}, (64, 80), (16, 16, [96, 32])),  # timm's VisionTransformerSAM, windows padded
+], ids=["vit", "vit-cpe", "cnn", "eradio", "vitdet"])
 @pytest.mark.slow
 def test_transformers_loads_the_folder_offline(name, overrides, size, expect, tmp_path):
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from radio_distill.student import (StudentOutput, TeacherDims, create_student, l
                                    load_student, save_student)
 
 TEACHERS = {"clip": TeacherDims(32, 64), "dinov2": TeacherDims(48, 48), "sam": TeacherDims(None, 32)}
-NAMES = ["test_vit", "test_convnext", "test_resnet", "test_eradio"]
+NAMES = ["test_vit", "test_convnext", "test_resnet", "test_eradio", "test_vitdet"]
 
 
 @pytest.mark.parametrize("name", NAMES)

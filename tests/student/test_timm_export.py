@@ -51,6 +51,28 @@ def test_timm_loads_the_exported_backbone(tmp_path, overrides):
     assert cos_patches.min() >= 0.9999 and cos_summary.min() >= 0.9999
 
 
+def test_timm_loads_an_exported_vitdet(tmp_path):
+    """A ViTDet student exports as timm's VisionTransformerSAM: the same map, at a side padded to whole windows."""
+    torch.manual_seed(0)
+    student = create_student("test_vitdet", teachers=TEACHERS, window_size=3)
+    save_student(student, tmp_path / "student")
+    spec = json.loads(json.dumps(export_timm(tmp_path / "student", tmp_path / "vitdet.safetensors")))  # as printed
+    assert spec == {"model": "samvit_base_patch16", "kwargs": {
+        "num_classes": 0, "global_pool": "", "patch_size": 16, "window_size": 3, "img_size": 128, "use_rel_pos": False,
+        "neck_chans": 0, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_attn_indexes": [1, 3]}}
+
+    x = torch.randn(2, 3, 64, 112)  # 4x7 tokens: padded to 6x9, 2x3 windows of 3
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", LOAD_WITH_TIMM, json.dumps(spec), str(tmp_path / "vitdet.safetensors"),
+                           str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # nothing of this package was imported
+    with torch.no_grad():
+        summary, spatial = load_student(tmp_path / "student").forward_features(x)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), spatial)  # (B, D, h, w) the same computation
+    assert torch.allclose(summary[:, 0], spatial.mean((2, 3)))
+
+
 def test_only_vit_students_export(tmp_path):
     save_student(create_student("test_convnext", teachers=TEACHERS), tmp_path / "student")
     with pytest.raises(RadioDistillError, match="not a timm ViT"):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from radio_distill.cli import train_app
 from radio_distill.errors import TrainingError
-from radio_distill.student import TeacherDims, create_student
+from radio_distill.student import TeacherDims, create_student, load_student
 from radio_distill.train.loop import train
 from radio_distill.store.reader import CacheReader, StepSampler
 from radio_distill.train.step import DistillStep
@@ -127,3 +127,19 @@ def test_a_cpe_student_at_random_sides_resumes_exactly(train_store, tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
     saved = json.loads((tmp_path / "full/student/config.json").read_text())
     assert saved["overrides"] == {"cpe_size": 128}
+
+
+def test_a_vitdet_student_trains_from_the_cache_at_two_sides(train_store, tmp_path, monkeypatch):
+    """Windowed attention at a side of whole windows (64: 4x4 tokens, windows of 2) and a padded one (48: 3x3)."""
+    seen = spy_parts(monkeypatch)
+    run = tmp_path / "run"
+    train(config(train_store, run, student="test_vitdet", steps=3, resolution=[48, 64], batch_size=[4, 4],
+                 resolution_policy="partition"), progress=False)
+    assert seen == [[(4, 3, 48, 48), (4, 3, 64, 64)]] * 3
+    rows = read_metrics(run)
+    assert len(rows) == 3 and all(np.isfinite(list(r.values())).all() for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    student = load_student(run)
+    assert student.name == "test_vitdet" and student.preferred_resolution == 64
+    with torch.no_grad():
+        assert student(torch.randn(1, 3, 80, 48)).teachers["clip"].spatial.shape[-2:] == (5, 3)
