@@ -171,3 +171,14 @@ def test_resume(bench):
     [row] = bench("resume", "--images", "24", "--workers", "1")["results"]
     assert row["shards"] == 24 and row["same_values"] and row["same_bytes"]
     positive(row, "build_s", "resume_s")
+
+
+@pytest.mark.slow
+def test_pattern(bench, ray_session):
+    result = bench("pattern")
+    assert result["found"]["share"] == pytest.approx(1.0, abs=1e-3) and result["found"]["error"] < 1e-2
+    rows = result["results"]
+    assert [r["denoise"] for r in rows] == ["none", "mean"]
+    for r in rows:
+        assert -1 <= r["carried_cos"] <= 1 and 0 <= r["fidelity_spatial"] <= 1 and r["knn"] is not None
+        positive(r, "train_s", "eval_s")
