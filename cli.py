@@ -1,4 +1,5 @@
-"""Command lines: `radio-cache` (build, info, verify, sample), `radio-train`, `radio-eval` and `radio-export`.
+"""Command lines: `radio-cache` (build, info, pattern, verify, sample, text), `radio-train`, `radio-eval` and
+`radio-export`.
 
 Each command parses options, builds a config and calls one library function; a
 `RadioDistillError` is printed as one line and exits with status 2.
@@ -29,7 +30,7 @@ def _stdout() -> Console:
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 
 
-cache_app = typer.Typer(help="Cache teacher targets once into a Zarr store: build, info, verify, sample.",
+cache_app = typer.Typer(help="Cache teacher targets once into a Zarr store: build, info, pattern, verify, sample, text.",
                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
@@ -171,11 +172,16 @@ def _print_report(r: dict) -> None:
 @cache_app.command()
 @_one_line_errors
 def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache build`: a folder or an s3:// URL.")],
-         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False):
-    """Show a store's teachers, dims, codecs, fidelity, sizes, shards done and unreadable samples."""
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+         picture: Annotated[Optional[Path], typer.Option(help="Also draw the teachers' fixed patterns (`radio-cache pattern`) into this PNG: per teacher, the pattern's norm at each grid position over the RMS of its tokens.")] = None):
+    """Show a store's teachers, dims, codecs, fidelity, fixed patterns, sizes, shards done and unreadable samples."""
     from .store.inspect import store_info
 
+    if picture is not None and (picture.is_dir() or not picture.parent.is_dir()):
+        raise RadioDistillError(f"--picture '{picture}': not a file in an existing folder")
     i = store_info(store)
+    if picture is not None:
+        _pattern_picture(i, picture)
     if as_json:
         print(json.dumps(i, indent=2))
         return
@@ -201,6 +207,14 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
         cos = ", ".join(f"{k} {v['mean_cos']:.5f}/{v['min_cos']:.5f}" for k, v in fid.items()) or "not measured yet"
         out.print(f"  codecs {codecs}; fidelity (mean/min cos) {cos}; {t['bytes_per_view']:,.0f} bytes/view; "
                   f"shards {t['shards_done']}/{i['shards_total']}", highlight=False)
+        p = t["pattern"]
+        if p is None:
+            out.print(f"  fixed pattern: not estimated (`radio-cache pattern {i['store']}`)", highlight=False)
+        elif "error" in p:
+            out.print(f"  [bold red]fixed pattern: {escape(p['error'])}[/]", highlight=False)
+        else:
+            out.print(f"  fixed pattern: RMS {p['ratio']:.4f} of the tokens' about their mean (noise floor "
+                      f"{p['noise']:.4f}), from {p['samples']} samples, {p['maps']} maps", highlight=False)
     if i["calibration"]:
         c = i["calibration"]
         out.print(f"calibration: view 0 of {c['samples']} samples spread over the dataset ({c['held']} held back), "
@@ -208,6 +222,40 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
     out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
     for path, reason in i["unreadable"].items():
         out.print(f"  unreadable: {path}: {reason}", highlight=False)
+
+
+def _pattern_picture(i: dict, path: Path) -> None:
+    """Draw the fixed patterns `info` found (`store_info` output `i`) into `path`; one line when there are none."""
+    from .evaluate.pictures import pattern_png
+    from .store.group import open_store
+    from .store.location import location
+    from .store.pattern import read_pattern
+
+    names = [n for n, t in i["teachers"].items() if t["pattern"] and "error" not in t["pattern"]]
+    if not names:
+        raise RadioDistillError(f"--picture: store '{i['store']}' holds no fixed pattern to draw; run "
+                                f"`radio-cache pattern {i['store']}` first")
+    where = location(i["store"])
+    root = open_store(where)
+    pattern_png(path, {n: read_pattern(where, root, n) for n in names}, note=i["store"])
+
+
+@cache_app.command()
+@_one_line_errors
+def pattern(store: Annotated[str, typer.Argument(help="A complete store made by `radio-cache build`: a folder or an s3:// URL.")],
+            samples: Annotated[Optional[int], typer.Option(help="Read this many usable samples, spread evenly over the dataset. [default: all of them]")] = None):
+    """Estimate each teacher's fixed pattern and store it, for `radio-train --denoise mean`: per position of its
+    grid, the mean of its spatial targets over every view of every sample minus their mean over all positions,
+    with the variance there. Reads each sample's spatial targets once (no image, no teacher); a rerun replaces it."""
+    from .cache.pattern import estimate_patterns
+
+    r = estimate_patterns(store, samples=samples, progress=True)
+    out = _stdout()
+    for name, t in r["teachers"].items():
+        out.print(f"{name}: grid {'x'.join(map(str, t['grid']))}, pattern RMS {t['ratio']:.4f} of the tokens' about "
+                  f"their mean (noise floor {t['noise']:.4f})", highlight=False)
+    out.print(f"wrote the fixed patterns of {len(r['teachers'])} teachers to {r['store']} from {r['samples']} samples "
+              f"x {r['views']} views in {r['seconds']:.1f} s", highlight=False)
 
 
 @cache_app.command()
@@ -288,6 +336,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
+    denoise: Annotated[Optional[str], typer.Option(help="Spatial targets: none (as stored) or mean (each less its teacher's fixed pattern, which `radio-cache pattern STORE` estimates first, so the student does not learn the teachers' position-fixed artifacts). [default: none]")] = None,
     holdout: Annotated[Optional[float], typer.Option(help="Fraction of sample ids held out for radio-eval. [default: 0.05]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order. [default: 0]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per training process. [default: the cores per process, minus one]")] = None,
@@ -319,7 +368,7 @@ def train(
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
-                            init=init,
+                            init=init, denoise=denoise,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers is not None:  # 0 is refused there, not taken for "train here"
         from .train.on_ray import train_on_ray

@@ -1,7 +1,8 @@
 """The run under evaluation and one pass of its student over a split, next to the cached targets.
 
 Every sample is seen through its view 0 (the canonical centred square) at the run's resolution.
-Teacher features are the store's cached targets; no teacher is ever loaded.
+Teacher features are the store's cached targets, less their fixed patterns when the run trained so
+(`--denoise mean`); no teacher is ever loaded.
 
 Letters: N samples, R student side, S*D backbone summary width, Dt / Ct a teacher's summary /
 spatial width, h, w the student grid, ht, wt a teacher grid, M samples whose maps are kept,
@@ -39,6 +40,7 @@ class RunInfo:
     allow_partial: bool
     store_settings: dict
     store: str | None = None  # the store it was trained from, where training found it
+    denoise: str = "none"  # 'mean': it trained on targets less their teacher's fixed pattern, and is measured so
 
     @property
     def resolution(self) -> int:
@@ -58,13 +60,15 @@ def load_run(run: str | Path) -> RunInfo:
     cfg = data["config"]
     sides = cfg["resolution"] if isinstance(cfg["resolution"], list) else [cfg["resolution"]]
     return RunInfo(path, data["student"], float(cfg["holdout"]), tuple(int(s) for s in sides),
-                   bool(cfg.get("allow_partial")), data["store_settings"], data.get("store"))
+                   bool(cfg.get("allow_partial")), data["store_settings"], data.get("store"),
+                   cfg.get("denoise", "none"))  # a run from before --denoise: none
 
 
 def open_reader(store: str | Path, run: RunInfo, *, images: str | Path | None = None) -> CacheReader:
-    """The store, checked to be the one the run was trained from; `images` is the image folder when it
-    moved since the build (default: the root recorded in the store)."""
-    reader = CacheReader(store, allow_partial=run.allow_partial, images=images)
+    """The store, checked to be the one the run was trained from, its targets decoded as the run trained on
+    them (`--denoise`); `images` is the image folder when it moved since the build (default: the root
+    recorded in the store)."""
+    reader = CacheReader(store, allow_partial=run.allow_partial, images=images, denoise=run.denoise)
     if reader.settings != run.store_settings:
         raise EvaluationError(f"run '{run.path}' was trained from a store with other teachers or settings than "
                               f"'{reader.path}'; evaluate it with its own store")

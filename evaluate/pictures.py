@@ -1,6 +1,7 @@
 """Pictures: PCA-to-RGB feature maps of teachers next to the student, training curves, the SAM
 metric's per-prompt IoU histogram, SAM's point-prompt masks from the student next to the teacher's
-and the ground truth, and fidelity vs the student's input side.
+and the ground truth, fidelity vs the student's input side, and a store's fixed patterns
+(`radio-cache info --picture`).
 
 Drawn with matplotlib's Agg canvas (no display, no pyplot state). Per teacher, one PCA basis is
 fitted on the teacher's cached maps of the shown images; the student's adaptor maps are projected
@@ -86,6 +87,30 @@ def features_png(path: Path, images: list[np.ndarray], teacher_maps: dict[str, n
         ax.set_title(title, fontsize=8)
     fig.suptitle("PCA of feature maps: the student projected on each teacher's basis" + (f"\n{note}" if note else ""),
                  fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def pattern_png(path: Path, patterns: dict[str, tuple[np.ndarray, np.ndarray]], *, note: str = "") -> Path:
+    """One panel per teacher: the norm of its fixed pattern at each grid position, over the RMS of its tokens
+    about their mean (`store/pattern.py`), so that panels of different teachers share a scale.
+
+    Args:
+        patterns: {teacher: (offset (h, w, C), var (h, w, C))} as `radio-cache pattern` stores them.
+    """
+    fig = _figure(2.8 * len(patterns), 2.9)
+    for ax, (name, (offset, var)) in zip(fig.subplots(1, len(patterns), squeeze=False)[0], patterns.items()):
+        norm = np.sqrt((offset.astype(np.float64) ** 2).sum(-1))  # (h, w)
+        tokens = np.sqrt((norm ** 2).mean() + var.astype(np.float64).sum(-1).mean())
+        shown = ax.imshow(norm / max(tokens, 1e-30), cmap="magma", vmin=0, interpolation="nearest")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+        ax.set_title(f"{name} ({offset.shape[0]}x{offset.shape[1]}): RMS {np.sqrt((norm ** 2).mean()) / tokens:.3f}",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    title = "fixed pattern: |mean at a position - mean over positions| / token RMS"
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -103,7 +103,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     # 4. metrics
     labels = {t: _teacher_label(t, a["identity"]) for t, a in attrs.items()}
     report = {"store": str(reader.path), "run": str(run.path), "student": run.student, "resolution": resolution,
-              "device": str(device), "teachers": labels,
+              "device": str(device), "teachers": labels, "denoise": run.denoise,
               "split": {"holdout": run.holdout, "view": 0, "held_out": int(len(held)), "train": int(len(train)),
                         "bank": int(len(bank))}}
     report["fidelity"] = fidelity_scores(test, reader)
@@ -490,7 +490,11 @@ def render_markdown(r: dict) -> str:
     lines = [f"# radio-eval: {r['student']} vs its teachers", "",
              f"- store: `{r['store']}`", f"- run: `{r['run']}` (student input {r['resolution']} px, device {r['device']})",
              f"- split: {r['split']['held_out']} held-out samples (fraction {r['split']['holdout']}, view 0) as "
-             f"queries; {r['split']['bank']} of {r['split']['train']} train samples as kNN bank", ""]
+             f"queries; {r['split']['bank']} of {r['split']['train']} train samples as kNN bank"]
+    if r.get("denoise") == "mean":
+        lines.append("- teacher targets: the cached ones less each teacher's fixed pattern, as the run trained on them "
+                     "(`--denoise mean`)")
+    lines.append("")
 
     def skipped(section) -> bool:
         if "skipped" in section:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError
+from ..errors import CacheIntegrityError, CacheLayoutError, DatasetError, RadioDistillError
 from ..progress import Progress
 from . import codecs
 from . import layout as L
@@ -13,6 +13,7 @@ from .group import (commit_shards, done_shards, lost_shards, open_array, open_st
                     shard_key, teacher_names)
 from .lock import build_lock
 from .location import Location, location
+from .pattern import has_pattern, pattern_strength, read_pattern
 from .sources import Images
 
 
@@ -40,6 +41,7 @@ def store_info(path: str | Path | Location) -> dict:
             "fidelity": attrs.get("fidelity"), "calibration": attrs.get("calibration"),
             "bytes": size, "bytes_per_view": size / max(1, n * views),
             "shards_done": int((root[L.done_array(name)][:] == 1).sum()),
+            "pattern": _pattern_info(path, root, name),
         }
     return {"store": str(path), "layout_version": root.attrs["layout_version"], "created_by": root.attrs["created_by"],
             "samples": n, "views": views, "shard_size": root.attrs["shard_size"], "seed": root.attrs["seed"],
@@ -50,6 +52,19 @@ def store_info(path: str | Path | Location) -> dict:
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
             "bytes": sizes(None), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
             "calibration": root.attrs.get("calibration")}
+
+
+def _pattern_info(path: Location, root, name: str) -> dict | None:
+    """The teacher's fixed pattern (`radio-cache pattern`): its strength and what it was estimated from; None
+    when not estimated, {'error': why} when its arrays are damaged (`radio-cache verify` names them too)."""
+    if not has_pattern(root, name):
+        return None
+    try:
+        offset, var = read_pattern(path, root, name)
+    except RadioDistillError as e:
+        return {"error": str(e)}
+    attrs = dict(root[L.pattern_group(name)].attrs)
+    return {"samples": attrs["samples"], "maps": attrs["maps"], **pattern_strength(offset, var, attrs["samples"])}
 
 
 def _file_bytes(path: Location, root):
@@ -180,13 +195,18 @@ def _same(path: Location, root, array: str, shard: int, values, want: int) -> No
 
 
 def _verify_whole(path: Location, root, names: list[str]) -> list[str]:
-    """The norm statistics and text embeddings (arrays written whole) are there and hold what was written."""
+    """The norm statistics, text embeddings and fixed patterns (arrays written whole) are there and hold what
+    was written; a pattern is of its teacher's grid and width too."""
     arrays = [a for name in names for t in L.TARGETS for a in (*(L.norm_array(name, t, s) for s in ("mean", "cov")),)
               if a in root] + [L.text_array(name) for name in names if L.text_array(name) in root]
     for array in arrays:
         values = read_whole(path, root, array)
         if not np.isfinite(values).all():
             raise CacheIntegrityError(f"{array}: holds NaN or inf")
+    for name in names:
+        if has_pattern(root, name):
+            read_pattern(path, root, name)
+            arrays += [L.pattern_array(name, s) for s in L.PATTERN]
     return arrays
 
 

@@ -38,6 +38,10 @@ calibrated codec, Q calibration samples.
     norm/*           (C,) (C, C)   float64 mean and covariance, written when the build completes
     text/embeddings  (M, D)        float32 unit-norm class embeddings of a CLIP teacher's text tower
                                    (`radio-cache text`); attrs: classes, templates, identity
+    pattern/offset   (h, w, C)     float32 the teacher's fixed pattern: per grid position the mean of its decoded
+                                   spatial targets minus their mean over all positions (`radio-cache pattern`)
+    pattern/var      (h, w, C)     float32 per position the variance of those targets about their mean there;
+                                   attrs: samples, maps (samples x views read), grid, resolution
   build.lock                       the one-writer lock a build holds (`lock.py`; local folders only)
   build.json                       the holder of that lock (host, pid, start, token), while a build runs;
                                    on S3 it is the lock itself, a lease its build renews
@@ -115,6 +119,7 @@ STAT_SHARDS = 16  # normalisation statistics come from K shards spread over the 
 CALIBRATION_SAMPLES = 2048  # view 0 of this many samples, spread over the dataset, calibrate the codecs
 CALIBRATION_HELD = 128  # of which at most this many are held back to measure the candidates (kept in memory)
 CALIB = ("mean", "cov", "phis", "basis")
+PATTERN = ("offset", "var")
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,16 @@ def norm_array(teacher: str, target: str, stat: str) -> str:
 def calib_array(teacher: str, target: str, name: str) -> str:
     """`name` in CALIB: a calibrated teacher's statistics and transforms of one target."""
     return f"teachers/{teacher}/calib/{target}_{name}"
+
+
+def pattern_array(teacher: str, stat: str) -> str:
+    """`stat` in PATTERN: a teacher's fixed-pattern estimate (`radio-cache pattern`)."""
+    return f"teachers/{teacher}/pattern/{stat}"
+
+
+def pattern_group(teacher: str) -> str:
+    """Group of a teacher's pattern arrays; attrs: samples, maps, grid, resolution (one entry per resolution)."""
+    return f"teachers/{teacher}/pattern"
 
 
 def split_key(sample_id: str) -> int:

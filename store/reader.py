@@ -38,9 +38,11 @@ from . import provenance
 from .dataset import UnreadableImage, load_rgb
 from .group import done_shards, open_array, open_store, read_rows, read_whole, teacher_names
 from .location import Location, location
+from .pattern import read_pattern
 from .sources import Images
 from .views import crop_resize
 
+DENOISE = ("none", "mean")  # `radio-train --denoise`: targets as stored, or less their teacher's fixed pattern
 IMAGE_CHECKS = 1024  # image files looked at before training: enough to catch a moved or partly copied dataset
 
 
@@ -58,6 +60,8 @@ class TeacherMeta:
     # calibrated codecs ('cpu' as read, other devices added by `decode_targets`)
     resolution: int | None = None  # the teacher's input side
     model: str | None = None  # the teacher without its resolution: entries of one model at several sides share it
+    pattern: dict = field(default_factory=dict)  # {device: (h, w, C) float32} the fixed pattern `decode_targets`
+    # subtracts from the spatial targets (`--denoise mean`; 'cpu' as read, other devices added there); {} keeps them
 
 
 def is_held_out(sample_id: str, fraction: float) -> bool:
@@ -161,9 +165,14 @@ class CacheReader:
         path: the store: a folder or an s3:// URL.
         allow_partial: train on the done shards of an unfinished store.
         images: the image folder, when it moved since the build (default: the root recorded in the store).
+        denoise: 'mean': `decode_targets` subtracts each teacher's fixed pattern from its spatial targets
+            (`radio-cache pattern`; a store without one is refused here); 'none' keeps them as stored.
     """
 
-    def __init__(self, path: str | Path, *, allow_partial: bool = False, images: str | Path | None = None):
+    def __init__(self, path: str | Path, *, allow_partial: bool = False, images: str | Path | None = None,
+                 denoise: str = "none"):
+        if denoise not in DENOISE:
+            raise RadioDistillError(f"--denoise {denoise!r}: choose from {', '.join(DENOISE)}")
         self.path = location(path)
         root = open_store(self.path)
         self.settings = root.attrs["settings"]
@@ -198,11 +207,11 @@ class CacheReader:
         self.locations = Column(self.path, L.LOCATIONS) if L.LOCATIONS in root else None  # (N, 3), `sources.py`
         self.sources = Column(self.path, L.SOURCES) if L.SOURCES in root else None  # (N, 3), `provenance.py`
         self.record = root[L.SHARDS].attrs["arrays"] if L.SHARDS in root else None  # arrays of `samples/shards`
-        self.teachers = [self._teacher(self.path, root, name) for name in names]
+        self.teachers = [self._teacher(self.path, root, name, denoise) for name in names]
         self.pixels = self.settings.get("pixels")  # side of the stored view pixels, or None
 
     @staticmethod
-    def _teacher(path: Location, root, name: str) -> TeacherMeta:
+    def _teacher(path: Location, root, name: str, denoise: str) -> TeacherMeta:
         attrs = root[L.teacher_group(name)].attrs
         arrays = tuple(p for p in L.target_arrays(name) if p in root)
         norm = {}
@@ -215,8 +224,9 @@ class CacheReader:
                                for a in ("mean", "basis"))
                 transforms[target] = {"cpu": (mean, basis)}
         model = json.dumps({k: v for k, v in attrs["identity"].items() if k != "resolution"}, sort_keys=True)
+        pattern = {"cpu": torch.from_numpy(read_pattern(path, root, name)[0])} if denoise == "mean" else {}
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
-                           transforms, attrs["resolution"], model)
+                           transforms, attrs["resolution"], model, pattern)
 
     def indices(self, *, holdout: float, split: str = "train") -> "Rows":
         """Usable sample rows of the 'train' or 'holdout' split, ascending (`Rows`: the rows, or all rows but the
@@ -453,7 +463,7 @@ class ViewDataset(Dataset):
         stored = bool(self.pixels) and side <= self.pixels
         rows, views = (np.array(c, dtype=np.int64) for c in zip(*items))
         arrays = [p for p in self._handles if p != L.PIXELS or stored]
-        self._check_files(rows, arrays + ([] if stored else [L.IDS, L.BOXES, L.LOCATIONS, L.SOURCES]))
+        self.check_files(rows, arrays + ([] if stored else [L.IDS, L.BOXES, L.LOCATIONS, L.SOURCES]))
         reads = {p: self._handles[p].vindex[rows, views].read() for p in arrays}  # concurrent, (B, ...) each
         values = {p: self._result(p, r, items) for p, r in reads.items()}
         for p in self.filled:
@@ -474,7 +484,7 @@ class ViewDataset(Dataset):
         return [{"index": i, "view": v, "pixels": pixels[k], **{p: t[k] for p, t in targets.items()}}
                 for k, (i, v) in enumerate(items)]
 
-    def _check_files(self, rows: np.ndarray, arrays: list[str]) -> None:
+    def check_files(self, rows: np.ndarray, arrays: list[str]) -> None:
         """The first time a shard is met, its files of `arrays` must have the sizes its build recorded (a file
         swapped with another shard's, or replaced, decodes fine but holds other samples' values): one stat per
         file, instead of a listing of the whole store at open. Stores before layout v4 record nothing."""
@@ -559,9 +569,11 @@ class ViewDataset(Dataset):
 
 
 def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.device) -> dict:
-    """Encoded batch arrays -> {teacher: {'summary': (B, D) | None, 'spatial': (B, h, w, C)}} float32 on `device`.
+    """Encoded batch arrays -> {teacher: {'summary': (B, D) | None, 'spatial': (B, h, w, C)}} float32 on `device`,
+    the spatial targets less their teacher's fixed pattern where `TeacherMeta.pattern` holds one (on the
+    stored grid, the decoded targets' own, pooled or not).
 
-    A calibrated codec's transform is copied to `device` once and kept in `TeacherMeta.transforms`."""
+    A calibrated codec's transform and a pattern are copied to `device` once and kept in the `TeacherMeta`."""
     out = {}
     for t in teachers:
         out[t.name] = {}
@@ -577,4 +589,8 @@ def decode_targets(batch: dict, teachers: list[TeacherMeta], device: torch.devic
                 placed[str(device)] = tuple(x.to(device) for x in placed["cpu"])
             transform = None if placed is None else placed[str(device)]
             out[t.name][target] = codecs.decode(values.to(device, non_blocking=True), scale, transform)
+        if t.pattern and out[t.name]["spatial"] is not None:
+            if str(device) not in t.pattern:
+                t.pattern[str(device)] = t.pattern["cpu"].to(device)
+            out[t.name]["spatial"] = out[t.name]["spatial"] - t.pattern[str(device)]
     return out

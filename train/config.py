@@ -8,6 +8,7 @@ steps = 20000
 batch_size = 256
 resolution = 224                    # or several, e.g. [224, 384, 512]: see resolution_policy
 lr = 1e-3
+denoise = "mean"                    # subtract the teachers' fixed patterns (`radio-cache pattern` first)
 [loss]
 kind = "phis"                       # amradio | phis
 teacher_weights = { sam = 0.5 }
@@ -27,6 +28,7 @@ from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
 from ..ops import check_device, parse_device
 from ..store.location import check_folder, is_remote
+from ..store.reader import DENOISE
 from ..student import check_student_name
 from ..student.init import init_config
 from .losses import KINDS, LossConfig
@@ -63,6 +65,9 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available, else cpu
     images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
     init: Path | None = None  # start from this trained student (run folder, student folder or its weights file)
+    # 'mean': every spatial target less its teacher's fixed pattern (`radio-cache pattern`), so the student does
+    # not learn the teachers' position-fixed artifacts; 'none': the targets as stored
+    denoise: str = "none"
 
     def __post_init__(self):
         check_student_name(self.student)  # names before numbers: a misspelt student is what the user fixes first
@@ -92,6 +97,8 @@ class TrainConfig:
                 + ("--resolution-policy partition needs one batch size per resolution, in the same order "
                    "(e.g. --resolution 224,512 --batch-size 64,16)" if partition
                    else "several batch sizes need --resolution-policy partition and one resolution each"))
+        if self.denoise not in DENOISE:
+            raise RadioDistillError(f"--denoise {self.denoise!r}: choose from {', '.join(DENOISE)}")
         if self.loss.kind not in KINDS:
             raise RadioDistillError(f"unknown loss '{self.loss.kind}'; choose from {', '.join(KINDS)}")
         check_option("[loss] summary_weight", self.loss.summary_weight, "non-negative")

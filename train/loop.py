@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import RadioDistillError, TrainingError
 from ..progress import Progress, fmt
+from ..store.provenance import values_digest
 from ..store.reader import CacheReader, worker_error
 from ..student import TeacherDims, create_student, save_student
 from ..student.init import init_line, init_student
@@ -33,6 +34,7 @@ from .step import DistillStep, make_optimizer, pair_teachers
 
 RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images",
                     "init")  # a resume starts from its checkpoint, whatever --init says
+ADDED_SETTINGS = {"denoise": "none"}  # settings added since runs were saved: what a run.json without them trained with
 
 
 MIN_HELD_OUT = 32  # held-out samples below which radio-eval's numbers are mostly noise
@@ -64,8 +66,8 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> f
 
 
 def check_resume(saved: dict, run: dict, out: Path) -> None:
-    """--resume continues only the run that `saved` (its run.json) describes: the same store settings, student
-    and settings; `run` is what this call would start.
+    """--resume continues only the run that `saved` (its run.json) describes: the same store settings, student,
+    settings and subtracted fixed patterns (`--denoise mean`); `run` is what this call would start.
 
     Raises:
         TrainingError: naming what differs."""
@@ -74,10 +76,15 @@ def check_resume(saved: dict, run: dict, out: Path) -> None:
                             f"than '{run['store']}'; resume with its own store or start a new --out")
     if saved["student"] != run["student"] or saved["config"]["student_overrides"] != run["config"]["student_overrides"]:
         raise TrainingError(f"--resume: run '{out}' trains '{saved['student']}', not '{run['student']}'")
-    changed = sorted(k for k in run["config"] if k not in RUNTIME_SETTINGS and saved["config"].get(k) != run["config"][k])
+    had = {**ADDED_SETTINGS, **saved["config"]}
+    changed = sorted(k for k in run["config"] if k not in RUNTIME_SETTINGS and had.get(k) != run["config"][k])
     if changed:
-        was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
+        was = ", ".join(f"{k}={had.get(k)}" for k in changed)
         raise TrainingError(f"--resume: run '{out}' was started with {was}; an exact resume needs the same settings")
+    if saved.get("patterns") != run["patterns"]:
+        raise TrainingError(f"--resume: the fixed patterns in '{run['store']}' changed since run '{out}' started "
+                            "(`radio-cache pattern` ran again); an exact resume needs the ones it subtracted: start "
+                            "a new --out")
 
 
 def finite_rows(pending: list[torch.Tensor], step: int, *, names: list[str], world: int, ckpt: Path) -> list[list[float]]:
@@ -107,7 +114,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     device = procs.device
 
     # 2. the store: what each teacher produced, and the samples to train on
-    reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images)
+    reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images, denoise=cfg.denoise)
     teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
     check_teacher_weights(cfg.loss, list(teachers))
     indices = reader.indices(holdout=cfg.holdout)
@@ -150,7 +157,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     run = {"student": cfg.student, "config": json.loads(json.dumps(asdict(cfg), default=str)),
            "store": str(reader.path), "store_settings": reader.settings, "steps": steps,
            "teachers": {n: asdict(d) for n, d in teachers.items()}, "pairing": {str(s): n for s, n in pairing.items()},
-           "init": started}
+           "init": started,
+           # the digests of the patterns subtracted (`--denoise mean`), for --resume to check
+           "patterns": {t.name: values_digest(t.pattern["cpu"].numpy()) for t in reader.teachers if t.pattern} or None}
     if cfg.resume:
         resume_from = latest(ckpt)
         if resume_from is None:

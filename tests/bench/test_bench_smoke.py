@@ -195,3 +195,14 @@ def test_tasks(bench, ray_session):
     assert codecs["int8"]["picked"]["dinov2/spatial"] == "int8" and codecs["fp16"]["picked"]["dinov2/spatial"] == "fp16"
     assert views["teachers (cached targets)"]["SAM point IoU"] > 0.3  # the toy SAM knows masks; a 2-step student does not
     assert views["online"]["teacher_s_epoch"] > 0 and views["cached V=2"]["build_s"] > 0
+
+
+@pytest.mark.slow
+def test_pattern(bench, ray_session):
+    result = bench("pattern")
+    assert result["found"]["share"] == pytest.approx(1.0, abs=1e-3) and result["found"]["error"] < 1e-2
+    rows = result["results"]
+    assert [r["denoise"] for r in rows] == ["none", "mean"]
+    for r in rows:
+        assert -1 <= r["carried_cos"] <= 1 and 0 <= r["fidelity_spatial"] <= 1 and r["knn"] is not None
+        positive(r, "train_s", "eval_s")
