@@ -198,6 +198,10 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
         out.print(f"[bold]{name}[/]: {ident['family']} {ident['model']}{weights}{f' ({weights_label(ident)})' if weights_label(ident) else ''} "
                   f"@{t['resolution']}, grid {'x'.join(map(str, t['grid']))}, summary {t['summary_dim'] or '-'}, "
                   f"spatial {t['spatial_dim']}", highlight=False)
+        if t["tiles"]:
+            k, overlap = t["tiles"]["tiles"], t["tiles"]["overlap"]
+            out.print(f"  high-resolution map of {k}x{k} tiles at {ident['resolution']} px overlapping by {overlap} px "
+                      f"over a {t['resolution']} px view", highlight=False)
         codecs = f"spatial {st['spatial']}" + (f" pooled x{st['pool']}" if st["pool"] > 1 else "")
         codecs += f", summary {st['summary']}" if t["summary_dim"] else ""
         if t["calibration"]:  # what the budget picked, and how it measured on held-back calibration samples

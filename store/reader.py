@@ -223,7 +223,8 @@ class CacheReader:
                 mean, basis = (torch.from_numpy(read_whole(path, root, L.calib_array(name, target, a))).float()
                                for a in ("mean", "basis"))
                 transforms[target] = {"cpu": (mean, basis)}
-        model = json.dumps({k: v for k, v in attrs["identity"].items() if k != "resolution"}, sort_keys=True)
+        model = json.dumps({k: v for k, v in attrs["identity"].items() if k not in ("resolution", "tiles")},
+                           sort_keys=True)
         pattern = {"cpu": torch.from_numpy(read_pattern(path, root, name)[0])} if denoise == "mean" else {}
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
                            transforms, attrs["resolution"], model, pattern)
