@@ -312,14 +312,18 @@ def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample 
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
 
-def _numbers(option: str, text: str | None) -> tuple[int, ...] | None:
-    """'224' or '224,384,512' -> (224,) or (224, 384, 512); the config checks the values."""
+def _numbers(option: str, text: str | None, *, sets: bool = False) -> tuple | None:
+    """'224' or '224,384,512' -> (224,) or (224, 384, 512); with `sets`, '128/256,512' -> ((128, 256), 512).
+    The config checks the values."""
     if text is None:
         return None
     try:
+        if sets:
+            return tuple(tuple(int(s) for s in v.split("/")) if "/" in v else int(v) for v in text.split(","))
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise RadioDistillError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. 224,384") from None
+        example = "224,384 or 128/256,512/1024" if sets else "224,384"
+        raise RadioDistillError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. {example}") from None
 
 
 train_app = typer.Typer(help="Distil a student from a store's cached targets, never loading a teacher.",
@@ -336,7 +340,7 @@ def train(
     epochs: Annotated[Optional[float], typer.Option(help="Epochs over the training split (or give --steps).")] = None,
     batch_size: Annotated[Optional[str], typer.Option(help="Global batch size over all processes; with --resolution-policy partition one per resolution, e.g. 64,16. [default: 64]")] = None,
     resolution: Annotated[Optional[str], typer.Option(help="Student input side, or several, e.g. 224,384,512: each a multiple of the student's stride; every side trains on the same stored views and targets. [default: 224]")] = None,
-    resolution_policy: Annotated[Optional[str], typer.Option(help="With several resolutions: random (one per step, seeded) or partition (every step one part per resolution, its own --batch-size). [default: random]")] = None,
+    resolution_policy: Annotated[Optional[str], typer.Option(help="With several resolutions: random (one per step, seeded) or partition (every step one part per resolution, its own --batch-size; a part given as a set, 128/256/384, draws its side each step, seeded). [default: random]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
@@ -368,7 +372,7 @@ def train(
         except ValueError:
             raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
     cfg = load_train_config(config, device_here=ray_workers is None, store=store, student=student, out=out, steps=steps, epochs=epochs,
-                            batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution),
+                            batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution, sets=True),
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
