@@ -109,7 +109,7 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
             specs.append(parse_teacher(e["spec"]))
     fidelity = fidelity or {}
     for i, (spec, e) in enumerate(zip(specs, entries)):
-        if spec.family == "sam" and (e.get("sam_spatial") or sam_spatial):
+        if spec.family in ("sam", "sam2", "sam3") and (e.get("sam_spatial") or sam_spatial):
             specs[i] = spec = replace(spec, sam_spatial=e.get("sam_spatial") or sam_spatial)
         pool = (pools or {}).get(spec.name, e.get("pool", 1))
         budget = next((b for b in (fidelity.get(spec.name), fidelity.get(None), e.get("fidelity"), raw.get("fidelity"))
