@@ -60,6 +60,70 @@ class PromptSideOnly(nn.Module):
         raise EvaluationError("SAM's image encoder is not loaded here: decode cached or student embeddings")
 
 
+class Sam3Prompts(nn.Module):
+    """transformers' `Sam3TrackerPromptEncoder` behind segment_anything's `PromptEncoder` interface: P prompts
+    of one image as its point batch, positional encoding from the model's `get_image_wide_positional_embeddings`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.input_image_size = (model.prompt_encoder.input_image_size,) * 2
+        self.image_embedding_size = tuple(model.prompt_encoder.image_embedding_size)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        return self.model.get_image_wide_positional_embeddings()
+
+    def forward(self, points, boxes=None, masks=None):
+        """points: ((P, N, 2) x, y in the input frame, (P, N) labels) -> (1, P, N + 1, C), (1, C, g, g)."""
+        coords, labels = points
+        return self.model.prompt_encoder(input_points=coords[None], input_labels=labels[None], input_boxes=None,
+                                         input_masks=None)
+
+
+class PromptSide(nn.Module):
+    """SAM 2's (Meta's `sam2`) or SAM 3's (transformers' `Sam3TrackerModel`) prompt encoder and mask decoder
+    behind the part of segment_anything's `Sam` this module calls (`prompt_encoder`, `mask_decoder`,
+    `postprocess_masks`, `mask_threshold`, `image_encoder.img_size`), so the metric runs on them unchanged.
+
+    The decoder is called as `SAM2ImagePredictor._predict` and `Sam3TrackerModel.forward` call it, and masks
+    are resized straight to the output size as both libraries' post-processing does (their input frame is the
+    whole image, squashed, not padded). A decoder that reads the high-resolution levels (s0, s1) too, as the
+    released SAM 2 and SAM 3 models do, takes them from `high_res` ([(1, C0, 4g, 4g), (1, C1, 2g, 2g)] of the
+    image being decoded); the embedding alone does not decode there.
+    """
+
+    mask_threshold = 0.0
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sam3 = model, not hasattr(model, "sam_prompt_encoder")
+        self.prompt_encoder = Sam3Prompts(model) if self.sam3 else model.sam_prompt_encoder
+        self.reads_high_res = self.sam3 or bool(model.use_high_res_features_in_sam)
+        self.image_encoder = PromptSideOnly(self.prompt_encoder.input_image_size[0])
+        self.high_res = None
+
+    def mask_decoder(self, *, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                     multimask_output):
+        """(1, C, g, g) embedding, P prompts -> (P, M, 4g, 4g) mask logits, (P, M) predicted IoUs."""
+        if self.reads_high_res and self.high_res is None:
+            raise EvaluationError("this SAM 2/3 mask decoder reads the high-resolution levels s0, s1 beside the "
+                                  "image embedding; set `high_res` to the image's")
+        if self.sam3:
+            masks, iou, _, _ = self.model.mask_decoder(
+                image_embeddings=image_embeddings, image_positional_embeddings=image_pe,
+                sparse_prompt_embeddings=sparse_prompt_embeddings, dense_prompt_embeddings=dense_prompt_embeddings,
+                multimask_output=multimask_output, high_resolution_features=self.high_res)
+            return masks[0], iou[0]
+        masks, iou, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=image_embeddings, image_pe=image_pe, sparse_prompt_embeddings=sparse_prompt_embeddings,
+            dense_prompt_embeddings=dense_prompt_embeddings, multimask_output=multimask_output,
+            repeat_image=len(sparse_prompt_embeddings) > 1, high_res_features=self.high_res)
+        return masks, iou
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size, original_size) -> torch.Tensor:
+        return F.interpolate(masks.float(), tuple(original_size), mode="bilinear", align_corners=False)
+
+
 def to_sam_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, g, g) float32, bilinear: the drop-in's resize, shared by `radio-eval`'s SAM metric."""
     if tuple(spatial.shape[-2:]) == tuple(grid):
