@@ -668,6 +668,7 @@ def _sam2_configs() -> tuple[str, ...]:
 
 def _sam2_config(spec: TeacherSpec):
     """The resolved hydra config `build_sam2` instantiates for `spec` (without its post-processing overrides)."""
+    import sam2  # noqa: F401 - its import points hydra at its configs, as build_sam2 relies on
     from hydra import compose
     from omegaconf import OmegaConf
     config, overrides = SAM2_TINY if spec.model == "tiny" else (spec.model, ())

@@ -41,11 +41,40 @@ class StudentImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(student.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(student.std).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adaptors(self, x: torch.Tensor) -> dict:
+        """SAM-preprocessed pixels -> the student's output per teacher (adaptor maps at the student grid)."""
         x = (x * self.sam_std + self.sam_mean - self.mean) / self.std
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                           align_corners=False)
-        return to_sam_grid(self.student(x).teachers[self.teacher].spatial, self.grid)
+        return self.student(x).teachers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_sam_grid(self.adaptors(x)[self.teacher].spatial, self.grid)
+
+
+class StudentSam2Backbone(StudentImageEncoder):
+    """SAM 2's image encoder replaced by the student: SAM 2-normalised pixels (B, 3, S, S) -> what
+    `SAM2Base.forward_image` reads from its image encoder, the FPN levels [s0, s1, embedding] from the
+    student's adaptors: the embedding's teacher's map minus `no_mem_embed` (which set_image adds back) and,
+    for a decoder that reads them, the s0 and s1 teachers' maps, already as the decoder's conv_s0, conv_s1 make
+    them (the drop-in turns those into identities). Levels the decoder does not read are zeros."""
+
+    def __init__(self, student: Student, levels: tuple, *, model, **kwargs):
+        s, g = model.image_size, model.image_size // model.backbone_stride
+        super().__init__(student, levels[-1], img_size=s, grid=(g, g), **kwargs)
+        self.levels = levels  # (s0 teacher | None, s1 teacher | None, embedding teacher)
+        self.grids = ((4 * g, 4 * g), (2 * g, 2 * g), (g, g))
+        self.position_encoding = model.image_encoder.neck.position_encoding
+        no_mem = model.no_mem_embed.detach().view(1, -1, 1, 1) if model.directly_add_no_mem_embed else torch.zeros(1)
+        self.register_buffer("no_mem_embed", no_mem.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.adaptors(x)
+        fpn = [x.new_zeros(len(x), 1, *grid) if t is None else to_sam_grid(out[t].spatial, grid)
+               for t, grid in zip(self.levels, self.grids)]
+        fpn[-1] = fpn[-1] - self.no_mem_embed
+        return {"vision_features": fpn[-1], "backbone_fpn": fpn,
+                "vision_pos_enc": [self.position_encoding(f).to(f.dtype) for f in fpn]}
 
 
 class PromptSideOnly(nn.Module):
@@ -175,6 +204,62 @@ def sam_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teac
     return SamPredictor(sam_model(run, checkpoint, teacher=teacher, device=device))
 
 
+def sam2_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,
+               device: str | torch.device = "cpu"):
+    """A `sam2` `SAM2Base` whose image encoder is the run's student (see `StudentSam2Backbone`).
+
+    The store's SAM 2 teacher `teacher` (its image embedding, `sam_spatial` neck) gives the embedding; a model
+    whose mask decoder reads the high-resolution levels too (the released ones) needs them from teachers of
+    the same model cached with `sam_spatial` s0 and s1. The prompt encoder and mask decoder are the
+    teacher's, from its checkpoint file (found and checked as `sam_model` does).
+    """
+    from sam2.utils.transforms import SAM2Transforms
+
+    info = load_run(run)
+    sam2s = {n: i for n, i in info.store_settings["teachers"].items() if i["family"] == "sam2"}
+    embeds = [n for n, i in sam2s.items() if i.get("spatial", "neck") == "neck"]
+    if not embeds:
+        raise EvaluationError(f"run '{info.path}' was trained from a store without a SAM 2 teacher of the image "
+                              "embedding (sam_spatial neck)")
+    if teacher is None and len(embeds) > 1:
+        raise EvaluationError(f"run '{info.path}' has SAM 2 teachers {sorted(embeds)}; pick one with teacher=")
+    name = teacher or embeds[0]
+    if name not in embeds:
+        raise EvaluationError(f"'{name}' is not a SAM 2 image-embedding teacher of run '{info.path}'; "
+                              f"those are: {sorted(embeds)}")
+    ident = sam2s[name]
+    model = load_sam(ident, checkpoint, name, recorded=_recorded_weight_file(info.store, name))
+    levels = (None, None, name)
+    if model.use_high_res_features_in_sam:
+        same = {k: v for k, v in ident.items() if k != "spatial"}
+        found = {i["spatial"]: n for n, i in sam2s.items() if {k: v for k, v in i.items() if k != "spatial"} == same}
+        missing = [lvl for lvl in ("s0", "s1") if lvl not in found]
+        if missing:
+            raise EvaluationError(f"SAM 2 teacher '{name}' ({ident['model']}): its mask decoder reads the "
+                                  f"high-resolution levels s0, s1 too; the store has no teacher of the same model "
+                                  f"for {', '.join(missing)} (cache them with sam_spatial {', '.join(missing)})")
+        levels = (found["s0"], found["s1"], name)
+        model.sam_mask_decoder.conv_s0 = nn.Identity()  # the s0, s1 targets are already projected
+        model.sam_mask_decoder.conv_s1 = nn.Identity()
+    norm = SAM2Transforms(model.image_size, mask_threshold=0.0)  # SAM2ImagePredictor's: 0-1 pixels, ImageNet's
+    model.image_encoder = StudentSam2Backbone(load_student(info.path), levels, model=model, resolution=info.resolution,
+                                              sam_mean=torch.tensor(norm.mean) * 255, sam_std=torch.tensor(norm.std) * 255)
+    return model.to(device).eval()
+
+
+def sam2_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,
+                   device: str | torch.device = "cpu"):
+    """`sam2.sam2_image_predictor.SAM2ImagePredictor` over `sam2_model(run, checkpoint)`: set_image, then
+    predict as usual; its feature sizes follow the model's input side (the predictor assumes 1024 px)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    model = sam2_model(run, checkpoint, teacher=teacher, device=device)
+    predictor = SAM2ImagePredictor(model)
+    g = model.image_size // model.backbone_stride
+    predictor._bb_feat_sizes = [(4 * g, 4 * g), (2 * g, 2 * g), (g, g)]
+    return predictor
+
+
 def _recorded_weight_file(store: str | None, name: str) -> str | None:
     """Where the build of `store` found teacher `name`'s weight file (root attrs `weight_files`); None
     when the store records none or cannot be opened (then only the toy preset's folder is looked in)."""
@@ -232,10 +317,10 @@ def load_sam(ident: dict, checkpoint: str | Path | None, name: str, *, recorded:
 
 
 def sam_from_file(ident: dict, checkpoint: Path, name: str):
-    """SAM teacher `name` built by segment_anything from `checkpoint`, a file already checked to be its own."""
+    """SAM (or SAM 2) teacher `name` built by its library from `checkpoint`, a file already checked to be its own."""
     from ..cache.teachers import TeacherSpec, build_teacher
 
-    spec = TeacherSpec(name, "sam", ident["model"], weights=str(checkpoint), resolution=ident.get("resolution"))
+    spec = TeacherSpec(name, ident["family"], ident["model"], weights=str(checkpoint), resolution=ident.get("resolution"))
     sam = build_teacher(spec).model
     return sam.requires_grad_(False)
 
