@@ -138,6 +138,7 @@ def sam_store(ray_session, small_config, saved, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a Ray build with four teachers (~30 s); the teachers alone: test_sam2_levels_are_set_images_features
 def test_stored_targets_are_each_librarys_own_embedding_of_the_crop(sam_store, small_dataset, saved):
     """The stored maps of one sample's views equal `SAM2ImagePredictor.set_image`'s features and
     `Sam3TrackerModel.get_image_embeddings` (pixels by `Sam3TrackerProcessor`) of the stored crop, to fp16."""
@@ -150,7 +151,7 @@ def test_stored_targets_are_each_librarys_own_embedding_of_the_crop(sam_store, s
         "sam2": ("sam2", "neck"), "sam2_s1": ("sam2", "s1"), "sam2_s0": ("sam2", "s0"), "sam3": ("sam3", "neck")}
     assert root[L.teacher_group("sam2_s0")].attrs["grid"] == [32, 32]
     k = 3
-    sample = root[L.IDS][k]
+    sample = str(root[L.IDS][k])
     image, span, _ = load_rgb(small_dataset / sample, min_side=128)
     sam2_model, sam3_model = saved["sam2"][1].model, saved["sam3"][1].model
     processor = Sam3TrackerProcessor(image_processor=Sam3ImageProcessor(size={"height": 112, "width": 112}))
