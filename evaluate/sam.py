@@ -116,37 +116,54 @@ class PromptSide(nn.Module):
 
     The decoder is called as `SAM2ImagePredictor._predict` and `Sam3TrackerModel.forward` call it, and masks
     are resized straight to the output size as both libraries' post-processing does (their input frame is the
-    whole image, squashed, not padded). A decoder that reads the high-resolution levels (s0, s1) too, as the
-    released SAM 2 and SAM 3 models do, takes them from `high_res` ([(1, C0, 4g, 4g), (1, C1, 2g, 2g)] of the
-    image being decoded); the embedding alone does not decode there.
+    whole image, squashed, not padded). A decoder that reads the high-resolution levels s0, s1 beside the
+    image embedding (the released SAM 2 and SAM 3 models all do) takes each image's three levels packed into
+    one (C + 4 C1 + 16 C0, g, g) map (`pack`), so that every per-image loop here passes them along.
+    `levels`: the store's teachers of s0 and s1 (None where they are not read).
     """
 
     mask_threshold = 0.0
 
-    def __init__(self, model):
+    def __init__(self, model, levels: tuple[str, str] | None = None):
         super().__init__()
-        self.model, self.sam3 = model, not hasattr(model, "sam_prompt_encoder")
+        self.model, self.sam3, self.levels = model, not hasattr(model, "sam_prompt_encoder"), levels
         self.prompt_encoder = Sam3Prompts(model) if self.sam3 else model.sam_prompt_encoder
         self.reads_high_res = self.sam3 or bool(model.use_high_res_features_in_sam)
         self.image_encoder = PromptSideOnly(self.prompt_encoder.input_image_size[0])
-        self.high_res = None
+        self.dims = (model.hidden_dim, model.hidden_dim // 4, model.hidden_dim // 8)  # embedding, s1, s0 channels
+
+    @staticmethod
+    def pack(embedding: torch.Tensor, s1: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+        """(B, C, g, g), (B, C1, 2g, 2g), (B, C0, 4g, 4g) -> (B, C + 4 C1 + 16 C0, g, g), losslessly."""
+        return torch.cat([embedding, F.pixel_unshuffle(s1, 2), F.pixel_unshuffle(s0, 4)], 1)
+
+    def unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`pack`'s inverse: the embedding and [s0, s1], as the decoder takes them."""
+        c, c1, c0 = self.dims
+        if packed.shape[1] != c + 4 * c1 + 16 * c0:
+            raise EvaluationError(f"this SAM 2/3 mask decoder reads the high-resolution levels s0, s1 beside the "
+                                  f"image embedding: give the three packed by PromptSide.pack ({c + 4 * c1 + 16 * c0} "
+                                  f"channels), not {packed.shape[1]} channels")
+        emb, s1, s0 = packed.split([c, 4 * c1, 16 * c0], 1)
+        return emb, [F.pixel_shuffle(s0, 4), F.pixel_shuffle(s1, 2)]
 
     def mask_decoder(self, *, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                      multimask_output):
-        """(1, C, g, g) embedding, P prompts -> (P, M, 4g, 4g) mask logits, (P, M) predicted IoUs."""
-        if self.reads_high_res and self.high_res is None:
-            raise EvaluationError("this SAM 2/3 mask decoder reads the high-resolution levels s0, s1 beside the "
-                                  "image embedding; set `high_res` to the image's")
+        """(1, C, g, g) embedding (packed with s0, s1 where read), P prompts -> (P, M, 4g, 4g) mask logits, (P, M)
+        predicted IoUs."""
+        high_res = None
+        if self.reads_high_res:
+            image_embeddings, high_res = self.unpack(image_embeddings)
         if self.sam3:
             masks, iou, _, _ = self.model.mask_decoder(
                 image_embeddings=image_embeddings, image_positional_embeddings=image_pe,
                 sparse_prompt_embeddings=sparse_prompt_embeddings, dense_prompt_embeddings=dense_prompt_embeddings,
-                multimask_output=multimask_output, high_resolution_features=self.high_res)
+                multimask_output=multimask_output, high_resolution_features=high_res)
             return masks[0], iou[0]
         masks, iou, _, _ = self.model.sam_mask_decoder(
             image_embeddings=image_embeddings, image_pe=image_pe, sparse_prompt_embeddings=sparse_prompt_embeddings,
             dense_prompt_embeddings=dense_prompt_embeddings, multimask_output=multimask_output,
-            repeat_image=len(sparse_prompt_embeddings) > 1, high_res_features=self.high_res)
+            repeat_image=len(sparse_prompt_embeddings) > 1, high_res_features=high_res)
         return masks, iou
 
     def postprocess_masks(self, masks: torch.Tensor, input_size, original_size) -> torch.Tensor:
@@ -231,20 +248,29 @@ def sam2_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher
     model = load_sam(ident, checkpoint, name, recorded=_recorded_weight_file(info.store, name))
     levels = (None, None, name)
     if model.use_high_res_features_in_sam:
-        same = {k: v for k, v in ident.items() if k != "spatial"}
-        found = {i["spatial"]: n for n, i in sam2s.items() if {k: v for k, v in i.items() if k != "spatial"} == same}
-        missing = [lvl for lvl in ("s0", "s1") if lvl not in found]
-        if missing:
-            raise EvaluationError(f"SAM 2 teacher '{name}' ({ident['model']}): its mask decoder reads the "
-                                  f"high-resolution levels s0, s1 too; the store has no teacher of the same model "
-                                  f"for {', '.join(missing)} (cache them with sam_spatial {', '.join(missing)})")
-        levels = (found["s0"], found["s1"], name)
+        found, why = high_res_teachers(sam2s, name)
+        if found is None:
+            raise EvaluationError(why)
+        levels = (*found, name)
         model.sam_mask_decoder.conv_s0 = nn.Identity()  # the s0, s1 targets are already projected
         model.sam_mask_decoder.conv_s1 = nn.Identity()
     norm = SAM2Transforms(model.image_size, mask_threshold=0.0)  # SAM2ImagePredictor's: 0-1 pixels, ImageNet's
     model.image_encoder = StudentSam2Backbone(load_student(info.path), levels, model=model, resolution=info.resolution,
                                               sam_mean=torch.tensor(norm.mean) * 255, sam_std=torch.tensor(norm.std) * 255)
     return model.to(device).eval()
+
+
+def high_res_teachers(teachers: dict, name: str) -> tuple[tuple[str, str] | None, str]:
+    """The store's teachers of SAM 2 teacher `name`'s s0 and s1 levels (same identity, but `spatial`), else None
+    and one line saying which are missing. `teachers`: {name: identity}."""
+    same = {k: v for k, v in teachers[name].items() if k != "spatial"}
+    found = {i.get("spatial"): n for n, i in teachers.items() if {k: v for k, v in i.items() if k != "spatial"} == same}
+    missing = [level for level in ("s0", "s1") if level not in found]
+    if missing:
+        return None, (f"{name} ({teachers[name]['model']}): its mask decoder reads the high-resolution levels s0, s1 "
+                      f"beside the image embedding; the store has no teacher of the same model for "
+                      f"{', '.join(missing)} (cache them with sam_spatial {', '.join(missing)})")
+    return (found["s0"], found["s1"]), ""
 
 
 def sam2_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,

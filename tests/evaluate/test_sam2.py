@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from radio_distill.cache.build import build_cache
+from radio_distill.evaluate import EvalConfig, evaluate
 from radio_distill.cache.config import load_cache_config
 from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import TeacherSpec, build_teacher
@@ -18,6 +19,8 @@ from radio_distill.evaluate.sam import (PromptSide, mask_iou, object_points, poi
 from radio_distill.student import load_student
 from radio_distill.train.config import TrainConfig
 from radio_distill.train.loop import train
+
+from .conftest import FAST
 
 SAM2_TINY = TeacherSpec("sam2", "sam2", "tiny", resolution=128, random_init=True)
 SAM3_TINY = TeacherSpec("sam3", "sam3", "tiny", resolution=112, random_init=True)
@@ -50,10 +53,14 @@ def test_sam2_decoder_gives_the_predictors_masks_and_iou():
     want = torch.stack([torch.from_numpy(predictor.predict(point_coords=p[None].numpy(), point_labels=np.array([1]),
                                                            multimask_output=False)[0][0]).bool() for p in points])
     side = PromptSide(model)
-    emb = predictor._features["image_embed"][0]
-    with pytest.raises(EvaluationError, match="reads the high-resolution levels s0, s1"):
-        point_masks(side, emb, points, (128, 128))
-    side.high_res = predictor._features["high_res_feats"]
+    f = predictor._features
+    with pytest.raises(EvaluationError, match="reads the high-resolution levels s0, s1 beside the image embedding: "
+                                              "give the three packed by PromptSide.pack \\(128 channels\\), not 32"):
+        point_masks(side, f["image_embed"][0], points, (128, 128))
+    emb = side.pack(f["image_embed"], f["high_res_feats"][1], f["high_res_feats"][0])[0]
+    unpacked, (s0, s1) = side.unpack(emb[None])
+    assert torch.equal(unpacked, f["image_embed"]) and torch.equal(s0, f["high_res_feats"][0])
+    assert torch.equal(s1, f["high_res_feats"][1])
     with torch.no_grad():
         got = point_masks(side, emb, points, (128, 128))
     assert got.shape == want.shape and torch.equal(got, want) and 0.02 < want.float().mean() < 0.98
@@ -80,8 +87,8 @@ def test_sam3_decoder_gives_the_models_masks():
                     input_labels=inputs["input_labels"], multimask_output=False)
         want = processor.post_process_masks(out.pred_masks, inputs["original_sizes"])[0][:, 0]
         side = PromptSide(model)
-        side.high_res = embeddings[:-1]
-        got = point_masks(side, embeddings[-1][0], torch.tensor(points), (112, 112))
+        packed = side.pack(embeddings[-1], embeddings[1], embeddings[0])[0]
+        got = point_masks(side, packed, torch.tensor(points), (112, 112))
     assert torch.equal(got, want) and 0.02 < want.float().mean() < 0.98
 
 
@@ -98,8 +105,8 @@ def sam2_run(ray_session, tmp_path_factory):
     cfg = load_cache_config(data=data, out=root / "cache.zarr", teachers=entries, views=1, shard_size=4, workers=1)
     assert build_cache(cfg, progress=False)["complete"]
     train(TrainConfig(store=cfg.out, out=root / "run", student="test_vit", steps=2, batch_size=4, resolution=32,
-                      workers=0, device="cpu", log_every=1), progress=False)
-    return SimpleNamespace(run=root / "run", checkpoint=checkpoint, teacher=teacher)
+                      holdout=0.5, workers=0, device="cpu", log_every=1), progress=False)
+    return SimpleNamespace(root=root, store=cfg.out, run=root / "run", checkpoint=checkpoint, teacher=teacher)
 
 
 @pytest.mark.slow  # a Ray build and a short training run (~40 s)
@@ -134,3 +141,16 @@ def test_student_stands_in_for_sam2s_image_encoder(sam2_run):
         other = sam2_run.checkpoint.parent / "other.pt"
         other.write_bytes(b"not sam 2")
         sam2_model(sam2_run.run, other)
+
+
+@pytest.mark.slow  # with sam2_run's build and training (~40 s)
+def test_radio_eval_scores_the_sam2_teacher_with_its_high_res_levels(sam2_run):
+    """The SAM metric decodes the SAM 2 teacher with its s0, s1 teachers' maps: the cached maps decoded
+    again agree fully (the known answer), the student's are scored, the level teachers are noted."""
+    r = evaluate(EvalConfig(store=sam2_run.store, run=sam2_run.run, out=sam2_run.root / "eval", throughput=False,
+                            pictures=1, probe_images=4, max_bank=8, **FAST), progress=False)["sam"]
+    v = r["teachers"]["sam2"]
+    assert list(r["teachers"]) == ["sam2"] and v["grid"] == [8, 8] and v["stored_grid"] == [8, 8]
+    assert v["teacher"]["min"] == 1.0 and 0 <= v["student"]["mean"] <= 1
+    assert r["notes"] == ["s1: SAM 2's s1 level, decoded with its image-embedding teacher",
+                          "s0: SAM 2's s0 level, decoded with its image-embedding teacher"]
