@@ -170,3 +170,20 @@ def test_stored_targets_are_each_librarys_own_embedding_of_the_crop(sam_store, s
             if v == 1:  # the other view's crop gives other features: the comparison can tell them apart
                 other = codecs.decode(torch.from_numpy(root[L.target_array(name, "spatial")][k, 0]), None)
                 assert not torch.allclose(other.float(), w, atol=1e-2), name
+
+
+@pytest.mark.parametrize("spec, culprit", [
+    ("sam2:configs/nope.yaml:/nowhere.pt", "weight file '/nowhere.pt' does not exist"),
+    ("sam3:/nowhere/sam3", "SAM 3 model '/nowhere/sam3' is neither a hub id nor a folder"),
+])
+def test_radio_cache_build_refuses_bad_specs_in_one_line(tmp_path, spec, culprit):
+    from typer.testing import CliRunner
+
+    from radio_distill.cli import cache_app
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(cache_app, ["build", str(tmp_path / "data"), "--out", str(tmp_path / "x.zarr"),
+                                            "--teacher", spec])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (
+        result.stderr)
+    assert not (tmp_path / "x.zarr").exists()
