@@ -716,12 +716,18 @@ def build_sam3(spec: TeacherSpec) -> Teacher:
     from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
     source = str(Path(spec.model).expanduser()) if Path(spec.model).expanduser().is_dir() else spec.model
-    if spec.model == "tiny":
-        model = Sam3TrackerModel(tiny_sam3_config())
-    elif spec.random_init:
-        model = Sam3TrackerModel(Sam3TrackerConfig.from_pretrained(source))
-    else:
-        model = Sam3TrackerModel.from_pretrained(source)
+    try:
+        if spec.model == "tiny":
+            model = Sam3TrackerModel(tiny_sam3_config())
+        elif spec.random_init:
+            model = Sam3TrackerModel(Sam3TrackerConfig.from_pretrained(source))
+        else:
+            model = Sam3TrackerModel.from_pretrained(source)
+    except OSError as e:  # not cached and the hub unreachable (offline), gated or unknown: one line
+        reason = " ".join(str(e).split())[:200]
+        raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 model '{spec.model}' cannot be loaded ({reason}); "
+                               f"download it on a machine with network (`hf download {spec.model}`) and copy that "
+                               "Hugging Face cache here, or pass a save_pretrained folder") from None
     vit = model.config.vision_config.backbone_config
     side = vit.image_size if isinstance(vit.image_size, int) else vit.image_size[0]
     if spec.resolution not in (None, side):

@@ -5,6 +5,7 @@ Small seeded configurations: `sam2:tiny` (128 px, an 8 x 8 x 32 embedding) and `
 their weights saved to files the way users have them and loaded back through the ordinary specs.
 """
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -175,15 +176,18 @@ def test_stored_targets_are_each_librarys_own_embedding_of_the_crop(sam_store, s
 @pytest.mark.parametrize("spec, culprit", [
     ("sam2:configs/nope.yaml:/nowhere.pt", "weight file '/nowhere.pt' does not exist"),
     ("sam3:/nowhere/sam3", "SAM 3 model '/nowhere/sam3' is neither a hub id nor a folder"),
+    ("sam3:nobody/nothing@1008", "SAM 3 model 'nobody/nothing' cannot be loaded .*`hf download nobody/nothing`"),
 ])
-def test_radio_cache_build_refuses_bad_specs_in_one_line(tmp_path, spec, culprit):
+def test_radio_cache_build_refuses_bad_specs_in_one_line(tmp_path, monkeypatch, spec, culprit):
+    import huggingface_hub.constants
     from typer.testing import CliRunner
 
     from radio_distill.cli import cache_app
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a hub id not in the cache
     (tmp_path / "data").mkdir()
     result = CliRunner().invoke(cache_app, ["build", str(tmp_path / "data"), "--out", str(tmp_path / "x.zarr"),
                                             "--teacher", spec])
     lines = result.stderr.splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (
-        result.stderr)
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(culprit, lines[0]), lines[0]
     assert not (tmp_path / "x.zarr").exists()
