@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -28,10 +29,9 @@ from ..store.layout import TeacherInfo
 
 FAMILIES = ("clip", "dinov2", "sam", "sam2", "sam3", "timm")
 SAM_SPATIAL = ("neck", "preneck")
-# SAM 2's targets: the image embedding its mask decoder reads (stride 16), or a high-resolution level it also
-# reads (s1 stride 8, s0 stride 4), each as `SAM2ImagePredictor.set_image` keeps them; value: the FPN level
-SAM2_SPATIAL = {"neck": 2, "s1": 1, "s0": 0}
-SAM3_SPATIAL = ("neck",)  # its high-resolution levels are at strides 7 and 3.5 of a 14 px patch: not cached
+# SAM 2's and SAM 3's targets: the image embedding their mask decoder reads, or a high-resolution level it also
+# reads (s1 at half, s0 at a quarter of its stride), as their predictors keep them; value: the FPN level
+SAM_LEVELS = {"neck": 2, "s1": 1, "s0": 0}
 TINY_CLIP = "radio-tiny-clip"
 TOY_CLIP = "radio-toy-clip"
 TOY_DIR = Path(__file__).parent / "toy"  # the toy teachers' trainer, weights and scores
@@ -183,9 +183,9 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
             raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 checkpoint '{spec.weights}' is not a file; "
                                    f"e.g. {example}")
-        if spec.sam_spatial not in SAM2_SPATIAL:
+        if spec.sam_spatial not in SAM_LEVELS:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 spatial target '{spec.sam_spatial}' "
-                                   f"is not one of {', '.join(SAM2_SPATIAL)}")
+                                   f"is not one of {', '.join(SAM_LEVELS)}")
     elif spec.family == "sam3":
         _require("transformers", spec, "transformers: pip install 'radio-distill[sam3]'")
         example = "sam3:facebook/sam3@1008 or sam3:/path/to/a/save_pretrained/folder"
@@ -201,9 +201,9 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.model != "tiny" and not hub_id and not (local / "config.json").is_file():
             raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 model '{spec.model}' is neither a hub id nor a "
                                    f"folder with a config.json; e.g. {example}")
-        if spec.sam_spatial not in SAM3_SPATIAL:
+        if spec.sam_spatial not in SAM_LEVELS:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 spatial target '{spec.sam_spatial}' "
-                                   f"is not one of {', '.join(SAM3_SPATIAL)}")
+                                   f"is not one of {', '.join(SAM_LEVELS)}")
 
 
 def _require(module: str, spec: TeacherSpec, install: str) -> None:
@@ -469,7 +469,7 @@ class SamTeacher(Teacher):
 
 class Sam2Teacher(Teacher):
     """No summary. Spatial: the feature level `spec.sam_spatial` of `SAM2ImagePredictor.set_image` (see
-    `SAM2_SPATIAL`): the image embedding (the last FPN level plus `no_mem_embed`) or a high-resolution level
+    `SAM_LEVELS`): the image embedding (the last FPN level plus `no_mem_embed`) or a high-resolution level
     (already through the mask decoder's conv_s1 / conv_s0 where the model reads them)."""
 
     def forward(self, x):
@@ -477,17 +477,17 @@ class Sam2Teacher(Teacher):
         _, feats, _, sizes = m._prepare_backbone_features(m.forward_image(x))  # per level (h * w, B, C)
         if m.directly_add_no_mem_embed:
             feats[-1] = feats[-1] + m.no_mem_embed
-        level = SAM2_SPATIAL[self.spec.sam_spatial]
+        level = SAM_LEVELS[self.spec.sam_spatial]
         return None, feats[level].permute(1, 0, 2).reshape(len(x), *sizes[level], -1).float()
 
 
 class Sam3Teacher(Teacher):
-    """No summary. Spatial: the image embedding SAM 3's point-prompt mask decoder reads
-    (`Sam3TrackerModel.get_image_embeddings(x)[-1]`: the tracker neck's stride-14 level plus its
-    no-memory embedding)."""
+    """No summary. Spatial: the feature level `spec.sam_spatial` of `Sam3TrackerModel.get_image_embeddings`:
+    the image embedding its point-prompt mask decoder reads (the tracker neck's stride-14 level plus its
+    no-memory embedding) or a high-resolution level (s1, s0 at strides 7 and 3.5, after conv_s1 / conv_s0)."""
 
     def forward(self, x):
-        return None, self.model.get_image_embeddings(x)[-1].permute(0, 2, 3, 1).float()
+        return None, self.model.get_image_embeddings(x)[SAM_LEVELS[self.spec.sam_spatial]].permute(0, 2, 3, 1).float()
 
 
 def register_model_configs() -> None:
@@ -689,7 +689,7 @@ def build_sam2(spec: TeacherSpec) -> Teacher:
         raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 '{spec.model}' runs at {model.image_size} px only, "
                                f"not {spec.resolution}")
     norm = SAM2Transforms(model.image_size, mask_threshold=0.0)
-    stride = model.backbone_stride // 2 ** (2 - SAM2_SPATIAL[spec.sam_spatial])
+    stride = model.backbone_stride // 2 ** (2 - SAM_LEVELS[spec.sam_spatial])
     return Sam2Teacher(spec, model, resolution=model.image_size, mean=norm.mean, std=norm.std, patch=stride)
 
 
@@ -734,9 +734,10 @@ def build_sam3(spec: TeacherSpec) -> Teacher:
         raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 '{spec.model}' runs at {side} px only, "
                                f"not {spec.resolution}")
     patch = vit.patch_size if isinstance(vit.patch_size, int) else vit.patch_size[0]
+    stride = Fraction(patch, 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))  # s0 of 14 px patches: 3.5 px per cell
     # the mean and std of its image processor (Sam3ImageProcessor's defaults)
     return Sam3Teacher(spec, model, resolution=side, mean=IMAGENET_STANDARD_MEAN, std=IMAGENET_STANDARD_STD,
-                       patch=patch)
+                       patch=int(stride) if stride.denominator == 1 else stride)
 
 
 TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam, "sam2": build_sam2, "sam3": build_sam3,
@@ -748,7 +749,7 @@ def grid(spec: TeacherSpec) -> tuple[int, int]:
     weights or memory, so that settings depending on it are checked before any work."""
     if spec.family == "sam2":  # Hiera's init calls .item(), which the meta device refuses: read its config
         model = _sam2_config(spec).model
-        side = model.image_size // (model.get("backbone_stride", 16) // 2 ** (2 - SAM2_SPATIAL[spec.sam_spatial]))
+        side = model.image_size // (model.get("backbone_stride", 16) // 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))
         return side, side
     with torch.device("meta"):
         teacher = TEACHERS[spec.family](replace(spec, weights=None, random_init=True))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import EvaluationError
+from ..errors import EvaluationError, RadioDistillError
 from ..ops import check_device
 from ..store import layout as L
 from ..store.group import open_store, read_whole, weights_label
@@ -33,7 +33,7 @@ from .features import SplitFeatures, collect, load_run, open_reader, view_image
 from .metrics import IGNORE, knn_top1, zero_shot_top1
 from .pictures import curves_png, features_png, read_metrics, resolution_png, sam_masks_png, sam_png
 from .sam import (MIN_PIXELS, PromptSide, PromptSideOnly, find_sam_checkpoint, high_res_teachers, load_sam,
-                  mask_agreement, object_points, point_masks, point_prompt_iou, sam_from_file, to_sam_grid)
+                  load_sam3, mask_agreement, object_points, point_masks, point_prompt_iou, sam_from_file, to_sam_grid)
 from .throughput import measure_throughput
 
 PICTURE_SIDE = 128
@@ -285,23 +285,27 @@ def sam_decoders(cfg: EvalConfig, run, device, *, weight_files: dict | None = No
 
 
 def _later_sam_decoder(name: str, teachers: dict, recorded: str | None):
-    """SAM 2 teacher `name`'s decoder as a `PromptSide` (with the teachers of its s0, s1 levels where it reads
-    them), else None and why; SAM 3's s0, s1 levels are not cached. Its checkpoint is the file the build read,
-    found unchanged (--sam-checkpoint is SAM's)."""
+    """SAM 2 or SAM 3 teacher `name`'s decoder as a `PromptSide` (with the teachers of its s0, s1 levels where it
+    reads them), else None and why. A SAM 2 checkpoint is the file the build read, found unchanged
+    (--sam-checkpoint is SAM's); a SAM 3 model is its hub id or its folder, unchanged."""
     ident = teachers[name]
-    label = "SAM 2" if ident["family"] == "sam2" else "SAM 3"
+    family = ident["family"]
     if ident.get("spatial", "neck") != "neck":
-        return None, f"{name}: {label}'s {ident['spatial']} level, decoded with its image-embedding teacher"
-    if ident["family"] == "sam3":
-        return None, (f"{name} (SAM 3): its mask decoder reads the high-resolution levels s0, s1 beside the image "
-                      "embedding, which are not cached (strides 3.5 and 7 of its 14 px patches)")
-    found, why = find_sam_checkpoint(ident, name, recorded)
-    if found is None:
-        return None, why
-    model = sam_from_file(ident, found, name)
-    if not model.use_high_res_features_in_sam:
-        return PromptSide(model), ""
-    levels, why = high_res_teachers({n: i for n, i in teachers.items() if i["family"] == "sam2"}, name)
+        return None, (f"{name}: {'SAM 2' if family == 'sam2' else 'SAM 3'}'s {ident['spatial']} level, decoded with "
+                      "its image-embedding teacher")
+    if family == "sam3":
+        try:
+            model = load_sam3(ident, name)
+        except RadioDistillError as e:
+            return None, str(e)
+    else:
+        found, why = find_sam_checkpoint(ident, name, recorded)
+        if found is None:
+            return None, why
+        model = sam_from_file(ident, found, name)
+        if not model.use_high_res_features_in_sam:
+            return PromptSide(model), ""
+    levels, why = high_res_teachers({n: i for n, i in teachers.items() if i["family"] == family}, name)
     return (None, why) if levels is None else (PromptSide(model, levels), "")
 
 

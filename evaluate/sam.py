@@ -52,29 +52,59 @@ class StudentImageEncoder(nn.Module):
         return to_sam_grid(self.adaptors(x)[self.teacher].spatial, self.grid)
 
 
-class StudentSam2Backbone(StudentImageEncoder):
-    """SAM 2's image encoder replaced by the student: SAM 2-normalised pixels (B, 3, S, S) -> what
-    `SAM2Base.forward_image` reads from its image encoder, the FPN levels [s0, s1, embedding] from the
-    student's adaptors: the embedding's teacher's map minus `no_mem_embed` (which set_image adds back) and,
-    for a decoder that reads them, the s0 and s1 teachers' maps, already as the decoder's conv_s0, conv_s1 make
-    them (the drop-in turns those into identities). Levels the decoder does not read are zeros."""
+class StudentLevels(StudentImageEncoder):
+    """The FPN levels SAM 2's and SAM 3's decoders read, from the student's adaptors: SAM-normalised pixels
+    (B, 3, S, S) -> [s0 (B, C0, 4g, 4g), s1 (B, C1, 2g, 2g), embedding (B, C, g, g)], as their image encoders
+    hand them on: the embedding's teacher's map less the no-memory embedding (which the predictor adds back)
+    and the s0, s1 teachers' maps, already as the decoder's conv_s0, conv_s1 make them (the drop-in turns those
+    into identities). Levels a decoder does not read are zeros."""
+
+    def __init__(self, student: Student, levels: tuple, *, grid: int, no_mem: torch.Tensor, **kwargs):
+        super().__init__(student, levels[-1], grid=(grid, grid), **kwargs)
+        self.levels = levels  # (s0 teacher | None, s1 teacher | None, embedding teacher)
+        self.grids = ((4 * grid, 4 * grid), (2 * grid, 2 * grid), (grid, grid))
+        self.register_buffer("no_mem", no_mem.detach().reshape(1, -1, 1, 1).clone(), persistent=False)
+
+    def fpn(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.adaptors(x)
+        maps = [x.new_zeros(len(x), 1, *grid) if t is None else to_sam_grid(out[t].spatial, grid)
+                for t, grid in zip(self.levels, self.grids)]
+        maps[-1] = maps[-1] - self.no_mem
+        return maps
+
+
+class StudentSam2Backbone(StudentLevels):
+    """SAM 2's image encoder replaced by the student: the dict `SAM2Base.forward_image` reads."""
 
     def __init__(self, student: Student, levels: tuple, *, model, **kwargs):
-        s, g = model.image_size, model.image_size // model.backbone_stride
-        super().__init__(student, levels[-1], img_size=s, grid=(g, g), **kwargs)
-        self.levels = levels  # (s0 teacher | None, s1 teacher | None, embedding teacher)
-        self.grids = ((4 * g, 4 * g), (2 * g, 2 * g), (g, g))
+        no_mem = model.no_mem_embed if model.directly_add_no_mem_embed else torch.zeros(1)
+        super().__init__(student, levels, img_size=model.image_size, grid=model.image_size // model.backbone_stride,
+                         no_mem=no_mem, **kwargs)
         self.position_encoding = model.image_encoder.neck.position_encoding
-        no_mem = model.no_mem_embed.detach().view(1, -1, 1, 1) if model.directly_add_no_mem_embed else torch.zeros(1)
-        self.register_buffer("no_mem_embed", no_mem.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict:
-        out = self.adaptors(x)
-        fpn = [x.new_zeros(len(x), 1, *grid) if t is None else to_sam_grid(out[t].spatial, grid)
-               for t, grid in zip(self.levels, self.grids)]
-        fpn[-1] = fpn[-1] - self.no_mem_embed
+        fpn = self.fpn(x)
         return {"vision_features": fpn[-1], "backbone_fpn": fpn,
                 "vision_pos_enc": [self.position_encoding(f).to(f.dtype) for f in fpn]}
+
+
+class StudentSam3Backbone(StudentLevels):
+    """SAM 3's (transformers' `Sam3TrackerModel`) vision encoder replaced by the student: the output
+    `get_image_features` reads."""
+
+    def __init__(self, student: Student, levels: tuple, *, model, **kwargs):
+        side = model.prompt_encoder.input_image_size
+        super().__init__(student, levels, img_size=side, grid=model.prompt_encoder.image_embedding_size[0],
+                         no_mem=model.no_memory_embedding, **kwargs)
+        self.position_encoding = model.vision_encoder.neck.position_encoding
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerVisionEncoderOutput
+
+        fpn = self.fpn(pixel_values)
+        return Sam3TrackerVisionEncoderOutput(
+            fpn_hidden_states=tuple(fpn),
+            fpn_position_encoding=tuple(self.position_encoding(f.shape, f.device, f.dtype) for f in fpn))
 
 
 class PromptSideOnly(nn.Module):
@@ -221,6 +251,33 @@ def sam_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teac
     return SamPredictor(sam_model(run, checkpoint, teacher=teacher, device=device))
 
 
+def _embedding_teacher(info, family: str, teacher: str | None) -> tuple[str, dict]:
+    """The run's `family` teacher of the image embedding (sam_spatial neck) and {name: identity} of that family."""
+    label = "SAM 2" if family == "sam2" else "SAM 3"
+    mine = {n: i for n, i in info.store_settings["teachers"].items() if i["family"] == family}
+    embeds = [n for n, i in mine.items() if i.get("spatial", "neck") == "neck"]
+    if not embeds:
+        raise EvaluationError(f"run '{info.path}' was trained from a store without a {label} teacher of the image "
+                              "embedding (sam_spatial neck)")
+    if teacher is None and len(embeds) > 1:
+        raise EvaluationError(f"run '{info.path}' has {label} teachers {sorted(embeds)}; pick one with teacher=")
+    name = teacher or embeds[0]
+    if name not in embeds:
+        raise EvaluationError(f"'{name}' is not a {label} image-embedding teacher of run '{info.path}'; "
+                              f"those are: {sorted(embeds)}")
+    return name, mine
+
+
+def _levels(teachers: dict, name: str, decoder) -> tuple:
+    """(s0 teacher, s1 teacher, `name`) for a decoder that reads the high-resolution levels, whose conv_s0,
+    conv_s1 become identities (the cached levels are already projected); else (None, None, name)."""
+    levels, why = high_res_teachers(teachers, name)
+    if levels is None:
+        raise EvaluationError(why)
+    decoder.conv_s0, decoder.conv_s1 = nn.Identity(), nn.Identity()
+    return (*levels, name)
+
+
 def sam2_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,
                device: str | torch.device = "cpu"):
     """A `sam2` `SAM2Base` whose image encoder is the run's student (see `StudentSam2Backbone`).
@@ -233,31 +290,38 @@ def sam2_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher
     from sam2.utils.transforms import SAM2Transforms
 
     info = load_run(run)
-    sam2s = {n: i for n, i in info.store_settings["teachers"].items() if i["family"] == "sam2"}
-    embeds = [n for n, i in sam2s.items() if i.get("spatial", "neck") == "neck"]
-    if not embeds:
-        raise EvaluationError(f"run '{info.path}' was trained from a store without a SAM 2 teacher of the image "
-                              "embedding (sam_spatial neck)")
-    if teacher is None and len(embeds) > 1:
-        raise EvaluationError(f"run '{info.path}' has SAM 2 teachers {sorted(embeds)}; pick one with teacher=")
-    name = teacher or embeds[0]
-    if name not in embeds:
-        raise EvaluationError(f"'{name}' is not a SAM 2 image-embedding teacher of run '{info.path}'; "
-                              f"those are: {sorted(embeds)}")
-    ident = sam2s[name]
-    model = load_sam(ident, checkpoint, name, recorded=_recorded_weight_file(info.store, name))
-    levels = (None, None, name)
-    if model.use_high_res_features_in_sam:
-        found, why = high_res_teachers(sam2s, name)
-        if found is None:
-            raise EvaluationError(why)
-        levels = (*found, name)
-        model.sam_mask_decoder.conv_s0 = nn.Identity()  # the s0, s1 targets are already projected
-        model.sam_mask_decoder.conv_s1 = nn.Identity()
+    name, sam2s = _embedding_teacher(info, "sam2", teacher)
+    model = load_sam(sam2s[name], checkpoint, name, recorded=_recorded_weight_file(info.store, name))
+    levels = _levels(sam2s, name, model.sam_mask_decoder) if model.use_high_res_features_in_sam else (None, None, name)
     norm = SAM2Transforms(model.image_size, mask_threshold=0.0)  # SAM2ImagePredictor's: 0-1 pixels, ImageNet's
     model.image_encoder = StudentSam2Backbone(load_student(info.path), levels, model=model, resolution=info.resolution,
                                               sam_mean=torch.tensor(norm.mean) * 255, sam_std=torch.tensor(norm.std) * 255)
     return model.to(device).eval()
+
+
+def sam3_model(run: str | Path, *, teacher: str | None = None, device: str | torch.device = "cpu"):
+    """A transformers `Sam3TrackerModel` whose vision encoder is the run's student (see `StudentSam3Backbone`),
+    with the store's SAM 3 teacher's prompt encoder and mask decoder: run it on `Sam3TrackerProcessor`'s inputs
+    as usual. Its decoder reads the s0, s1 levels too: the store needs teachers of the same model for them."""
+    info = load_run(run)
+    name, sam3s = _embedding_teacher(info, "sam3", teacher)
+    model = load_sam3(sam3s[name], name)
+    levels = _levels(sam3s, name, model.mask_decoder)
+    model.vision_encoder = StudentSam3Backbone(load_student(info.path), levels, model=model, resolution=info.resolution,
+                                               sam_mean=torch.full((3,), 0.5 * 255), sam_std=torch.full((3,), 0.5 * 255))
+    return model.to(device).eval()
+
+
+def load_sam3(ident: dict, name: str):
+    """SAM 3 teacher `name` as transformers loads it: from its hub id, or its folder if that still holds the
+    weights it was cached from (sha256)."""
+    from ..cache.teachers import TeacherSpec, build_teacher, identity
+
+    spec = TeacherSpec(name, "sam3", ident["model"], resolution=ident.get("resolution"))
+    if ident.get("sha256") and identity(spec).get("sha256") != ident["sha256"]:
+        raise EvaluationError(f"SAM 3 teacher '{name}': the folder '{ident['model']}' no longer holds the weights it "
+                              f"was cached from (sha256 {ident['sha256'][:12]}...)")
+    return build_teacher(spec).model.requires_grad_(False)
 
 
 def high_res_teachers(teachers: dict, name: str) -> tuple[tuple[str, str] | None, str]:

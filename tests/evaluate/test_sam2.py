@@ -15,7 +15,7 @@ from radio_distill.cache.sample_data import make_sample_dataset
 from radio_distill.cache.teachers import TeacherSpec, build_teacher
 from radio_distill.errors import EvaluationError
 from radio_distill.evaluate.sam import (PromptSide, mask_iou, object_points, point_masks, point_prompt_iou,
-                                        prompt_masks, sam2_model, sam2_predictor)
+                                        prompt_masks, sam2_model, sam2_predictor, sam3_model)
 from radio_distill.student import load_student
 from radio_distill.train.config import TrainConfig
 from radio_distill.train.loop import train
@@ -94,19 +94,25 @@ def test_sam3_decoder_gives_the_models_masks():
 
 @pytest.fixture(scope="module")
 def sam2_run(ray_session, tmp_path_factory):
-    """A store of SAM 2's three levels (tiny, weights from a checkpoint file) and a short run from it."""
+    """A store of SAM 2's and SAM 3's three levels (tiny, weights from a checkpoint file and a save_pretrained
+    folder) and a short run from it."""
     root = tmp_path_factory.mktemp("sam2_run")
     data = make_sample_dataset(root / "data", images=8, size=64)
-    teacher = build_teacher(SAM2_TINY)
+    teacher, sam3 = build_teacher(SAM2_TINY), build_teacher(SAM3_TINY)
     checkpoint = root / "sam2_tiny.pt"
     torch.save({"model": teacher.model.state_dict()}, checkpoint)
-    spec = f"sam2:tiny:{checkpoint}@128"
-    entries = [f"sam2={spec}", {"spec": f"s1={spec}", "sam_spatial": "s1"}, {"spec": f"s0={spec}", "sam_spatial": "s0"}]
+    sam3.model.save_pretrained(root / "sam3_tiny")
+    entries = []
+    for name, prefix, spec in (("sam2", "", f"sam2:tiny:{checkpoint}@128"),
+                               ("sam3", "sam3_", f"sam3:{root / 'sam3_tiny'}@112")):
+        entries += [f"{name}={spec}", {"spec": f"{prefix}s1={spec}", "sam_spatial": "s1"},
+                    {"spec": f"{prefix}s0={spec}", "sam_spatial": "s0"}]
     cfg = load_cache_config(data=data, out=root / "cache.zarr", teachers=entries, views=1, shard_size=4, workers=1)
     assert build_cache(cfg, progress=False)["complete"]
     train(TrainConfig(store=cfg.out, out=root / "run", student="test_vit", steps=2, batch_size=4, resolution=32,
                       holdout=0.5, workers=0, device="cpu", log_every=1), progress=False)
-    return SimpleNamespace(root=root, store=cfg.out, run=root / "run", checkpoint=checkpoint, teacher=teacher)
+    return SimpleNamespace(root=root, store=cfg.out, run=root / "run", checkpoint=checkpoint, teacher=teacher,
+                           sam3=sam3, sam3_folder=root / "sam3_tiny")
 
 
 @pytest.mark.slow  # a Ray build and a short training run (~40 s)
@@ -143,14 +149,49 @@ def test_student_stands_in_for_sam2s_image_encoder(sam2_run):
         sam2_model(sam2_run.run, other)
 
 
-@pytest.mark.slow  # with sam2_run's build and training (~40 s)
-def test_radio_eval_scores_the_sam2_teacher_with_its_high_res_levels(sam2_run):
-    """The SAM metric decodes the SAM 2 teacher with its s0, s1 teachers' maps: the cached maps decoded
-    again agree fully (the known answer), the student's are scored, the level teachers are noted."""
+@pytest.mark.slow  # with sam2_run's build and training (~45 s)
+def test_student_stands_in_for_sam3s_vision_encoder(sam2_run):
+    """`Sam3TrackerModel` over the student: `get_image_embeddings` gives the student's adaptor maps for the
+    three levels, and the model runs on the processor's point prompts unchanged."""
+    from transformers import Sam3TrackerProcessor
+    from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
+
+    model = sam3_model(sam2_run.run)
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    processor = Sam3TrackerProcessor(image_processor=Sam3ImageProcessor(size={"height": 112, "width": 112}))
+    inputs = processor(images=image, input_points=[[[[40, 20]]]], input_labels=[[[1]]], return_tensors="pt")
+    with torch.no_grad():
+        masks = processor.post_process_masks(model(**inputs).pred_masks, inputs["original_sizes"])[0]
+        got = model.get_image_embeddings(inputs["pixel_values"])
+    assert masks.shape == (1, 3, 48, 80)
+    student = load_student(sam2_run.run)
+    x = inputs["pixel_values"] * 0.5 + 0.5  # the processor's 112 px input, its normalisation undone
+    x = (x - torch.tensor(student.mean).view(1, 3, 1, 1)) / torch.tensor(student.std).view(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        out = student(x).teachers
+    for name, level in (("sam3", 2), ("sam3_s1", 1), ("sam3_s0", 0)):
+        want = torch.nn.functional.interpolate(out[name].spatial, size=got[level].shape[-2:], mode="bilinear",
+                                               align_corners=False)
+        torch.testing.assert_close(got[level], want, atol=1e-4, rtol=1e-4)
+    (sam2_run.sam3_folder / "model.safetensors").rename(sam2_run.sam3_folder / "moved.safetensors")
+    try:
+        with pytest.raises(EvaluationError, match="no longer holds the weights it was cached from"):
+            sam3_model(sam2_run.run)
+    finally:
+        (sam2_run.sam3_folder / "moved.safetensors").rename(sam2_run.sam3_folder / "model.safetensors")
+
+
+@pytest.mark.slow  # with sam2_run's build and training (~45 s)
+def test_radio_eval_scores_sam2_and_sam3_with_their_high_res_levels(sam2_run):
+    """The SAM metric decodes the SAM 2 and SAM 3 teachers with their s0, s1 teachers' maps: the cached maps
+    decoded again agree fully (the known answer), the student's are scored, the level teachers are noted."""
     r = evaluate(EvalConfig(store=sam2_run.store, run=sam2_run.run, out=sam2_run.root / "eval", throughput=False,
                             pictures=1, probe_images=4, max_bank=8, **FAST), progress=False)["sam"]
-    v = r["teachers"]["sam2"]
-    assert list(r["teachers"]) == ["sam2"] and v["grid"] == [8, 8] and v["stored_grid"] == [8, 8]
-    assert v["teacher"]["min"] == 1.0 and 0 <= v["student"]["mean"] <= 1
-    assert r["notes"] == ["s1: SAM 2's s1 level, decoded with its image-embedding teacher",
-                          "s0: SAM 2's s0 level, decoded with its image-embedding teacher"]
+    assert sorted(r["teachers"]) == ["sam2", "sam3"]
+    for name in ("sam2", "sam3"):
+        v = r["teachers"][name]
+        assert v["grid"] == [8, 8] and v["stored_grid"] == [8, 8]
+        assert v["teacher"]["min"] == 1.0 and 0 <= v["student"]["mean"] <= 1
+    assert r["notes"] == [f"{prefix}{level}: SAM {k}'s {level} level, decoded with its image-embedding teacher"
+                          for k, prefix in (("2", ""), ("3", "sam3_")) for level in ("s1", "s0")]
