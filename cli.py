@@ -87,7 +87,7 @@ def build(
     spatial_codec: Annotated[Optional[str], typer.Option(help="Spatial target codec: int8 (per-token absmax) or fp16. [default: int8]")] = None,
     summary_codec: Annotated[Optional[str], typer.Option(help="Summary target codec: fp16 or int8. [default: fp16]")] = None,
     pool: Annotated[Optional[list[str]], typer.Option(help="Average-pool a teacher's spatial grid: NAME=FACTOR, e.g. sam=2. [default: no pooling]")] = None,
-    sam_spatial: Annotated[Optional[str], typer.Option(help="SAM spatial target: neck (256 ch) or preneck; SAM 2: neck (the image embedding), s1 or s0 (its high-resolution levels); SAM 3: neck. [default: neck]")] = None,
+    sam_spatial: Annotated[Optional[str], typer.Option(help="SAM spatial target: neck (256 ch) or preneck; SAM 2, SAM 3: neck (the image embedding), s1 or s0 (the high-resolution levels their decoders also read). [default: neck]")] = None,
     fidelity: Annotated[Optional[list[str]], typer.Option(help="Fidelity budget instead of codecs: a calibration pass picks, per teacher and target, the smallest encoding (int8, rotated int8, PCA...) whose mean token cosine on held-back samples is at least this; 0.99 for all, or NAME=0.995 for one (repeatable).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray workers when there is no GPU (with GPUs: one per GPU). [default: 1]")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default starts Ray locally.")] = None,

@@ -11,7 +11,7 @@ spec = "clip:ViT-L-14:openai@224"
 spec = "sam:vit_h:/weights/sam_vit_h_4b8939.pth@1024"
 spatial = "int8"            # codec of the spatial target: fp16 | int8
 pool = 2                    # average-pool the spatial grid by this factor (a divisor of the grid)
-sam_spatial = "preneck"     # SAM: neck (default) | preneck; SAM 2: neck | s1 | s0; SAM 3: neck
+sam_spatial = "preneck"     # SAM: neck (default) | preneck; SAM 2, SAM 3: neck | s1 | s0
 fidelity = 0.995            # this teacher's budget, instead of codecs
 ```
 `teachers = "tiny"` selects the offline preset. `CacheConfig` is what `build.build_cache` takes.

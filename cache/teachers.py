@@ -376,9 +376,9 @@ def sha256_file(path: Path) -> str:
 
 class Teacher(nn.Module):
     """A frozen teacher: `forward(x)` maps (B, 3, R, R) normalised pixels to (summary (B, D) | None,
-    spatial (B, h, w, C)), in float32."""
+    spatial (B, h, w, C)), in float32. `patch`: input pixels per grid cell (a Fraction for SAM 3's s0: 7/2)."""
 
-    def __init__(self, spec: TeacherSpec, model: nn.Module, *, resolution: int, mean, std, patch: int):
+    def __init__(self, spec: TeacherSpec, model: nn.Module, *, resolution: int, mean, std, patch: int | Fraction):
         super().__init__()
         self.spec, self.model, self.resolution, self.patch = spec, model, resolution, patch
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
