@@ -250,8 +250,8 @@ def weight_sources(spec: TeacherSpec) -> list[tuple]:
                                                                            "pytorch_model.bin", "model.safetensors")]
         if cfg is not None and cfg.url:  # torch.hub's cache, where timm puts URL downloads
             return [("url", cfg.url, str(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name))]
-    elif spec.family == "sam3" and not spec.random_init and spec.model != "tiny" and not Path(spec.model).expanduser().is_dir():
-        return [("hf", spec.model, None, "model.safetensors")]
+    elif spec.family == "sam3" and not spec.random_init and not Path(spec.model).expanduser().is_dir():
+        return [("hf", spec.model, None, "model.safetensors")]  # a hub id (sam3:tiny is random-init only)
     return []
 
 

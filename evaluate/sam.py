@@ -3,7 +3,9 @@
 The prompt encoder and mask decoder come from the SAM teacher's own checkpoint file (checked by
 sha256 against the store's record); the image encoder is the student plus its adaptor for that
 teacher, resized to SAM's embedding grid. Only the neck target (256 channels, the decoder's input)
-can feed the decoder; stores built with `--sam-spatial preneck` are refused.
+can feed the decoder; stores built with `--sam-spatial preneck` are refused. SAM 2 (`sam2_predictor`) and
+SAM 3 (`sam3_model`) likewise, their decoders also fed the student's maps of the s0, s1 levels; `PromptSide`
+puts their prompt side behind `Sam`'s interface for the metric.
 
 Letters: B batch, S SAM's input side (1024), R the student's side, C SAM's embedding channels,
 g x g SAM's embedding grid (64 x 64 for the released models).
@@ -294,8 +296,9 @@ def sam2_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher
     model = load_sam(sam2s[name], checkpoint, name, recorded=_recorded_weight_file(info.store, name))
     levels = _levels(sam2s, name, model.sam_mask_decoder) if model.use_high_res_features_in_sam else (None, None, name)
     norm = SAM2Transforms(model.image_size, mask_threshold=0.0)  # SAM2ImagePredictor's: 0-1 pixels, ImageNet's
-    model.image_encoder = StudentSam2Backbone(load_student(info.path), levels, model=model, resolution=info.resolution,
-                                              sam_mean=torch.tensor(norm.mean) * 255, sam_std=torch.tensor(norm.std) * 255)
+    model.image_encoder = StudentSam2Backbone(load_student(info.path), levels, model=model,
+                                              resolution=info.resolution, sam_mean=torch.tensor(norm.mean) * 255,
+                                              sam_std=torch.tensor(norm.std) * 255)
     return model.to(device).eval()
 
 
@@ -307,8 +310,9 @@ def sam3_model(run: str | Path, *, teacher: str | None = None, device: str | tor
     name, sam3s = _embedding_teacher(info, "sam3", teacher)
     model = load_sam3(sam3s[name], name)
     levels = _levels(sam3s, name, model.mask_decoder)
-    model.vision_encoder = StudentSam3Backbone(load_student(info.path), levels, model=model, resolution=info.resolution,
-                                               sam_mean=torch.full((3,), 0.5 * 255), sam_std=torch.full((3,), 0.5 * 255))
+    half = torch.full((3,), 0.5 * 255)  # Sam3ImageProcessor's mean and std
+    model.vision_encoder = StudentSam3Backbone(load_student(info.path), levels, model=model,
+                                               resolution=info.resolution, sam_mean=half, sam_std=half)
     return model.to(device).eval()
 
 
@@ -410,7 +414,8 @@ def sam_from_file(ident: dict, checkpoint: Path, name: str):
     """SAM (or SAM 2) teacher `name` built by its library from `checkpoint`, a file already checked to be its own."""
     from ..cache.teachers import TeacherSpec, build_teacher
 
-    spec = TeacherSpec(name, ident["family"], ident["model"], weights=str(checkpoint), resolution=ident.get("resolution"))
+    spec = TeacherSpec(name, ident["family"], ident["model"], weights=str(checkpoint),
+                       resolution=ident.get("resolution"))
     sam = build_teacher(spec).model
     return sam.requires_grad_(False)
 

@@ -1,7 +1,6 @@
 """SAM 2's and SAM 3's decoders under the mask-IoU metric (`PromptSide`), and the student as SAM 2's image
 encoder (`sam2_predictor`): known answers against each library's own predictor."""
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
