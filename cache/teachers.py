@@ -677,6 +677,12 @@ def _sam2_config(spec: TeacherSpec):
     return cfg
 
 
+def _check_side(spec: TeacherSpec, label: str, side: int) -> None:
+    if spec.resolution not in (None, side):
+        raise TeacherSpecError(f"teacher '{spec.name}': {label} '{spec.model}' runs at {side} px only, "
+                               f"not {spec.resolution}")
+
+
 def build_sam2(spec: TeacherSpec) -> Teacher:
     """SAM 2 as users load it: `sam2.build_sam.build_sam2(config, checkpoint)` (`sam2:tiny`: toy-size overrides)."""
     from sam2.build_sam import build_sam2 as sam2_build
@@ -685,9 +691,7 @@ def build_sam2(spec: TeacherSpec) -> Teacher:
     config, overrides = SAM2_TINY if spec.model == "tiny" else (spec.model, ())
     model = sam2_build(config, str(Path(spec.weights).expanduser()) if spec.weights else None,
                        device=torch.get_default_device(), hydra_overrides_extra=list(overrides))
-    if spec.resolution not in (None, model.image_size):
-        raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 '{spec.model}' runs at {model.image_size} px only, "
-                               f"not {spec.resolution}")
+    _check_side(spec, "SAM 2", model.image_size)
     norm = SAM2Transforms(model.image_size, mask_threshold=0.0)
     stride = model.backbone_stride // 2 ** (2 - SAM_LEVELS[spec.sam_spatial])
     return Sam2Teacher(spec, model, resolution=model.image_size, mean=norm.mean, std=norm.std, patch=stride)
@@ -730,9 +734,7 @@ def build_sam3(spec: TeacherSpec) -> Teacher:
                                "Hugging Face cache here, or pass a save_pretrained folder") from None
     vit = model.config.vision_config.backbone_config
     side = vit.image_size if isinstance(vit.image_size, int) else vit.image_size[0]
-    if spec.resolution not in (None, side):
-        raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 '{spec.model}' runs at {side} px only, "
-                               f"not {spec.resolution}")
+    _check_side(spec, "SAM 3", side)
     patch = vit.patch_size if isinstance(vit.patch_size, int) else vit.patch_size[0]
     stride = Fraction(patch, 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))  # s0 of 14 px patches: 3.5 px per cell
     # the mean and std of its image processor (Sam3ImageProcessor's defaults)
@@ -749,6 +751,7 @@ def grid(spec: TeacherSpec) -> tuple[int, int]:
     weights or memory, so that settings depending on it are checked before any work."""
     if spec.family == "sam2":  # Hiera's init calls .item(), which the meta device refuses: read its config
         model = _sam2_config(spec).model
+        _check_side(spec, "SAM 2", model.image_size)
         side = model.image_size // (model.get("backbone_stride", 16) // 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))
         return side, side
     with torch.device("meta"):

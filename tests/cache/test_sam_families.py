@@ -86,8 +86,11 @@ def test_bad_target_levels_are_refused():
         check_spec(replace(SAM2_TINY, sam_spatial="preneck"))
     with pytest.raises(TeacherSpecError, match="SAM 3 spatial target 'preneck' is not one of neck, s1, s0"):
         check_spec(replace(SAM3_TINY, sam_spatial="preneck"))
-    with pytest.raises(TeacherSpecError, match="runs at 128 px only, not 256"):
-        build_teacher(replace(SAM2_TINY, resolution=256))
+    for check in (build_teacher, grid):  # grid: before the build starts
+        with pytest.raises(TeacherSpecError, match="SAM 2 'tiny' runs at 128 px only, not 256"):
+            check(replace(SAM2_TINY, resolution=256))
+        with pytest.raises(TeacherSpecError, match="SAM 3 'tiny' runs at 112 px only, not 224"):
+            check(replace(SAM3_TINY, resolution=224))
 
 
 def test_weights_load_through_the_spec_and_are_recorded(saved):
