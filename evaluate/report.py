@@ -286,8 +286,8 @@ def sam_decoders(cfg: EvalConfig, run, device, *, weight_files: dict | None = No
 
 def _later_sam_decoder(name: str, teachers: dict, recorded: str | None):
     """SAM 2 or SAM 3 teacher `name`'s decoder as a `PromptSide` (with the teachers of its s0, s1 levels where it
-    reads them), else None and why. A SAM 2 checkpoint is the file the build read, found unchanged
-    (--sam-checkpoint is SAM's); a SAM 3 model is its hub id or its folder, unchanged."""
+    reads them), else None and why. A SAM 2 checkpoint is the file the build read, found unchanged; a SAM 3
+    model is its hub id or its folder, unchanged."""
     ident = teachers[name]
     family = ident["family"]
     if ident.get("spatial", "neck") != "neck":
@@ -299,7 +299,8 @@ def _later_sam_decoder(name: str, teachers: dict, recorded: str | None):
         except RadioDistillError as e:
             return None, str(e)
     else:
-        found, why = find_sam_checkpoint(ident, name, recorded)
+        found, why = find_sam_checkpoint(ident, name, recorded, fix="the metric needs its checkpoint unchanged where "
+                                         "the build read it (--sam-checkpoint is SAM's)")
         if found is None:
             return None, why
         model = sam_from_file(ident, found, name)

@@ -368,9 +368,10 @@ def _recorded_weight_file(store: str | None, name: str) -> str | None:
         return None
 
 
-def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None) -> tuple[Path | None, str]:
-    """The SAM teacher's checkpoint found without asking (see `cache.teachers.locate_weights`), else None
-    and one line saying what to pass."""
+def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None,
+                        fix: str = "pass its checkpoint with --sam-checkpoint FILE") -> tuple[Path | None, str]:
+    """The SAM (or SAM 2) teacher's checkpoint found without asking (see `cache.teachers.locate_weights`), else
+    None and one line saying what to do (`fix`)."""
     from ..cache.teachers import locate_weights
 
     found, tried = locate_weights(ident, recorded)
@@ -378,9 +379,8 @@ def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None) -> 
         return found, ""
     if tried:
         return None, (f"{name} ({ident['model']}): its weight file '{ident.get('weights')}' (sha256 "
-                      f"{ident['sha256'][:12]}...) is not where it was: {', '.join(tried)}; pass its checkpoint "
-                      "with --sam-checkpoint FILE")
-    return None, f"{name} ({ident['model']}): pass its checkpoint with --sam-checkpoint FILE"
+                      f"{ident['sha256'][:12]}...) is not where it was: {', '.join(tried)}; {fix}")
+    return None, f"{name} ({ident['model']}): {fix}"
 
 
 def load_sam(ident: dict, checkpoint: str | Path | None, name: str, *, recorded: str | None = None):

@@ -1,6 +1,7 @@
 """SAM 2's and SAM 3's decoders under the mask-IoU metric (`PromptSide`), and the student as SAM 2's image
 encoder (`sam2_predictor`): known answers against each library's own predictor."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,3 +195,30 @@ def test_radio_eval_scores_sam2_and_sam3_with_their_high_res_levels(sam2_run):
         assert v["teacher"]["min"] == 1.0 and 0 <= v["student"]["mean"] <= 1
     assert r["notes"] == [f"{prefix}{level}: SAM {k}'s {level} level, decoded with its image-embedding teacher"
                           for k, prefix in (("2", ""), ("3", "sam3_")) for level in ("s1", "s0")]
+
+
+def test_sam_decoders_say_why_a_sam2_or_sam3_teacher_is_left_out(tmp_path):
+    """Without the teachers of its s0, s1 levels (or with its SAM 3 folder changed) the metric says so, in one line."""
+    from radio_distill.cache.teachers import identity
+    from radio_distill.evaluate.report import sam_decoders
+
+    checkpoint, folder = tmp_path / "sam2_tiny.pt", tmp_path / "sam3_tiny"
+    torch.save({"model": build_teacher(SAM2_TINY).model.state_dict()}, checkpoint)
+    build_teacher(SAM3_TINY).model.save_pretrained(folder)
+    sam2 = identity(replace(SAM2_TINY, weights=str(checkpoint), random_init=False))
+    sam3 = identity(replace(SAM3_TINY, model=str(folder), random_init=False))
+    settings = {"teachers": {"sam2": sam2, "sam3": sam3, "sam3_s0": {**sam3, "spatial": "s0"}}}
+    cfg = EvalConfig(store=tmp_path, run=tmp_path, out=tmp_path)
+    sams, notes = sam_decoders(cfg, SimpleNamespace(store_settings=settings), "cpu",
+                               weight_files={"sam2": str(checkpoint)})
+    assert sams == {} and notes == [
+        "sam2 (tiny): its mask decoder reads the high-resolution levels s0, s1 beside the image embedding; the store "
+        "has no teacher of the same model for s0, s1 (cache them with sam_spatial s0, s1)",
+        "sam3 (" + str(folder) + "): its mask decoder reads the high-resolution levels s0, s1 beside the image "
+        "embedding; the store has no teacher of the same model for s1 (cache them with sam_spatial s1)",
+        "sam3_s0: SAM 3's s0 level, decoded with its image-embedding teacher"]
+    (folder / "model.safetensors").unlink()
+    notes = sam_decoders(cfg, SimpleNamespace(store_settings=settings), "cpu")[1]
+    assert notes[0] == ("sam2 (tiny): the metric needs its checkpoint unchanged where the build read it "
+                        "(--sam-checkpoint is SAM's)")
+    assert "SAM 3 teacher 'sam3': the folder '" + str(folder) + "' no longer holds the weights" in notes[1]
