@@ -77,7 +77,7 @@ def _packed(info: dict) -> str:
 def build(
     data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels), list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused), WebDataset tar shards or Parquet files: a path, glob or brace pattern, quoted, e.g. 'shards/{000000..000123}.tar' or 'data/train-*.parquet'.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output store: a folder, e.g. cache.zarr, or s3://bucket/prefix/cache.zarr (endpoint and credentials from the AWS_* environment variables).")] = None,
-    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024.")] = None,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024, sam2:configs/sam2.1/sam2.1_hiera_l.yaml:/path/sam2.1_hiera_large.pt@1024, sam3:facebook/sam3@1008 (or a save_pretrained folder); families: clip, dinov2, sam, sam2, sam3, timm.")] = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights; 'toy' = small CLIP, DINOv2 and SAM trained on generated scenes (toy preset: trained on generated scenes; cache/toy/*.safetensors).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with any of these settings; options given here win.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per image: view 0 = centre square, others random-resized crops. [default: 1]")] = None,
@@ -87,7 +87,7 @@ def build(
     spatial_codec: Annotated[Optional[str], typer.Option(help="Spatial target codec: int8 (per-token absmax) or fp16. [default: int8]")] = None,
     summary_codec: Annotated[Optional[str], typer.Option(help="Summary target codec: fp16 or int8. [default: fp16]")] = None,
     pool: Annotated[Optional[list[str]], typer.Option(help="Average-pool a teacher's spatial grid: NAME=FACTOR, e.g. sam=2. [default: no pooling]")] = None,
-    sam_spatial: Annotated[Optional[str], typer.Option(help="SAM spatial target: neck (256 ch) or preneck. [default: neck]")] = None,
+    sam_spatial: Annotated[Optional[str], typer.Option(help="SAM spatial target: neck (256 ch) or preneck; SAM 2, SAM 3: neck (the image embedding), s1 or s0 (the high-resolution levels their decoders also read). [default: neck]")] = None,
     fidelity: Annotated[Optional[list[str]], typer.Option(help="Fidelity budget instead of codecs: a calibration pass picks, per teacher and target, the smallest encoding (int8, rotated int8, PCA...) whose mean token cosine on held-back samples is at least this; 0.99 for all, or NAME=0.995 for one (repeatable).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray workers when there is no GPU (with GPUs: one per GPU). [default: 1]")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default starts Ray locally.")] = None,

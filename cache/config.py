@@ -11,7 +11,7 @@ spec = "clip:ViT-L-14:openai@224"
 spec = "sam:vit_h:/weights/sam_vit_h_4b8939.pth@1024"
 spatial = "int8"            # codec of the spatial target: fp16 | int8
 pool = 2                    # average-pool the spatial grid by this factor (a divisor of the grid)
-sam_spatial = "preneck"     # SAM only: neck (default) | preneck
+sam_spatial = "preneck"     # SAM: neck (default) | preneck; SAM 2, SAM 3: neck | s1 | s0
 fidelity = 0.995            # this teacher's budget, instead of codecs
 ```
 `teachers = "tiny"` selects the offline preset. `CacheConfig` is what `build.build_cache` takes.
@@ -111,7 +111,7 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
     specs, entries = [s for s, _ in pairs], [e for _, e in pairs]
     fidelity = fidelity or {}
     for i, (spec, e) in enumerate(zip(specs, entries)):
-        if spec.family == "sam" and (e.get("sam_spatial") or sam_spatial):
+        if spec.family in ("sam", "sam2", "sam3") and (e.get("sam_spatial") or sam_spatial):
             specs[i] = spec = replace(spec, sam_spatial=e.get("sam_spatial") or sam_spatial)
         pool = (pools or {}).get(spec.name, e.get("pool", 1))
         budget = next((b for b in (fidelity.get(spec.name), fidelity.get(None), e.get("fidelity"), raw.get("fidelity"))

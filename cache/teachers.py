@@ -1,5 +1,6 @@
-"""Teachers: CLIP (open_clip), DINOv2 (timm), SAM (segment_anything) and any timm image model with
-patch tokens (DINOv3, SigLIP/SigLIP2, EVA...) behind one interface.
+"""Teachers: CLIP (open_clip), DINOv2 (timm), SAM (segment_anything), SAM 2 (Meta's `sam2`), SAM 3
+(transformers' `Sam3TrackerModel`) and any timm image model with patch tokens (DINOv3, SigLIP/SigLIP2,
+EVA...) behind one interface.
 
 A teacher maps normalised pixels to a summary vector (none for SAM) and a spatial feature map.
 Each is loaded by its own library exactly as users load it: a pretrained tag or a local file.
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -25,8 +27,11 @@ from torch import nn
 from ..errors import TeacherSpecError
 from ..store.layout import TeacherInfo
 
-FAMILIES = ("clip", "dinov2", "sam", "timm")
+FAMILIES = ("clip", "dinov2", "sam", "sam2", "sam3", "timm")
 SAM_SPATIAL = ("neck", "preneck")
+# SAM 2's and SAM 3's targets: the image embedding their mask decoder reads, or a high-resolution level it also
+# reads (s1 at half, s0 at a quarter of its stride), as their predictors keep them; value: the FPN level
+SAM_LEVELS = {"neck": 2, "s1": 1, "s0": 0}
 TINY_CLIP = "radio-tiny-clip"
 TOY_CLIP = "radio-toy-clip"
 TOY_DIR = Path(__file__).parent / "toy"  # the toy teachers' trainer, weights and scores
@@ -183,6 +188,46 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.sam_spatial not in SAM_SPATIAL:
             raise TeacherSpecError(f"teacher '{spec.name}': SAM spatial target '{spec.sam_spatial}' "
                                    f"is not one of {', '.join(SAM_SPATIAL)}")
+    elif spec.family == "sam2":
+        _require("sam2", spec, "Meta's sam2: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2 (scripts/setup.sh "
+                 "does this)")
+        example = f"sam2:{SAM2_EXAMPLE}:/path/sam2.1_hiera_large.pt@1024"
+        if spec.model not in _sam2_configs():
+            raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM 2 config '{spec.model}'; available: "
+                                   f"{', '.join(c for c in _sam2_configs() if 'sam2.1/' in c or c == 'tiny')} "
+                                   f"(and the other configs of the sam2 package), e.g. {example}")
+        if spec.weights is None and not spec.random_init:
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 needs a checkpoint file, e.g. {example}")
+        if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 checkpoint '{spec.weights}' is not a file; "
+                                   f"e.g. {example}")
+        if spec.sam_spatial not in SAM_LEVELS:
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 spatial target '{spec.sam_spatial}' "
+                                   f"is not one of {', '.join(SAM_LEVELS)}")
+    elif spec.family == "sam3":
+        _require("transformers", spec, "transformers: pip install 'radio-distill[sam3]'")
+        example = "sam3:facebook/sam3@1008 or sam3:/path/to/a/save_pretrained/folder"
+        if spec.weights is not None:
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 loads its weights with its model "
+                                   f"(transformers' from_pretrained of a hub id or folder), not from '{spec.weights}'; "
+                                   f"e.g. {example}")
+        if spec.model == "tiny" and not spec.random_init:
+            raise TeacherSpecError(f"teacher '{spec.name}': sam3:tiny is the seeded test configuration; "
+                                   f"give a model, e.g. {example}")
+        local = Path(spec.model).expanduser()
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec.model) and not local.exists()
+        if spec.model != "tiny" and not hub_id and not (local / "config.json").is_file():
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 model '{spec.model}' is neither a hub id nor a "
+                                   f"folder with a config.json; e.g. {example}")
+        if spec.sam_spatial not in SAM_LEVELS:
+            raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 spatial target '{spec.sam_spatial}' "
+                                   f"is not one of {', '.join(SAM_LEVELS)}")
+
+
+def _require(module: str, spec: TeacherSpec, install: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise TeacherSpecError(f"teacher '{spec.name}': the {spec.family} family needs {install}")
 
 
 PROBE_TIMEOUT = 8.0  # seconds the hub gets to answer one HEAD request, in the driver before Ray starts
@@ -223,6 +268,8 @@ def weight_sources(spec: TeacherSpec) -> list[tuple]:
                                                                            "pytorch_model.bin", "model.safetensors")]
         if cfg is not None and cfg.url:  # torch.hub's cache, where timm puts URL downloads
             return [("url", cfg.url, str(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name))]
+    elif spec.family == "sam3" and not spec.random_init and not Path(spec.model).expanduser().is_dir():
+        return [("hf", spec.model, None, "model.safetensors")]  # a hub id (sam3:tiny is random-init only)
     return []
 
 
@@ -296,13 +343,18 @@ def identity(spec: TeacherSpec) -> dict:
     """Stable identity of a teacher: what must match for two stores to hold the same targets."""
     ident = {"family": spec.family, "model": spec.model, "weights": spec.weights,
              "resolution": spec.resolution, "random_init": spec.random_init, "preset": spec.preset, "model_kwargs": dict(spec.model_kwargs)}
-    if spec.family == "sam":
+    if spec.family in ("sam", "sam2", "sam3"):
         ident["spatial"] = spec.sam_spatial
     if spec.tiles > 1:  # absent otherwise: untiled stores keep their identity
         ident["tiles"] = spec.tiles
     if _is_file(spec.weights):
         ident["weights"] = Path(spec.weights).name
         ident["sha256"] = sha256_file(Path(spec.weights).expanduser())
+    elif spec.family == "sam3" and Path(spec.model).expanduser().is_dir():  # a save_pretrained folder
+        h = hashlib.sha256()
+        for f in sorted(Path(spec.model).expanduser().glob("*.safetensors")):
+            h.update(f.name.encode() + bytes.fromhex(sha256_file(f)))
+        ident["sha256"] = h.hexdigest()
     return ident
 
 
@@ -344,9 +396,9 @@ def sha256_file(path: Path) -> str:
 
 class Teacher(nn.Module):
     """A frozen teacher: `forward(x)` maps (B, 3, R, R) normalised pixels to (summary (B, D) | None,
-    spatial (B, h, w, C)), in float32."""
+    spatial (B, h, w, C)), in float32. `patch`: input pixels per grid cell (a Fraction for SAM 3's s0: 7/2)."""
 
-    def __init__(self, spec: TeacherSpec, model: nn.Module, *, resolution: int, mean, std, patch: int):
+    def __init__(self, spec: TeacherSpec, model: nn.Module, *, resolution: int, mean, std, patch: int | Fraction):
         super().__init__()
         self.spec, self.model, self.resolution, self.patch = spec, model, resolution, patch
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -435,13 +487,37 @@ class SamTeacher(Teacher):
         return None, x.float()
 
 
+class Sam2Teacher(Teacher):
+    """No summary. Spatial: the feature level `spec.sam_spatial` of `SAM2ImagePredictor.set_image` (see
+    `SAM_LEVELS`): the image embedding (the last FPN level plus `no_mem_embed`) or a high-resolution level
+    (already through the mask decoder's conv_s1 / conv_s0 where the model reads them)."""
+
+    def forward(self, x):
+        m = self.model
+        _, feats, _, sizes = m._prepare_backbone_features(m.forward_image(x))  # per level (h * w, B, C)
+        if m.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + m.no_mem_embed
+        level = SAM_LEVELS[self.spec.sam_spatial]
+        return None, feats[level].permute(1, 0, 2).reshape(len(x), *sizes[level], -1).float()
+
+
+class Sam3Teacher(Teacher):
+    """No summary. Spatial: the feature level `spec.sam_spatial` of `Sam3TrackerModel.get_image_embeddings`:
+    the image embedding its point-prompt mask decoder reads (the tracker neck's stride-14 level plus its
+    no-memory embedding) or a high-resolution level (s1, s0 at strides 7 and 3.5, after conv_s1 / conv_s0)."""
+
+    def forward(self, x):
+        return None, self.model.get_image_embeddings(x)[SAM_LEVELS[self.spec.sam_spatial]].permute(0, 2, 3, 1).float()
+
+
 def tile_layout(resolution: int, patch: int, tiles: int) -> tuple[int, int, list[int]]:
     """(canvas side, overlap, tile offsets) in px of `tiles` x `tiles` tiles of side `resolution` on a square canvas:
     neighbours overlap by about an eighth of a tile, in whole patches (at least one), so every tile's tokens
     fall on the canvas's token grid."""
     overlap = max(1, round(resolution / patch / 8)) * patch
-    stride = resolution - overlap
-    return resolution + (tiles - 1) * stride, overlap, [k * stride for k in range(tiles)]
+    overlap += patch * (overlap % 1 != 0)  # a cell of 3.5 px (SAM 3's s0): an even number of cells, whole pixels
+    stride = int(resolution - overlap)
+    return resolution + (tiles - 1) * stride, int(overlap), [k * stride for k in range(tiles)]
 
 
 class TiledTeacher(Teacher):
@@ -634,12 +710,122 @@ def build_sam(spec: TeacherSpec) -> Teacher:
                       std=(sam.pixel_std / 255).flatten().tolist(), patch=enc.patch_embed.proj.kernel_size[0])
 
 
-TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam, "timm": build_timm}
+SAM2_EXAMPLE = "configs/sam2.1/sam2.1_hiera_l.yaml"
+# `sam2:tiny`: SAM 2.1 Hiera-T's config at toy sizes (hydra overrides, as `build_sam2` takes them): 128 px input,
+# a 5-block Hiera of width 8, 32 channels (an 8 x 8 image embedding); the video memory shrunk to match
+SAM2_TINY = ("configs/sam2.1/sam2.1_hiera_t.yaml", (
+    "++model.image_size=128", "++model.image_encoder.trunk.embed_dim=8", "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.d_model=32", "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+    "++model.memory_attention.d_model=32", "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=32", "++model.memory_attention.layer.dim_feedforward=32",
+    "++model.memory_attention.layer.self_attention.embedding_dim=32",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=32",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16", "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16", "++model.memory_encoder.fuser.layer.dim=32",
+    "++model.memory_encoder.fuser.num_layers=1"))
+
+
+@lru_cache(maxsize=1)
+def _sam2_configs() -> tuple[str, ...]:
+    """The hydra config names `build_sam2` knows (the sam2 package's), and `tiny`."""
+    import sam2
+    root = Path(sam2.__file__).parent
+    names = [p.relative_to(root).as_posix() for p in (*root.glob("*.yaml"), *root.glob("configs/sam2*/*.yaml"))]
+    return ("tiny", *sorted(names))
+
+
+def _sam2_config(spec: TeacherSpec):
+    """The resolved hydra config `build_sam2` instantiates for `spec` (without its post-processing overrides)."""
+    import sam2  # noqa: F401 - its import points hydra at its configs, as build_sam2 relies on
+    from hydra import compose
+    from omegaconf import OmegaConf
+    config, overrides = SAM2_TINY if spec.model == "tiny" else (spec.model, ())
+    cfg = compose(config_name=config, overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _check_side(spec: TeacherSpec, label: str, side: int) -> None:
+    if spec.resolution not in (None, side):
+        raise TeacherSpecError(f"teacher '{spec.name}': {label} '{spec.model}' runs at {side} px only, "
+                               f"not {spec.resolution}")
+
+
+def build_sam2(spec: TeacherSpec) -> Teacher:
+    """SAM 2 as users load it: `sam2.build_sam.build_sam2(config, checkpoint)` (`sam2:tiny`: toy-size overrides)."""
+    from sam2.build_sam import build_sam2 as sam2_build
+    from sam2.utils.transforms import SAM2Transforms
+
+    config, overrides = SAM2_TINY if spec.model == "tiny" else (spec.model, ())
+    model = sam2_build(config, str(Path(spec.weights).expanduser()) if spec.weights else None,
+                       device=torch.get_default_device(), hydra_overrides_extra=list(overrides))
+    _check_side(spec, "SAM 2", model.image_size)
+    norm = SAM2Transforms(model.image_size, mask_threshold=0.0)
+    stride = model.backbone_stride // 2 ** (2 - SAM_LEVELS[spec.sam_spatial])
+    return Sam2Teacher(spec, model, resolution=model.image_size, mean=norm.mean, std=norm.std, patch=stride)
+
+
+def tiny_sam3_config():
+    """transformers' `Sam3TrackerConfig` at toy sizes: 112 px input, 14 px patches (an 8 x 8 embedding),
+    a 2-block ViT of width 32, 32 channels."""
+    from transformers import Sam3TrackerConfig
+    return Sam3TrackerConfig(
+        vision_config=dict(model_type="sam3_vision_model", fpn_hidden_size=32, scale_factors=[4.0, 2.0, 1.0],
+                           backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],
+                           backbone_config=dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, image_size=112,
+                                                patch_size=14, window_size=4, global_attn_indexes=[1],
+                                                pretrain_image_size=56)),
+        prompt_encoder_config=dict(hidden_size=32, image_size=112, patch_size=14, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=32))
+
+
+def build_sam3(spec: TeacherSpec) -> Teacher:
+    """SAM 3 as transformers users load it: `Sam3TrackerModel.from_pretrained(hub id or folder)`, the model
+    with SAM 3's point-prompt mask decoder (`sam3:tiny`: `tiny_sam3_config`, seeded)."""
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+    from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
+
+    source = str(Path(spec.model).expanduser()) if Path(spec.model).expanduser().is_dir() else spec.model
+    try:
+        if spec.model == "tiny":
+            model = Sam3TrackerModel(tiny_sam3_config())
+        elif spec.random_init:
+            model = Sam3TrackerModel(Sam3TrackerConfig.from_pretrained(source))
+        else:
+            model = Sam3TrackerModel.from_pretrained(source)
+    except OSError as e:  # not cached and the hub unreachable (offline), gated or unknown: one line
+        reason = " ".join(str(e).split())[:200]
+        raise TeacherSpecError(f"teacher '{spec.name}': SAM 3 model '{spec.model}' cannot be loaded ({reason}); "
+                               f"download it on a machine with network (`hf download {spec.model}`) and copy that "
+                               "Hugging Face cache here, or pass a save_pretrained folder") from None
+    vit = model.config.vision_config.backbone_config
+    side = vit.image_size if isinstance(vit.image_size, int) else vit.image_size[0]
+    _check_side(spec, "SAM 3", side)
+    patch = vit.patch_size if isinstance(vit.patch_size, int) else vit.patch_size[0]
+    stride = Fraction(patch, 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))  # s0 of 14 px patches: 3.5 px per cell
+    # the mean and std of its image processor (Sam3ImageProcessor's defaults)
+    return Sam3Teacher(spec, model, resolution=side, mean=IMAGENET_STANDARD_MEAN, std=IMAGENET_STANDARD_STD,
+                       patch=int(stride) if stride.denominator == 1 else stride)
+
+
+TEACHERS = {"clip": build_clip, "dinov2": build_dinov2, "sam": build_sam, "sam2": build_sam2, "sam3": build_sam3,
+            "timm": build_timm}
 
 
 def grid(spec: TeacherSpec) -> tuple[int, int]:
     """The teacher's (h, w) spatial grid from its architecture alone: built on the meta device, without
     weights or memory, so that settings depending on it are checked before any work."""
+    if spec.family == "sam2":  # Hiera's init calls .item(), which the meta device refuses: read its config
+        model = _sam2_config(spec).model
+        _check_side(spec, "SAM 2", model.image_size)
+        side = model.image_size // (model.get("backbone_stride", 16) // 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))
+        return side, side
     with torch.device("meta"):
         teacher = _build(replace(spec, weights=None, random_init=True))
     side = teacher.resolution // teacher.patch

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import EvaluationError
+from ..errors import EvaluationError, RadioDistillError
 from ..ops import check_device
 from ..store import layout as L
 from ..store.group import open_store, read_whole, weights_label
@@ -32,8 +32,8 @@ from .dense import load_masks, mask_grid, mask_path, probe_miou
 from .features import SplitFeatures, collect, load_run, open_reader, view_image
 from .metrics import IGNORE, knn_top1, zero_shot_top1
 from .pictures import curves_png, features_png, read_metrics, resolution_png, sam_masks_png, sam_png
-from .sam import (MIN_PIXELS, PromptSideOnly, find_sam_checkpoint, load_sam, mask_agreement, object_points,
-                  point_masks, point_prompt_iou, sam_from_file, to_sam_grid)
+from .sam import (MIN_PIXELS, PromptSide, PromptSideOnly, find_sam_checkpoint, high_res_teachers, load_sam,
+                  load_sam3, mask_agreement, object_points, point_masks, point_prompt_iou, sam_from_file, to_sam_grid)
 from .throughput import measure_throughput
 
 PICTURE_SIDE = 128
@@ -93,7 +93,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
 
     # 3. features: one student pass per split, next to the cached targets
     kw = dict(resolution=resolution, device=device, batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)
-    test = collect(reader, model, held, keep=probe_test, show=shown, sam_rows=sam_rows, sam_teachers=tuple(sams),
+    sam_maps = tuple(dict.fromkeys(n for t, sam in sams.items() for n in (t, *(getattr(sam, "levels", None) or ()))))
+    test = collect(reader, model, held, keep=probe_test, show=shown, sam_rows=sam_rows, sam_teachers=sam_maps,
                    what="held-out", **kw)
     fit = collect(reader, model, bank, keep=probe_train, what="train bank", **kw) if need_bank else None
     # the student at each of --resolutions on the same views (mode switching shows as a number)
@@ -255,9 +256,16 @@ def sam_decoders(cfg: EvalConfig, run, device, *, weight_files: dict | None = No
     the recorded sha256; the tiny preset needs none. Loaded before any pass, so a wrong
     --sam-checkpoint fails in seconds, not after the features."""
     teachers = {n: i for n, i in run.store_settings["teachers"].items() if i["family"] == "sam"}
-    if not teachers:
+    later = {n: i for n, i in run.store_settings["teachers"].items() if i["family"] in ("sam2", "sam3")}
+    if not teachers and not later:
         return {}, ["the store has no SAM teacher"]
     sams, notes = {}, []
+    for name in later:
+        side, why = _later_sam_decoder(name, later, (weight_files or {}).get(name))
+        if side is None:
+            notes.append(why)
+        else:
+            sams[name] = side.to(device).eval()
     for name, ident in teachers.items():
         if ident.get("spatial", "neck") != "neck":
             notes.append(f"{name}: cached pre-neck; SAM's mask decoder needs the neck target (--sam-spatial neck)")
@@ -274,6 +282,46 @@ def sam_decoders(cfg: EvalConfig, run, device, *, weight_files: dict | None = No
         sam.image_encoder = PromptSideOnly(sam.image_encoder.img_size)
         sams[name] = sam.to(device).eval()
     return sams, notes
+
+
+def _later_sam_decoder(name: str, teachers: dict, recorded: str | None):
+    """SAM 2 or SAM 3 teacher `name`'s decoder as a `PromptSide` (with the teachers of its s0, s1 levels where it
+    reads them), else None and why. A SAM 2 checkpoint is the file the build read, found unchanged; a SAM 3
+    model is its hub id or its folder, unchanged."""
+    ident = teachers[name]
+    family = ident["family"]
+    if ident.get("spatial", "neck") != "neck":
+        return None, (f"{name}: {'SAM 2' if family == 'sam2' else 'SAM 3'}'s {ident['spatial']} level, decoded with "
+                      "its image-embedding teacher")
+    if family == "sam3":
+        try:
+            model = load_sam3(ident, name)
+        except RadioDistillError as e:
+            return None, str(e)
+    else:
+        found, why = find_sam_checkpoint(ident, name, recorded, fix="the metric needs its checkpoint unchanged where "
+                                         "the build read it (--sam-checkpoint is SAM's)")
+        if found is None:
+            return None, why
+        model = sam_from_file(ident, found, name)
+        if not model.use_high_res_features_in_sam:
+            return PromptSide(model), ""
+    levels, why = high_res_teachers({n: i for n, i in teachers.items() if i["family"] == family}, name)
+    return (None, why) if levels is None else (PromptSide(model, levels), "")
+
+
+def sam_embeddings(test: SplitFeatures, name: str, sam, rows=slice(None)) -> dict[str, torch.Tensor]:
+    """{'teacher': cached maps, 'student': adaptor maps} of SAM teacher `name` at `rows`, resized to its
+    decoder's grid: (Ms, C, g, g), or for a `PromptSide` reading s0, s1 the three levels packed (`PromptSide.pack`)."""
+    g = tuple(sam.prompt_encoder.image_embedding_size)
+    names = (name,) + (tuple(reversed(sam.levels)) if getattr(sam, "levels", None) else ())  # embedding, s1, s0
+    grids = (g, (2 * g[0], 2 * g[1]), (4 * g[0], 4 * g[1]))
+    out = {}
+    for who in ("teacher", "student"):
+        maps = [to_sam_grid(torch.from_numpy(test.sam_target[n][rows]).permute(0, 3, 1, 2) if who == "teacher"
+                            else torch.from_numpy(test.sam_student[n][rows]), grid) for n, grid in zip(names, grids)]
+        out[who] = sam.pack(*maps) if len(maps) > 1 else maps[0]
+    return out
 
 
 def _teacher_label(name: str, ident: dict) -> str:
@@ -380,9 +428,9 @@ def sam_scores(test: SplitFeatures, sams: dict, notes: list[str], cfg: EvalConfi
     out, ious = {}, {}
     for name, sam in sams.items():
         grid = tuple(sam.prompt_encoder.image_embedding_size)
-        target = torch.from_numpy(test.sam_target[name])  # (Ms, ht, wt, C)
-        teacher = to_sam_grid(target.permute(0, 3, 1, 2), grid)  # (Ms, C, g, g)
-        student = to_sam_grid(torch.from_numpy(test.sam_student[name]), grid)
+        target = test.sam_target[name]  # (Ms, ht, wt, C)
+        embeddings = sam_embeddings(test, name, sam)
+        teacher, student = embeddings["teacher"], embeddings["student"]  # (Ms, C, g, g)
         maps = (objects or {}).get(int(sam.prompt_encoder.input_image_size[0]))
         truth = ground_truth_iou(sam, teacher, student, maps) if maps else {"skipped": objects_note}
         iou = mask_agreement(sam, teacher, {"student": student, "teacher": teacher.clone()}, points=SAM_POINTS,
@@ -441,9 +489,7 @@ def sam_mask_panels(test: SplitFeatures, sams: dict, objects: dict, *, count: in
     panels = {}
     for name, sam in sams.items():
         device, S = sam.prompt_encoder.get_dense_pe().device, sides[name]
-        grid = tuple(sam.prompt_encoder.image_embedding_size)
-        embeddings = {"teacher": to_sam_grid(torch.from_numpy(test.sam_target[name][shown]).permute(0, 3, 1, 2), grid),
-                      "student": to_sam_grid(torch.from_numpy(test.sam_student[name][shown]), grid)}
+        embeddings = sam_embeddings(test, name, sam, shown)
         panels[name] = []
         for k, p in enumerate(shown):
             at_s, native = objects[S][p]

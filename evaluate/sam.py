@@ -3,7 +3,9 @@
 The prompt encoder and mask decoder come from the SAM teacher's own checkpoint file (checked by
 sha256 against the store's record); the image encoder is the student plus its adaptor for that
 teacher, resized to SAM's embedding grid. Only the neck target (256 channels, the decoder's input)
-can feed the decoder; stores built with `--sam-spatial preneck` are refused.
+can feed the decoder; stores built with `--sam-spatial preneck` are refused. SAM 2 (`sam2_predictor`) and
+SAM 3 (`sam3_model`) likewise, their decoders also fed the student's maps of the s0, s1 levels; `PromptSide`
+puts their prompt side behind `Sam`'s interface for the metric.
 
 Letters: B batch, S SAM's input side (1024), R the student's side, C SAM's embedding channels,
 g x g SAM's embedding grid (64 x 64 for the released models).
@@ -41,11 +43,70 @@ class StudentImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(student.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(student.std).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adaptors(self, x: torch.Tensor) -> dict:
+        """SAM-preprocessed pixels -> the student's output per teacher (adaptor maps at the student grid)."""
         x = (x * self.sam_std + self.sam_mean - self.mean) / self.std
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                           align_corners=False)
-        return to_sam_grid(self.student(x).teachers[self.teacher].spatial, self.grid)
+        return self.student(x).teachers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_sam_grid(self.adaptors(x)[self.teacher].spatial, self.grid)
+
+
+class StudentLevels(StudentImageEncoder):
+    """The FPN levels SAM 2's and SAM 3's decoders read, from the student's adaptors: SAM-normalised pixels
+    (B, 3, S, S) -> [s0 (B, C0, 4g, 4g), s1 (B, C1, 2g, 2g), embedding (B, C, g, g)], as their image encoders
+    hand them on: the embedding's teacher's map less the no-memory embedding (which the predictor adds back)
+    and the s0, s1 teachers' maps, already as the decoder's conv_s0, conv_s1 make them (the drop-in turns those
+    into identities). Levels a decoder does not read are zeros."""
+
+    def __init__(self, student: Student, levels: tuple, *, grid: int, no_mem: torch.Tensor, **kwargs):
+        super().__init__(student, levels[-1], grid=(grid, grid), **kwargs)
+        self.levels = levels  # (s0 teacher | None, s1 teacher | None, embedding teacher)
+        self.grids = ((4 * grid, 4 * grid), (2 * grid, 2 * grid), (grid, grid))
+        self.register_buffer("no_mem", no_mem.detach().reshape(1, -1, 1, 1).clone(), persistent=False)
+
+    def fpn(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.adaptors(x)
+        maps = [x.new_zeros(len(x), 1, *grid) if t is None else to_sam_grid(out[t].spatial, grid)
+                for t, grid in zip(self.levels, self.grids)]
+        maps[-1] = maps[-1] - self.no_mem
+        return maps
+
+
+class StudentSam2Backbone(StudentLevels):
+    """SAM 2's image encoder replaced by the student: the dict `SAM2Base.forward_image` reads."""
+
+    def __init__(self, student: Student, levels: tuple, *, model, **kwargs):
+        no_mem = model.no_mem_embed if model.directly_add_no_mem_embed else torch.zeros(1)
+        super().__init__(student, levels, img_size=model.image_size, grid=model.image_size // model.backbone_stride,
+                         no_mem=no_mem, **kwargs)
+        self.position_encoding = model.image_encoder.neck.position_encoding
+
+    def forward(self, x: torch.Tensor) -> dict:
+        fpn = self.fpn(x)
+        return {"vision_features": fpn[-1], "backbone_fpn": fpn,
+                "vision_pos_enc": [self.position_encoding(f).to(f.dtype) for f in fpn]}
+
+
+class StudentSam3Backbone(StudentLevels):
+    """SAM 3's (transformers' `Sam3TrackerModel`) vision encoder replaced by the student: the output
+    `get_image_features` reads."""
+
+    def __init__(self, student: Student, levels: tuple, *, model, **kwargs):
+        side = model.prompt_encoder.input_image_size
+        super().__init__(student, levels, img_size=side, grid=model.prompt_encoder.image_embedding_size[0],
+                         no_mem=model.no_memory_embedding, **kwargs)
+        self.position_encoding = model.vision_encoder.neck.position_encoding
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerVisionEncoderOutput
+
+        fpn = self.fpn(pixel_values)
+        return Sam3TrackerVisionEncoderOutput(
+            fpn_hidden_states=tuple(fpn),
+            fpn_position_encoding=tuple(self.position_encoding(f.shape, f.device, f.dtype) for f in fpn))
 
 
 class PromptSideOnly(nn.Module):
@@ -58,6 +119,87 @@ class PromptSideOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise EvaluationError("SAM's image encoder is not loaded here: decode cached or student embeddings")
+
+
+class Sam3Prompts(nn.Module):
+    """transformers' `Sam3TrackerPromptEncoder` behind segment_anything's `PromptEncoder` interface: P prompts
+    of one image as its point batch, positional encoding from the model's `get_image_wide_positional_embeddings`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.input_image_size = (model.prompt_encoder.input_image_size,) * 2
+        self.image_embedding_size = tuple(model.prompt_encoder.image_embedding_size)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        return self.model.get_image_wide_positional_embeddings()
+
+    def forward(self, points, boxes=None, masks=None):
+        """points: ((P, N, 2) x, y in the input frame, (P, N) labels) -> (1, P, N + 1, C), (1, C, g, g)."""
+        coords, labels = points
+        return self.model.prompt_encoder(input_points=coords[None], input_labels=labels[None], input_boxes=None,
+                                         input_masks=None)
+
+
+class PromptSide(nn.Module):
+    """SAM 2's (Meta's `sam2`) or SAM 3's (transformers' `Sam3TrackerModel`) prompt encoder and mask decoder
+    behind the part of segment_anything's `Sam` this module calls (`prompt_encoder`, `mask_decoder`,
+    `postprocess_masks`, `mask_threshold`, `image_encoder.img_size`), so the metric runs on them unchanged.
+
+    The decoder is called as `SAM2ImagePredictor._predict` and `Sam3TrackerModel.forward` call it, and masks
+    are resized straight to the output size as both libraries' post-processing does (their input frame is the
+    whole image, squashed, not padded). A decoder that reads the high-resolution levels s0, s1 beside the
+    image embedding (the released SAM 2 and SAM 3 models all do) takes each image's three levels packed into
+    one (C + 4 C1 + 16 C0, g, g) map (`pack`), so that every per-image loop here passes them along.
+    `levels`: the store's teachers of s0 and s1 (None where they are not read).
+    """
+
+    mask_threshold = 0.0
+
+    def __init__(self, model, levels: tuple[str, str] | None = None):
+        super().__init__()
+        self.model, self.sam3, self.levels = model, not hasattr(model, "sam_prompt_encoder"), levels
+        self.prompt_encoder = Sam3Prompts(model) if self.sam3 else model.sam_prompt_encoder
+        self.reads_high_res = self.sam3 or bool(model.use_high_res_features_in_sam)
+        self.image_encoder = PromptSideOnly(self.prompt_encoder.input_image_size[0])
+        self.dims = (model.hidden_dim, model.hidden_dim // 4, model.hidden_dim // 8)  # embedding, s1, s0 channels
+
+    @staticmethod
+    def pack(embedding: torch.Tensor, s1: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+        """(B, C, g, g), (B, C1, 2g, 2g), (B, C0, 4g, 4g) -> (B, C + 4 C1 + 16 C0, g, g), losslessly."""
+        return torch.cat([embedding, F.pixel_unshuffle(s1, 2), F.pixel_unshuffle(s0, 4)], 1)
+
+    def unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`pack`'s inverse: the embedding and [s0, s1], as the decoder takes them."""
+        c, c1, c0 = self.dims
+        if packed.shape[1] != c + 4 * c1 + 16 * c0:
+            raise EvaluationError(f"this SAM 2/3 mask decoder reads the high-resolution levels s0, s1 beside the "
+                                  f"image embedding: give the three packed by PromptSide.pack ({c + 4 * c1 + 16 * c0} "
+                                  f"channels), not {packed.shape[1]} channels")
+        emb, s1, s0 = packed.split([c, 4 * c1, 16 * c0], 1)
+        return emb, [F.pixel_shuffle(s0, 4), F.pixel_shuffle(s1, 2)]
+
+    def mask_decoder(self, *, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                     multimask_output):
+        """(1, C, g, g) embedding (packed with s0, s1 where read), P prompts -> (P, M, 4g, 4g) mask logits, (P, M)
+        predicted IoUs."""
+        high_res = None
+        if self.reads_high_res:
+            image_embeddings, high_res = self.unpack(image_embeddings)
+        if self.sam3:
+            masks, iou, _, _ = self.model.mask_decoder(
+                image_embeddings=image_embeddings, image_positional_embeddings=image_pe,
+                sparse_prompt_embeddings=sparse_prompt_embeddings, dense_prompt_embeddings=dense_prompt_embeddings,
+                multimask_output=multimask_output, high_resolution_features=high_res)
+            return masks[0], iou[0]
+        masks, iou, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=image_embeddings, image_pe=image_pe, sparse_prompt_embeddings=sparse_prompt_embeddings,
+            dense_prompt_embeddings=dense_prompt_embeddings, multimask_output=multimask_output,
+            repeat_image=len(sparse_prompt_embeddings) > 1, high_res_features=high_res)
+        return masks, iou
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size, original_size) -> torch.Tensor:
+        return F.interpolate(masks.float(), tuple(original_size), mode="bilinear", align_corners=False)
 
 
 def to_sam_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -111,6 +253,107 @@ def sam_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teac
     return SamPredictor(sam_model(run, checkpoint, teacher=teacher, device=device))
 
 
+def _embedding_teacher(info, family: str, teacher: str | None) -> tuple[str, dict]:
+    """The run's `family` teacher of the image embedding (sam_spatial neck) and {name: identity} of that family."""
+    label = "SAM 2" if family == "sam2" else "SAM 3"
+    mine = {n: i for n, i in info.store_settings["teachers"].items() if i["family"] == family}
+    embeds = [n for n, i in mine.items() if i.get("spatial", "neck") == "neck"]
+    if not embeds:
+        raise EvaluationError(f"run '{info.path}' was trained from a store without a {label} teacher of the image "
+                              "embedding (sam_spatial neck)")
+    if teacher is None and len(embeds) > 1:
+        raise EvaluationError(f"run '{info.path}' has {label} teachers {sorted(embeds)}; pick one with teacher=")
+    name = teacher or embeds[0]
+    if name not in embeds:
+        raise EvaluationError(f"'{name}' is not a {label} image-embedding teacher of run '{info.path}'; "
+                              f"those are: {sorted(embeds)}")
+    return name, mine
+
+
+def _levels(teachers: dict, name: str, decoder) -> tuple:
+    """(s0 teacher, s1 teacher, `name`) for a decoder that reads the high-resolution levels, whose conv_s0,
+    conv_s1 become identities (the cached levels are already projected); else (None, None, name)."""
+    levels, why = high_res_teachers(teachers, name)
+    if levels is None:
+        raise EvaluationError(why)
+    decoder.conv_s0, decoder.conv_s1 = nn.Identity(), nn.Identity()
+    return (*levels, name)
+
+
+def sam2_model(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,
+               device: str | torch.device = "cpu"):
+    """A `sam2` `SAM2Base` whose image encoder is the run's student (see `StudentSam2Backbone`).
+
+    The store's SAM 2 teacher `teacher` (its image embedding, `sam_spatial` neck) gives the embedding; a model
+    whose mask decoder reads the high-resolution levels too (the released ones) needs them from teachers of
+    the same model cached with `sam_spatial` s0 and s1. The prompt encoder and mask decoder are the
+    teacher's, from its checkpoint file (found and checked as `sam_model` does).
+    """
+    from sam2.utils.transforms import SAM2Transforms
+
+    info = load_run(run)
+    name, sam2s = _embedding_teacher(info, "sam2", teacher)
+    model = load_sam(sam2s[name], checkpoint, name, recorded=_recorded_weight_file(info.store, name))
+    levels = _levels(sam2s, name, model.sam_mask_decoder) if model.use_high_res_features_in_sam else (None, None, name)
+    norm = SAM2Transforms(model.image_size, mask_threshold=0.0)  # SAM2ImagePredictor's: 0-1 pixels, ImageNet's
+    model.image_encoder = StudentSam2Backbone(load_student(info.path), levels, model=model,
+                                              resolution=info.resolution, sam_mean=torch.tensor(norm.mean) * 255,
+                                              sam_std=torch.tensor(norm.std) * 255)
+    return model.to(device).eval()
+
+
+def sam3_model(run: str | Path, *, teacher: str | None = None, device: str | torch.device = "cpu"):
+    """A transformers `Sam3TrackerModel` whose vision encoder is the run's student (see `StudentSam3Backbone`),
+    with the store's SAM 3 teacher's prompt encoder and mask decoder: run it on `Sam3TrackerProcessor`'s inputs
+    as usual. Its decoder reads the s0, s1 levels too: the store needs teachers of the same model for them."""
+    info = load_run(run)
+    name, sam3s = _embedding_teacher(info, "sam3", teacher)
+    model = load_sam3(sam3s[name], name)
+    levels = _levels(sam3s, name, model.mask_decoder)
+    half = torch.full((3,), 0.5 * 255)  # Sam3ImageProcessor's mean and std
+    model.vision_encoder = StudentSam3Backbone(load_student(info.path), levels, model=model,
+                                               resolution=info.resolution, sam_mean=half, sam_std=half)
+    return model.to(device).eval()
+
+
+def load_sam3(ident: dict, name: str):
+    """SAM 3 teacher `name` as transformers loads it: from its hub id, or its folder if that still holds the
+    weights it was cached from (sha256)."""
+    from ..cache.teachers import TeacherSpec, build_teacher, identity
+
+    spec = TeacherSpec(name, "sam3", ident["model"], resolution=ident.get("resolution"))
+    if ident.get("sha256") and identity(spec).get("sha256") != ident["sha256"]:
+        raise EvaluationError(f"SAM 3 teacher '{name}': the folder '{ident['model']}' no longer holds the weights it "
+                              f"was cached from (sha256 {ident['sha256'][:12]}...)")
+    return build_teacher(spec).model.requires_grad_(False)
+
+
+def high_res_teachers(teachers: dict, name: str) -> tuple[tuple[str, str] | None, str]:
+    """The store's teachers of SAM 2 teacher `name`'s s0 and s1 levels (same identity, but `spatial`), else None
+    and one line saying which are missing. `teachers`: {name: identity}."""
+    same = {k: v for k, v in teachers[name].items() if k != "spatial"}
+    found = {i.get("spatial"): n for n, i in teachers.items() if {k: v for k, v in i.items() if k != "spatial"} == same}
+    missing = [level for level in ("s0", "s1") if level not in found]
+    if missing:
+        return None, (f"{name} ({teachers[name]['model']}): its mask decoder reads the high-resolution levels s0, s1 "
+                      f"beside the image embedding; the store has no teacher of the same model for "
+                      f"{', '.join(missing)} (cache them with sam_spatial {', '.join(missing)})")
+    return (found["s0"], found["s1"]), ""
+
+
+def sam2_predictor(run: str | Path, checkpoint: str | Path | None = None, *, teacher: str | None = None,
+                   device: str | torch.device = "cpu"):
+    """`sam2.sam2_image_predictor.SAM2ImagePredictor` over `sam2_model(run, checkpoint)`: set_image, then
+    predict as usual; its feature sizes follow the model's input side (the predictor assumes 1024 px)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    model = sam2_model(run, checkpoint, teacher=teacher, device=device)
+    predictor = SAM2ImagePredictor(model)
+    g = model.image_size // model.backbone_stride
+    predictor._bb_feat_sizes = [(4 * g, 4 * g), (2 * g, 2 * g), (g, g)]
+    return predictor
+
+
 def _recorded_weight_file(store: str | None, name: str) -> str | None:
     """Where the build of `store` found teacher `name`'s weight file (root attrs `weight_files`); None
     when the store records none or cannot be opened (then only the toy preset's folder is looked in)."""
@@ -125,9 +368,10 @@ def _recorded_weight_file(store: str | None, name: str) -> str | None:
         return None
 
 
-def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None) -> tuple[Path | None, str]:
-    """The SAM teacher's checkpoint found without asking (see `cache.teachers.locate_weights`), else None
-    and one line saying what to pass."""
+def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None,
+                        fix: str = "pass its checkpoint with --sam-checkpoint FILE") -> tuple[Path | None, str]:
+    """The SAM (or SAM 2) teacher's checkpoint found without asking (see `cache.teachers.locate_weights`), else
+    None and one line saying what to do (`fix`)."""
     from ..cache.teachers import locate_weights
 
     found, tried = locate_weights(ident, recorded)
@@ -135,9 +379,8 @@ def find_sam_checkpoint(ident: dict, name: str, recorded: str | None = None) -> 
         return found, ""
     if tried:
         return None, (f"{name} ({ident['model']}): its weight file '{ident.get('weights')}' (sha256 "
-                      f"{ident['sha256'][:12]}...) is not where it was: {', '.join(tried)}; pass its checkpoint "
-                      "with --sam-checkpoint FILE")
-    return None, f"{name} ({ident['model']}): pass its checkpoint with --sam-checkpoint FILE"
+                      f"{ident['sha256'][:12]}...) is not where it was: {', '.join(tried)}; {fix}")
+    return None, f"{name} ({ident['model']}): {fix}"
 
 
 def load_sam(ident: dict, checkpoint: str | Path | None, name: str, *, recorded: str | None = None):
@@ -168,10 +411,11 @@ def load_sam(ident: dict, checkpoint: str | Path | None, name: str, *, recorded:
 
 
 def sam_from_file(ident: dict, checkpoint: Path, name: str):
-    """SAM teacher `name` built by segment_anything from `checkpoint`, a file already checked to be its own."""
+    """SAM (or SAM 2) teacher `name` built by its library from `checkpoint`, a file already checked to be its own."""
     from ..cache.teachers import TeacherSpec, build_teacher
 
-    spec = TeacherSpec(name, "sam", ident["model"], weights=str(checkpoint), resolution=ident.get("resolution"))
+    spec = TeacherSpec(name, ident["family"], ident["model"], weights=str(checkpoint),
+                       resolution=ident.get("resolution"))
     sam = build_teacher(spec).model
     return sam.requires_grad_(False)
 

@@ -21,13 +21,16 @@ TIMM = {"siglip": TeacherSpec("siglip", "timm", "vit_base_patch16_siglip_224", r
                               model_kwargs=(*TOY, ("patch_size", 8))),
         "dinov3": TeacherSpec("dinov3", "timm", "vit_small_patch16_dinov3", resolution=64, random_init=True,
                               model_kwargs=TOY)}
-TINY_SHAPES = {"clip": ((8, 8), 32, 64), "dinov2": ((8, 8), 48, 48), "sam": ((8, 8), None, 32), "timm": ((8, 8), 48, 48)}
+TINY_SHAPES = {"clip": ((8, 8), 32, 64), "dinov2": ((8, 8), 48, 48), "sam": ((8, 8), None, 32), "timm": ((8, 8), 48, 48),
+               "sam2": ((8, 8), None, 32), "sam3": ((8, 8), None, 32)}
+SAM_TINY = {"sam2": TeacherSpec("sam2", "sam2", "tiny", resolution=128, random_init=True),  # test configurations
+            "sam3": TeacherSpec("sam3", "sam3", "tiny", resolution=112, random_init=True)}
 
 
 @pytest.fixture(scope="module")
 def family_teachers(teachers) -> dict:
-    """One built teacher per family: the tiny preset plus the toy SigLIP for `timm`."""
-    return {**teachers, "timm": build_teacher(TIMM["siglip"])}
+    """One built teacher per family: the tiny preset, the toy SigLIP for `timm`, the tiny SAM 2 and SAM 3."""
+    return {**teachers, "timm": build_teacher(TIMM["siglip"]), **{n: build_teacher(s) for n, s in SAM_TINY.items()}}
 
 
 def test_registry_covers_every_family_and_the_tiny_preset():
