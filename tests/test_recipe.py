@@ -52,13 +52,13 @@ def test_the_recipe_runs_end_to_end_with_tiny_stand_ins(tmp_path, ray_session):
     cfg = replace(cfg, teachers=tuple(_stand_in(s) for s in cfg.teachers))
     build_cache(cfg, progress=False)
     recipe = load_train_config(RECIPE / "train.toml", store=cfg.out, out=tmp_path / "run")
-    small = replace(recipe, student="test_vit", steps=2, resolution=((32, 48), (96, 112)), batch_size=(4, 2),
+    small = replace(recipe, student="test_vit", steps=2, resolution=((32, 48), (144, 160)), batch_size=(4, 2),
                     holdout=0.3, workers=0, device="cpu", log_every=1, warmup_steps=1)
     assert train(small, progress=False)["step"] == 2
     pairing = json.loads((small.out / "run.json").read_text())["pairing"]
     assert {t for t in pairing["32"] if t.startswith("siglip2")} == {"siglip2"}  # the global map at low sides
-    assert {t for t in pairing["112"] if t.startswith("siglip2")} == {"siglip2_x3"}  # the 3 x 3-tiled one up high
-    assert "dinov3_hi" in pairing["112"] and "dinov3" in pairing["32"]
+    assert {t for t in pairing["160"] if t.startswith("siglip2")} == {"siglip2_x3"}  # its 176 px canvas up high
+    assert "dinov3_hi" in pairing["160"] and "dinov3" in pairing["32"]
     report = evaluate(EvalConfig(store=cfg.out, run=small.out, out=tmp_path / "eval", workers=0, throughput=False,
                                  pictures=1, probe_steps=5), progress=False)
     assert set(report["fidelity"]) >= {"siglip2", "siglip2_x3", "dinov3", "dinov3_hi", "sam3"}
