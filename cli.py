@@ -221,7 +221,8 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
         c = i["calibration"]
         out.print(f"calibration: view 0 of {c['samples']} samples spread over the dataset ({c['held']} held back), "
                   f"{c['seconds']:.1f} s", highlight=False)
-    out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
+    out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}"
+              + (f", absent {i['absent']} (rows planned past their tar's samples)" if i["absent"] else ""))
     for path, reason in i["unreadable"].items():
         out.print(f"  unreadable: {path}: {reason}", highlight=False)
 

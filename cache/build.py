@@ -362,7 +362,8 @@ def _report(out: Location, results: list[dict], failed: dict[int, str], wall: fl
         views_done = sum(r["views"] for r in results)
         teachers[name] = {"views_per_s": views_done / seconds if seconds else None,
                           "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"], "storage": t["storage"]}
-    return {"store": str(out), "complete": complete, "samples": info["samples"], "views": info["views"],
+    return {"store": str(out), "complete": complete, "samples": info["samples"] - info["absent"],  # rows of samples
+            "absent": info["absent"], "views": info["views"],
             "calibration": info["calibration"] and {**info["calibration"], "ran": calibrated},
             "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],

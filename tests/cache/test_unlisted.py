@@ -147,6 +147,7 @@ def test_an_unlisted_build_stores_the_header_scans_samples_with_absent_rows(unli
 
     report, out = unlisted["report"], unlisted["out"]
     assert report["complete"] and report["ok"] == 23 and report["shards"] == 8 and report["failed"] == {}
+    assert report["samples"] == 24 and report["absent"] == 8
     assert not unlisted["reads"]["tarfile"] and unlisted["reads"]["bytes"] == 4 * tarfile.BLOCKSIZE  # the driver's
 
     headers, root = scan_source(bare["pattern"]), open_store(out)
