@@ -196,9 +196,10 @@ class CacheReader:
             flags = np.repeat(done[start // size:-(-(start + len(values)) // size)], size)[start % size:][:len(values)]
             usable = (values == L.OK) & flags
             self._usable[start // 8:start // 8 + -(-len(values) // 8)] = np.packbits(usable)
-            self.num_usable += int(usable.sum())
-            self.unreadable += int(np.isin(values, L.BAD).sum())
-            self.absent += int((values == L.ABSENT).sum())  # rows of an unlisted tar past its samples: no sample
+            self.num_usable += int(np.count_nonzero(usable))
+            absent = int(np.count_nonzero(values == L.ABSENT))  # rows of an unlisted tar past its samples: no sample
+            self.unreadable += int(np.count_nonzero(values >= L.UNREADABLE)) - absent  # BAD: the codes below ABSENT
+            self.absent += absent
         if v5:  # (N,) uint16 split keys, read a block at a time by `indices`: 200 MB at 100M, not held
             self._split = open_array(self.path, L.SPLIT, strict=True)
         else:  # computed from every id: the cost a v5 store avoids
