@@ -103,6 +103,8 @@ def scan_source(data: str | Path, *, tar_samples: int | None = None) -> Manifest
     pattern = any(c in text for c in "*?[{")
     if path.is_dir() or (path.suffix not in PACKED and not path.name.endswith(COMPRESSED_TARS)
                          and (path.is_file() or not pattern)):
+        if tar_samples is not None:
+            raise DatasetError(f"--tar-samples is for tar files; '{text}' is an image folder or a list file")
         return scan_dataset(path)
     files = _expand(text)  # paths as text: 100,000 tars are listed in a second
     compressed = [f for f in files if f.endswith(COMPRESSED_TARS)]
@@ -207,11 +209,14 @@ def _plan_unlisted(root: Path, names: tuple[str, ...], per_tar: int) -> Manifest
 
 def _check_first_block(path: Path) -> None:
     """Refuse a file whose first 512 bytes are no tar header (an empty archive's zero block passes)."""
-    fd = os.open(path, os.O_RDONLY)
     try:
-        block = os.pread(fd, tarfile.BLOCKSIZE, 0)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            block = os.pread(fd, tarfile.BLOCKSIZE, 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DatasetError(f"tar file '{path}' cannot be read ({e})") from None
     if block == bytes(tarfile.BLOCKSIZE):
         return
     try:

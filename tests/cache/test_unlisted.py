@@ -116,7 +116,8 @@ def test_bad_unlisted_input_is_one_line_before_anything_is_created(bare, tmp_pat
     (shards / "00001.tar").write_bytes(b"\xff\xd8 a JPEG named .tar" * 40)
     out = tmp_path / "cache.zarr"
     cases = {str(shards / "*.tar"): ("00001.tar' is not an uncompressed tar", "8"),
-             bare["pattern"]: ("--tar-samples must be >= 1", "0")}
+             bare["pattern"]: ("--tar-samples must be >= 1", "0"),
+             str(tmp_path): ("is an image folder or a list file", "8")}
     sidecars = Path(str(bare["root"]).replace("bare", "out")) / "*.tar"
     cases[str(sidecars)] = ("have theirs, which give each tar's samples", "8")
     for data, (message, per_tar) in cases.items():
