@@ -61,7 +61,7 @@ class Manifest:
     # tar, parquet: (N, 3) int64 where each image is (`sources.py`); an array and a dict: not compared or hashed
     locations: np.ndarray | None = field(default=None, compare=False)
     reasons: dict[int, str] = field(default_factory=dict, compare=False)  # samples known unreadable from the scan: why
-    # tar planned unlisted (`sources.py`): rows per tar; ids, labels, locations are then `Generated`, found by the worker
+    # tar planned unlisted (`sources.py`): rows per tar; ids, labels, locations are `Generated`, found by the worker
     tar_samples: int | None = None
 
     def __len__(self) -> int:

@@ -34,7 +34,7 @@ PER_TAR = 8  # rows planned per tar: the tars hold 7 samples each (and the extra
 def bare(tmp_path_factory) -> dict:
     """img2dataset's tars without their sidecars, and a fourth tar (TarWriter) with a key that has no image."""
     root = tmp_path_factory.mktemp("unlisted")
-    images = write_img2dataset(root / "out")
+    write_img2dataset(root / "out")
     (root / "bare").mkdir()
     for tar in sorted((root / "out").glob("*.tar")):
         shutil.copy(tar, root / "bare" / tar.name)
