@@ -143,7 +143,7 @@ def unlisted(ray_session, tiny_config, bare, tmp_path_factory) -> dict:
 
 def test_an_unlisted_build_stores_the_header_scans_samples_with_absent_rows(unlisted, bare):
     from radio_distill.store.group import open_store
-    from radio_distill.store.inspect import store_info
+    from radio_distill.store.inspect import store_info, verify_store
     from radio_distill.store.reader import CacheReader
 
     report, out = unlisted["report"], unlisted["out"]
@@ -165,6 +165,7 @@ def test_an_unlisted_build_stores_the_header_scans_samples_with_absent_rows(unli
     assert root.attrs["dataset"]["classes"] == list(headers.classes) == [str(c) for c in range(6)]
     absent = np.flatnonzero(status == L.ABSENT)
     assert (root[L.LOCATIONS][:][absent][:, 1] == UNLISTED).all() and not root[L.IDS][:][absent].any()
+    assert verify_store(out)["ok"]
     reader = CacheReader(out)
     assert reader.num_usable == 23 and reader.absent == 8 and "1 of 24 samples" in reader.unusable_note()
 
