@@ -94,6 +94,7 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out first.")] = False,
     max_shards: Annotated[Optional[int], typer.Option(help="Stop after this many new shards (resume later with the same command). [default: all]")] = None,
     pixels: Annotated[Optional[int], typer.Option(help="Also store every view at RxR (uint8, ~150 KB per view at 224) so training reads pixels instead of decoding JPEGs; use the student resolution.")] = None,
+    tar_samples: Annotated[Optional[int], typer.Option(help="Tars without img2dataset sidecars: plan this many rows per tar (at least its samples) and let each build worker list its tar, instead of listing every tar's headers before the build. [default: list them]")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write the final report as JSON here.")] = None,
 ):
     """Run every teacher once over DATA and write their targets to a Zarr store (resumable)."""
@@ -108,7 +109,8 @@ def build(
                             summary_codec=summary_codec, pools=_pairs(pool or [], "--pool"), sam_spatial=sam_spatial,
                             fidelity=_budgets(fidelity or []),
                             data=data, out=out, views=views, seed=seed, shard_size=shard_size, batch_size=batch_size,
-                            workers=workers, address=address, overwrite=overwrite or None, max_shards=max_shards, pixels=pixels)
+                            workers=workers, address=address, overwrite=overwrite or None, max_shards=max_shards, pixels=pixels,
+                            tar_samples=tar_samples)
     result = build_cache(cfg)
     if report:
         report.write_text(json.dumps(result, indent=2))
@@ -223,7 +225,8 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
         c = i["calibration"]
         out.print(f"calibration: view 0 of {c['samples']} samples spread over the dataset ({c['held']} held back), "
                   f"{c['seconds']:.1f} s", highlight=False)
-    out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}")
+    out.print(f"samples: ok {i['ok']}, pending {i['pending']}, unreadable {len(i['unreadable'])}"
+              + (f", absent {i['absent']} (rows planned past their tar's samples)" if i["absent"] else ""))
     for path, reason in i["unreadable"].items():
         out.print(f"  unreadable: {path}: {reason}", highlight=False)
 

@@ -25,9 +25,18 @@ where the cost per sample dominates (`us/sample`: reading the columns, the ids a
 
 Target: <= 60 s for 100,000 tars on the 2-core CPU.
 
+Tars without sidecars (`--unlisted TARSxROWS`, issue 21): `scan_source(..., tar_samples=ROWS)` plans ROWS rows
+per tar without listing one (each build worker lists its shard's tar, `sources.Images.unlisted`); the driver
+reads each tar's first 512-byte header block only, to name a file that is no tar before anything is created.
+Generated once under <work>/plan-unlisted-<tars>/: real tars (`tarfile`: 4 JPEG-sized members, 40 kB),
+hard links of one tar (a copy every 60,000: ext4's link limit). Same counts as above; `tars opened` is
+then TARS (one `os.open` and one 512-byte `pread` a tar), where listing their headers reads every member
+header of every tar (with readahead, about every byte).
+
     python bench/plan.py --json plan.json     # 100,000 tars of 100 URLs (9M samples); 100 of 10,000 (900k)
     python bench/plan.py --quick               # 1000 tars of 100 URLs; 10 of 1000
     python bench/plan.py --shapes 20000x500    # any other folder
+    python bench/plan.py --shapes --unlisted 100000x10000   # only tars without sidecars, 10,000 rows a tar
 
 """
 
@@ -51,8 +60,9 @@ import torch
 import common
 from radio_distill.store.sources import SIDECAR_THREADS, scan_source
 
-FULL = dict(shapes=["100000x100", "100x10000"])
-QUICK = dict(shapes=["1000x100", "10x1000"])
+FULL = dict(shapes=["100000x100", "100x10000"], unlisted=["100000x10000"])
+QUICK = dict(shapes=["1000x100", "10x1000"], unlisted=["1000x10000"])
+LINKS = 60_000  # hard links of one file before a copy (ext4 allows 65,000)
 TARGET_TARS = 100_000  # planned in <= 60 s
 SCHEMA = pa.schema([("caption", pa.string()), ("url", pa.string()), ("key", pa.string()), ("status", pa.string()),
                     ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -143,21 +153,66 @@ def plan(work: Path, tars: int, rows: int) -> dict:
             "tars_opened": len(opened), "load_avg": load, "met": scan_s <= 60 if tars >= TARGET_TARS else None}
 
 
+def make_tars(work: Path, tars: int) -> Path:
+    """Generate (once) `tars` tars without sidecars: one real tar of 4 members, hard-linked."""
+    root = work / f"plan-unlisted-{tars}"
+    done = root / "complete.txt"
+    if done.is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    first = None
+    for t in range(tars):
+        path = root / f"{t:05d}.tar"
+        path.unlink(missing_ok=True)
+        if t % LINKS == 0:
+            with tarfile.open(path, "w") as tar:
+                for k in range(4):
+                    info = tarfile.TarInfo(f"{t:05d}{k:04d}.jpg")
+                    info.size = 10_000
+                    tar.addfile(info, io.BytesIO(bytes(info.size)))
+            first = path
+        else:
+            os.link(first, path)
+    done.write_text(f"{tars} tars\n")
+    return root
+
+
+def plan_unlisted(work: Path, tars: int, per_tar: int) -> dict:
+    """Plan `tars` tars without sidecars, `per_tar` rows each, once: seconds, CPU seconds, bytes read, tars opened."""
+    root = make_tars(work, tars)
+    scan_source(root / "00000.tar", tar_samples=per_tar)  # the lazy imports
+    load = os.getloadavg()[0]
+    with tars_opened() as opened:
+        before, cpu, start = read_bytes(), time.process_time(), time.perf_counter()
+        manifest = scan_source(root / f"{{00000..{tars - 1:05d}}}.tar", tar_samples=per_tar)
+        scan_s, cpu_s, read = time.perf_counter() - start, time.process_time() - cpu, read_bytes() - before
+    start = time.perf_counter()
+    manifest.fingerprint()
+    print_s = time.perf_counter() - start
+    assert len(manifest.files) == tars and len(manifest) == tars * per_tar
+    return {"mode": "unlisted", "tars": tars, "rows": per_tar, "samples": len(manifest), "scan_s": scan_s,
+            "cpu_s": cpu_s, "fingerprint_s": print_s, "tars_per_s": tars / scan_s, "read_mb": read / 1e6,
+            "tar_mb": tars * os.path.getsize(root / "00000.tar") / 1e6, "tars_opened": len(opened), "load_avg": load,
+            "met": scan_s <= 60 if tars >= TARGET_TARS else None}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__)
-    p.add_argument("--shapes", nargs="+", help="generated folders, TARSxROWS: TARS tars of ROWS URLs each")
+    p.add_argument("--shapes", nargs="*", help="generated folders, TARSxROWS: TARS tars of ROWS URLs each")
+    p.add_argument("--unlisted", nargs="*", help="tars without sidecars, TARSxROWS: TARS tars planned ROWS rows each")
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
-    rows = [plan(Path(args.work), tars, per_tar) for tars, per_tar in shapes]
+    rows = [{"mode": "sidecars", **plan(Path(args.work), tars, per_tar)} for tars, per_tar in shapes]
+    rows += [plan_unlisted(Path(args.work), *(int(v) for v in shape.split("x"))) for shape in args.unlisted]
     payload = common.meta(torch.device("cpu"), __file__, args.argv, threads=SIDECAR_THREADS, target_s=60)
-    columns = [("tars", "tars", "d"), ("rows", "URLs/tar", "d"), ("samples", "samples", "d"),
+    columns = [("mode", "planned from", ""), ("tars", "tars", "d"), ("rows", "URLs (rows)/tar", "d"), ("samples", "samples", "d"),
                ("scan_s", "scan s", ".2f"), ("cpu_s", "CPU s", ".1f"), ("fingerprint_s", "fingerprint s", ".2f"),
                ("tars_per_s", "tars/s", "n"), ("us_per_sample", "us/sample", ".2f"), ("read_mb", "read MB", ".1f"),
-               ("sidecar_mb", "sidecars MB", ".1f"), ("stats_mb", "stats MB", ".1f"),
+               ("sidecar_mb", "sidecars MB", ".1f"), ("stats_mb", "stats MB", ".1f"), ("tar_mb", "tars MB", ".0f"),
                ("tars_opened", "tars opened", "d"), ("load_avg", "load", ".1f"), ("met", "<= 60 s", "")]
     return common.report(payload, rows, columns, args.json_out,
-                         title="Build planning from img2dataset sidecars, no tar read (warm page cache; load: the "
-                               "machine's 1-min load average before)")
+                         title="Build planning from img2dataset sidecars (no tar read) or unlisted (a header block a tar; "
+                               "warm page cache; load: the machine's 1-min load average before)")
 
 
 if __name__ == "__main__":

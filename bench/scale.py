@@ -47,7 +47,7 @@ from PIL import Image
 import common
 from radio_distill.store import layout as L
 from radio_distill.store import provenance
-from radio_distill.store.dataset import Manifest
+from radio_distill.store.dataset import Generated, Manifest
 from radio_distill.store.lock import build_lock
 from radio_distill.store.location import location
 from radio_distill.store.group import create_store, open_array, open_store, shard_key
@@ -64,20 +64,6 @@ INFOS = {"clip": TeacherInfo(224, *NORM, (16, 16), 768, 1024), "dinov2": Teacher
          "sam": TeacherInfo(1024, *NORM, (64, 64), None, 256)}
 LIMITS = {"open_s": 2.0, "rss_main_mb": 1024.0, "rss_worker_mb": 512.0}
 LIMITS_100M = {"open_s": 10.0, "rss_main_mb": 1024.0, "rss_worker_mb": 512.0}
-
-
-class Generated:
-    """A sequence of n rows made from their row numbers a slice at a time (`make(rows) -> values`), as a
-    Manifest's ids, labels or locations: a 100M-sample manifest never exists whole."""
-
-    def __init__(self, n: int, make):
-        self.n, self.make = n, make
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, part: slice):
-        return self.make(np.arange(*part.indices(self.n)))
 
 
 def tar_names(n: int) -> tuple[str, ...]:

@@ -61,7 +61,8 @@ def _validate(cfg: CacheConfig) -> None:
         if st.pool < 1:
             raise RadioDistillError(f"teacher '{name}': pool factor must be >= 1, got {st.pool}")
     for option, value in (("--views", cfg.views), ("--shard-size", cfg.shard_size), ("--batch-size", cfg.batch_size),
-                          ("--pixels", cfg.pixels), ("--workers", cfg.workers), ("--max-shards", cfg.max_shards)):
+                          ("--pixels", cfg.pixels), ("--workers", cfg.workers), ("--max-shards", cfg.max_shards),
+                          ("--tar-samples", cfg.tar_samples)):
         if value is not None and value < 1:
             raise RadioDistillError(f"{option} must be >= 1, got {value}")
     if cfg.seed < 0:  # numpy's seed sequence takes no negative numbers
@@ -84,7 +85,7 @@ def build_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     import ray
 
     _validate(cfg)
-    manifest = scan_source(cfg.data)
+    manifest = scan_source(cfg.data, tar_samples=cfg.tar_samples)
     storage = {t.name: cfg.storage.get(t.name, Storage()).settings() for t in cfg.teachers}
     settings = {"teachers": {t.name: identity(t) for t in cfg.teachers}, "storage": storage, "pixels": cfg.pixels,
                 "views": cfg.views, "seed": cfg.seed, "shard_size": cfg.shard_size,
@@ -213,6 +214,10 @@ def _redo_changed(out: Location, root, manifest, names: list[str]) -> None:
              if provenance.stats_digest(stats[L.shard_rows(k, size, n)]) != stamps[k]]
     if not moved:
         return
+    if manifest.tar_samples is not None:  # a changed tar may hold other samples at every row: its shards redone whole
+        print(f"warning: {len(moved)} shards' tars changed since they were cached; redoing them", file=sys.stderr)
+        commit_shards(out, root, {}, undone=moved)
+        return
     rows = np.concatenate([np.arange(L.shard_rows(k, size, n).start, L.shard_rows(k, size, n).stop) for k in moved])
     recorded = read_rows(out, open_array(out, L.SOURCES, strict=True), L.SOURCES, rows)
     rows, recorded = rows[recorded[:, 0] > 0], recorded[recorded[:, 0] > 0]
@@ -324,7 +329,8 @@ def _run_shards(workers, shards: list[tuple[int, bool]], manifest, size: int, *,
                 if isinstance(e, ray.exceptions.RayActorError):  # gone for good: Ray's restarts are spent
                     continue
             else:
-                finished[k] = {key: result.pop(key) for key in ("status", "record", "stamp")}
+                finished[k] = {key: result.pop(key) for key in ("status", "record", "stamp", "split", "top")
+                               if key in result}
                 results.append(result)
                 bar.advance(L.shard_rows(k, size, n).stop - L.shard_rows(k, size, n).start)
             if finished and (not inflight or time.monotonic() - committed >= COMMIT_EVERY):
@@ -356,7 +362,8 @@ def _report(out: Location, results: list[dict], failed: dict[int, str], wall: fl
         views_done = sum(r["views"] for r in results)
         teachers[name] = {"views_per_s": views_done / seconds if seconds else None,
                           "bytes_per_view": t["bytes_per_view"], "fidelity": t["fidelity"], "storage": t["storage"]}
-    return {"store": str(out), "complete": complete, "samples": info["samples"], "views": info["views"],
+    return {"store": str(out), "complete": complete, "samples": info["samples"] - info["absent"],  # rows of samples
+            "absent": info["absent"], "views": info["views"],
             "calibration": info["calibration"] and {**info["calibration"], "ran": calibrated},
             "shards": info["shards_total"], "shards_run": len(results), "images_run": done_images, "seconds": wall,
             "images_per_s": done_images / wall if wall else None, "teachers": teachers, "ok": info["ok"],

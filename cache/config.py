@@ -56,6 +56,7 @@ class CacheConfig:
     overwrite: bool = False
     max_shards: int | None = None  # stop after this many new shards (a resumable partial build)
     pixels: int | None = None  # also store every view at this side, so training decodes no JPEG
+    tar_samples: int | None = None  # tars without sidecars: plan this many rows a tar, not listing them (`sources.py`)
 
 
 

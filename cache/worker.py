@@ -198,7 +198,12 @@ class ShardWorker:
         n, views, seed, size = (root.attrs[k] for k in ("num_samples", "views", "seed", "shard_size"))
         rows = L.shard_rows(shard, size, n)
         count = rows.stop - rows.start
-        ids, locations = [str(i) for i in samples["ids"]], samples["locations"]
+        ids, labels, locations = [str(i) for i in samples["ids"]], samples["labels"], samples["locations"]
+        images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
+        absent = np.zeros(count, bool)
+        if images.tar_samples is not None:  # planned unlisted: the shard's samples from its tar's headers
+            ids, labels, locations, scanned, absent = images.unlisted(locations)
+            samples = {**samples, "errors": scanned}
         if retry:
             boxes, status, errors, sources = (self._zarr(a)[rows] for a in (L.BOXES, L.STATUS, L.ERRORS, L.SOURCES))
             errors = errors.astype(object)
@@ -206,10 +211,9 @@ class ShardWorker:
         else:  # the errors known from the scan (a tar key without an image) are kept
             self._clear_partials(shard, L.shard_count(n, size))
             boxes, errors = np.zeros((count, views, 4), np.float32), np.asarray(samples["errors"], dtype=object)
-            status, redo = np.full(count, L.OK, np.uint8), list(range(count))
+            status, redo = np.where(absent, L.ABSENT, L.OK).astype(np.uint8), np.flatnonzero(~absent).tolist()
             sources = np.zeros((count, 3), np.int64)
         min_side = max(t.resolution for t in self.teachers.values())
-        images = Images(root.attrs["dataset"], data_root)  # one read per tar span or Parquet row group, here
         if images.kind == "tar":  # planned from sidecars: found in the tar's headers here, and stored for training
             locations = images.resolve(ids, locations)
         stats = provenance.source_stats(images, ids, locations)  # (S, 2): the shard's stamp, and mtimes of packed files
@@ -219,7 +223,7 @@ class ShardWorker:
         scanned = [errors[k] for k in redo]
         read = list(self.pool.map(lambda p, m, why: _read_decode(p, m, min_side, why), payloads, mtimes, scanned))
         decoded = {k: d for k, (d, _) in zip(redo, read)}
-        sources[redo] = [r for _, r in read]
+        sources[redo] = np.asarray([r for _, r in read], np.int64).reshape(-1, 3)  # none: a shard all ABSENT
         for k, d in decoded.items():
             if isinstance(d, str):
                 status[k], errors[k] = (L.MISSING if retryable(d) else L.UNREADABLE), d
@@ -230,11 +234,11 @@ class ShardWorker:
 
         seconds, arrays, moments = {}, {}, {}
         stat_shards = L.stat_shards(L.shard_count(n, size))
-        stats = shard in stat_shards
+        stat_shard = shard in stat_shards
         for name, teacher in self.teachers.items():
             storage = self._zarr(L.teacher_group(name)).attrs["storage"]  # the codecs chosen (a budget's, or the user's)
             out = {p: self._base(p, rows, retry) for p in L.target_arrays(name) if self._zarr(p) is not None}
-            seconds[name], found = self._run_teacher(teacher, decoded, boxes, pairs, out, storage, stats)
+            seconds[name], found = self._run_teacher(teacher, decoded, boxes, pairs, out, storage, stat_shard)
             arrays.update(out)
             moments.update(found)
         side = root.attrs["settings"]["pixels"]
@@ -250,11 +254,11 @@ class ShardWorker:
         for f in futures:
             f.result()
         written = {L.BOXES: boxes, L.ERRORS: errors, L.SOURCES: sources, L.IDS: np.asarray(ids, dtype=object),
-                   L.LABELS: np.asarray(samples["labels"], np.int32),
+                   L.LABELS: np.asarray(labels, np.int32),
                    **({L.LOCATIONS: locations} if locations is not None else {})}
         for a, value in written.items():
             self._zarr(a)[rows] = value
-        if stats:  # every row is written, zeros included: a rerun of the shard replaces what a killed one left
+        if stat_shard:  # every row is written, zeros included: a rerun of the shard replaces what a killed one left
             row = stat_shards.index(shard)
             for name in self.teachers:
                 for path, moment in ((L.moment_array(name, t, m), m) for t in L.TARGETS for m in L.MOMENTS):
@@ -267,7 +271,9 @@ class ShardWorker:
         return {"shard": shard, "images": len(redo), "views": len(pairs), "seconds": seconds,
                 "unreadable": int(sum(status[k] in L.BAD for k in redo)),
                 "status": status, "record": self._record(shard, {**arrays, **written}),
-                "stamp": provenance.stats_digest(stats)}
+                "stamp": provenance.stats_digest(stats),
+                **({"split": np.fromiter(map(L.split_key, ids), np.uint16, count), "top": int(max(labels, default=-1))}
+                   if images.tar_samples is not None else {})}
 
     def _clear_partials(self, shard: int, n_shards: int) -> None:
         """Delete the temporary files Zarr left where a kill stopped an earlier run of this shard in one of the

@@ -61,13 +61,17 @@ class Manifest:
     # tar, parquet: (N, 3) int64 where each image is (`sources.py`); an array and a dict: not compared or hashed
     locations: np.ndarray | None = field(default=None, compare=False)
     reasons: dict[int, str] = field(default_factory=dict, compare=False)  # samples known unreadable from the scan: why
+    # tar planned unlisted (`sources.py`): rows per tar; ids, labels, locations are `Generated`, found by the worker
+    tar_samples: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def fingerprint(self) -> str:
         """sha256 of ids, labels and classes (and, for tars and Parquet, of where each image is): a store
-        built from other samples is another store."""
+        built from other samples is another store. Unlisted tars: of their names and rows per tar."""
+        if self.tar_samples is not None:
+            return hashlib.sha256(json.dumps(["unlisted", self.files, self.tar_samples]).encode()).hexdigest()
         digest = hashlib.sha256(json.dumps([self.ids, self.labels, self.classes]).encode())
         if self.locations is not None:
             digest.update(json.dumps(self.files).encode())
@@ -77,7 +81,32 @@ class Manifest:
     def source(self) -> dict:
         """Where the images are and how they are read, as the store records it (`sources.Images` reads it)."""
         packed = {"files": list(self.files), "column": self.column} if self.locations is not None else {}
+        if self.tar_samples is not None:
+            packed["tar_samples"] = self.tar_samples
         return {"root": str(self.root), "kind": self.kind, **packed}
+
+
+class Generated:
+    """A sequence of n rows made from their row numbers when sliced (`make(rows) -> values`), as a Manifest's
+    ids, labels or locations: a manifest of 10^8 samples that is never held whole."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, part):
+        if isinstance(part, slice):
+            return self.make(np.arange(*part.indices(self.n)))
+        if np.ndim(part):
+            return self.make(np.asarray(part, np.int64))
+        if not -self.n <= part < self.n:
+            raise IndexError(part)
+        return self.make(np.array([part % self.n], np.int64))[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:], dtype=dtype)
 
 
 def scan_dataset(source: str | Path) -> Manifest:

@@ -25,7 +25,7 @@ from ..errors import CacheIntegrityError, CacheLayoutError, RadioDistillError
 from . import codecs
 from . import layout as L
 from . import provenance
-from .dataset import Manifest
+from .dataset import Manifest, numbered_classes
 from .layout import TeacherInfo
 from .location import Location, location
 from .sources import Images
@@ -332,16 +332,24 @@ def commit_shards(path: str | Path | Location, root: zarr.Group, done: dict[int,
 
     Args:
         done: {shard: {'status': (S,) uint8, 'record': (F, 2) int64, 'stamp': int}} as `ShardWorker.run`
-            returns them.
+            returns them; of tars planned unlisted also 'split': (S,) uint16 split keys of the ids the worker
+            listed, and 'top': their largest label (the classes grow to it, before the flags).
     """
     path, names = location(path), teacher_names(root)
     n, size = root.attrs["num_samples"], root.attrs["shard_size"]
     with ts.Transaction() as txn:  # each chunk read, changed by every shard in it, and written once
         status, record, stamps = (open_array(path, a).with_transaction(txn) for a in (L.STATUS, L.SHARDS, L.STAMPS))
+        split = open_array(path, L.SPLIT).with_transaction(txn) if any("split" in r for r in done.values()) else None
         for k, result in done.items():
             status[L.shard_rows(k, size, n)] = result["status"]
             record[k] = result["record"]
             stamps[k] = result["stamp"]
+            if "split" in result:
+                split[L.shard_rows(k, size, n)] = result["split"]
+    top = max((r["top"] for r in done.values() if "top" in r), default=-1)
+    dataset = root.attrs["dataset"]
+    if top >= len(dataset["classes"]):
+        root.attrs["dataset"] = {**dataset, "classes": list(numbered_classes(top, f"store '{path}'"))}
     for value, shards in ((0, list(undone)), (1, sorted(done))):
         if shards:
             with ts.Transaction() as txn:

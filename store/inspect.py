@@ -49,6 +49,7 @@ def store_info(path: str | Path | Location) -> dict:
             "dataset_files": len(root.attrs["dataset"].get("files", ())), "classes": root.attrs["dataset"]["classes"],
             "shards_total": int(done.size), "shards_done": int(done.sum()),
             "ok": int((status == L.OK).sum()), "pending": int((status == L.PENDING).sum()),
+            "absent": int((status == L.ABSENT).sum()),  # rows of unlisted tars past their samples
             "unreadable": {str(ids[int(i)]): str(errors[int(i)]) for i in bad},
             "bytes": sizes(None), "teachers": teachers, "pixels": root.attrs["settings"].get("pixels"),
             "calibration": root.attrs.get("calibration")}

@@ -9,11 +9,12 @@ calibrated codec, Q calibration samples.
   samples/ids        (N,)          str, path relative to the dataset root (tar: `<tar>/<key>`, Parquet: `<file>/<row>`)
   samples/labels     (N,)          int32, -1 when unlabelled
   samples/boxes      (N, V, 4)     float32, x0 y0 x1 y1 in source-image pixels
-  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE / MISSING (v5); chunks of STATUS_CHUNK rows, written by the
+  samples/status     (N,)          uint8, PENDING / OK / UNREADABLE / MISSING (v5) / ABSENT; chunks of STATUS_CHUNK rows, written by the
                                    build's driver with the done state (layout v5 on)
   samples/stamps     (n_shards,)   int64, per shard the digest of its images' (size, mtime) when it was built
                                    (`provenance.py`), written by the driver with the done state (v5 on)
-  samples/split      (N,)          uint16, `split_key` of each id: the hold-out split without reading ids (v5 on)
+  samples/split      (N,)          uint16, `split_key` of each id: the hold-out split without reading ids (v5 on);
+                                   of tars planned unlisted, written by the driver with the status
   samples/errors     (N,)          str, why a sample is unreadable ('' when ok)
   samples/sources    (N, 3)        int64, (size, mtime_ns, digest) of the image bytes each sample's targets were
                                    computed from (`provenance.py`); zeros where unreadable
@@ -96,8 +97,9 @@ SHARDS = "samples/shards"
 SPLIT = "samples/split"
 STAMPS = "samples/stamps"
 
-PENDING, OK, UNREADABLE, MISSING = 0, 1, 2, 3  # MISSING: unreadable for now (the file absent, an I/O
-# error): a rerun retries it (`worker.retryable`) without reading the errors
+PENDING, OK, UNREADABLE, MISSING, ABSENT = 0, 1, 2, 3, 4  # MISSING: unreadable for now (the file absent, an I/O
+# error): a rerun retries it (`worker.retryable`) without reading the errors; ABSENT: a row planned for a tar
+# past its last sample (`sources.UNLISTED`), no sample at all
 BAD = (UNREADABLE, MISSING)
 
 LOCK_FILE = "build.lock"

@@ -190,14 +190,16 @@ class CacheReader:
         status = open_array(self.path, L.STATUS, strict=v5)
         n, size, block = status.shape[0], self.shard_size, 1 << 23  # block: whole bytes of bits
         self._usable = np.zeros(-(-n // 8), np.uint8)  # a bit a sample: 12.5 MB at 100M
-        self.num_samples, self.num_usable, self.unreadable = n, 0, 0
+        self.num_samples, self.num_usable, self.unreadable, self.absent = n, 0, 0, 0
         for start in range(0, n, block):  # a block at a time: 100M bytes of status and flags are not held
             values = read_rows(self.path, status, L.STATUS, slice(start, min(n, start + block)))
             flags = np.repeat(done[start // size:-(-(start + len(values)) // size)], size)[start % size:][:len(values)]
             usable = (values == L.OK) & flags
             self._usable[start // 8:start // 8 + -(-len(values) // 8)] = np.packbits(usable)
-            self.num_usable += int(usable.sum())
-            self.unreadable += int(np.isin(values, L.BAD).sum())
+            self.num_usable += int(np.count_nonzero(usable))
+            absent = int(np.count_nonzero(values == L.ABSENT))  # rows of an unlisted tar past its samples: no sample
+            self.unreadable += int(np.count_nonzero(values >= L.UNREADABLE)) - absent  # BAD: the codes below ABSENT
+            self.absent += absent
         if v5:  # (N,) uint16 split keys, read a block at a time by `indices`: 200 MB at 100M, not held
             self._split = open_array(self.path, L.SPLIT, strict=True)
         else:  # computed from every id: the cost a v5 store avoids
@@ -260,7 +262,8 @@ class CacheReader:
     def unusable_note(self) -> str | None:
         """A warning line when fewer than all samples can be trained on (unreadable or missing images,
         unfinished shards), with the count and share; None when all can."""
-        n, bad = self.num_samples, self.num_samples - self.num_usable
+        n = self.num_samples - self.absent
+        bad = n - self.num_usable
         if not bad:
             return None
         pending = bad - self.unreadable

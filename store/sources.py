@@ -33,6 +33,16 @@ so a missing one is a failed shard or an incomplete copy, and listing that tar's
 would read it whole where the user expects nothing read (copy the sidecar, or leave the tar out of
 the pattern).
 
+Tars without sidecars are listed by their headers in the driver, unless the build is given `--tar-samples R`
+(`tar_samples`): then R rows are planned per tar without listing one (the driver reads each tar's first
+header block only: a file that is no tar is refused before anything is created). Row i of a tar is its i-th
+sample in member order, location (tar, UNLISTED, i); the build worker of a shard lists its tar
+(`Images.unlisted`) and records the ids, labels, locations and reasons the header scan would give, and the
+rows past the tar's last sample as ABSENT (no sample; training skips them like unreadable ones, `info` counts
+them apart). The store's layout is a function of the tar names and R, so a killed build resumes to the same
+store; a tar with more than R samples fails its shards, naming the R it needs. Classes grow to the largest
+label the workers find (recorded by the driver with the done state).
+
 Parquet (the Hugging Face `datasets` layout): the image column is a struct with `bytes` (and
 `path`), or plain binary; labels come from the `label` column, class names from the schema's
 `huggingface` metadata when it has them. Labels are integers (floats when whole: pandas writes
@@ -44,7 +54,8 @@ a path outside it is refused at the scan, as a list file refuses one (`_check_pa
 
 `locations` (N, 3) int64 say where each image is, so training reads one image without scanning a
 file: tar (file, offset of the member's data, its size; offset NO_IMAGE: no image member, UNRESOLVED:
-planned from a sidecar, found by key in the tar's headers when read); Parquet (file, row group, row
+planned from a sidecar, found by key in the tar's headers when read; UNLISTED: (file, UNLISTED, i), the i-th
+sample of the tar); Parquet (file, row group, row
 in the group). `file` indexes `files`.
 """
 
@@ -65,7 +76,8 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..errors import DatasetError
-from .dataset import Manifest, UnreadableImage, check_names, list_id, numbered_classes, scan_dataset, text_labels
+from .dataset import (SURROGATES, Generated, Manifest, UnreadableImage, check_names, list_id, numbered_classes,
+                      scan_dataset, text_labels)
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a key's image: the first of these it has
 PACKED = {".tar": "tar", ".parquet": "parquet"}
@@ -73,18 +85,26 @@ COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # preferred, in this order, when a Parquet file has several
 NO_IMAGE = -1  # tar location offset of a key without an image member
 UNRESOLVED = -2  # tar location offset of a sample planned from its sidecar: found in its tar's headers when read
+UNLISTED = -3  # tar location offset of a row planned unlisted: (tar, UNLISTED, i) is the tar's i-th sample, if any
 SIDECAR_THREADS = 4  # sidecars read at once: a network file system's latencies overlap (more contend for the GIL)
 TAR_LISTINGS = 4  # tars whose member headers one `Images` keeps (a build shard spans one or two)
 COALESCE = 1 << 20  # tar members closer than this are read in one read (a build shard: its whole span)
 
 
-def scan_source(data: str | Path) -> Manifest:
-    """List the samples of DATA: an image folder, a list file, or tar / Parquet files (a path or a pattern)."""
+def scan_source(data: str | Path, *, tar_samples: int | None = None) -> Manifest:
+    """List the samples of DATA: an image folder, a list file, or tar / Parquet files (a path or a pattern).
+
+    Args:
+        tar_samples: plan tars without sidecars unlisted, this many rows per tar (`_plan_unlisted`); None:
+            list their member headers here.
+    """
     text = str(data)
     path = Path(text).expanduser()
     pattern = any(c in text for c in "*?[{")
     if path.is_dir() or (path.suffix not in PACKED and not path.name.endswith(COMPRESSED_TARS)
                          and (path.is_file() or not pattern)):
+        if tar_samples is not None:
+            raise DatasetError(f"--tar-samples is for tar files; '{text}' is an image folder or a list file")
         return scan_dataset(path)
     files = _expand(text)  # paths as text: 100,000 tars are listed in a second
     compressed = [f for f in files if f.endswith(COMPRESSED_TARS)]
@@ -99,11 +119,13 @@ def scan_source(data: str | Path) -> Manifest:
     start = len(os.path.join(root, ""))
     names = tuple(f[start:] for f in files)
     kind = kinds.pop()
-    scan = _scan_tars if kind == "tar" else _scan_parquet
-    manifest = scan(Path(root), names)
+    if tar_samples is not None and kind != "tar":
+        raise DatasetError(f"--tar-samples is for tar files; '{text}' names {kind} files")
+    manifest = _scan_tars(Path(root), names, tar_samples) if kind == "tar" else _scan_parquet(Path(root), names)
     if not manifest.ids:
         raise DatasetError(f"'{text}' ({len(files)} {kind} files) holds no samples")
-    check_names(manifest)
+    if manifest.tar_samples is None:  # unlisted: the worker checks the names it lists
+        check_names(manifest)
     return manifest
 
 
@@ -137,8 +159,9 @@ def _resolved(path: str, folders: dict[str, str]) -> str:
     return os.path.join(folders[folder], name)
 
 
-def _scan_tars(root: Path, names: tuple[str, ...]) -> Manifest:
-    """From the tars' img2dataset sidecars when they have them, else from their member headers."""
+def _scan_tars(root: Path, names: tuple[str, ...], tar_samples: int | None) -> Manifest:
+    """From the tars' img2dataset sidecars when they have them, else unlisted (`tar_samples` given), else from
+    their member headers."""
     sidecars = [os.path.isfile(os.path.join(root, _sidecar(n))) for n in names]
     if any(sidecars):
         if not all(sidecars):
@@ -146,7 +169,12 @@ def _scan_tars(root: Path, names: tuple[str, ...]) -> Manifest:
             raise DatasetError(f"tar file '{root / lone}' has no sidecar '{_sidecar(lone)}' while {sum(sidecars)} of "
                                f"the {len(names)} tars have theirs; img2dataset writes one per tar: copy it, or leave "
                                "the tar out of the pattern")
+        if tar_samples is not None:
+            raise DatasetError(f"--tar-samples is for tars without img2dataset's sidecars; the tars under '{root}' "
+                               "have theirs, which give each tar's samples: leave it out")
         return _scan_sidecars(root, names)
+    if tar_samples is not None:
+        return _plan_unlisted(root, names, tar_samples)
     ids, labels, locations, reasons = [], [], [], {}
     for f, name in enumerate(names):
         for key, members, label in _tar_samples(root / name):
@@ -158,6 +186,44 @@ def _scan_tars(root: Path, names: tuple[str, ...]) -> Manifest:
             labels.append(label)
             locations.append((f, offset, size))
     return _manifest(root, ids, labels, None, kind="tar", files=names, locations=locations, reasons=reasons)
+
+
+def _plan_unlisted(root: Path, names: tuple[str, ...], per_tar: int) -> Manifest:
+    """`per_tar` rows for each tar, its members listed by the build worker of its shards: row i of a tar is its
+    i-th sample, rows past its last are ABSENT (`Images.unlisted`). The layout is a function of the tar names
+    and `per_tar` alone, so a killed build resumes to the same store. Only each tar's first header block is
+    read here (a file that is not a tar is named before anything is created)."""
+    if per_tar < 1:
+        raise DatasetError(f"--tar-samples must be >= 1, got {per_tar}")
+    for name in names:
+        _check_first_block(root / name)
+    n = len(names) * per_tar
+
+    def locations(rows):
+        return np.column_stack([rows // per_tar, np.full(len(rows), UNLISTED), rows % per_tar]).astype(np.int64)
+
+    return Manifest(root, Generated(n, lambda rows: [""] * len(rows)),
+                    Generated(n, lambda rows: np.full(len(rows), -1, np.int32)), (), kind="tar", files=names,
+                    locations=Generated(n, locations), tar_samples=per_tar)
+
+
+def _check_first_block(path: Path) -> None:
+    """Refuse a file whose first 512 bytes are no tar header (an empty archive's zero block passes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            block = os.pread(fd, tarfile.BLOCKSIZE, 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DatasetError(f"tar file '{path}' cannot be read ({e})") from None
+    if block == bytes(tarfile.BLOCKSIZE):
+        return
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        raise DatasetError(f"tar file '{path}' is not an uncompressed tar: its first header block is invalid ({e})") \
+            from None
 
 
 def _sidecar(tar: str) -> str:
@@ -495,6 +561,7 @@ class Images:
         self.root = Path(root).expanduser().resolve() if root else Path(source["root"])
         self.kind = source.get("kind", "folder")  # stores before layout v3 are folders or lists: read alike
         self.files, self.column = tuple(source.get("files", ())), source.get("column")
+        self.tar_samples = source.get("tar_samples")  # planned unlisted: rows per tar, labels read from its members
         self._parquet, self._lock = {}, threading.Lock()  # open Parquet files (footers parsed once)
         self._listings = OrderedDict()  # file index -> a tar's keys listed from its headers, the last TAR_LISTINGS
 
@@ -550,39 +617,90 @@ class Images:
         """
         return self._resolve(ids, locations)[0]
 
-    def _resolve(self, ids, locations: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-        """(`resolve`'s locations, {row: why it stays UNRESOLVED})."""
+    def unlisted(self, locations: np.ndarray) -> tuple[list[str], list[int], np.ndarray, list[str], np.ndarray]:
+        """What the header scan gives of rows planned unlisted, (f, UNLISTED, i): the i-th sample of tar f.
+
+        Returns:
+            (B,) ids ('' where absent), (B,) labels, (B, 3) locations (as the header scan's: NO_IMAGE for a key
+            without an image; absent rows keep theirs), (B,) the scan's reasons ('' but for a key without an
+            image), (B,) bool absent: i is past the tar's samples.
+
+        Raises:
+            DatasetError: naming the tar: it cannot be listed, holds more samples than the rows planned for
+                it (`tar_samples`), a name that is not UTF-8, or a label that is no class number.
+        """
         locations = np.array(locations, dtype=np.int64)
-        rows = np.flatnonzero(locations[:, 1] == UNRESOLVED)
+        ids, labels, reasons = [""] * len(locations), [-1] * len(locations), [""] * len(locations)
+        absent = np.zeros(len(locations), bool)
+        for k, (f, _, i) in enumerate(locations.tolist()):
+            name, samples = self.files[f], self._listing(f)[0]
+            if len(samples) > self.tar_samples:
+                raise DatasetError(f"tar file '{self.root / name}' holds {len(samples)} samples, more than the "
+                                   f"{self.tar_samples} rows planned for each tar (--tar-samples); build again with "
+                                   f"--tar-samples {len(samples)} or more")
+            if i >= len(samples):
+                absent[k] = True
+                continue
+            key, members, label = samples[i]
+            if SURROGATES.search(key) or not -1 <= label:
+                raise DatasetError(f"tar file '{self.root / name}': key {key!r} " + (
+                    "is not UTF-8; rename the member" if SURROGATES.search(key) else f"has label {label}; class "
+                    "numbers are 0, 1, ... (-1: none)"))
+            numbered_classes(label, f"tar file '{self.root / name}': key '{key}'")
+            ext = next((e for e in TAR_IMAGES if e in members), None)
+            ids[k], labels[k] = f"{name}/{key}", label
+            locations[k, 1:] = members[ext] if ext else (NO_IMAGE, 0)
+            if ext is None:
+                reasons[k] = f"no image member (has: {', '.join(members)})"
+        return ids, labels, locations, reasons, absent
+
+    def _resolve(self, ids, locations: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """(`resolve`'s locations, {row: why it stays UNRESOLVED}); an UNLISTED row is found by its place in the
+        tar (read for calibration)."""
+        locations = np.array(locations, dtype=np.int64)
+        rows = np.flatnonzero(np.isin(locations[:, 1], (UNRESOLVED, UNLISTED)))
         reasons = {}
         for f in np.unique(locations[rows, 0]).tolist():
             name = self.files[f]
-            listing = self._listing(f)
+            samples, listing = self._listing(f)
             for k in rows[locations[rows, 0] == f].tolist():
-                key = ids[k][len(name) + 1:]
-                found = listing if isinstance(listing, str) else listing.get(key, "")
+                if locations[k, 1] == UNLISTED:
+                    i = int(locations[k, 2])
+                    key = samples[i][0] if not isinstance(listing, str) and i < len(samples) else None
+                    found = listing if isinstance(listing, str) else listing[key] if key else f"absent: tar '{name}' " \
+                        f"holds {len(samples)} samples"
+                else:
+                    key = ids[k][len(name) + 1:]
+                    found = listing if isinstance(listing, str) else listing.get(key, "")
                 if isinstance(found, str):
                     reasons[k] = found or f"no image member in '{name}' (no member of key '{key}')"
                 else:
                     locations[k, 1:] = found
         return locations, reasons
 
-    def _listing(self, f: int) -> dict | str:
-        """{key: (offset, size) of its image member, or why it has none} of tar `f` from its member
-        headers, or why it cannot be listed (not kept: a later read tries again)."""
+    def _listing(self, f: int) -> tuple[list, dict | str]:
+        """Of tar `f` from its member headers: its samples as `_tar_samples` gives them (labels read when planned
+        unlisted), and {key: (offset, size) of its image member, or why it has none}, or why it cannot be listed
+        (not kept: a later read tries again).
+
+        Raises:
+            DatasetError: the tar cannot be listed, where it was planned unlisted (its rows are not known)."""
         with self._lock:
             if f in self._listings:
                 self._listings.move_to_end(f)
                 return self._listings[f]
         path = self.root / self.files[f]
         try:
-            samples = _tar_samples(path, labels=False)
+            samples = _tar_samples(path, labels=self.tar_samples is not None)
         except DatasetError as e:
-            return "missing file" if not path.exists() else str(e)
+            if self.tar_samples is not None:
+                raise
+            return [], "missing file" if not path.exists() else str(e)
         listing = {}
         for key, members, _ in samples:
             ext = next((e for e in TAR_IMAGES if e in members), None)
             listing[key] = members[ext] if ext else f"no image member in '{self.files[f]}' (has: {', '.join(members)})"
+        listing = samples, listing
         with self._lock:
             self._listings[f] = listing
             while len(self._listings) > TAR_LISTINGS:
