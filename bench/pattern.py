@@ -15,7 +15,7 @@ global mean stays), scaled to `--strength` x the RMS of that teacher's tokens ab
     P, 0: none of it), with its cosine to P; and the task scores `radio-eval` reports (fidelity is to the
     targets each run trained on).
 
-    python bench/pattern.py --json pattern.json   # 1000 scenes, 2 x 300 steps of ViT-tiny at 128 px
+    python bench/pattern.py --json pattern.json   # 1000 scenes, 3 x 300 steps of ViT-tiny at 128 px
     python bench/pattern.py --quick               # smoke: tiny teachers, 48 scenes, 3 steps a run
     python bench/pattern.py --denoise shift       # one row (the store is reused when built)
 

@@ -471,7 +471,7 @@ class ViewDataset(Dataset):
         self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
                        for t in teachers for x in L.TARGETS if L.target_array(t.name, x) in t.arrays]
         self.resolution, self.pixels, self.shard_size, self.record = resolution, pixels, shard_size, record
-        spatial = {L.target_array(t.name, "spatial") for t in teachers} | {L.scale_array(t.name, "spatial") for t in teachers}
+        spatial = {f(t.name, "spatial") for t in teachers for f in (L.target_array, L.scale_array)}
         self.other = [p for p in self.arrays if p in spatial] if other else []  # read at the other view
         self._handles, self._checked = None, set()
 
@@ -506,13 +506,15 @@ class ViewDataset(Dataset):
                for k, (i, v) in enumerate(items)]
         if pairs:
             boxes = self.boxes[rows]  # (B, V, 4)
-            both = torch.from_numpy(np.stack([boxes[np.arange(len(rows)), [v for _, v in c]] for c in (items, pairs)], 1))
+            both = np.stack([boxes[np.arange(len(rows)), [v for _, v in at]] for at in (items, pairs)], 1)  # (B, 2, 4)
             for k, item in enumerate(out):
-                item["other"], item["boxes"] = {p: torch.from_numpy(a[k]) for p, a in other[0].items()}, both[k]
+                item["other"] = {p: torch.from_numpy(a[k]) for p, a in other[0].items()}
+                item["boxes"] = torch.from_numpy(both[k])
         return out
 
     def _values(self, reads: dict, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """The arrays of a batch's reads ({path: read}) at (sample, view) `items`, each target's checked to be written."""
+        """The arrays of a batch's reads ({path: read}) at (sample, view) `items`, each target checked to be
+        written."""
         values = {p: self._result(p, r, items) for p, r in reads.items()}
         for p in self.filled:
             if p not in values:

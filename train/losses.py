@@ -53,8 +53,8 @@ def amradio_spatial_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch
     """(B, T, C), (B, T, C), optional (B, T) token weights -> 0.9 (1 - cos) + 0.1 SmoothL1, averaged over tokens."""
     pred, target = pred.float(), target.float()
     cos = 1 - F.cosine_similarity(pred, target, dim=-1)  # (B, T)
-    return 0.9 * spatial_mean(cos, weight) + 0.1 * spatial_mean(F.smooth_l1_loss(pred, target, reduction="none").mean(-1),
-                                                                weight)
+    l1 = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+    return 0.9 * spatial_mean(cos, weight) + 0.1 * spatial_mean(l1, weight)
 
 
 def phis_scale(cov: np.ndarray) -> float:

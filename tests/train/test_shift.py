@@ -21,7 +21,8 @@ from .conftest import config
 
 
 def field(xy: torch.Tensor) -> torch.Tensor:
-    """An image-space field, linear in (x, y), so bilinear reading between token centres is exact: (..., 2) -> (..., 3)."""
+    """An image-space field, linear in (x, y), so bilinear reading between token centres is exact:
+    (..., 2) -> (..., 3)."""
     x, y = xy[..., 0], xy[..., 1]
     return torch.stack([0.5 * x - 0.25 * y + 3, -x + 2 * y, 0.125 * x + 0.75 * y - 7], -1)
 
@@ -134,7 +135,8 @@ def test_the_loader_pairs_each_view_with_another_view_of_its_image(train_store):
     batch = next(iter(loader))
     views, stored = batch["view"].numpy(), reader.boxes[batch["index"].numpy()]  # (8, V, 4)
     other = 1 - views  # V = 2: the other view is the one not trained on
-    assert np.array_equal(batch["boxes"].numpy(), np.stack([stored[np.arange(8), views], stored[np.arange(8), other]], 1))
+    want = np.stack([stored[np.arange(8), views], stored[np.arange(8), other]], 1)
+    assert np.array_equal(batch["boxes"].numpy(), want)
     dataset = reader.dataset(resolution=32)
     for k, (i, v) in enumerate(zip(batch["index"].tolist(), other.tolist())):  # b's targets as the store holds them
         item = dataset[(i, v)]
