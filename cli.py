@@ -347,7 +347,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
-    denoise: Annotated[Optional[str], typer.Option(help="Spatial targets: none (as stored) or mean (each less its teacher's fixed pattern, which `radio-cache pattern STORE` estimates first, so the student does not learn the teachers' position-fixed artifacts). [default: none]")] = None,
+    denoise: Annotated[Optional[str], typer.Option(help="Keeping the teachers' position-fixed artifacts out of the student: none (targets as stored), mean (each spatial target less its teacher's fixed pattern, which `radio-cache pattern STORE` estimates first) or shift (the student's view is compared with the teacher's map of another cached view of the image, resampled through their boxes over their overlap, so a pattern fixed to the teacher's grid does not stay put). [default: none]")] = None,
     holdout: Annotated[Optional[float], typer.Option(help="Fraction of sample ids held out for radio-eval. [default: 0.05]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order. [default: 0]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per training process. [default: the cores per process, minus one]")] = None,

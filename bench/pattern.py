@@ -8,14 +8,16 @@ global mean stays), scaled to `--strength` x the RMS of that teacher's tokens ab
   - `radio-cache pattern` runs on the clean store and on the injected one: found = the injected estimate
     minus the clean one (the teacher's own pattern: the scenes' layout, the grid's borders), projected on P,
     <found, P> / <P, P> (1: all of P), and the error |found - P| / |P|; and the pass's seconds;
-  - the same student is trained on the injected store with and without `--denoise mean`, then measured:
+  - the same student is trained on the injected store with `--denoise none`, `mean` and `shift` (the loss against
+    another view's targets over the boxes' overlap: no pattern estimate used), then measured:
     carried = the per-position mean of its adaptor map for that teacher over the held-out views (view 0,
     the run's held-out split), minus its mean over positions, projected on P (1: the student learnt all of
     P, 0: none of it), with its cosine to P; and the task scores `radio-eval` reports (fidelity is to the
     targets each run trained on).
 
-    python bench/pattern.py --json pattern.json   # 1000 scenes, 2 x 300 steps of ViT-tiny at 128 px
+    python bench/pattern.py --json pattern.json   # 1000 scenes, 3 x 300 steps of ViT-tiny at 128 px
     python bench/pattern.py --quick               # smoke: tiny teachers, 48 scenes, 3 steps a run
+    python bench/pattern.py --denoise shift       # one row (the store is reused when built)
 
 Letters: h, w the teacher's stored grid, C its channels, B batch.
 """
@@ -151,6 +153,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--probe-steps", type=int, help="radio-eval --probe-steps")
     p.add_argument("--eval-workers", type=int, help="radio-eval --workers")
+    p.add_argument("--denoise", default="none,mean,shift", help="the runs: --denoise settings, comma-separated")
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     device = torch.device("cpu")  # toy sizes: the CPU is the honest place for them
     work = args.work / f"pattern-{args.teachers}-{args.images}"
@@ -176,7 +179,7 @@ def main(argv=None) -> dict:
                        checkpoint_every=args.steps, device="cpu")
     reader = CacheReader(injected)
     rows = []
-    for denoise in ("none", "mean"):
+    for denoise in args.denoise.split(","):
         run = work / f"run-{args.pattern}-{denoise}-{args.student}-{args.steps}"
         shutil.rmtree(run, ignore_errors=True)
         start = time.perf_counter()
@@ -201,8 +204,8 @@ def main(argv=None) -> dict:
           f"pass {seconds['clean']:.1f} s clean, {seconds['injected']:.1f} s injected")
     return common.report(payload, rows, columns, args.json_out,
                          title=f"Fixed pattern P ({args.pattern}) injected into {args.teacher}'s targets (RMS "
-                               f"{args.strength:g} x its tokens'): how much of it the student carries, with and "
-                               "without --denoise mean")
+                               f"{args.strength:g} x its tokens'): how much of it the student carries, "
+                               f"--denoise {args.denoise.replace(',', ', ')}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ from .pattern import read_pattern
 from .sources import Images
 from .views import crop_resize
 
-DENOISE = ("none", "mean")  # `radio-train --denoise`: targets as stored, or less their teacher's fixed pattern
+# `radio-train --denoise`: targets as stored, less their teacher's fixed pattern, or another view's map over the
+# overlap of the two views (`train/shift.py`)
+DENOISE = ("none", "mean", "shift")
 IMAGE_CHECKS = 1024  # image files looked at before training: enough to catch a moved or partly copied dataset
 
 
@@ -166,14 +168,16 @@ class CacheReader:
         allow_partial: train on the done shards of an unfinished store.
         images: the image folder, when it moved since the build (default: the root recorded in the store).
         denoise: 'mean': `decode_targets` subtracts each teacher's fixed pattern from its spatial targets
-            (`radio-cache pattern`; a store without one is refused here); 'none' keeps them as stored.
+            (`radio-cache pattern`; a store without one is refused here); 'shift': the loader's items also hold
+            another view's spatial targets and both boxes (`ViewDataset`), when the store has several views;
+            'none' keeps them as stored.
     """
 
     def __init__(self, path: str | Path, *, allow_partial: bool = False, images: str | Path | None = None,
                  denoise: str = "none"):
         if denoise not in DENOISE:
             raise RadioDistillError(f"--denoise {denoise!r}: choose from {', '.join(DENOISE)}")
-        self.path = location(path)
+        self.path, self.denoise = location(path), denoise
         root = open_store(self.path)
         self.settings = root.attrs["settings"]
         self.views = root.attrs["views"]
@@ -308,9 +312,15 @@ class CacheReader:
                                    f"{len(rows)} looked at differ); give the images the store was built from "
                                    "(--images), or rerun `radio-cache build` to redo the changed ones")
 
+    @property
+    def pairs(self) -> bool:
+        """Whether items pair the student's view with another view of the image (`--denoise shift`; a store of one
+        view has none: its loss stays the same-view one)."""
+        return self.denoise == "shift" and self.views > 1
+
     def dataset(self, *, resolution: int) -> "ViewDataset":
         return ViewDataset(self.path, self.images, self.teachers, resolution, pixels=self.pixels,
-                           shard_size=self.shard_size, record=self.record,
+                           shard_size=self.shard_size, record=self.record, other=self.pairs,
                            columns={"ids": self.ids, "boxes": self.boxes, "locations": self.locations,
                                     "sources": self.sources})
 
@@ -322,7 +332,7 @@ class CacheReader:
 
         A worker's error reaches the caller wrapped in the worker's traceback: `worker_error` unwraps it."""
         sampler = StepSampler(indices, views=self.views, resolution=resolution, batch_size=batch_size, policy=policy,
-                              seed=seed, start_step=start_step, steps=steps, rank=rank, world=world)
+                              seed=seed, start_step=start_step, steps=steps, rank=rank, world=world, others=self.pairs)
         sides = resolution if isinstance(resolution, tuple) else (resolution,)
         return DataLoader(self.dataset(resolution=sides[0]), batch_sampler=sampler, num_workers=workers,
                           multiprocessing_context="spawn" if workers else None, pin_memory=pin_memory,
@@ -347,11 +357,12 @@ class StepSampler(Sampler):
     global batch's first batch_size[0] items at resolution[0], the next batch_size[1] at resolution[1]...;
     an entry that is a set of sides draws its side each step (seeded by (seed, step, part)).
     Rank r of `world` takes items r, r + world, ... of every part. Yields one list of
-    (sample, view, side) per part: a loader batch holds one side.
+    (sample, view, side) per part: a loader batch holds one side. `others` (V > 1): each item also draws another
+    of its views, uniformly (sample, view, side, other view).
     """
 
     def __init__(self, indices, *, views, resolution, batch_size, seed, start_step, steps, policy="random", rank=0,
-                 world=1):
+                 world=1, others=False):
         entries = resolution if isinstance(resolution, tuple) else (resolution,)
         self.sizes = batch_size if isinstance(batch_size, tuple) else (batch_size,)
         self.partition = policy == "partition" and len(entries) > 1
@@ -367,20 +378,26 @@ class StepSampler(Sampler):
         self.indices = indices if isinstance(indices, Rows) else np.asarray(indices)  # no (N,) copy of a Rows
         self.views, self.batch_size, self.seed = views, sum(self.sizes), seed
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
+        self.others = others and views > 1
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * len(self.sizes)
 
-    def global_batch(self, step: int) -> list[tuple[int, int]]:
-        """(sample, view) of each item of global batch `step`: position p is item p mod n of epoch p // n."""
+    def global_batch(self, step: int) -> list[tuple[int, ...]]:
+        """(sample, view[, other view]) of each item of global batch `step`: position p is item p mod n of epoch
+        p // n."""
         n = len(self.indices)
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
         samples, views = np.empty(len(positions), np.int64), np.empty(len(positions), np.int64)
+        others = np.empty(len(positions), np.int64)
         for epoch in np.unique(positions // n).tolist():
             at = positions // n == epoch
             samples[at] = self.indices[permute(positions[at] % n, n, (self.seed, epoch))]
             views[at] = mix(positions[at].astype(np.uint64) ^ _words((self.seed, epoch, VIEW_STREAM))[0]) % self.views
-        return list(zip(samples.tolist(), views.tolist()))
+            if self.others:  # one of the V - 1 views that are not the student's
+                drawn = mix(positions[at].astype(np.uint64) ^ _words((self.seed, epoch, OTHER_STREAM))[0])
+                others[at] = (views[at] + 1 + (drawn % (self.views - 1)).astype(np.int64)) % self.views
+        return list(zip(samples.tolist(), views.tolist(), *([others.tolist()] if self.others else [])))
 
     def parts(self, step: int) -> list[tuple[int, int]]:
         """(side, global part size) of each part of `step`."""
@@ -395,12 +412,13 @@ class StepSampler(Sampler):
         for step in range(self.start_step, self.steps):
             items, start = self.global_batch(step), 0
             for side, size in self.parts(step):
-                yield [(i, v, side) for i, v in items[start:start + size][self.rank::self.world]]
+                yield [(i, v, side, *other) for i, v, *other in items[start:start + size][self.rank::self.world]]
                 start += size
 
 
 SIDE_STREAM = 0x5349  # the random policy's draws: a seed word no epoch permutation uses
 VIEW_STREAM = 0x5649  # the views' draws
+OTHER_STREAM = 0x4f56  # the other views' draws (`--denoise shift`)
 ROUNDS = 4  # Feistel rounds: enough to shuffle for SGD (not cryptography)
 
 
@@ -435,7 +453,10 @@ def permute(positions: np.ndarray, n: int, key: tuple) -> np.ndarray:
 
 
 class ViewDataset(Dataset):
-    """Item (sample, view[, side R]) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target values}.
+    """Item (sample, view[, side R[, other view]]) -> {'pixels': (3, R, R) uint8, '<array path>': encoded target
+    values}; with `other` (`--denoise shift`) and an other view b, also 'other': {'<array path>': b's encoded
+    spatial targets} and 'boxes': (2, 4) float32, the boxes of the view and of b (one more spatial read and
+    decode per item, nothing per view more).
 
     R defaults to `resolution`; a batch holds one R. The DataLoader hands a worker a whole batch
     (`__getitems__`): one tensorstore read per array. View pixels stored by the build at side P
@@ -447,7 +468,8 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, store: Location, images: Images, teachers: list[TeacherMeta], resolution: int, *,
-                 columns: dict, shard_size: int, pixels: int | None = None, record: list[str] | None = None):
+                 columns: dict, shard_size: int, pixels: int | None = None, record: list[str] | None = None,
+                 other: bool = False):
         self.store, self.images = store, images
         self.ids, self.boxes, self.locations, self.sources = (columns[c] for c in ("ids", "boxes", "locations", "sources"))
         self.arrays = [p for t in teachers for p in t.arrays] + ([L.PIXELS] if pixels else [])
@@ -455,6 +477,8 @@ class ViewDataset(Dataset):
         self.filled = [L.scale_array(t.name, x) if L.scale_array(t.name, x) in t.arrays else L.target_array(t.name, x)
                        for t in teachers for x in L.TARGETS if L.target_array(t.name, x) in t.arrays]
         self.resolution, self.pixels, self.shard_size, self.record = resolution, pixels, shard_size, record
+        spatial = {f(t.name, "spatial") for t in teachers for f in (L.target_array, L.scale_array)}
+        self.other = [p for p in self.arrays if p in spatial] if other else []  # read at the other view
         self._handles, self._checked = None, set()
 
     def __getitem__(self, item: tuple[int, ...]) -> dict:
@@ -465,20 +489,17 @@ class ViewDataset(Dataset):
             self._handles = {p: open_array(self.store, p, strict=True) for p in self.arrays}
         side = items[0][2] if len(items[0]) > 2 else self.resolution
         assert all(len(x) == 2 or x[2] == side for x in items), "a batch holds one side"
+        pairs = [(x[0], x[3]) for x in items] if self.other and len(items[0]) > 3 else None  # (sample, other view)
         items = [(i, v) for i, v, *_ in items]
         stored = bool(self.pixels) and side <= self.pixels
-        rows, views = (np.array(c, dtype=np.int64) for c in zip(*items))
+        rows = np.array([i for i, _ in items], dtype=np.int64)
         arrays = [p for p in self._handles if p != L.PIXELS or stored]
-        self.check_files(rows, arrays + ([] if stored else [L.IDS, L.BOXES, L.LOCATIONS, L.SOURCES]))
-        reads = {p: self._handles[p].vindex[rows, views].read() for p in arrays}  # concurrent, (B, ...) each
-        values = {p: self._result(p, r, items) for p, r in reads.items()}
-        for p in self.filled:
-            empty = ~values[p].reshape(len(items), -1).view(np.uint8).any(axis=1)
-            if empty.any():
-                i, v = items[int(np.argmax(empty))]
-                raise CacheIntegrityError(f"{p}: sample '{self.ids[i]}' (row {i}, view {v}) reads as all zeros, the "
-                                          f"fill value of a chunk never written, although its shard is done; run "
-                                          f"`radio-cache verify {self.store} --repair`")
+        self.check_files(rows, arrays + ([] if stored and pairs is None else [L.BOXES])
+                         + ([] if stored else [L.IDS, L.LOCATIONS, L.SOURCES]))
+        wanted = [(items, arrays)] + ([(pairs, self.other)] if pairs else [])
+        reads = [{p: self._handles[p].vindex[rows, np.array([v for _, v in at], np.int64)].read() for p in some}
+                 for at, some in wanted]  # concurrent, (B, ...) each
+        values, *other = [self._values(read, at) for read, (at, _) in zip(reads, wanted)]
         pixels = values.pop(L.PIXELS, None)
         if pixels is None:
             pixels = self.crops(items, side)
@@ -487,8 +508,30 @@ class ViewDataset(Dataset):
             pixels = np.stack([crop_resize(Image.fromarray(p), whole, side) for p in pixels])
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (B, 3, R, R)
         targets = {p: torch.from_numpy(a) for p, a in values.items()}
-        return [{"index": i, "view": v, "pixels": pixels[k], **{p: t[k] for p, t in targets.items()}}
-                for k, (i, v) in enumerate(items)]
+        out = [{"index": i, "view": v, "pixels": pixels[k], **{p: t[k] for p, t in targets.items()}}
+               for k, (i, v) in enumerate(items)]
+        if pairs:
+            boxes = self.boxes[rows]  # (B, V, 4)
+            both = np.stack([boxes[np.arange(len(rows)), [v for _, v in at]] for at in (items, pairs)], 1)  # (B, 2, 4)
+            for k, item in enumerate(out):
+                item["other"] = {p: torch.from_numpy(a[k]) for p, a in other[0].items()}
+                item["boxes"] = torch.from_numpy(both[k])
+        return out
+
+    def _values(self, reads: dict, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """The arrays of a batch's reads ({path: read}) at (sample, view) `items`, each target checked to be
+        written."""
+        values = {p: self._result(p, r, items) for p, r in reads.items()}
+        for p in self.filled:
+            if p not in values:
+                continue
+            empty = ~values[p].reshape(len(items), -1).view(np.uint8).any(axis=1)
+            if empty.any():
+                i, v = items[int(np.argmax(empty))]
+                raise CacheIntegrityError(f"{p}: sample '{self.ids[i]}' (row {i}, view {v}) reads as all zeros, the "
+                                          f"fill value of a chunk never written, although its shard is done; run "
+                                          f"`radio-cache verify {self.store} --repair`")
+        return values
 
     def check_files(self, rows: np.ndarray, arrays: list[str]) -> None:
         """The first time a shard is met, its files of `arrays` must have the sizes its build recorded (a file

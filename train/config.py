@@ -8,7 +8,7 @@ steps = 20000
 batch_size = 256
 resolution = 224                    # or several, e.g. [224, 384, 512]: see resolution_policy
 lr = 1e-3
-denoise = "mean"                    # subtract the teachers' fixed patterns (`radio-cache pattern` first)
+denoise = "mean"                    # subtract the teachers' fixed patterns (`radio-cache pattern` first), or "shift"
 [loss]
 kind = "phis"                       # amradio | phis
 teacher_weights = { sam = 0.5 }
@@ -67,8 +67,10 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available, else cpu
     images: Path | None = None  # the image folder, when it moved since the build; default: the store's root
     init: Path | None = None  # start from this trained student (run folder, student folder or its weights file)
-    # 'mean': every spatial target less its teacher's fixed pattern (`radio-cache pattern`), so the student does
-    # not learn the teachers' position-fixed artifacts; 'none': the targets as stored
+    # keeping the teachers' position-fixed artifacts out of the student: 'mean', every spatial target less its
+    # teacher's fixed pattern (`radio-cache pattern`); 'shift', the student's view against the teacher's map of
+    # another view of the image over their overlap (`shift.py`), so no pattern fixed to the teacher's grid
+    # stays put; 'none': the targets as stored
     denoise: str = "none"
 
     def __post_init__(self):

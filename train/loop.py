@@ -131,6 +131,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     note = holdout_note(len(reader.indices(holdout=cfg.holdout, split="holdout")), reader.num_usable, cfg.holdout)
     if note and procs.main:
         print(note, file=sys.stderr)
+    if cfg.denoise == "shift" and not reader.pairs and procs.main:
+        print(f"warning: --denoise shift: store '{reader.path}' holds one view per image, so the student is compared "
+              "with the teacher on its own view, as with --denoise none", file=sys.stderr)
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(indices) / per_step)
     warmup = default_warmup(steps) if cfg.warmup_steps is None else cfg.warmup_steps
     # 3. the student (built before the run folder: a bad name or resolution creates nothing)

@@ -43,11 +43,18 @@ def summary_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
 
 
-def amradio_spatial_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, T, C), (B, T, C) -> 0.9 (1 - cos) + 0.1 SmoothL1, averaged over tokens."""
+def spatial_mean(per_token: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) per-token losses -> their mean; with (B, T) `weight` (each row summing to 1, `shift.shift_targets`),
+    the mean over the batch of each sample's weighted sum."""
+    return per_token.mean() if weight is None else (per_token * weight).sum() / len(per_token)
+
+
+def amradio_spatial_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, C), (B, T, C), optional (B, T) token weights -> 0.9 (1 - cos) + 0.1 SmoothL1, averaged over tokens."""
     pred, target = pred.float(), target.float()
-    cos = 1 - F.cosine_similarity(pred, target, dim=-1).mean()
-    return 0.9 * cos + 0.1 * F.smooth_l1_loss(pred, target)
+    cos = 1 - F.cosine_similarity(pred, target, dim=-1)  # (B, T)
+    l1 = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+    return 0.9 * spatial_mean(cos, weight) + 0.1 * spatial_mean(l1, weight)
 
 
 def phis_scale(cov: np.ndarray) -> float:
@@ -55,11 +62,12 @@ def phis_scale(cov: np.ndarray) -> float:
     return max(float(np.trace(cov)) / len(cov), 1e-12)
 
 
-def phis_spatial_loss(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, T, C), (B, T, C) -> MSE of PHI-S standardised tokens.
+def phis_spatial_loss(pred: torch.Tensor, target: torch.Tensor, scale: float,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, C), (B, T, C), optional (B, T) token weights -> MSE of PHI-S standardised tokens.
 
     PHI-S maps x -> H Uᵀ (x - mean) / sqrt(scale) (U the covariance eigenvectors, H a normalised
     Hadamard matrix): an isometry up to 1 / sqrt(scale), so the MSE after it is exactly
     MSE(pred, target) / scale, computed here without the (C, C) products.
     """
-    return F.mse_loss(pred.float(), target.float()) / scale
+    return spatial_mean((pred.float() - target.float()).square().mean(-1), weight) / scale

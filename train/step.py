@@ -13,6 +13,7 @@ from ..errors import TrainingError
 from ..ops import autocast, normalise
 from ..store.reader import TeacherMeta, decode_targets
 from .losses import LossConfig, amradio_spatial_loss, phis_scale, phis_spatial_loss, summary_loss
+from .shift import shift_targets
 
 
 def to_grid(spatial: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -89,11 +90,22 @@ class DistillStep:
     def __call__(self, *parts: dict) -> torch.Tensor:
         """Loader batches ('pixels' (B, 3, R, R) uint8 and encoded targets), one per part of the step
         (one R each) -> (K,) metrics on the device."""
-        return self.update_parts([(part["pixels"].to(self.device, non_blocking=True),
-                                   decode_targets(part, self.teachers, self.device)) for part in parts])
+        return self.update_parts([(part["pixels"].to(self.device, non_blocking=True), self.targets(part))
+                                  for part in parts])
+
+    def targets(self, part: dict) -> dict:
+        """A loader batch's decoded targets (`decode_targets`); one with another view's spatial targets ('other')
+        and both boxes ('boxes' (B, 2, 4), `--denoise shift`): each spatial target is that view's map over the
+        student's view, with its 'weight' (B, h, w) on the overlap (`shift_targets`)."""
+        targets = decode_targets(part, self.teachers, self.device)
+        if "other" in part:
+            others, boxes = decode_targets(part["other"], self.teachers, self.device), part["boxes"].to(self.device)
+            for name, target in targets.items():
+                target["spatial"], target["weight"] = shift_targets(target["spatial"], others[name]["spatial"], boxes)
+        return targets
 
     def update(self, pixels: torch.Tensor, targets: dict) -> torch.Tensor:
-        """pixels (B, 3, R, R) in 0..255 on the device; targets as `decode_targets` returns them -> (K,) metrics."""
+        """pixels (B, 3, R, R) in 0..255 on the device; targets as `targets` returns them -> (K,) metrics."""
         return self.update_parts([(pixels, targets)])
 
     def update_parts(self, parts: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
@@ -127,8 +139,9 @@ class DistillStep:
                 losses[f"{t.name}/summary"] = summary_loss(pred.summary, target["summary"])
             spatial = to_grid(pred.spatial, t.grid)  # (B, T, C) at the teacher's grid
             goal = target["spatial"].flatten(1, 2)
-            losses[f"{t.name}/spatial"] = (phis_spatial_loss(spatial, goal, self.phis[t.name]) if self.phis
-                                           else amradio_spatial_loss(spatial, goal))
+            weight = None if target.get("weight") is None else target["weight"].flatten(1)  # (B, T)
+            losses[f"{t.name}/spatial"] = (phis_spatial_loss(spatial, goal, self.phis[t.name], weight) if self.phis
+                                           else amradio_spatial_loss(spatial, goal, weight))
         # a teacher not paired with this side: its losses are reported, its heads get no gradient
         trained = self.pairing[pixels.shape[-1]] if self.pairing else [t.name for t in self.teachers]
         return list(losses.values()), total_loss(losses, self.loss, trained)

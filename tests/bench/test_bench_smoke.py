@@ -202,7 +202,7 @@ def test_pattern(bench, ray_session):
     result = bench("pattern")
     assert result["found"]["share"] == pytest.approx(1.0, abs=1e-3) and result["found"]["error"] < 1e-2
     rows = result["results"]
-    assert [r["denoise"] for r in rows] == ["none", "mean"]
+    assert [r["denoise"] for r in rows] == ["none", "mean", "shift"]
     for r in rows:
         assert -1 <= r["carried_cos"] <= 1 and 0 <= r["fidelity_spatial"] <= 1 and r["knn"] is not None
         positive(r, "train_s", "eval_s")

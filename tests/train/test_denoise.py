@@ -24,14 +24,15 @@ runner = CliRunner()
 
 
 def test_denoise_is_checked_and_documented(train_store, tmp_path):
-    with pytest.raises(RadioDistillError, match=r"^--denoise 'median': choose from none, mean$"):
+    with pytest.raises(RadioDistillError, match=r"^--denoise 'median': choose from none, mean, shift$"):
         config(train_store, tmp_path / "r", denoise="median")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('denoise = "mean"\n')
     assert load_train_config(recipe, store=train_store, out=tmp_path / "r", steps=1, device="cpu").denoise == "mean"
     assert config(train_store, tmp_path / "r").denoise == "none"
-    help_text = " ".join(runner.invoke(train_app, ["--help"], env={"COLUMNS": "200"}).stdout.split())
-    assert "--denoise" in help_text and "none (as stored) or mean" in help_text
+    help_text = " ".join(w for w in runner.invoke(train_app, ["--help"], env={"COLUMNS": "200"}).stdout.split()
+                         if w != "│")  # the help panel's borders
+    assert "--denoise" in help_text and "none (targets as stored), mean (" in help_text and "or shift (" in help_text
 
 
 def test_without_a_pattern_it_is_one_line_before_anything_is_created(train_store, tmp_path):
