@@ -77,7 +77,7 @@ def _packed(info: dict) -> str:
 def build(
     data: Annotated[Optional[Path], typer.Argument(help="Image folder (recursive, following directory symlinks; subfolders = labels), list file (path[,label] per line, relative to the list's folder; paths outside it and images listed twice are refused), WebDataset tar shards or Parquet files: a path, glob or brace pattern, quoted, e.g. 'shards/{000000..000123}.tar' or 'data/train-*.parquet'.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output store: a folder, e.g. cache.zarr, or s3://bucket/prefix/cache.zarr (endpoint and credentials from the AWS_* environment variables).")] = None,
-    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res], repeatable: clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024, sam2:configs/sam2.1/sam2.1_hiera_l.yaml:/path/sam2.1_hiera_large.pt@1024, sam3:facebook/sam3@1008 (or a save_pretrained folder); families: clip, dinov2, sam, sam2, sam3, timm.")] = None,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher spec [name=]family:model[:weights][@res[xK]], repeatable (xK: also a KxK-tiled high-resolution map, entry name_xK): clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, sam:vit_h:/path/sam_vit_h.pth@1024, sam2:configs/sam2.1/sam2.1_hiera_l.yaml:/path/sam2.1_hiera_large.pt@1024, sam3:facebook/sam3@1008 (or a save_pretrained folder); families: clip, dinov2, sam, sam2, sam3, timm.")] = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", help="Preset: 'tiny' = offline toy CLIP, DINOv2 and SAM with seeded random weights; 'toy' = small CLIP, DINOv2 and SAM trained on generated scenes (toy preset: trained on generated scenes; cache/toy/*.safetensors).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with any of these settings; options given here win.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per image: view 0 = centre square, others random-resized crops. [default: 1]")] = None,
@@ -200,6 +200,10 @@ def info(store: Annotated[str, typer.Argument(help="A store made by `radio-cache
         out.print(f"[bold]{name}[/]: {ident['family']} {ident['model']}{weights}{f' ({weights_label(ident)})' if weights_label(ident) else ''} "
                   f"@{t['resolution']}, grid {'x'.join(map(str, t['grid']))}, summary {t['summary_dim'] or '-'}, "
                   f"spatial {t['spatial_dim']}", highlight=False)
+        if t["tiles"]:
+            k, overlap = t["tiles"]["tiles"], t["tiles"]["overlap"]
+            out.print(f"  high-resolution map of {k}x{k} tiles at {ident['resolution']} px overlapping by {overlap} px "
+                      f"over a {t['resolution']} px view", highlight=False)
         codecs = f"spatial {st['spatial']}" + (f" pooled x{st['pool']}" if st["pool"] > 1 else "")
         codecs += f", summary {st['summary']}" if t["summary_dim"] else ""
         if t["calibration"]:  # what the budget picked, and how it measured on held-back calibration samples
@@ -311,14 +315,18 @@ def sample(out: Annotated[Path, typer.Argument(help="Folder to write the sample 
     _stdout().print(f"wrote {images} images to {folder} (masks in {out / 'masks'})")
 
 
-def _numbers(option: str, text: str | None) -> tuple[int, ...] | None:
-    """'224' or '224,384,512' -> (224,) or (224, 384, 512); the config checks the values."""
+def _numbers(option: str, text: str | None, *, sets: bool = False) -> tuple | None:
+    """'224' or '224,384,512' -> (224,) or (224, 384, 512); with `sets`, '128/256,512' -> ((128, 256), 512).
+    The config checks the values."""
     if text is None:
         return None
     try:
+        if sets:
+            return tuple(tuple(int(s) for s in v.split("/")) if "/" in v else int(v) for v in text.split(","))
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise RadioDistillError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. 224,384") from None
+        example = "224,384 or 128/256,512/1024" if sets else "224,384"
+        raise RadioDistillError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. {example}") from None
 
 
 train_app = typer.Typer(help="Distil a student from a store's cached targets, never loading a teacher.",
@@ -335,7 +343,7 @@ def train(
     epochs: Annotated[Optional[float], typer.Option(help="Epochs over the training split (or give --steps).")] = None,
     batch_size: Annotated[Optional[str], typer.Option(help="Global batch size over all processes; with --resolution-policy partition one per resolution, e.g. 64,16. [default: 64]")] = None,
     resolution: Annotated[Optional[str], typer.Option(help="Student input side, or several, e.g. 224,384,512: each a multiple of the student's stride; every side trains on the same stored views and targets. [default: 224]")] = None,
-    resolution_policy: Annotated[Optional[str], typer.Option(help="With several resolutions: random (one per step, seeded) or partition (every step one part per resolution, its own --batch-size). [default: random]")] = None,
+    resolution_policy: Annotated[Optional[str], typer.Option(help="With several resolutions: random (one per step, seeded) or partition (every step one part per resolution, its own --batch-size; a part given as a set, 128/256/384, draws its side each step, seeded). [default: random]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
@@ -367,7 +375,7 @@ def train(
         except ValueError:
             raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
     cfg = load_train_config(config, device_here=ray_workers is None, store=store, student=student, out=out, steps=steps, epochs=epochs,
-                            batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution),
+                            batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution, sets=True),
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,

@@ -23,7 +23,7 @@ from pathlib import Path
 from .._toml import field_types, read_toml, typed
 from ..errors import RadioDistillError
 from ..store.location import is_remote
-from .teachers import PRESETS, TeacherSpec, parse_teacher
+from .teachers import PRESETS, TeacherSpec, parse_teacher, tiled_specs
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ def load_cache_config(path: str | Path | None = None, *, teachers: list[str] | s
                                         f"{sorted(set(_TEACHER_TYPES) - {'spec'})}")
             entries[i] = e = typed(e, _TEACHER_TYPES, path=path, prefix=f"teachers[{i}].")
             specs.append(parse_teacher(e["spec"]))
+    pairs = [(s, e) for spec, e in zip(specs, entries) for s in tiled_specs(spec)]  # a tiled spec: two entries
+    specs, entries = [s for s, _ in pairs], [e for _, e in pairs]
     fidelity = fidelity or {}
     for i, (spec, e) in enumerate(zip(specs, entries)):
         if spec.family in ("sam", "sam2", "sam3") and (e.get("sam_spatial") or sam_spatial):

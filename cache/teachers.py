@@ -40,10 +40,11 @@ _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """What to load: `[name=]family:model[:weights][@resolution]` on the command line.
+    """What to load: `[name=]family:model[:weights][@resolution[xK]]` on the command line.
 
     `weights` is a pretrained tag (open_clip) or a local file; DINOv2 and timm tags live in the timm
-    model name. `random_init` builds the architecture with seeded random weights instead (the tiny
+    model name. `@384x2` also caches a K x K-tiled high-resolution map (`tiled_specs`): `tiles` > 1 marks
+    that entry. `random_init` builds the architecture with seeded random weights instead (the tiny
     preset, architecture benchmarks); `model_kwargs` (timm `create_model` kwargs, not on the command
     line) only serves toy sizes of the dinov2 and timm families.
     """
@@ -57,17 +58,20 @@ class TeacherSpec:
     random_init: bool = False
     preset: str | None = None  # 'tiny' or 'toy' for the offline presets, recorded so stores say so
     model_kwargs: tuple[tuple[str, object], ...] = ()
+    tiles: int = 1
 
 
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]+)=)?(?P<family>[a-z0-9]+):(?P<model>[^:@]+)"
-                   r"(?::(?P<weights>[^@]+))?(?:@(?P<res>\d+))?$")
+                   r"(?::(?P<weights>[^@]+))?(?:@(?P<res>\d+)(?:x(?P<tiles>\d+))?)?$")
+MAX_TILES = 8  # K x K forwards per view: 64 at 8
 
 
 def parse_teacher(text: str) -> TeacherSpec:
-    """Parse `[name=]family:model[:weights][@resolution]`, e.g. `clip:ViT-L-14:openai@224`."""
+    """Parse `[name=]family:model[:weights][@resolution[xK]]`, e.g. `clip:ViT-L-14:openai@224`, or
+    `siglip=timm:vit_so400m_patch14_siglip_384@384x2` for a 2 x 2-tiled map beside the global one."""
     m = _SPEC.match(text.strip())
     if not m:
-        raise TeacherSpecError(f"bad teacher spec '{text}'; expected [name=]family:model[:weights][@resolution], "
+        raise TeacherSpecError(f"bad teacher spec '{text}'; expected [name=]family:model[:weights][@resolution[xK]], "
                                "e.g. clip:ViT-L-14:openai@224, dinov2:vit_large_patch14_reg4_dinov2.lvd142m@448, "
                                "sam:vit_h:/path/sam_vit_h_4b8939.pth@1024")
     family = m["family"]
@@ -76,7 +80,21 @@ def parse_teacher(text: str) -> TeacherSpec:
     res = int(m["res"]) if m["res"] else None
     if res == 0:
         raise TeacherSpecError(f"teacher spec '{text}': resolution must be >= 1, got @0")
-    return TeacherSpec(name=m["name"] or family, family=family, model=m["model"], weights=m["weights"], resolution=res)
+    tiles = int(m["tiles"]) if m["tiles"] else 1
+    if m["tiles"] and not 2 <= tiles <= MAX_TILES:
+        raise TeacherSpecError(f"teacher spec '{text}': tiles x{tiles} must be 2 to {MAX_TILES} (K x K tiles of "
+                               f"{res} px per view; without xK the global map alone is cached)")
+    return TeacherSpec(name=m["name"] or family, family=family, model=m["model"], weights=m["weights"], resolution=res,
+                       tiles=tiles)
+
+
+def tiled_specs(spec: TeacherSpec) -> list[TeacherSpec]:
+    """The entries a spec caches: itself; with `tiles` K > 1, the global map (`name`, tiles 1) and the K x K-tiled
+    one (`name_xK`). Both are entries of one model at two sides, so training pairs each student side with the
+    closer one (`train.step.pair_teachers`)."""
+    if spec.tiles == 1:
+        return [spec]
+    return [replace(spec, tiles=1), replace(spec, name=f"{spec.name}_x{spec.tiles}")]
 
 
 def tiny_teachers() -> list[TeacherSpec]:
@@ -327,6 +345,8 @@ def identity(spec: TeacherSpec) -> dict:
              "resolution": spec.resolution, "random_init": spec.random_init, "preset": spec.preset, "model_kwargs": dict(spec.model_kwargs)}
     if spec.family in ("sam", "sam2", "sam3"):
         ident["spatial"] = spec.sam_spatial
+    if spec.tiles > 1:  # absent otherwise: untiled stores keep their identity
+        ident["tiles"] = spec.tiles
     if _is_file(spec.weights):
         ident["weights"] = Path(spec.weights).name
         ident["sha256"] = sha256_file(Path(spec.weights).expanduser())
@@ -488,6 +508,58 @@ class Sam3Teacher(Teacher):
 
     def forward(self, x):
         return None, self.model.get_image_embeddings(x)[SAM_LEVELS[self.spec.sam_spatial]].permute(0, 2, 3, 1).float()
+
+
+def tile_layout(resolution: int, patch: int, tiles: int) -> tuple[int, int, list[int]]:
+    """(canvas side, overlap, tile offsets) in px of `tiles` x `tiles` tiles of side `resolution` on a square canvas:
+    neighbours overlap by about an eighth of a tile, in whole patches (at least one), so every tile's tokens
+    fall on the canvas's token grid."""
+    overlap = max(1, round(resolution / patch / 8)) * patch
+    overlap += patch * (overlap % 1 != 0)  # a cell of 3.5 px (SAM 3's s0): an even number of cells, whole pixels
+    stride = int(resolution - overlap)
+    return resolution + (tiles - 1) * stride, int(overlap), [k * stride for k in range(tiles)]
+
+
+class TiledTeacher(Teacher):
+    """A base teacher's map at about K x its grid, paid once in the build (K x K + 1 forwards a view).
+
+    Input: the view at the canvas side (`tile_layout`). Spatial: the base teacher on each tile, at its own
+    side, placed at the tile's token offset; where tiles overlap, their maps are blended with weights falling
+    linearly to the tile's edges, so seams have no steps. Summary: the base teacher's on the whole view resized
+    to its side (None when it has none)."""
+
+    def __init__(self, spec: TeacherSpec, base: Teacher):
+        canvas, self.overlap, self.offsets = tile_layout(base.resolution, base.patch, spec.tiles)
+        super().__init__(spec, base.model, resolution=canvas, mean=base.mean, std=base.std, patch=base.patch)
+        self.base = base
+        g, o = base.resolution // base.patch, self.overlap // base.patch
+        ramp = torch.minimum(torch.arange(1, g + 1), torch.arange(g, 0, -1)).clamp(max=o + 1) / (o + 1)
+        self.register_buffer("weight", ramp[:, None] * ramp[None, :], persistent=False)  # (g, g)
+
+    def info(self) -> TeacherInfo:
+        return replace(super().info(), tiles={"tiles": self.spec.tiles, "overlap": self.overlap, "boxes": self.boxes()})
+
+    def boxes(self) -> list[list[float]]:
+        """Each tile's box (x0, y0, x1, y1) in fractions of the view, row by row."""
+        r, c = self.base.resolution, self.resolution
+        return [[j / c, i / c, (j + r) / c, (i + r) / c] for i in self.offsets for j in self.offsets]
+
+    def forward(self, x):
+        r, p = self.base.resolution, self.patch
+        g, side = r // p, self.resolution // p
+        total, weights, summary = None, torch.zeros(side, side, device=x.device), None
+        for i in self.offsets:
+            for j in self.offsets:
+                summary, tile = self.base(x[..., i:i + r, j:j + r])  # (B, g, g, C)
+                if total is None:
+                    total = tile.new_zeros(len(x), side, side, tile.shape[-1])
+                rows, cols = slice(i // p, i // p + g), slice(j // p, j // p + g)
+                total[:, rows, cols] += tile * self.weight[..., None]
+                weights[rows, cols] += self.weight
+        if summary is not None:
+            small = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+            summary = self.base(small)[0]
+        return summary, total / weights[..., None]
 
 
 def register_model_configs() -> None:
@@ -755,16 +827,33 @@ def grid(spec: TeacherSpec) -> tuple[int, int]:
         side = model.image_size // (model.get("backbone_stride", 16) // 2 ** (2 - SAM_LEVELS[spec.sam_spatial]))
         return side, side
     with torch.device("meta"):
-        teacher = TEACHERS[spec.family](replace(spec, weights=None, random_init=True))
+        teacher = _build(replace(spec, weights=None, random_init=True))
     side = teacher.resolution // teacher.patch
     return side, side
 
 
-def build_teacher(spec: TeacherSpec, *, device: str | torch.device = "cpu") -> Teacher:
-    """Load a teacher by its library, frozen, in eval mode, on `device`. Tiny teachers are seeded."""
+def _build(spec: TeacherSpec, base: Teacher | None = None) -> Teacher:
+    if spec.tiles == 1:
+        return TEACHERS[spec.family](spec)
+    return TiledTeacher(spec, base or TEACHERS[spec.family](replace(spec, tiles=1)))
+
+
+def build_teacher(spec: TeacherSpec, *, device: str | torch.device = "cpu", base: Teacher | None = None) -> Teacher:
+    """Load a teacher by its library, frozen, in eval mode, on `device`. Tiny teachers are seeded.
+    A tiled spec wraps `base` (the same model, already loaded) when given, else loads its own."""
     check_spec(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        teacher = TEACHERS[spec.family](spec)
+        teacher = _build(spec, base)
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
+
+
+def build_teachers(specs, *, device: str | torch.device = "cpu") -> dict[str, Teacher]:
+    """{name: teacher} of `specs`; a tiled entry shares the model of its global one (loaded once)."""
+    teachers = {s.name: build_teacher(s, device=device) for s in specs if s.tiles == 1}
+    for s in specs:
+        if s.tiles > 1:
+            base = next((t for t in teachers.values() if t.spec == replace(s, name=t.spec.name, tiles=1)), None)
+            teachers[s.name] = build_teacher(s, device=device, base=base)
+    return {s.name: teachers[s.name] for s in specs}

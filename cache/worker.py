@@ -28,7 +28,7 @@ from ..store.lock import check_token
 from ..store.sources import Images
 from ..store.views import crop_resize, view_boxes
 from . import calibrate
-from .teachers import TeacherSpec, build_teacher
+from .teachers import TeacherSpec, build_teachers
 
 
 def gpu_index(gpu_ids: list, visible: str | None) -> int:
@@ -61,7 +61,7 @@ class ShardWorker:
         self.device = torch.device("cpu")
         if torch.cuda.is_available():  # the GPU Ray placed this actor on, not every actor's cuda:0
             self.device = torch.device("cuda", gpu_index(self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
-        self.teachers = {s.name: build_teacher(s, device=self.device) for s in specs}
+        self.teachers = build_teachers(specs, device=self.device)
         self.store, self.batch_size = location(store), batch_size
         self.pool = ThreadPoolExecutor(max(4, threads * 2))  # PIL decode/resize release the GIL
         self.device_lock = threading.Lock()  # two shards in flight share the device: decode/write overlap, compute does not

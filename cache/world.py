@@ -220,11 +220,12 @@ def make_scenes(n: int, *, seed: int, size: tuple[int, int] | None = None) -> li
     return [make_scene(rng, size=size) for _ in range(n)]
 
 
-def write_scenes(root: str | Path, *, images: int = 64, seed: int = 0) -> Path:
-    """Write `images` scenes under `root` (layout in the module docstring); returns the image folder."""
+def write_scenes(root: str | Path, *, images: int = 64, seed: int = 0, size: tuple[int, int] | None = None) -> Path:
+    """Write `images` scenes (of `size` (W, H), default drawn from `SIDES`) under `root` (layout in the module
+    docstring); returns the image folder."""
     root = Path(root)
     rows = []
-    for k, scene in enumerate(make_scenes(images, seed=seed)):
+    for k, scene in enumerate(make_scenes(images, seed=seed, size=size)):
         name = SHAPES[scene.label]
         sample = f"{name}/{k:05d}"
         for sub, ext, arr in (("images", "jpg", scene.image), ("masks", "png", scene.classes),

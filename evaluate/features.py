@@ -58,7 +58,8 @@ def load_run(run: str | Path) -> RunInfo:
                               "finish it with `radio-train ... --resume`")
     data = json.loads(meta.read_text())
     cfg = data["config"]
-    sides = cfg["resolution"] if isinstance(cfg["resolution"], list) else [cfg["resolution"]]
+    sides = [s for part in (cfg["resolution"] if isinstance(cfg["resolution"], list) else [cfg["resolution"]])
+             for s in (part if isinstance(part, list) else [part])]  # a 'partition' part may be a set of sides
     return RunInfo(path, data["student"], float(cfg["holdout"]), tuple(int(s) for s in sides),
                    bool(cfg.get("allow_partial")), data["store_settings"], data.get("store"),
                    cfg.get("denoise", "none"))  # a run from before --denoise: none

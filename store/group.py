@@ -197,7 +197,7 @@ def _create(path: Path, *, manifest: Manifest, settings: dict, infos: dict[str, 
         grid = tuple(g // storage["pool"] for g in info.grid)
         group = root.create_group(L.teacher_group(name))
         group.attrs.update({"identity": settings["teachers"][name], "storage": storage, "grid": list(grid),
-                            **{k: v for k, v in asdict(info).items() if k != "grid"}, "source_grid": list(info.grid)})
+                            **{k: v for k, v in asdict(info).items() if k != "grid" and (k != "tiles" or v)}, "source_grid": list(info.grid)})
         if calibrated:  # what the budget tried, measured on held-back calibration samples
             group.attrs["calibration"] = {t: {k: v for k, v in c.items() if k != "arrays"} for t, c in calibrated.items()}
         for target, c in calibrated.items():

@@ -41,7 +41,7 @@ def store_info(path: str | Path | Location) -> dict:
             "fidelity": attrs.get("fidelity"), "calibration": attrs.get("calibration"),
             "bytes": size, "bytes_per_view": size / max(1, n * views),
             "shards_done": int((root[L.done_array(name)][:] == 1).sum()),
-            "pattern": _pattern_info(path, root, name),
+            "pattern": _pattern_info(path, root, name), "tiles": attrs.get("tiles"),
         }
     return {"store": str(path), "layout_version": root.attrs["layout_version"], "created_by": root.attrs["created_by"],
             "samples": n, "views": views, "shard_size": root.attrs["shard_size"], "seed": root.attrs["seed"],

@@ -26,7 +26,9 @@ calibrated codec, Q calibration samples.
                                    row in it); file indexes attrs dataset.files. Absent for folders and lists
   samples/pixels     (N, V, R, R, 3) uint8, each view at the student resolution R (`--pixels R`, optional)
   samples/calibration (Q,)         int64, rows whose view 0 calibrated the codecs (with `--fidelity` only)
-  teachers/<t>/                    attrs: teacher info, storage (the codecs chosen), calibration, fidelity, norm
+  teachers/<t>/                    attrs: teacher info, storage (the codecs chosen), calibration, fidelity, norm;
+                                   a tiled entry `<t>_xK` (spec `@RxK`) is a teacher of its own at the canvas
+                                   side, its attrs `tiles` give K, the overlap and the tiles' boxes in the view
     summary          (N, V, D|k)   float16 or int8 (+ summary_scale (N, V))
     spatial          (N, V, h, w, C|k) float16 or int8 (+ spatial_scale (N, V, h, w))
     calib/*          (C,) (C, C) (C, k)  the calibration of a teacher with a fidelity budget, per target:
@@ -134,6 +136,8 @@ class TeacherInfo:
     grid: tuple[int, int]
     summary_dim: int | None
     spatial_dim: int
+    tiles: dict | None = None  # a tiled entry's {'tiles': K, 'overlap': px, 'boxes': [[x0, y0, x1, y1] per tile, as
+    # fractions of the view]} (`teachers.TiledTeacher`); only tiled entries' attrs hold it
 
 
 

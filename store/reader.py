@@ -229,7 +229,8 @@ class CacheReader:
                 mean, basis = (torch.from_numpy(read_whole(path, root, L.calib_array(name, target, a))).float()
                                for a in ("mean", "basis"))
                 transforms[target] = {"cpu": (mean, basis)}
-        model = json.dumps({k: v for k, v in attrs["identity"].items() if k != "resolution"}, sort_keys=True)
+        model = json.dumps({k: v for k, v in attrs["identity"].items() if k not in ("resolution", "tiles")},
+                           sort_keys=True)
         pattern = {"cpu": torch.from_numpy(read_pattern(path, root, name)[0])} if denoise == "mean" else {}
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
                            transforms, attrs["resolution"], model, pattern)
@@ -352,8 +353,9 @@ class StepSampler(Sampler):
 
     Each epoch is a seeded permutation of the samples; each sample draws one of its V stored views
     per epoch. A step is one part at one side drawn from `resolution` (policy 'random', seeded by
-    (seed, step), so every rank draws the same), or, with policy 'partition', one part per side: the
-    global batch's first batch_size[0] items at resolution[0], the next batch_size[1] at resolution[1]...
+    (seed, step), so every rank draws the same), or, with policy 'partition', one part per entry: the
+    global batch's first batch_size[0] items at resolution[0], the next batch_size[1] at resolution[1]...;
+    an entry that is a set of sides draws its side each step (seeded by (seed, step, part)).
     Rank r of `world` takes items r, r + world, ... of every part. Yields one list of
     (sample, view, side) per part: a loader batch holds one side. `others` (V > 1): each item also draws another
     of its views, uniformly (sample, view, side, other view).
@@ -361,11 +363,13 @@ class StepSampler(Sampler):
 
     def __init__(self, indices, *, views, resolution, batch_size, seed, start_step, steps, policy="random", rank=0,
                  world=1, others=False):
-        self.sides = resolution if isinstance(resolution, tuple) else (resolution,)
+        entries = resolution if isinstance(resolution, tuple) else (resolution,)
         self.sizes = batch_size if isinstance(batch_size, tuple) else (batch_size,)
-        self.partition = policy == "partition" and len(self.sides) > 1
-        if len(self.sizes) != (len(self.sides) if self.partition else 1):
-            raise ValueError(f"batch sizes {self.sizes} do not match sides {self.sides} under policy {policy!r}")
+        self.partition = policy == "partition" and len(entries) > 1
+        sets = [e if isinstance(e, tuple) else (e,) for e in entries]
+        self.sets = sets if self.partition else [tuple(s for e in sets for s in e)]  # the sides each part draws from
+        if len(self.sizes) != len(self.sets):
+            raise ValueError(f"batch sizes {self.sizes} do not match sides {entries} under policy {policy!r}")
         for size in self.sizes:
             if size % world:
                 raise ValueError(f"global batch {size} is not divisible by {world} processes")
@@ -397,13 +401,12 @@ class StepSampler(Sampler):
 
     def parts(self, step: int) -> list[tuple[int, int]]:
         """(side, global part size) of each part of `step`."""
-        if self.partition:
-            return list(zip(self.sides, self.sizes))
-        if len(self.sides) == 1:
-            return [(self.sides[0], self.sizes[0])]
-        # a stream of its own (3 words: never an epoch's [seed, epoch])
-        pick = np.random.default_rng([self.seed, step, SIDE_STREAM]).integers(len(self.sides))
-        return [(self.sides[pick], self.sizes[0])]
+        out = []
+        for k, (sides, size) in enumerate(zip(self.sets, self.sizes)):
+            # streams of their own (3 or 4 words: never an epoch's [seed, epoch])
+            key = [self.seed, step, SIDE_STREAM] + ([k] if self.partition else [])
+            out.append((sides[np.random.default_rng(key).integers(len(sides))] if len(sides) > 1 else sides[0], size))
+        return out
 
     def __iter__(self):
         for step in range(self.start_step, self.steps):

@@ -43,7 +43,9 @@ class TrainConfig:
     steps: int | None = None  # or epochs; one of them
     epochs: float | None = None
     batch_size: int | tuple[int, ...] = 64  # global, over all processes; 'partition': one per resolution
-    resolution: int | tuple[int, ...] = 224  # student input side, or several (a list of one is that one side)
+    resolution: int | tuple[int | tuple[int, ...], ...] = 224  # student input side, or several (a list of one is
+    # that one side); under 'partition' a part may be a set of sides, e.g. [[128, 256, 384], [512, 1024]]: each
+    # step draws that part's side from its set (C-RADIOv4's low and high partitions)
     # several resolutions: 'random' draws one per step (seeded by (seed, step): every rank the same);
     # 'partition' splits every step's global batch into one part per resolution (RADIOv2.5's low/high
     # partitions), with its own --batch-size so the high-resolution part's memory stays bounded
@@ -76,7 +78,8 @@ class TrainConfig:
         for name in ("resolution", "batch_size"):  # TOML lists and 1-tuples: one form per setting
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value)[0] if len(value) == 1 else tuple(value))
+                value = tuple(_one_form(v) for v in value)
+                object.__setattr__(self, name, value[0] if len(value) == 1 else value)
         # --init with --steps 0 saves the initial student as is (its heads matched to this store's teachers)
         check_fields(self, {**_RULES, "steps": "index"} if self.init is not None else _RULES, optional=_OPTIONAL)
         if self.steps is not None and self.epochs is not None:  # one would be dropped without a word
@@ -92,8 +95,11 @@ class TrainConfig:
             raise RadioDistillError(f"--resolution {_listed(self.resolution)}: give one side or several different ones")
         if self.resolution_policy not in POLICIES:
             raise RadioDistillError(f"--resolution-policy {self.resolution_policy!r}: choose from {', '.join(POLICIES)}")
-        partition = self.resolution_policy == "partition" and len(self.sides) > 1
-        if len(self.batch_sizes) != (len(self.sides) if partition else 1):
+        partition = self.resolution_policy == "partition" and len(self.side_sets) > 1
+        if any(isinstance(s, tuple) for s in self.side_sets) and not partition:
+            raise RadioDistillError(f"--resolution {_listed(self.resolution)}: sets of sides (a/b) are the parts of "
+                                    "--resolution-policy partition, e.g. --resolution 128/256,512/1024 --batch-size 64,16")
+        if len(self.batch_sizes) != (len(self.side_sets) if partition else 1):
             raise RadioDistillError(
                 f"--batch-size {_listed(self.batch_size)} with --resolution {_listed(self.resolution)}: "
                 + ("--resolution-policy partition needs one batch size per resolution, in the same order "
@@ -109,9 +115,14 @@ class TrainConfig:
             check_option(f"--teacher-weight {name}", weight, "non-negative", sep="=")
 
     @property
-    def sides(self) -> tuple[int, ...]:
-        """The student resolutions."""
+    def side_sets(self) -> tuple[int | tuple[int, ...], ...]:
+        """What `resolution` lists: sides, and under 'partition' sets of sides (one per part)."""
         return self.resolution if isinstance(self.resolution, tuple) else (self.resolution,)
+
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """Every student resolution."""
+        return tuple(s for part in self.side_sets for s in (part if isinstance(part, tuple) else (part,)))
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -122,8 +133,18 @@ class TrainConfig:
 POLICIES = ("random", "partition")
 
 
+def _one_form(value):
+    """A set of sides as a tuple (a set of one: that side)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)[0] if len(value) == 1 else tuple(value)
+    return value
+
+
 def _listed(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    """`resolution` or `batch_size` as the command line spells it: 224,512 or 128/256,512/1024."""
+    if not isinstance(value, tuple):
+        return str(value)
+    return ",".join("/".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
 
 
 _RULES = {"steps": "count", "epochs": "positive", "lr": "positive",

@@ -191,7 +191,7 @@ def test_bad_spec_syntax_is_one_line(tmp_path):
 
 def test_error_text_is_printed_verbatim(tmp_path):
     result = runner.invoke(cache_app, ["build", str(tmp_path), "--out", str(tmp_path / "x.zarr"), "--teacher", "clip"])
-    assert "expected [name=]family:model[:weights][@resolution]" in _one_error_line(result)
+    assert "expected [name=]family:model[:weights][@resolution[xK]]" in _one_error_line(result)
 
 
 @pytest.mark.parametrize("args, culprit", [

@@ -93,6 +93,32 @@ def test_the_command_line_takes_sides_batch_sizes_and_policy(train_store, tmp_pa
     assert (saved["resolution"], saved["batch_size"], saved["resolution_policy"]) == ([32, 48], [4, 2], "partition")
 
 
+def test_partition_parts_of_side_sets_draw_their_side_each_step_and_resume_exactly(train_store, tmp_path,
+                                                                                     monkeypatch):
+    """C-RADIOv4's low and high partitions: every step one part per set, its side drawn from that set."""
+    seen = spy_parts(monkeypatch)
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    kw = dict(steps=4, resolution=[[32, 48], [64, 80, 96]], batch_size=[6, 2], resolution_policy="partition")
+    train(config(train_store, whole, **kw), progress=False)
+    assert all(p[0][0] == 6 and p[0][-1] in (32, 48) and p[1][0] == 2 and p[1][-1] in (64, 80, 96) for p in seen)
+    drawn = StepSampler([0], views=1, resolution=((32, 48), (64, 80, 96)), batch_size=(6, 2), seed=0, start_step=0,
+                        steps=4, policy="partition")
+    assert [[p[-1] for p in parts] for parts in seen] == [[s for s, _ in drawn.parts(k)] for k in range(4)]
+    assert len({p[1][-1] for p in seen}) > 1  # the high part's side changes
+    train(config(train_store, run, stop_at=2, **kw), progress=False)
+    train(config(train_store, run, resume=True, **kw), progress=False)
+    timeless = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(r)] for r in (run, whole)]
+    assert timeless[0] == timeless[1]
+    saved = json.loads((run / "run.json").read_text())["config"]
+    assert saved["resolution"] == [[32, 48], [64, 80, 96]]
+    result = CliRunner().invoke(train_app, [str(train_store), "--student", "test_vit", "--out", str(tmp_path / "cli"),
+                                            "--steps", "1", "--resolution", "32/48,64", "--batch-size", "4",
+                                            "--workers", "0", "--holdout", "0.1"])
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (
+        "error: --resolution 32/48,64: sets of sides (a/b) are the parts of --resolution-policy partition, e.g. "
+        "--resolution 128/256,512/1024 --batch-size 64,16")
+
+
 def test_parts_at_one_side_train_and_report_as_one_batch(train_store):
     """A batch split in two parts (5 + 3 samples) gives the metrics and the update of the whole batch."""
     reader = CacheReader(train_store)
