@@ -206,3 +206,11 @@ def test_pattern(bench, ray_session):
     for r in rows:
         assert -1 <= r["carried_cos"] <= 1 and 0 <= r["fidelity_spatial"] <= 1 and r["knn"] is not None
         positive(r, "train_s", "eval_s")
+
+
+@pytest.mark.slow
+def test_tiling(bench, ray_session):
+    rows = bench("tiling")["results"]
+    assert [(r["trained on"], r["grid"]) for r in rows] == [("dinov2", "8x8"), ("dinov2_x2", "15x15")]
+    assert rows[1]["bytes_per_view"] > 3 * rows[0]["bytes_per_view"]  # the tiled entry: 15² tokens beside 8²
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("teacher_miou", "student_head_miou", "student_tokens_miou"))
