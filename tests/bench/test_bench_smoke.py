@@ -99,9 +99,11 @@ def test_sources(bench, ray_session):
 
 
 def test_plan(bench):
-    [row] = bench("plan", "--shapes", "30x10")["results"]
+    row, unlisted = bench("plan", "--shapes", "30x10", "--unlisted", "20x5")["results"]
     assert (row["tars"], row["samples"], row["tars_opened"]) == (30, 270, 0) and row["met"] is None
     positive(row, "scan_s", "tars_per_s", "us_per_sample", "read_mb", "sidecar_mb", "stats_mb")
+    assert (unlisted["mode"], unlisted["tars"], unlisted["samples"]) == ("unlisted", 20, 100)
+    assert unlisted["read_mb"] < 0.05 * unlisted["tar_mb"]  # a header block a tar (the process's own reads beside)
 
 
 @pytest.mark.slow
