@@ -137,6 +137,18 @@ def _is_file(weights: str | None) -> bool:
     return weights is not None and (Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in weights)
 
 
+def _check_sam_files(spec: TeacherSpec, what: str, example: str, targets) -> None:
+    """A SAM or SAM 2 spec's checkpoint (a file unless seeded) and spatial target, each a one-line error."""
+    if spec.weights is None and not spec.random_init:
+        raise TeacherSpecError(f"teacher '{spec.name}': {what} needs a checkpoint file, e.g. {example}")
+    if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
+        raise TeacherSpecError(f"teacher '{spec.name}': {what} checkpoint '{spec.weights}' is not a file; "
+                               f"e.g. {example}")
+    if spec.sam_spatial not in targets:
+        raise TeacherSpecError(f"teacher '{spec.name}': {what} spatial target '{spec.sam_spatial}' "
+                               f"is not one of {', '.join(targets)}")
+
+
 def check_spec(spec: TeacherSpec) -> None:
     """Fail fast, before any work, on unknown models, tags or missing weight files."""
     if spec.weights is not None and _is_file(spec.weights) and not Path(spec.weights).expanduser().is_file():
@@ -179,15 +191,7 @@ def check_spec(spec: TeacherSpec) -> None:
         if spec.model not in _sam_builders():
             raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM model '{spec.model}'; "
                                    f"available: {', '.join(_sam_builders())}")
-        if spec.weights is None and not spec.random_init:
-            raise TeacherSpecError(f"teacher '{spec.name}': SAM needs a checkpoint file, "
-                                   f"e.g. sam:{spec.model}:/path/sam_{spec.model}.pth@1024")
-        if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
-            raise TeacherSpecError(f"teacher '{spec.name}': SAM checkpoint '{spec.weights}' is not a file; "
-                                   f"e.g. sam:{spec.model}:/path/sam_{spec.model}.pth@1024")
-        if spec.sam_spatial not in SAM_SPATIAL:
-            raise TeacherSpecError(f"teacher '{spec.name}': SAM spatial target '{spec.sam_spatial}' "
-                                   f"is not one of {', '.join(SAM_SPATIAL)}")
+        _check_sam_files(spec, "SAM", f"sam:{spec.model}:/path/sam_{spec.model}.pth@1024", SAM_SPATIAL)
     elif spec.family == "sam2":
         _require("sam2", spec, "Meta's sam2: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2 (scripts/setup.sh "
                  "does this)")
@@ -196,14 +200,7 @@ def check_spec(spec: TeacherSpec) -> None:
             raise TeacherSpecError(f"teacher '{spec.name}': unknown SAM 2 config '{spec.model}'; available: "
                                    f"{', '.join(c for c in _sam2_configs() if 'sam2.1/' in c or c == 'tiny')} "
                                    f"(and the other configs of the sam2 package), e.g. {example}")
-        if spec.weights is None and not spec.random_init:
-            raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 needs a checkpoint file, e.g. {example}")
-        if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
-            raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 checkpoint '{spec.weights}' is not a file; "
-                                   f"e.g. {example}")
-        if spec.sam_spatial not in SAM_LEVELS:
-            raise TeacherSpecError(f"teacher '{spec.name}': SAM 2 spatial target '{spec.sam_spatial}' "
-                                   f"is not one of {', '.join(SAM_LEVELS)}")
+        _check_sam_files(spec, "SAM 2", example, SAM_LEVELS)
     elif spec.family == "sam3":
         _require("transformers", spec, "transformers: pip install 'radio-distill[sam3]'")
         example = "sam3:facebook/sam3@1008 or sam3:/path/to/a/save_pretrained/folder"

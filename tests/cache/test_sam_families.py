@@ -22,18 +22,10 @@ from radio_distill.store.dataset import load_rgb
 from radio_distill.store.group import open_store
 from radio_distill.store.views import crop_resize
 
+from .conftest import _perturbed
+
 SAM2_TINY = TeacherSpec("sam2", "sam2", "tiny", resolution=128, random_init=True)
 SAM3_TINY = TeacherSpec("sam3", "sam3", "tiny", resolution=112, random_init=True)
-
-
-def _perturbed(spec):
-    """A seeded tiny teacher moved off its init, so a silent random init shows."""
-    teacher = build_teacher(spec)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return teacher
 
 
 @pytest.fixture(scope="module")
