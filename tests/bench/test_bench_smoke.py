@@ -216,3 +216,11 @@ def test_tiling(bench, ray_session):
     assert [(r["trained on"], r["grid"]) for r in rows] == [("dinov2", "8x8"), ("dinov2_x2", "15x15")]
     assert rows[1]["bytes_per_view"] > 3 * rows[0]["bytes_per_view"]  # the tiled entry: 15² tokens beside 8²
     assert all(0 <= r[k] <= 1 for r in rows for k in ("teacher_miou", "student_head_miou", "student_tokens_miou"))
+
+
+def test_toy_learning(bench):
+    rows = bench("toy_learning")["results"]
+    assert [r["model"] for r in rows] == ["cnn", "vit-cls", "vit-max"]
+    for r in rows:
+        assert set(r) == {"model", "acc@2", "acc@4", "ms_per_step"} and all(0 <= r[k] <= 1 for k in ("acc@2", "acc@4"))
+        positive(r, "ms_per_step")
