@@ -144,7 +144,11 @@ class Split:
         return self.shards[candidates // self.shard_size] * self.shard_size + candidates % self.shard_size
 
     def _mask(self, b: int) -> np.ndarray:
-        """(stop - start,) bool: the usable rows of block b that are in the split (held as bits once read)."""
+        """(stop - start,) bool: the usable rows of block b that are in the split."""
+        return np.unpackbits(self._packed(b), count=min(self.n, (b + 1) * self.block) - b * self.block).view(bool)
+
+    def _packed(self, b: int) -> np.ndarray:
+        """(ceil((stop - start) / 8),) uint8: `_mask(b)` as bits, read once."""
         start, stop = b * self.block, min(self.n, (b + 1) * self.block)
         if b not in self._bits:
             size = self.shard_size
@@ -163,7 +167,7 @@ class Split:
                 held = L.held_out(keys, self.holdout)
                 usable = (status == L.OK) & flags & (held if self.split == "holdout" else ~held)
             self._bits[b] = np.packbits(usable)
-        return np.unpackbits(self._bits[b], count=stop - start).view(bool)
+        return self._bits[b]
 
     def contains(self, rows: np.ndarray) -> np.ndarray:
         """(K,) bool: which of (K,) rows are usable rows of the split (reads the blocks not read yet)."""
@@ -172,7 +176,8 @@ class Split:
         inside = rows < self.n
         for b in np.unique(rows[inside] // self.block).tolist():
             at = np.flatnonzero(inside & (rows // self.block == b))
-            out[at] = self._mask(b)[rows[at] - b * self.block]
+            offset = rows[at] - b * self.block  # bit 7 - offset % 8 of byte offset // 8 (packbits: big-endian)
+            out[at] = (self._packed(b)[offset >> 3] >> (7 - (offset & 7)).astype(np.uint8)) & 1
         return out
 
     def next_usable(self, rows: np.ndarray) -> np.ndarray:
