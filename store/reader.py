@@ -372,7 +372,7 @@ class CacheReader:
         return (f"warning: {bad} of {n} samples ({bad / n:.1%}) of store '{self.path}' cannot be trained on ({why}); "
                 "`radio-cache info` lists them, and a rerun of the build retries missing files")
 
-    def sample_rows(self, indices, count: int, *, shards: int = 32, blocks: int = 4) -> np.ndarray:
+    def sample_rows(self, indices, count: int, *, shards: int = 32, blocks: int = 2) -> np.ndarray:
         """A seeded sample of about `count` of `indices` (a `Split`, or an ascending array) from `shards` of the
         shards they are in, so that reading their ids, locations or sources reads few chunks; all of them when
         they are few. Of a `Split`, the shards lie in `blocks` of its blocks, whose status and keys alone are
