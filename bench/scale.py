@@ -14,8 +14,10 @@ terabytes of zeros would take hours); the integrity record holds each shard file
 
 Measured in a fresh spawned process right after the store is written or found, as `train()` runs them
 before its first step:
-  open_s: `CacheReader(store)` (done flags, status, split keys) + `indices` (the split) + `check_images`;
-  also each part alone;
+  open_s: `CacheReader(store)` (done flags) + `indices` (the split: nothing read) + `check_images` (the status
+  and split keys of 4 blocks, a stat per tar); also each part alone;
+  first_batch_s: the sampler's first global batch of 1,024 from the split, which reads the status and split
+  keys of every block it draws from (all of them, at 100M), then a second (`next_batch_s`);
   rss_main_mb: that process's peak RSS after opening and reading a few batches with spawned loader workers;
   rss_worker_mb: the largest loader worker's peak RSS minus that of an idle spawned process that
   imported torch (`rss_idle_worker_mb`);
@@ -190,7 +192,7 @@ def measure(store: str, read: int, batch_size: int, workers: int, listing: bool 
     torch.set_num_threads(1)
     from radio_distill.store.group import lost_shards
     from radio_distill.store.inspect import store_info
-    from radio_distill.store.reader import CacheReader
+    from radio_distill.store.reader import CacheReader, StepSampler
 
     start = time.perf_counter()
     reader = CacheReader(store)
@@ -199,7 +201,14 @@ def measure(store: str, read: int, batch_size: int, workers: int, listing: bool 
     split = time.perf_counter()
     reader.check_images(indices, resolution=64)
     checked = time.perf_counter()
-    first = indices[np.arange(min(len(indices), 4 * SHARD_SIZE))]  # of a `Rows`: no (N,) array made
+    opened_reads = indices.reads  # status and split-key chunks read by the open
+    sampler = StepSampler(indices, views=VIEWS, resolution=64, batch_size=1024, seed=0, start_step=0, steps=2)
+    sampler.global_batch(0)
+    drawn = time.perf_counter()
+    sampler.global_batch(1)
+    again = time.perf_counter()
+    first = indices.row(np.arange(min(indices.space, 4 * SHARD_SIZE)))  # the first shards' rows: no (N,) array
+    first = first[indices.contains(first)]
     readable = first[first % SHARD_SIZE < read][:4 * batch_size * workers]  # rows whose targets are not zeros
     steps = 2 * workers
     loader = reader.loader(readable, resolution=64, batch_size=batch_size, seed=0, start_step=0, steps=steps,
@@ -218,7 +227,8 @@ def measure(store: str, read: int, batch_size: int, workers: int, listing: bool 
         lost_shards(store, open_store(store))
     listed = time.perf_counter()
     return {"open_s": checked - start, "reader_s": opened - start, "split_s": split - opened,
-            "image_check_s": checked - split, "rss_main_mb": rss, "worker_peak_mb": max(worker_rss),
+            "image_check_s": checked - split, "first_batch_s": drawn - checked, "next_batch_s": again - drawn,
+            "chunk_reads_open": opened_reads, "rss_main_mb": rss, "worker_peak_mb": max(worker_rss),
             "train_samples": len(indices), "info_s": info - started, "listing_s": listed - info if listing else None}
 
 
@@ -254,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                           limits={k: f"<= {v:g}" for k, v in limits.items()})
     columns = [("samples", "samples", "d"), ("open_s", "open s", ".2f"), ("reader_s", "reader s", ".2f"),
                ("split_s", "split s", ".2f"), ("image_check_s", "image check s", ".2f"),
+               ("chunk_reads_open", "chunks read", "d"), ("first_batch_s", "first batch s", ".2f"),
+               ("next_batch_s", "next batch s", ".3f"),
                ("rss_main_mb", "main MB", ".0f"), ("rss_worker_mb", "worker MB above idle", ".0f"),
                ("rss_idle_worker_mb", "idle worker MB", ".0f"), ("info_s", "info s", ".2f"),
                ("listing_s", "verify's listing s", ".2f"), ("met", "targets met", "")]

@@ -9,9 +9,9 @@ happens on the training device. Loader workers are spawned (zarr and
 tensorstore threads deadlock after fork) and open their tensorstore handles inside the worker;
 they read a whole batch with one tensorstore read per array.
 
-Sized for DataComp-scale stores (10^8 samples and more): opening reads three bytes per sample (status,
-split key) and the done flags, in a few files; the sampler permutes integer indices without an array per
-epoch; loader workers get no per-sample array and read the ids, boxes and locations of their batch's
+Sized for DataComp-scale stores (10^8 samples and more): opening reads the done flags and nothing per
+sample; a split's status and split keys are read a block at a time when the sampler first draws from it
+(`Split`), and the sampler permutes integer indices without an array per epoch; loader workers get no per-sample array and read the ids, boxes and locations of their batch's
 rows (`Column`); a done shard's files are checked against its integrity record when first met, and the
 image check looks at a seeded sample of the files in a few shards (a file missing later is named when
 it is read). Images in tars or Parquet files are read by their stored locations: a member's bytes at its
@@ -23,6 +23,7 @@ Letters: N samples, B batch, R student side, V views, h, w teacher grid, C chann
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -114,39 +115,141 @@ class Column:
         return values.astype(str)
 
 
-class Rows:
-    """Ascending sample rows: `rows`, or range(n) without the ascending `excluded`. Indexed by position like an
-    array (`rows[positions]`), `len`, `searchsorted`, and `np.asarray` (which makes the array).
+class Split:
+    """The usable rows of one split of a store ('train' or 'holdout' at `holdout`), ascending, read a block of
+    rows (a status chunk and a split-key chunk: STATUS_CHUNK rows) when first needed and kept as bits: nothing is read
+    per sample at open, so opening costs the same at 1M and 100M samples.
 
-    Selecting position p of range(n) without E: the row r = p + k, k the number of excluded rows below r, which is
-    the number of i with E[i] - i <= p (E[i] - i: the rows kept before E[i])."""
+    The sampler draws from `space` candidates, the rows of the done shards (`row`), and keeps those `contains`
+    says are usable rows of the split (status OK, in a done shard, on this side of the split), reading only the
+    blocks it draws from. Array-like for everything else (`len`, `split[positions]`, `searchsorted`,
+    `np.asarray`): those read every block once (an O(N) pass: the evaluator's and `--epochs`' cost, not the open's).
+    `reads` counts the chunks read."""
 
-    def __init__(self, n: int, *, rows: np.ndarray | None = None, excluded: np.ndarray | None = None):
-        self.n, self.rows, self.excluded = n, rows, excluded
-        if excluded is not None:
-            self._kept_before = excluded - np.arange(len(excluded), dtype=excluded.dtype)  # non-decreasing
+    def __init__(self, store: Location, *, n: int, shard_size: int, block: int, done: np.ndarray, holdout: float,
+                 split: str, keys: np.ndarray | None = None):
+        self.store, self.n, self.shard_size, self.holdout, self.split = store, n, shard_size, holdout, split
+        self.done = done  # (n_shards,) bool
+        self.shards = np.flatnonzero(done)  # the done shards, whose rows are the candidates
+        self.space = len(self.shards) * shard_size  # rows past the last sample are candidates, never usable
+        self.block = block  # rows of a status chunk: STATUS_CHUNK (v5)
+        self.keys = keys  # (N,) uint16 of a store before v5, computed from its ids; else read a block at a time
+        self.reads, self._bits, self._counts, self._handles = 0, {}, None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": None}
+
+    def row(self, candidates: np.ndarray) -> np.ndarray:
+        """(K,) int64 rows of candidates in [0, space)."""
+        return self.shards[candidates // self.shard_size] * self.shard_size + candidates % self.shard_size
+
+    def _mask(self, b: int) -> np.ndarray:
+        """(stop - start,) bool: the usable rows of block b that are in the split."""
+        return np.unpackbits(self._packed(b), count=min(self.n, (b + 1) * self.block) - b * self.block).view(bool)
+
+    def _packed(self, b: int) -> np.ndarray:
+        """(ceil((stop - start) / 8),) uint8: `_mask(b)` as bits, read once."""
+        start, stop = b * self.block, min(self.n, (b + 1) * self.block)
+        if b not in self._bits:
+            size = self.shard_size
+            flags = np.repeat(self.done[start // size:-(-stop // size)], size)[start % size:][:stop - start]
+            if not flags.any():  # no done shard in it: nothing to read
+                usable = flags
+            else:
+                if self._handles is None:
+                    strict = self.keys is None  # v5: the done state's files must be there
+                    self._handles = (open_array(self.store, L.STATUS, strict=strict),
+                                     None if self.keys is not None else open_array(self.store, L.SPLIT, strict=True))
+                status = read_rows(self.store, self._handles[0], L.STATUS, slice(start, stop))
+                keys = (self.keys[start:stop] if self.keys is not None else
+                        read_rows(self.store, self._handles[1], L.SPLIT, slice(start, stop), what=f"rows {start}-"))
+                self.reads += 1 + (self.keys is None)
+                held = L.held_out(keys, self.holdout)
+                usable = (status == L.OK) & flags & (held if self.split == "holdout" else ~held)
+            self._bits[b] = np.packbits(usable)
+        return self._bits[b]
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """(K,) bool: which of (K,) rows are usable rows of the split (reads the blocks not read yet)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.zeros(len(rows), bool)
+        inside = rows < self.n
+        for b in np.unique(rows[inside] // self.block).tolist():
+            at = np.flatnonzero(inside & (rows // self.block == b))
+            offset = rows[at] - b * self.block  # bit 7 - offset % 8 of byte offset // 8 (packbits: big-endian)
+            out[at] = (self._packed(b)[offset >> 3] >> (7 - (offset & 7)).astype(np.uint8)) & 1
+        return out
+
+    def next_usable(self, rows: np.ndarray) -> np.ndarray:
+        """(K,) int64: for each row, the first usable row of the split at or after it, wrapping round."""
+        out = np.empty(len(rows), np.int64)
+        blocks = -(-self.n // self.block)
+        for k, r in enumerate(np.asarray(rows, np.int64).tolist()):
+            r = r if r < self.n else 0
+            for step in range(blocks + 1):
+                b = (r // self.block + step) % blocks
+                found = np.flatnonzero(self._mask(b)[r - b * self.block if step == 0 else 0:])
+                if found.size:
+                    out[k] = b * self.block + (r - b * self.block if step == 0 else 0) + found[0]
+                    break
+            else:
+                raise DatasetError("no usable samples to train on (all unreadable, held out, or in unfinished shards)")
+        return out
+
+    def at_least(self, count: int) -> bool:
+        """Whether the split holds `count` rows or more, reading blocks in order until it is known."""
+        if self._counts is not None:
+            return len(self) >= count
+        found = 0
+        for b in range(-(-self.n // self.block)):
+            found += int(np.count_nonzero(self._mask(b)))
+            if found >= count:
+                return True
+        return False
+
+    def counts(self) -> np.ndarray:
+        """(blocks,) int64: rows of the split in each block (reads every block not read yet, two at a time:
+        numpy and tensorstore release the GIL)."""
+        if self._counts is None:
+            blocks = range(-(-self.n // self.block))
+            with ThreadPoolExecutor(2) as pool:
+                self._counts = np.array(list(pool.map(lambda b: int(np.count_nonzero(self._mask(b))), blocks)),
+                                        np.int64)
+        return self._counts
 
     def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else self.n - len(self.excluded)
+        return int(self.counts().sum())
 
     def __getitem__(self, positions):
-        if self.rows is not None:
-            return self.rows[positions]
         if isinstance(positions, slice):
             positions = np.arange(*positions.indices(len(self)))
-        positions = np.asarray(positions)
-        return positions + np.searchsorted(self._kept_before, positions, side="right").astype(positions.dtype)
+        one = np.ndim(positions) == 0
+        positions = np.atleast_1d(np.asarray(positions, np.int64))
+        ends = np.cumsum(self.counts())
+        if positions.size and (positions.min() < 0 or positions.max() >= ends[-1]):
+            raise IndexError(f"positions outside the split's {int(ends[-1])} rows")
+        blocks = np.searchsorted(ends, positions, side="right")
+        out = np.empty(len(positions), np.int64)
+        for b in np.unique(blocks).tolist():
+            at = blocks == b
+            out[at] = b * self.block + np.flatnonzero(self._mask(b))[positions[at] - (ends[b] - self._counts[b])]
+        return out[0] if one else out
 
     def searchsorted(self, values) -> np.ndarray:
         """Position of the first row >= each of `values`."""
-        if self.rows is not None:
-            return np.searchsorted(self.rows, np.asarray(values, self.rows.dtype))
-        values = np.clip(np.asarray(values, np.int64), 0, self.n)  # kept rows below v: v minus the excluded below it
-        return values - np.searchsorted(self.excluded, values)
+        values = np.clip(np.asarray(values, np.int64), 0, self.n)
+        before = np.concatenate([[0], np.cumsum(self.counts())])
+        blocks = np.minimum(values // self.block, len(before) - 1)
+        out = np.where(values < self.n, before[blocks], before[-1])
+        for k, (b, v) in enumerate(zip(blocks.tolist(), values.tolist())):
+            if v < self.n:
+                out[k] += int(np.count_nonzero(self._mask(b)[:v - b * self.block]))
+        return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self.rows if self.rows is not None else self[np.arange(len(self), dtype=self.excluded.dtype)]
-        return out if dtype is None else out.astype(dtype)
+        parts = [np.flatnonzero(self._mask(b)) + b * self.block for b in range(len(self.counts()))]
+        out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return out.astype(dtype or (np.int32 if self.n < 2**31 else np.int64))
 
     def __iter__(self):
         return iter(self.tolist())
@@ -158,9 +261,10 @@ class Rows:
 class CacheReader:
     """A store opened for training: teachers, the usable samples of a split, and loaders.
 
-    Opening reads the done flags and two numeric arrays, a byte (status) and two (split key) per sample, in a
-    few files each (layout v5; an older store's split is computed from its ids): no id, box or location, and no
-    listing of files. Those are read row by row where they are used (`Column`), and a file that a done shard
+    Opening reads the done flags (a file per 65,536 shards, layout v5; an older store's split keys are computed
+    from its ids): no status, split key, id, box or location, and no listing of files. A split's status and keys
+    are read when it is used (`Split`), the counts of usable, unreadable and absent samples when asked for (one
+    pass over the status). Those are read row by row where they are used (`Column`), and a file that a done shard
     should have is found missing when it is read.
 
     Args:
@@ -191,24 +295,11 @@ class CacheReader:
         if not done.all() and not allow_partial:
             raise CacheLayoutError(f"store '{self.path}' is incomplete: {int(done.sum())} of {done.size} shards done; "
                                    "finish it with the same `radio-cache build` command, or pass --allow-partial")
-        status = open_array(self.path, L.STATUS, strict=v5)
-        n, size, block = status.shape[0], self.shard_size, 1 << 23  # block: whole bytes of bits
-        self._usable = np.zeros(-(-n // 8), np.uint8)  # a bit a sample: 12.5 MB at 100M
-        self.num_samples, self.num_usable, self.unreadable, self.absent = n, 0, 0, 0
-        for start in range(0, n, block):  # a block at a time: 100M bytes of status and flags are not held
-            values = read_rows(self.path, status, L.STATUS, slice(start, min(n, start + block)))
-            flags = np.repeat(done[start // size:-(-(start + len(values)) // size)], size)[start % size:][:len(values)]
-            usable = (values == L.OK) & flags
-            self._usable[start // 8:start // 8 + -(-len(values) // 8)] = np.packbits(usable)
-            self.num_usable += int(np.count_nonzero(usable))
-            absent = int(np.count_nonzero(values == L.ABSENT))  # rows of an unlisted tar past its samples: no sample
-            self.unreadable += int(np.count_nonzero(values >= L.UNREADABLE)) - absent  # BAD: the codes below ABSENT
-            self.absent += absent
-        if v5:  # (N,) uint16 split keys, read a block at a time by `indices`: 200 MB at 100M, not held
-            self._split = open_array(self.path, L.SPLIT, strict=True)
-        else:  # computed from every id: the cost a v5 store avoids
-            ids = root[L.IDS][:]
-            self._split = np.fromiter(map(L.split_key, ids.tolist()), np.uint16, len(ids))
+        status = open_array(self.path, L.STATUS, strict=v5)  # its metadata: no chunk read
+        self.num_samples, self._block = status.shape[0], status.chunk_layout.read_chunk.shape[0]
+        self._done = done
+        # a store before v5 has no split keys: computed from every id, the cost a v5 store avoids
+        self._keys = None if v5 else np.fromiter(map(L.split_key, root[L.IDS][:].tolist()), np.uint16, self.num_samples)
         self.ids, self.labels, self.boxes = (Column(self.path, a) for a in (L.IDS, L.LABELS, L.BOXES))
         self.locations = Column(self.path, L.LOCATIONS) if L.LOCATIONS in root else None  # (N, 3), `sources.py`
         self.sources = Column(self.path, L.SOURCES) if L.SOURCES in root else None  # (N, 3), `provenance.py`
@@ -235,33 +326,39 @@ class CacheReader:
         return TeacherMeta(name, attrs["summary_dim"], attrs["spatial_dim"], tuple(attrs["grid"]), arrays, norm,
                            transforms, attrs["resolution"], model, pattern)
 
-    def indices(self, *, holdout: float, split: str = "train") -> "Rows":
-        """Usable sample rows of the 'train' or 'holdout' split, ascending (`Rows`: the rows, or all rows but the
-        excluded ones when those are fewer: a 95% train split of 100M samples is 20 MB, not 380 MB). Two passes
-        over the usable bits and the stored split keys, a block at a time on two threads (numpy and tensorstore
-        release the GIL): one counts, one keeps the smaller side."""
-        block, n = 1 << 22, self.num_samples
+    def indices(self, *, holdout: float, split: str = "train") -> Split:
+        """Usable sample rows of the 'train' or 'holdout' split (`Split`: nothing read until they are used)."""
+        if split not in ("train", "holdout"):
+            raise ValueError(f"split {split!r}: 'train' or 'holdout'")
+        return Split(self.path, n=self.num_samples, shard_size=self.shard_size, block=self._block, done=self._done,
+                     holdout=holdout, split=split, keys=self._keys)
 
-        def kept(start: int) -> np.ndarray:
-            stop = min(n, start + block)
-            usable = np.unpackbits(self._usable[start // 8:-(-stop // 8)], count=stop - start).view(bool)
-            keys = self._split[start:stop]
-            keys = keys if isinstance(keys, np.ndarray) else read_rows(self.path, keys, L.SPLIT, what=f"rows {start}-")
-            held = L.held_out(keys, holdout)
-            return np.logical_and(usable, held if split == "holdout" else ~held, out=usable)
+    @cached_property
+    def _tally(self) -> tuple[int, int, int]:
+        """(usable, unreadable, absent) samples: one pass over the status, a block at a time (O(N): for the
+        notes and `radio-cache info`-like counts, never the open)."""
+        status, size, block = open_array(self.path, L.STATUS, strict=self._keys is None), self.shard_size, 1 << 23
+        usable = unreadable = absent = 0
+        for start in range(0, self.num_samples, block):  # 100M bytes of status and flags are not held at once
+            values = read_rows(self.path, status, L.STATUS, slice(start, min(self.num_samples, start + block)))
+            flags = np.repeat(self._done[start // size:-(-(start + len(values)) // size)], size)[start % size:]
+            usable += int(np.count_nonzero((values == L.OK) & flags[:len(values)]))
+            gone = int(np.count_nonzero(values == L.ABSENT))  # rows of an unlisted tar past its samples: no sample
+            unreadable += int(np.count_nonzero(values >= L.UNREADABLE)) - gone  # BAD: the codes below ABSENT
+            absent += gone
+        return usable, unreadable, absent
 
-        def rows(start: int, keep: bool) -> np.ndarray:
-            found = np.flatnonzero(kept(start) if keep else ~kept(start))
-            found += start
-            return found.astype(np.int32 if n < 2**31 else np.int64)
+    @property
+    def num_usable(self) -> int:
+        return self._tally[0]
 
-        starts = range(0, n, block)
-        with ThreadPoolExecutor(2) as pool:
-            count = sum(pool.map(lambda start: int(np.count_nonzero(kept(start))), starts))
-            keep = count <= n - count
-            parts = list(pool.map(lambda start: rows(start, keep), starts))
-        found = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        return Rows(n, rows=found) if keep else Rows(n, excluded=found)
+    @property
+    def unreadable(self) -> int:
+        return self._tally[1]
+
+    @property
+    def absent(self) -> int:
+        return self._tally[2]
 
     def unusable_note(self) -> str | None:
         """A warning line when fewer than all samples can be trained on (unreadable or missing images,
@@ -275,15 +372,31 @@ class CacheReader:
         return (f"warning: {bad} of {n} samples ({bad / n:.1%}) of store '{self.path}' cannot be trained on ({why}); "
                 "`radio-cache info` lists them, and a rerun of the build retries missing files")
 
-    def sample_rows(self, indices, count: int, *, shards: int = 32) -> np.ndarray:
-        """A seeded sample of about `count` of `indices` (ascending: `Rows` or an array) from `shards` of the shards they are in, so
-        that reading their ids, locations or sources reads few chunks; all of them when they are few."""
+    def sample_rows(self, indices, count: int, *, shards: int = 32, blocks: int = 2) -> np.ndarray:
+        """A seeded sample of about `count` of `indices` (a `Split`, or an ascending array) from `shards` of the
+        shards they are in, so that reading their ids, locations or sources reads few chunks; all of them when
+        they are few. Of a `Split`, the shards lie in `blocks` of its blocks, whose status and keys alone are
+        read: the same cost at 1M and 100M samples."""
+        rng = np.random.default_rng(0)
+        if isinstance(indices, Split):
+            if indices.space <= count:
+                return np.asarray(indices)
+            size, per = self.shard_size, indices.block // self.shard_size
+            chosen = rng.choice(np.unique(indices.shards // per), min(blocks, len(np.unique(indices.shards // per))),
+                                replace=False)
+            picked = []
+            for b in np.sort(chosen).tolist():
+                inside = indices.shards[indices.shards // per == b]
+                for shard in np.sort(rng.choice(inside, min(len(inside), -(-shards // blocks)), replace=False)).tolist():
+                    rows = np.arange(shard * size, min(self.num_samples, (shard + 1) * size))
+                    rows = rows[indices.contains(rows)]
+                    picked.append(np.sort(rng.choice(rows, min(len(rows), -(-count // shards)), replace=False)))
+            return np.concatenate(picked)
         if len(indices) <= count:
             return np.asarray(indices)
-        rng = np.random.default_rng(0)
         picked = []
         for shard in np.unique(indices[rng.choice(len(indices), shards)] // self.shard_size).tolist():
-            lo, hi = indices.searchsorted([shard * self.shard_size, (shard + 1) * self.shard_size])
+            lo, hi = np.searchsorted(indices, [shard * self.shard_size, (shard + 1) * self.shard_size])
             take = min(hi - lo, -(-count // shards))
             picked.append(indices[lo + np.sort(rng.choice(hi - lo, take, replace=False))])
         return np.concatenate(picked)
@@ -298,7 +411,7 @@ class CacheReader:
         if not self.root_dir.is_dir():
             raise DatasetError(f"images root '{self.root_dir}' of store '{self.path}' is missing; move the images "
                                "back, or give their new place with --images")
-        rows = self.sample_rows(indices if isinstance(indices, Rows) else np.asarray(indices), IMAGE_CHECKS)
+        rows = self.sample_rows(indices if isinstance(indices, Split) else np.asarray(indices), IMAGE_CHECKS)
         ids, locations = self.ids[rows], None if self.locations is None else self.locations[rows]
         missing = self.images.missing(ids, locations)
         if missing:
@@ -351,8 +464,17 @@ def worker_error(error: RadioDistillError) -> RadioDistillError:
 class StepSampler(Sampler):
     """Global batches as a pure function of (seed, step): exact resume needs only the step.
 
-    Each epoch is a seeded permutation of the samples; each sample draws one of its V stored views
-    per epoch. A step is one part at one side drawn from `resolution` (policy 'random', seeded by
+    Of an array of rows, each epoch is a seeded permutation of them. Of a `Split` (what `CacheReader.indices`
+    gives), each epoch is a seeded permutation of its candidates, the rows of the done shards, read lazily: a
+    candidate that is not a usable row of the split (unreadable, absent, on the other side of the split) is
+    replaced by a seeded redraw from all candidates, until a usable one comes (after REDRAWS, the next usable
+    row in row order). So an epoch of the `space` candidates holds every usable row at least once (at its own
+    place) and some twice (as redraws): no longer exactly once. At a 5% hold-out and every sample ok, ~5% of
+    an epoch's draws are redraws. The sampler reads a block's status and split keys when it first draws from
+    it (`Split`), so the per-sample reading an open did before is spread over the first steps.
+    Each item draws one of its V stored views per epoch.
+
+    A step is one part at one side drawn from `resolution` (policy 'random', seeded by
     (seed, step), so every rank draws the same), or, with policy 'partition', one part per entry: the
     global batch's first batch_size[0] items at resolution[0], the next batch_size[1] at resolution[1]...;
     an entry that is a set of sides draws its side each step (seeded by (seed, step, part)).
@@ -373,9 +495,10 @@ class StepSampler(Sampler):
         for size in self.sizes:
             if size % world:
                 raise ValueError(f"global batch {size} is not divisible by {world} processes")
-        if len(indices) == 0:
+        self.indices = indices if isinstance(indices, Split) else np.asarray(indices)  # a `Split` is read lazily
+        if not (indices.at_least(1) if isinstance(indices, Split) else len(indices)):
             raise DatasetError("no usable samples to train on (all unreadable, held out, or in unfinished shards)")
-        self.indices = indices if isinstance(indices, Rows) else np.asarray(indices)  # no (N,) copy of a Rows
+        self.space = indices.space if isinstance(indices, Split) else len(self.indices)  # positions of an epoch
         self.views, self.batch_size, self.seed = views, sum(self.sizes), seed
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
         self.others = others and views > 1
@@ -385,19 +508,36 @@ class StepSampler(Sampler):
 
     def global_batch(self, step: int) -> list[tuple[int, ...]]:
         """(sample, view[, other view]) of each item of global batch `step`: position p is item p mod n of epoch
-        p // n."""
-        n = len(self.indices)
+        p // n (n: `space`)."""
+        n = self.space
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
         samples, views = np.empty(len(positions), np.int64), np.empty(len(positions), np.int64)
         others = np.empty(len(positions), np.int64)
         for epoch in np.unique(positions // n).tolist():
             at = positions // n == epoch
-            samples[at] = self.indices[permute(positions[at] % n, n, (self.seed, epoch))]
+            samples[at] = self.draw(positions[at], permute(positions[at] % n, n, (self.seed, epoch)), epoch)
             views[at] = mix(positions[at].astype(np.uint64) ^ _words((self.seed, epoch, VIEW_STREAM))[0]) % self.views
             if self.others:  # one of the V - 1 views that are not the student's
                 drawn = mix(positions[at].astype(np.uint64) ^ _words((self.seed, epoch, OTHER_STREAM))[0])
                 others[at] = (views[at] + 1 + (drawn % (self.views - 1)).astype(np.int64)) % self.views
         return list(zip(samples.tolist(), views.tolist(), *([others.tolist()] if self.others else [])))
+
+    def draw(self, positions: np.ndarray, candidates: np.ndarray, epoch: int) -> np.ndarray:
+        """(K,) rows at (K,) `candidates` of epoch `epoch`, an unusable one redrawn (seeded by its position)."""
+        if not isinstance(self.indices, Split):
+            return self.indices[candidates]
+        rows = self.indices.row(candidates)
+        bad = ~self.indices.contains(rows)
+        words = _words((self.seed, epoch, REDRAW_STREAM))
+        for attempt in range(1, REDRAWS + 1):
+            if not bad.any():
+                return rows
+            drawn = mix(mix(positions[bad].astype(np.uint64) ^ words[0]) ^ np.uint64(attempt) ^ words[1])
+            rows[bad] = self.indices.row((drawn % np.uint64(self.space)).astype(np.int64))
+            bad[bad] = ~self.indices.contains(rows[bad])
+        if bad.any():  # a split of few usable rows: the next one in row order
+            rows[bad] = self.indices.next_usable(rows[bad])
+        return rows
 
     def parts(self, step: int) -> list[tuple[int, int]]:
         """(side, global part size) of each part of `step`."""
@@ -419,6 +559,8 @@ class StepSampler(Sampler):
 SIDE_STREAM = 0x5349  # the random policy's draws: a seed word no epoch permutation uses
 VIEW_STREAM = 0x5649  # the views' draws
 OTHER_STREAM = 0x4f56  # the other views' draws (`--denoise shift`)
+REDRAW_STREAM = 0x5244  # the redraws of unusable candidates
+REDRAWS = 64  # redraws before the next usable row is taken: at half the candidates usable, 1 in 10^19 gets there
 ROUNDS = 4  # Feistel rounds: enough to shuffle for SGD (not cryptography)
 
 

@@ -64,6 +64,7 @@ import io
 import json
 import os
 import posixpath
+import stat
 import tarfile
 import threading
 from collections import OrderedDict, defaultdict
@@ -781,12 +782,24 @@ class Images:
         if self.kind == "tar":
             known = locations[locations[:, 1] >= 0]
             np.maximum.at(ends, known[:, 0], known[:, 1] + known[:, 2])
-        for name, end in zip(self.files, ends.tolist()):
-            path = self.root / name
-            if not path.is_file():
-                return str(path)
-            if path.stat().st_size < end:
-                return f"{path} (cut short: {path.stat().st_size} bytes, its members reach byte {end})"
+        # one stat a file, relative to the root's descriptor: 10,000 tars in ~20 ms here (two or four threads took
+        # as long: the loop is Python under the GIL)
+        try:
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # the root is gone: so is its first file
+            return str(self.root / self.files[0]) if self.files else None
+        try:
+            for name, end in zip(self.files, ends.tolist()):
+                try:
+                    found = os.stat(name, dir_fd=root)
+                except OSError:
+                    found = None
+                if found is None or not stat.S_ISREG(found.st_mode):
+                    return str(self.root / name)
+                if found.st_size < end:
+                    return f"{self.root / name} (cut short: {found.st_size} bytes, its members reach byte {end})"
+        finally:
+            os.close(root)
         return None
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +50,14 @@ def holdout_note(held: int, usable: int, holdout: float) -> str | None:
     more = f"; pass --holdout {wanted} to hold out about {round(wanted * usable)}" if wanted > holdout else ""
     return (f"warning: --holdout {holdout} holds out {held} of {usable} usable samples, too few for radio-eval "
             f"to measure the student on{more}")
+
+
+def print_notes(reader: CacheReader, holdout: float) -> None:
+    """The warnings of samples that cannot be trained on and of a small held-out split, on stderr."""
+    notes = (reader.unusable_note(),
+             holdout_note(len(reader.indices(holdout=holdout, split="holdout")), reader.num_usable, holdout))
+    for note in filter(None, notes):
+        print(note, file=sys.stderr)
 
 
 def default_warmup(steps: int) -> int:
@@ -117,20 +126,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images, denoise=cfg.denoise)
     teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
     check_teacher_weights(cfg.loss, list(teachers))
-    indices = reader.indices(holdout=cfg.holdout)
+    indices = reader.indices(holdout=cfg.holdout)  # read lazily, a block at a time (`Split`)
     per_step = sum(cfg.batch_sizes)  # samples a step, over all its parts
-    if 0 < len(indices) < per_step:
+    if not indices.at_least(per_step) and len(indices):  # reads blocks until per_step rows are found: few
         sizes = ",".join(map(str, cfg.batch_sizes))
         raise TrainingError(f"--batch-size {sizes} takes {per_step} samples a step, more than the "
                             f"{len(indices)} of the training split (--holdout {cfg.holdout} of {reader.num_usable} "
                             "usable): every batch would repeat samples; lower --batch-size")
     reader.check_images(indices, resolution=max(cfg.sides))
-    note = reader.unusable_note()
-    if note and procs.main:
-        print(note, file=sys.stderr)
-    note = holdout_note(len(reader.indices(holdout=cfg.holdout, split="holdout")), reader.num_usable, cfg.holdout)
-    if note and procs.main:
-        print(note, file=sys.stderr)
+    notes = threading.Thread(target=print_notes, args=(reader, cfg.holdout), daemon=True)
+    if procs.main:  # the counts take a pass over the status and split keys: beside the first steps, not before
+        notes.start()
     if cfg.denoise == "shift" and not reader.pairs and procs.main:
         print(f"warning: --denoise shift: store '{reader.path}' holds one view per image, so the student is compared "
               "with the teacher on its own view, as with --denoise none", file=sys.stderr)
@@ -249,6 +255,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             raise TrainingError(f"cannot write the student to '{out / 'student'}': {e.strerror or e}; the checkpoint "
                                 f"in '{ckpt}' holds step {kept}: free space and export it with --resume") from None
     teardown()
+    if notes.is_alive():
+        notes.join()
     return {"out": str(out), "steps": steps, "step": end, "losses": last}
 
 

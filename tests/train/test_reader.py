@@ -182,27 +182,3 @@ def test_an_image_gone_after_the_start_is_named_when_read(store_copy, tmp_path, 
                                            rf"missing file; the checkpoint .* holds step {step}: continue"):
         train(config(store_copy, run, images=images, steps=step + 2), progress=False)
     assert json.loads((run / "checkpoint/state.json").read_text())["step"] == step
-
-
-@pytest.mark.parametrize("n", [1, 10, 1000, 100_003])
-def test_rows_without_the_excluded_read_as_the_kept_rows(n):
-    """A 95% train split is held as the 5% it excludes: positions, lengths and searches must be the kept rows'."""
-    from radio_distill.store.reader import Rows
-
-    rng = np.random.default_rng(n)
-    mask = rng.random(n) < 0.7
-    kept, excluded = np.flatnonzero(mask).astype(np.int32), np.flatnonzero(~mask).astype(np.int32)
-    for rows in (Rows(n, rows=kept), Rows(n, excluded=excluded)):
-        assert len(rows) == len(kept) and np.array_equal(np.asarray(rows), kept) and rows.tolist() == kept.tolist()
-        positions = rng.integers(0, len(kept), 64)
-        assert np.array_equal(rows[positions], kept[positions]) and rows[int(positions[0])] == kept[positions[0]]
-        values = rng.integers(-5, n + 2000, 64)  # beyond the rows too (a shard's end past the last sample)
-        assert np.array_equal(rows.searchsorted(values), np.searchsorted(kept, values))
-
-
-def test_the_train_split_is_held_as_what_it_excludes(store_copy):
-    reader = CacheReader(store_copy)
-    train_rows, held = reader.indices(holdout=0.2), reader.indices(holdout=0.2, split="holdout")
-    assert train_rows.excluded is not None and held.rows is not None  # each the smaller side
-    assert sorted(train_rows.tolist() + held.tolist()) == reader.indices(holdout=0.0).tolist()
-    assert len(reader.indices(holdout=0.0).excluded) == reader.num_samples - reader.num_usable
