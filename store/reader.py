@@ -115,6 +115,11 @@ class Column:
         return values.astype(str)
 
 
+def done_rows(done: np.ndarray, shard_size: int, start: int, stop: int) -> np.ndarray:
+    """(stop - start,) bool: whether each of rows [start, stop) lies in a done shard (`done`: (shards,) bool)."""
+    return np.repeat(done[start // shard_size:-(-stop // shard_size)], shard_size)[start % shard_size:][:stop - start]
+
+
 class Split:
     """The usable rows of one split of a store ('train' or 'holdout' at `holdout`), ascending, read a block of
     rows (a status chunk and a split-key chunk: STATUS_CHUNK rows) when first needed and kept as bits: nothing is read
@@ -139,6 +144,10 @@ class Split:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": None}
 
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n // self.block)
+
     def row(self, candidates: np.ndarray) -> np.ndarray:
         """(K,) int64 rows of candidates in [0, space)."""
         return self.shards[candidates // self.shard_size] * self.shard_size + candidates % self.shard_size
@@ -151,8 +160,7 @@ class Split:
         """(ceil((stop - start) / 8),) uint8: `_mask(b)` as bits, read once."""
         start, stop = b * self.block, min(self.n, (b + 1) * self.block)
         if b not in self._bits:
-            size = self.shard_size
-            flags = np.repeat(self.done[start // size:-(-stop // size)], size)[start % size:][:stop - start]
+            flags = done_rows(self.done, self.shard_size, start, stop)
             if not flags.any():  # no done shard in it: nothing to read
                 usable = flags
             else:
@@ -183,7 +191,7 @@ class Split:
     def next_usable(self, rows: np.ndarray) -> np.ndarray:
         """(K,) int64: for each row, the first usable row of the split at or after it, wrapping round."""
         out = np.empty(len(rows), np.int64)
-        blocks = -(-self.n // self.block)
+        blocks = self.num_blocks
         for k, r in enumerate(np.asarray(rows, np.int64).tolist()):
             r = r if r < self.n else 0
             for step in range(blocks + 1):
@@ -201,7 +209,7 @@ class Split:
         if self._counts is not None:
             return len(self) >= count
         found = 0
-        for b in range(-(-self.n // self.block)):
+        for b in range(self.num_blocks):
             found += int(np.count_nonzero(self._mask(b)))
             if found >= count:
                 return True
@@ -211,7 +219,7 @@ class Split:
         """(blocks,) int64: rows of the split in each block (reads every block not read yet, two at a time:
         numpy and tensorstore release the GIL)."""
         if self._counts is None:
-            blocks = range(-(-self.n // self.block))
+            blocks = range(self.num_blocks)
             with ThreadPoolExecutor(2) as pool:
                 self._counts = np.array(list(pool.map(lambda b: int(np.count_nonzero(self._mask(b))), blocks)),
                                         np.int64)
@@ -341,8 +349,7 @@ class CacheReader:
         usable = unreadable = absent = 0
         for start in range(0, self.num_samples, block):  # 100M bytes of status and flags are not held at once
             values = read_rows(self.path, status, L.STATUS, slice(start, min(self.num_samples, start + block)))
-            flags = np.repeat(self._done[start // size:-(-(start + len(values)) // size)], size)[start % size:]
-            usable += int(np.count_nonzero((values == L.OK) & flags[:len(values)]))
+            usable += int(np.count_nonzero((values == L.OK) & done_rows(self._done, size, start, start + len(values))))
             gone = int(np.count_nonzero(values == L.ABSENT))  # rows of an unlisted tar past its samples: no sample
             unreadable += int(np.count_nonzero(values >= L.UNREADABLE)) - gone  # BAD: the codes below ABSENT
             absent += gone
