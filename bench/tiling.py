@@ -1,8 +1,8 @@
 """High-resolution targets by tiling (`@RxK`), judged by the dense probe at a high student side (issue 22, item 2).
 
 Two stores of the same generated world scenes (larger than the teacher's side, so tiles see detail the
-global view loses) with the trained toy DINOv2 (112 px, 8 x 8 tokens): one holds its global map only, one
-also its 2 x 2-tiled map (`@112x2`: a 210 px canvas, 15 x 15 tokens). The same student (seed, steps,
+global view loses) with the trained toy DINOv2 (64 px, 8 x 8 tokens): one holds its global map only, one
+also its 2 x 2-tiled map (`@64x2`: a 120 px canvas, 15 x 15 tokens). The same student (seed, steps,
 order) trains at one high side from each: from the tiled store, training pairs that side with the tiled
 map (`pair_teachers`); from the other, the student's map is shrunk to the 8 x 8 teacher grid in the loss.
 `radio-eval` then fits the dense linear probe on each student's own tokens at that side (the same grid for
@@ -33,7 +33,7 @@ from radio_distill.train.loop import train
 FULL = dict(images=400, steps=300, batch_size=32, side=192)
 QUICK = dict(images=24, steps=2, batch_size=8, side=192)
 STUDENT = "vit_tiny_patch16_224"
-SCENE_SIZE = (288, 256)  # (W, H): above the 210 px canvas
+SCENE_SIZE = (288, 256)  # (W, H): above the 120 px canvas
 SCENE_SEED = 6
 HOLDOUT = 0.2
 
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, help="generated world scenes (a fifth held out by id hash)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--side", type=int, help="the student's side (closer to the canvas, 210, than to 112)")
+    p.add_argument("--side", type=int, help="the student's side (above the canvas, 120, and the teacher's 64)")
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     torch.manual_seed(0)
     work = args.work / f"tiling-{args.images}"

@@ -7,12 +7,15 @@ view 0 of scenes from another seed, every `--every` steps. The models:
 
 - `cnn`: four 3x3 conv blocks (16-32-64-64 channels, BatchNorm, ReLU, 2x2 max-pool) at 56 px, a linear
   head on the global max over positions.
-- `vit-cls`: the toy DINOv2 (timm `vit_small_patch14_reg4_dinov2` with `TOY_DINOV2_KWARGS`, 112 px, an
-  8 x 8 grid, layer scales started at 1 as `fit_dinov2` does), a linear head on the CLS token: how the
-  teacher's summary is trained.
+- `vit-cls`: the first toy DINOv2 (timm `vit_small_patch14_reg4_dinov2` at depth 4, width 64, 112 px, an
+  8 x 8 grid, linear patch embedding, layer scales started at 1 as `fit_dinov2` does), a linear head on
+  the CLS token: how the teacher's summary is trained.
 - `vit-max`: the same ViT, the head on the max over its patch tokens.
+- `stem-cls`: today's toy DINOv2 (`vit_toy_reg4_dinov2`: the same ViT with a conv stem, 64 px, patch 8,
+  `cache/toy/models.py`), the head on the CLS token.
 
     python bench/toy_learning.py --json toy-learning.json     # 6000 scenes, 1500 steps each
+    python bench/toy_learning.py --models stem-cls             # one row
     python bench/toy_learning.py --quick                       # smoke
 """
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from radio_distill.cache.teachers import TOY_DINOV2_KWARGS
+from radio_distill.cache.teachers import TOY_DINOV2, TOY_SIDES, register_toy_models
 from radio_distill.cache.toy.data import flip, make_views
 from radio_distill.cache.toy.fit import lr_at
 from radio_distill.cache.world import SHAPES, make_scenes
@@ -54,12 +57,15 @@ class SmallCNN(nn.Module):
 
 
 class ToyViT(nn.Module):
-    def __init__(self, pool: str):
+    def __init__(self, pool: str, *, stem: bool = False):
         super().__init__()
         import timm
 
-        self.vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=SIDE,
-                                     **dict(TOY_DINOV2_KWARGS))
+        register_toy_models()
+        self.side = TOY_SIDES["dinov2"] if stem else SIDE
+        self.vit = (timm.create_model(TOY_DINOV2, num_classes=0) if stem else
+                    timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=SIDE, depth=4,
+                                      embed_dim=64, num_heads=2))
         with torch.no_grad():
             for blk in self.vit.blocks:
                 blk.ls1.gamma.fill_(1.0)
@@ -68,12 +74,15 @@ class ToyViT(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         cfg = self.vit.pretrained_cfg
+        if self.side != SIDE:
+            pixels = F.interpolate(pixels.float(), size=(self.side, self.side), mode="bilinear", antialias=True)
         tokens = self.vit.forward_features(normalise(pixels, cfg["mean"], cfg["std"]))  # (B, prefix + 64, D)
         pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, self.vit.num_prefix_tokens:].amax(1)
         return self.head(pooled)
 
 
-MODELS = {"cnn": SmallCNN, "vit-cls": lambda: ToyViT("cls"), "vit-max": lambda: ToyViT("max")}
+MODELS = {"cnn": SmallCNN, "vit-cls": lambda: ToyViT("cls"), "vit-max": lambda: ToyViT("max"),
+          "stem-cls": lambda: ToyViT("cls", stem=True)}
 
 
 def learning_curve(name: str, train, heldout, *, steps: int, every: int, lr: float = 2e-3, batch: int = 64) -> dict:
@@ -109,12 +118,13 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout", type=int, help="held-out scenes (seed 1), scored on view 0")
     p.add_argument("--steps", type=int)
     p.add_argument("--every", type=int, help="score the held-out views every this many steps")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="which to train (default: all)")
     args = common.parse(p, argv, full=FULL, quick=QUICK)
     torch.set_num_threads(1)
     train = make_views(make_scenes(args.scenes, seed=0), SIDE, crops=1, seed=0)
     heldout = make_views(make_scenes(args.heldout, seed=1), SIDE)
     rows = []
-    for name in MODELS:
+    for name in args.models:
         got = learning_curve(name, train, heldout, steps=args.steps, every=args.every)
         rows.append({"model": name, **{f"acc@{s}": a for s, a in got["curve"].items()},
                      "ms_per_step": 1000 * got["s_per_step"]})

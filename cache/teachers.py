@@ -107,15 +107,16 @@ def tiny_teachers() -> list[TeacherSpec]:
     ]
 
 
-TOY_DINOV2_KWARGS = (("depth", 4), ("embed_dim", 64), ("num_heads", 2))
-TOY_SIDES = {"clip": 64, "dinov2": 112, "sam": 128}
+TOY_DINOV2 = "vit_toy_reg4_dinov2"  # registered with timm by cache/toy/models.py
+TOY_SIDES = {"clip": 64, "dinov2": 64, "sam": 128}
 
 
 def toy_teachers(folder: str | Path = TOY_DIR) -> list[TeacherSpec]:
     """The trained offline preset: small CLIP, DINOv2 and SAM trained on generated scenes, loaded from
     `clip.safetensors`, `dinov2.safetensors` and `sam.safetensors` in `folder` (what
     `cache/toy/train_toy_teachers.py` writes) as the specs `clip:radio-toy-clip:FILE@64`,
-    `dinov2:vit_small_patch14_reg4_dinov2:FILE@112` (small dims) and `sam:toy:FILE@128` would."""
+    `dinov2:vit_toy_reg4_dinov2:FILE@64` and `sam:toy:FILE@128` would. Their image towers have a conv
+    stem in place of the linear patch embedding (`cache/toy/models.py`)."""
     folder = Path(folder)
     missing = [f for f in ("clip", "dinov2", "sam") if not (folder / f"{f}.safetensors").is_file()]
     if missing:
@@ -123,8 +124,8 @@ def toy_teachers(folder: str | Path = TOY_DIR) -> list[TeacherSpec]:
                                "make them with `python -m radio_distill.cache.toy.train_toy_teachers`")
     return [
         TeacherSpec("clip", "clip", TOY_CLIP, weights=str(folder / "clip.safetensors"), resolution=TOY_SIDES["clip"], preset="toy"),
-        TeacherSpec("dinov2", "dinov2", "vit_small_patch14_reg4_dinov2", weights=str(folder / "dinov2.safetensors"),
-                    resolution=TOY_SIDES["dinov2"], preset="toy", model_kwargs=TOY_DINOV2_KWARGS),
+        TeacherSpec("dinov2", "dinov2", TOY_DINOV2, weights=str(folder / "dinov2.safetensors"),
+                    resolution=TOY_SIDES["dinov2"], preset="toy"),
         TeacherSpec("sam", "sam", "toy", weights=str(folder / "sam.safetensors"), resolution=TOY_SIDES["sam"],
                     preset="toy"),
     ]
@@ -168,6 +169,7 @@ def check_spec(spec: TeacherSpec) -> None:
                                    f"'{spec.model}'; available: {', '.join(tags) or 'none'}")
     elif spec.family in ("dinov2", "timm"):
         import timm
+        register_toy_models()
         if not timm.is_model(spec.model):
             raise TeacherSpecError(f"teacher '{spec.name}': unknown timm model '{spec.model}'; see timm.list_models("
                                    + ("'*dinov2*')" if spec.family == "dinov2" else "'*siglip*'), '*dinov3*', '*eva*'"))
@@ -559,9 +561,15 @@ class TiledTeacher(Teacher):
         return summary, total / weights[..., None]
 
 
+def register_toy_models() -> None:
+    """Make the toy preset's timm models (`cache/toy/models.py`) known to timm by name."""
+    from .toy import models  # noqa: F401  (registers at import)
+
+
 def register_model_configs() -> None:
     """Make our open_clip configs (tiny and toy presets) known to open_clip by name."""
     import open_clip
+    register_toy_models()  # the toy CLIP's image tower is one of them
     if not {TINY_CLIP, TOY_CLIP} <= set(open_clip.list_models()):
         open_clip.add_model_config(_MODEL_CONFIGS)
 
@@ -597,6 +605,7 @@ def build_clip(spec: TeacherSpec) -> Teacher:
 def _timm_teacher(spec: TeacherSpec, cls: type) -> Teacher:
     """A timm model as users load it: pretrained by the tag in its name, or from a local file, or random-init."""
     import timm
+    register_toy_models()
     kwargs = dict(spec.model_kwargs)
     if spec.resolution:
         kwargs["img_size"] = spec.resolution
@@ -656,9 +665,15 @@ def build_tiny_sam(checkpoint: str | None = None):
 
 
 def build_toy_sam(checkpoint: str | None = None):
-    """The toy preset's SAM: 128 px input, 8 px patches (a 16 x 16 grid), 64 channels, 3 encoder blocks."""
-    return _small_sam(dim=64, size=128, patch=8, depth=3, embed_dim=64, heads=2, window=8, decoder_depth=2,
-                      checkpoint=checkpoint)
+    """The toy preset's SAM: 128 px input, 8 px patches (a 16 x 16 grid) embedded by a conv stem
+    (`cache/toy/models.py`), 64 channels, 3 encoder blocks."""
+    from .toy.models import replace_sam_stem
+    sam = _small_sam(dim=64, size=128, patch=8, depth=3, embed_dim=64, heads=2, window=8, decoder_depth=2,
+                     checkpoint=None)
+    replace_sam_stem(sam)
+    if checkpoint is not None:
+        sam.load_state_dict(load_weights(checkpoint))
+    return sam
 
 
 @lru_cache(maxsize=1)
@@ -704,7 +719,7 @@ def build_sam(spec: TeacherSpec) -> Teacher:
         raise TeacherSpecError(f"teacher '{spec.name}': SAM '{spec.model}' runs at {enc.img_size} px only, "
                                f"not {spec.resolution}")
     return SamTeacher(spec, sam, resolution=enc.img_size, mean=(sam.pixel_mean / 255).flatten().tolist(),
-                      std=(sam.pixel_std / 255).flatten().tolist(), patch=enc.patch_embed.proj.kernel_size[0])
+                      std=(sam.pixel_std / 255).flatten().tolist(), patch=enc.img_size // enc.pos_embed.shape[1])
 
 
 SAM2_EXAMPLE = "configs/sam2.1/sam2.1_hiera_l.yaml"

@@ -121,6 +121,8 @@ def measure_throughput(student: torch.nn.Module, teachers: dict[str, dict], *, r
     """
     import timm
 
+    from ..cache.teachers import register_toy_models
+    register_toy_models()  # the toy preset's towers are timm models of ours
     batch = batch or (64 if device.type == "cuda" else 4)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = {"device": name, "batch": batch, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",

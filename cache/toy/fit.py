@@ -1,13 +1,15 @@
 """Training the toy teachers on generated scenes: one function per family, each seeded.
 
-- CLIP (open_clip `radio-toy-clip`): image and text towers trained together with the contrastive
-  loss on the scenes' captions and on shorter phrasings of the main object ("a photo of a red
-  star."); captions that are the same text are each other's positives.
-- DINOv2 (timm `vit_small_patch14_reg4_dinov2` at small dims): supervised heads, not
+- CLIP (open_clip `radio-toy-clip`, a timm image tower with a conv stem): image and text towers trained
+  together with the contrastive loss on the scenes' captions and on shorter phrasings of the main
+  object ("a photo of a red star."); every text in the batch that is true of an image is its positive
+  (`true_of`). Beside it, supervised heads, dropped afterwards: shape and colour of the main object
+  from the image embedding, and each patch token's shape class (background included).
+- DINOv2 (timm `vit_toy_reg4_dinov2`, DINOv2's ViT with a conv stem): supervised heads, not
   self-distillation. Linear heads on the normed CLS token predict the shape, colour, size and centre
   of the largest object in the view; linear heads on the normed patch tokens predict each patch's
   shape class (background included) and colour. The heads are dropped; the backbone is the teacher.
-- SAM (segment_anything at toy sizes, `build_toy_sam`): image encoder, prompt encoder and mask
+- SAM (segment_anything at toy sizes with a conv stem, `build_toy_sam`): image encoder, prompt encoder and mask
   decoder trained together on one positive point per object against its instance mask: BCE + dice on
   the low-res masks (the single-mask output, and the best of the three multimask outputs), plus the
   IoU head on the IoU each mask reached.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops import normalise
-from ..world import COLOURS, SHAPES, SIZES, Scene
+from ..world import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene
 from .data import Views, flip
 
 PREFIXES = ("a photo of", "a picture of", "a drawing of", "a rendering of", "a cropped photo of", "")
@@ -44,45 +46,100 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def phrasings(scene: Scene, rng: np.random.Generator, n: int = 6) -> list[str]:
+ATTRIBUTES = ("shape", "colour", "size", "background")  # what a phrasing may say about the main object
+
+
+def phrasings(scene: Scene, rng: np.random.Generator, n: int = 6) -> list[tuple[str, tuple | None]]:
     """The caption, then `n - 1` shorter texts about the main object, some with a prefix
-    ('a photo of a large red star.', 'a blue circle', 'a drawing of a cross on sand.')."""
+    ('a photo of a large red star.', 'a blue circle', 'a drawing of a cross on sand.'), each with
+    what it claims: (shape, colour, size, background), None where unsaid; None for the caption."""
     main = scene.things[scene.main]
-    out = [scene.caption]
+    out = [(scene.caption, None)]
     for _ in range(n - 1):
-        words = [w for w, keep in ((main.size, rng.random() < 0.5), (main.colour, rng.random() < 0.5)) if keep]
-        phrase = "a " + " ".join(words + [main.shape]) + (f" on {scene.background}" if rng.random() < 0.3 else "")
+        colour, size, ground = (v if rng.random() < p else None
+                                for v, p in ((main.colour, 0.5), (main.size, 0.5), (scene.background, 0.3)))
+        phrase = "a " + " ".join(w for w in (size, colour, main.shape) if w) + (f" on {ground}" if ground else "")
         prefix = str(rng.choice(PREFIXES))
-        out.append(f"{prefix} {phrase}." if prefix else phrase)
+        out.append((f"{prefix} {phrase}." if prefix else phrase, (main.shape, colour, size, ground)))
     return out
+
+
+def _claims(texts: list[list[tuple[str, tuple | None]]], scenes: list[Scene], index) -> tuple:
+    """Text ids, a table of what each distinct text claims and each view's own attributes.
+
+    Returns:
+        text_id (N, T) long, vocab {text: id}, claim (U, 4) long (value index, -1 unsaid; all -2 for a
+        caption), truth (N, 4) long (the attributes of view n's main object), caption_id (N,) long.
+    """
+    values = [SHAPES, tuple(COLOURS), tuple(SIZES), BACKGROUNDS]
+    vocab, claim = {}, []
+    for row in texts:
+        for text, said in row:
+            code = [-2] * 4 if said is None else [-1 if v is None else values[a].index(v) for a, v in enumerate(said)]
+            if text not in vocab:
+                vocab[text] = len(vocab)
+                claim.append(code)
+            elif said is not None:  # a caption that reads as a phrasing ('a large red star on grass') claims as one
+                claim[vocab[text]] = code
+    truth = [[values[a].index(v) for a, v in enumerate(_attributes(scenes[k]))] for k in index]
+    text_id = torch.tensor([[vocab[t] for t, _ in row] for row in texts])
+    return text_id, vocab, torch.tensor(claim), torch.tensor(truth), text_id[:, 0]
+
+
+def _attributes(scene: Scene) -> tuple:
+    main = scene.things[scene.main]
+    return main.shape, main.colour, main.size, scene.background
+
+
+def true_of(claim: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, caption_id: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: text `ids[j]` is true of image i. A phrasing is true of every image whose main object
+    (and background) has all it says; a caption only of the images whose caption it is.
+
+    Args:
+        claim: (U, 4) per text id (see `_claims`); ids (B,) the batch's text ids; truth (B, 4) and
+        caption_id (B,) the batch images' attributes and caption ids.
+    """
+    said = claim[ids]  # (B, 4)
+    match = ((said[None] == -1) | (said[None] == truth[:, None])).all(-1)  # (B images, B texts)
+    is_caption = said[:, 0] == -2
+    return torch.where(is_caption[None], caption_id[:, None] == ids[None], match)
 
 
 def fit_clip(model, tokenizer, views: Views, scenes: list[Scene], *, steps: int, batch: int = 128, lr: float = 2e-3,
              seed: int = 0, log=None):
-    """Contrastive training of an open_clip model (and its `tokenizer`) on `views` of `scenes` and their
-    texts, in place."""
+    """Contrastive training of an open_clip model (and its `tokenizer`) on `views` of `scenes` (centred
+    squares: their main object is the scene's) and their texts, in place. Every text in the batch that is
+    true of an image is a positive of it (`true_of`), so 'a photo of a star.' pulls every star."""
     import open_clip
 
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-    texts = [phrasings(scenes[k], rng) for k in views.scene]  # (N, T) strings
-    vocab = {t: i for i, t in enumerate(sorted({t for row in texts for t in row}))}
-    text_id = torch.tensor([[vocab[t] for t in row] for row in texts])  # (N, T)
+    text_id, vocab, claim, truth, caption_id = _claims([phrasings(scenes[k], rng) for k in views.scene], scenes,
+                                                       views.scene)
     tokens = tokenizer(sorted(vocab, key=vocab.get))  # (U, L), by text id
     cfg = open_clip.get_model_preprocess_cfg(model)
     mean, std = cfg["mean"], cfg["std"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    trunk = model.visual.trunk  # the toy CLIP's timm tower: its tokens get the dense head
+    heads = nn.ModuleList([nn.Linear(model.visual.head.proj.out_features, len(SHAPES)),
+                           nn.Linear(model.visual.head.proj.out_features, len(COLOURS)),
+                           nn.Linear(trunk.embed_dim, len(SHAPES) + 1)])
+    patch = trunk.patch_embed.patch_size[0]
+    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.05)
     model.train()
     for step in range(steps):
         _set_lr(opt, lr_at(step, steps, peak=lr, warmup=min(50, steps // 10 + 1)))
         idx = torch.randint(len(views), (batch,), generator=gen)
         ids = text_id[idx, torch.randint(text_id.shape[1], (batch,), generator=gen)]  # (B,)
-        (pixels,) = flip(views.pixels[idx], which=torch.rand(batch, generator=gen) < 0.5)
-        image = model.encode_image(normalise(pixels, mean, std), normalize=True)  # (B, D)
+        pixels, classes = flip(views.pixels[idx], views.classes[idx], which=torch.rand(batch, generator=gen) < 0.5)
+        grid = trunk.forward_features(normalise(pixels, mean, std))  # (B, 1 + h * w, C)
+        image = F.normalize(model.visual.head(trunk.forward_head(grid)), dim=-1)  # (B, D): encode_image's
         text = model.encode_text(tokens[ids], normalize=True)  # (B, D)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B)
-        same = (ids[:, None] == ids[None, :]).float()
-        target = same / same.sum(1, keepdim=True)  # texts that read the same are all positives
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        same = true_of(claim, ids, truth[idx], caption_id[idx]).float()  # the diagonal is always true
+        loss = (F.cross_entropy(logits, same / same.sum(1, keepdim=True))
+                + F.cross_entropy(logits.T, same.T / same.T.sum(1, keepdim=True))) / 2
+        loss = loss + F.cross_entropy(heads[0](image), truth[idx, 0]) + 0.5 * F.cross_entropy(heads[1](image), truth[idx, 1])
+        loss = loss + F.cross_entropy(heads[2](grid[:, trunk.num_prefix_tokens:]).flatten(0, 1),
+                                      patch_labels(classes, patch).flatten().long())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,7 +165,7 @@ def patch_labels(maps: torch.Tensor, patch: int) -> torch.Tensor:
     return maps[:, patch // 2::patch, patch // 2::patch]
 
 
-def fit_dinov2(model, views: Views, scenes: list[Scene], *, steps: int, batch: int = 64, lr: float = 2e-3,
+def fit_dinov2(model, views: Views, scenes: list[Scene], *, steps: int, batch: int = 64, lr: float = 1e-3,
                seed: int = 0, log=None):
     """Train a timm ViT's tokens through `DinoHeads` on `views` (centred squares and crops), in place."""
     gen = torch.Generator().manual_seed(seed)
@@ -225,7 +282,7 @@ def decode(sam, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Ten
     return masks, dec.iou_prediction_head(iou_out)
 
 
-def fit_sam(sam, views: Views, *, steps: int, batch: int = 16, prompts: int = 4, lr: float = 1e-3, seed: int = 0,
+def fit_sam(sam, views: Views, *, steps: int, batch: int = 16, prompts: int = 4, lr: float = 2e-3, seed: int = 0,
             log=None):
     """Train a segment_anything `Sam` on point prompts against instance masks, in place."""
     gen = torch.Generator().manual_seed(seed)

@@ -2,6 +2,7 @@
 scores as recorded on fresh held-out scenes; a short retrain from the script beats untrained weights."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -33,7 +34,7 @@ def untrained(tmp_path_factory):
 
 def test_preset_is_the_ordinary_weight_file_specs(untrained):
     specs = {s.family: s for s in toy_teachers(untrained)}
-    for family, model in (("clip", "radio-toy-clip"), ("dinov2", "vit_small_patch14_reg4_dinov2"), ("sam", "toy")):
+    for family, model in (("clip", "radio-toy-clip"), ("dinov2", "vit_toy_reg4_dinov2"), ("sam", "toy")):
         parsed = parse_teacher(f"{family}:{model}:{untrained / f'{family}.safetensors'}@{TOY_SIDES[family]}")
         assert replace(specs[family], preset=None, model_kwargs=()) == parsed
         teacher = build_teacher(specs[family])  # open_clip, timm and segment_anything load the files
@@ -48,18 +49,17 @@ def test_preset_without_files_says_how_to_make_them(tmp_path):
         toy_teachers(tmp_path)
 
 
-CHANCE = {"clip_zero_shot": 0.2, "dinov2_knn": 0.2, "dinov2_dense_miou": 1 / 6}  # 5 shapes; 5 shapes + background
+CHANCE_TOP1 = ("clip_zero_shot", "dinov2_knn")  # proportions of held-out scenes
 
 
 @needs_committed
-def test_recorded_scores_are_far_above_chance():
-    """The committed teachers know something: each shape score well above chance, each colour score
-    (6 colours) near the bar; SAM's masks far above an untrained model's (0.3 after 150 steps)."""
+def test_recorded_scores_are_near_the_bars():
+    """The committed teachers know shape: each score at least 0.9 x its bar, far above chance (0.2 for the
+    top-1 scores, 1/6 for the 6-class mIoU); each colour score at least 0.95."""
     recorded = json.loads((TOY_DIR / "scores.json").read_text())
     shape, colour = recorded["scores"], recorded["scores_by_colour"]
-    assert all(shape[k] >= 1.5 * CHANCE[k] for k in CHANCE), shape
-    assert colour["clip_zero_shot"] >= 0.85 and colour["dinov2_knn"] >= 0.85, colour
-    assert shape["sam_point_iou"] >= 0.6, shape
+    assert all(shape[k] >= 0.9 * bar for k, bar in BARS.items()), shape
+    assert colour["clip_zero_shot"] >= 0.95 and colour["dinov2_knn"] >= 0.95, colour
 
 
 @needs_committed
@@ -73,12 +73,18 @@ def test_recorded_scores_meet_the_bars():
 @needs_committed
 @pytest.mark.slow
 def test_committed_weights_score_as_recorded_on_fresh_scenes():
-    """Other held-out scenes (seed 7), fewer of them: each score within sampling error of the record."""
+    """Other held-out scenes (seed 7): each score within sampling error of the record. For the top-1
+    scores that is 3 standard errors of the difference of two proportions (0.075 at 0.85 over 400 and
+    400 scenes: held-out sets of different seeds differ by that much), else 0.06."""
     torch.set_num_threads(2)
-    recorded = json.loads((TOY_DIR / "scores.json").read_text())["scores"]
-    got = evaluate(TOY_DIR, replace(QUICK, heldout_seed=7, heldout_scenes=150, bank_scenes=600, probe_scenes=200))
+    record = json.loads((TOY_DIR / "scores.json").read_text())
+    recorded, n = record["scores"], record["config"]["heldout_scenes"]
+    fresh = replace(QUICK, heldout_seed=7, heldout_scenes=400, bank_scenes=600, probe_scenes=200)
+    got = evaluate(TOY_DIR, fresh)
     for k in BARS:
-        assert got[k] == pytest.approx(recorded[k], abs=0.06), (k, got[k], recorded[k])
+        p = recorded[k]
+        tol = 3 * math.sqrt(p * (1 - p) * (1 / n + 1 / fresh.heldout_scenes)) if k in CHANCE_TOP1 else 0.06
+        assert got[k] == pytest.approx(p, abs=max(tol, 0.06)), (k, got[k], p)
 
 
 def test_batched_decoder_is_the_library_decoder():
@@ -118,3 +124,23 @@ def test_short_retrain_of_sam_beats_untrained(untrained, tmp_path):
     before = evaluate(untrained, QUICK, families=("sam",))["sam_point_iou"]
     after = evaluate(tmp_path, QUICK, families=("sam",))["sam_point_iou"]
     assert after > before + 0.2 and after > 0.3, (before, after)
+
+
+def test_a_text_is_a_positive_of_every_image_it_is_true_of():
+    """CLIP's contrastive targets: 'a star' is true of both stars, 'a red star' of the red one only, a
+    caption only of its own scene, and a caption that reads as a phrasing claims as one."""
+    from radio_distill.cache.world import Scene, Thing
+
+    def scene(shape, colour, caption):
+        return Scene(image=None, classes=None, instances=None, things=[Thing(shape, colour, "large", (0, 0), 1, 0)],
+                     background="grass", main=0, caption=caption)
+
+    scenes = [scene("star", "red", "a large red star on grass"), scene("star", "blue", "a large blue star on grass"),
+              scene("circle", "red", "a large red circle on grass")]
+    texts = [[("a large red star on grass", None), ("a star", ("star", None, None, None))],
+             [("a large blue star on grass", None), ("a red star", ("star", "red", None, None))],
+             [("a large red circle on grass", None), ("a large red star on grass", ("star", "red", "large", "grass"))]]
+    text_id, vocab, claim, truth, caption_id = fit._claims(texts, scenes, [0, 1, 2])
+    ids = torch.tensor([vocab[t] for t in ("a star", "a red star", "a large blue star on grass", "a large red star on grass")])
+    got = fit.true_of(claim, ids, truth, caption_id)  # rows: the three images; columns: the four texts
+    assert got.tolist() == [[True, True, False, True], [True, False, True, False], [False, False, False, False]]
