@@ -144,3 +144,23 @@ def test_a_text_is_a_positive_of_every_image_it_is_true_of():
     ids = torch.tensor([vocab[t] for t in ("a star", "a red star", "a large blue star on grass", "a large red star on grass")])
     got = fit.true_of(claim, ids, truth, caption_id)  # rows: the three images; columns: the four texts
     assert got.tolist() == [[True, True, False, True], [True, False, True, False], [False, False, False, False]]
+
+
+def test_toy_towers_are_the_families_vits_with_a_conv_stem():
+    """Registered with timm by name; the stem keeps the patch grid; only the patch embedding differs from
+    the family's ViT (the same parameter names elsewhere)."""
+    import timm
+
+    from radio_distill.cache.teachers import register_toy_models
+    from radio_distill.cache.toy.models import ConvStem
+
+    register_toy_models()
+    toy = timm.create_model("vit_toy_reg4_dinov2", num_classes=0)
+    ref = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=64, patch_size=8, depth=4,
+                            embed_dim=64, num_heads=2)
+    assert toy.forward_features(torch.zeros(2, 3, 64, 64)).shape == (2, 5 + 64, 64)  # CLS + 4 registers + 8 x 8
+    names = lambda m: {k for k in m.state_dict() if not k.startswith("patch_embed.")}  # noqa: E731
+    assert names(toy) == names(ref) and toy.reg_token.shape == ref.reg_token.shape
+    assert ConvStem(3, 32, 4)(torch.zeros(1, 3, 20, 20)).shape == (1, 32, 5, 5)
+    with pytest.raises(ValueError, match="power-of-two patch size, not 14"):
+        ConvStem(3, 32, 14)
