@@ -220,7 +220,7 @@ def test_tiling(bench, ray_session):
 
 def test_toy_learning(bench):
     rows = bench("toy_learning")["results"]
-    assert [r["model"] for r in rows] == ["cnn", "vit-cls", "vit-max"]
+    assert [r["model"] for r in rows] == ["cnn", "vit-cls", "vit-max", "stem-cls"]
     for r in rows:
         assert set(r) == {"model", "acc@2", "acc@4", "ms_per_step"} and all(0 <= r[k] <= 1 for k in ("acc@2", "acc@4"))
         positive(r, "ms_per_step")
