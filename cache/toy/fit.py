@@ -46,9 +46,6 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-ATTRIBUTES = ("shape", "colour", "size", "background")  # what a phrasing may say about the main object
-
-
 def phrasings(scene: Scene, rng: np.random.Generator, n: int = 6) -> list[tuple[str, tuple | None]]:
     """The caption, then `n - 1` shorter texts about the main object, some with a prefix
     ('a photo of a large red star.', 'a blue circle', 'a drawing of a cross on sand.'), each with
@@ -92,15 +89,15 @@ def _attributes(scene: Scene) -> tuple:
 
 
 def true_of(claim: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, caption_id: torch.Tensor) -> torch.Tensor:
-    """(B, B) bool: text `ids[j]` is true of image i. A phrasing is true of every image whose main object
+    """(B images, T texts) bool: text `ids[j]` is true of image i. A phrasing is true of every image whose main object
     (and background) has all it says; a caption only of the images whose caption it is.
 
     Args:
-        claim: (U, 4) per text id (see `_claims`); ids (B,) the batch's text ids; truth (B, 4) and
+        claim: (U, 4) per text id (see `_claims`); ids (T,) the batch's text ids; truth (B, 4) and
         caption_id (B,) the batch images' attributes and caption ids.
     """
-    said = claim[ids]  # (B, 4)
-    match = ((said[None] == -1) | (said[None] == truth[:, None])).all(-1)  # (B images, B texts)
+    said = claim[ids]  # (T, 4)
+    match = ((said[None] == -1) | (said[None] == truth[:, None])).all(-1)  # (B, T)
     is_caption = said[:, 0] == -2
     return torch.where(is_caption[None], caption_id[:, None] == ids[None], match)
 
