@@ -64,9 +64,12 @@ def load_masks(masks: Path, images: list, ids, boxes, grids) -> dict[tuple[int, 
     return {g: np.stack(v) if v else np.zeros((0, *g), np.int64) for g, v in out.items()}
 
 
-def train_linear_probe(x, y, *, num_classes: int, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4,
+def train_linear_probe(x, y, *, num_classes: int, steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
                        device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
     """A per-token linear classifier (with input standardisation), trained full-batch with AdamW.
+
+    lr 3e-2 converges in the default 300 steps: on the toy DINOv2's tokens, 1e-2 stopped at mIoU 0.653
+    where 3,000 steps reach 0.682 (BENCHMARKS §18).
 
     Args:
         x: (P, C) token features.

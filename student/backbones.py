@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import RadioDistillError, UnknownStudentError
+from ..layers import ConvPatchEmbed
 from .model import IMAGENET_MEAN, IMAGENET_STD, Student, TeacherDims, check_input, make_student
 
 
@@ -68,6 +69,7 @@ class TimmViT(nn.Module):
         self.input_stride = ph
         self.feature_info = {"num_chs": self.model.embed_dim, "reduction": ph}
         self.mean, self.std = _norm_cfg(self.model)
+        self.conv_stem = isinstance(self.model.patch_embed, ConvPatchEmbed)  # ours: plain timm cannot build it
         if cpe_size is not None:
             if cpe_size < ph or cpe_size % ph:
                 raise _bad_cpe(cpe_size, name, ph)
@@ -195,6 +197,9 @@ def _trace_features(model: nn.Module, size: tuple[int, int]) -> tuple[torch.Size
     return out.shape, drop
 
 
+VIT_MODULES = ["vision_transformer", "vit_convstem"]  # timm's module names of the models TimmViT wraps
+
+
 def build_timm_student(name: str, *, teachers: dict[str, TeacherDims], **overrides) -> Student:
     """A ``Student`` on timm model ``name``: the ViT path for timm VisionTransformers, else a map.
 
@@ -207,5 +212,5 @@ def build_timm_student(name: str, *, teachers: dict[str, TeacherDims], **overrid
     Returns:
         the ``Student``.
     """
-    is_vit = is_model_in_modules(split_model_name_tag(name)[0], ["vision_transformer"])
+    is_vit = is_model_in_modules(split_model_name_tag(name)[0], VIT_MODULES)
     return make_student(TimmViT if is_vit else TimmMap, teachers, name=name, **overrides)

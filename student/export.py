@@ -142,6 +142,9 @@ def export_timm(run: str | Path, file: str | Path) -> dict:
     if not (isinstance(backbone, TimmViT) or isinstance(getattr(backbone, "model", None), VisionTransformerSAM)):
         raise RadioDistillError(f"{run}: student '{model.name}' is not a timm ViT; only ViT and ViTDet students "
                                 "export to timm")
+    if getattr(backbone, "conv_stem", False):
+        raise RadioDistillError(f"{run}: student '{model.name}' has a conv stem, which plain timm cannot build; "
+                                "export it to ONNX, or load it with load_student / torch.hub")
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.model.state_dict().items()}
     save_file(state, Path(file))
     return {"model": backbone.timm_name, "kwargs": timm_kwargs(model)}

@@ -78,6 +78,9 @@ def backbone_spec(model: Student) -> dict:
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.cfg.__dict__.items()}
         return {"kind": "eradio", "cfg": cfg, "deployed": model.deployed}
     if isinstance(backbone, TimmViT):
+        if backbone.conv_stem:
+            raise RadioDistillError(f"student '{model.name}' has a conv stem, which the Hugging Face modeling file "
+                                    "(plain timm) cannot build; export it to ONNX, or load it with torch.hub")
         return {"kind": "timm_vit", "model": backbone.timm_name, "kwargs": timm_kwargs(model),
                 "num_summary": backbone.num_summary, "input_stride": backbone.input_stride,
                 "cpe": hasattr(backbone, "cpe_state")}

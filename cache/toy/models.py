@@ -1,9 +1,8 @@
 """The toy teachers' image towers: the real families' ViTs with a convolutional stem.
 
 A ViT's linear patch embedding learns the generated world's shapes far too slowly from scratch
-(BENCHMARKS §18: near chance after 1,500 steps, where a small CNN reaches 0.98). A stem of strided
-3x3 convolutions in place of that one linear map (Xiao et al. 2021, "Early convolutions help
-transformers see better") makes the same ViT learn them in minutes. Everything after the patch
+(BENCHMARKS §18: near chance after 1,500 steps, where a small CNN reaches 0.98). `layers.ConvStem`
+in place of that one linear map makes the same ViT learn them in minutes. Everything after the patch
 embedding is the family's own: timm's DINOv2 ViT (registers, layer scale), a timm ViT as
 open_clip's image tower (as open_clip's SigLIP configs use), segment_anything's image encoder.
 
@@ -13,41 +12,11 @@ Importing this module registers the timm models `vit_toy_reg4_dinov2` and `vit_t
 
 from __future__ import annotations
 
-import math
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
-
-class ConvStem(nn.Module):
-    """(B, 3, R, R) -> (B, D, R / patch, R / patch): log2(patch) stride-2 3x3 conv-BN-ReLU layers
-    (channels doubling up to D), then a 1x1 conv to D. `patch` is a power of two."""
-
-    def __init__(self, in_chans: int, dim: int, patch: int):
-        super().__init__()
-        n = int(math.log2(patch))
-        if 2 ** n != patch or n < 1:
-            raise ValueError(f"a conv stem needs a power-of-two patch size, not {patch}")
-        chans = [in_chans] + [max(16, dim >> (n - 1 - k)) for k in range(n)]
-        layers = []
-        for a, b in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-        self.layers = nn.Sequential(*layers, nn.Conv2d(chans[-1], dim, 1))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class ConvPatchEmbed(PatchEmbed):
-    """timm's `PatchEmbed` with a `ConvStem` as its projection (same grid, same output)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.proj = ConvStem(self.proj.in_channels, self.proj.out_channels, self.patch_size[0])
-
+from ...layers import ConvPatchEmbed, ConvStem
 
 default_cfgs = generate_default_cfgs({  # read by timm's `register_model`, by this name
     "vit_toy_reg4_dinov2.untrained": {"input_size": (3, 64, 64), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,

@@ -42,7 +42,8 @@ def _cosine(a: np.ndarray, b: torch.Tensor) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("name,sides", [("test_vit", (64, 96)), ("test_resnet", (64, 96)),
                                         ("test_eradio", (64, 160)),  # 160: E-RADIO's padded windows
-                                        ("test_vitdet", (64, 80))])  # 80: 5 tokens padded to 3 windows of 2
+                                        ("test_vitdet", (64, 80)),  # 80: 5 tokens padded to 3 windows of 2
+                                        ("vit_tiny_convstem_patch16_224", (64, 96))])  # BatchNorm in the stem
 def test_onnxruntime_matches_the_student_at_two_sides(name, sides, tmp_path):
     torch.manual_seed(0)
     model = create_student(name, teachers=TEACHERS)
