@@ -54,8 +54,7 @@ class ToyConfig:
 
 
 QUICK = ToyConfig(train_scenes=240, heldout_scenes=60, bank_scenes=240, probe_scenes=60, clip_scenes=240, clip_steps=40,
-                  clip_batch=64,
-                  dinov2_steps=40, dinov2_batch=32, sam_steps=150, sam_batch=8)
+                  clip_batch=64, dinov2_steps=40, dinov2_batch=32, sam_steps=150, sam_batch=8)
 
 
 def new_clip():
