@@ -12,6 +12,8 @@ import math
 from timm.layers import PatchEmbed
 from torch import nn
 
+from .errors import RadioDistillError
+
 
 class ConvStem(nn.Module):
     """(B, 3, R, R) -> (B, D, R / patch, R / patch): log2(patch) stride-2 3x3 conv-BN-ReLU layers
@@ -21,7 +23,7 @@ class ConvStem(nn.Module):
         super().__init__()
         n = int(math.log2(patch))
         if 2 ** n != patch or n < 1:
-            raise ValueError(f"a conv stem needs a power-of-two patch size, not {patch}")
+            raise RadioDistillError(f"patch_size={patch!r}: a conv stem needs a power-of-two patch size (8, 16, ...)")
         chans = [in_chans] + [max(16, dim >> (n - 1 - k)) for k in range(n)]
         layers = []
         for a, b in zip(chans, chans[1:]):

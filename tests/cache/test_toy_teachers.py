@@ -13,7 +13,7 @@ from radio_distill.cache.toy import fit
 from radio_distill.cache.toy.data import make_views
 from radio_distill.cache.toy.train_toy_teachers import BARS, QUICK, evaluate, new_clip, new_dinov2, save
 from radio_distill.cache.world import make_scenes
-from radio_distill.errors import TeacherSpecError
+from radio_distill.errors import RadioDistillError, TeacherSpecError
 from radio_distill.evaluate.sam import deepest_points
 
 FAMILIES = ("clip", "dinov2", "sam")
@@ -165,5 +165,5 @@ def test_toy_towers_are_the_families_vits_with_a_conv_stem():
     names = lambda m: {k for k in m.state_dict() if not k.startswith("patch_embed.")}  # noqa: E731
     assert names(toy) == names(ref) and toy.reg_token.shape == ref.reg_token.shape
     assert ConvStem(3, 32, 4)(torch.zeros(1, 3, 20, 20)).shape == (1, 32, 5, 5)
-    with pytest.raises(ValueError, match="power-of-two patch size, not 14"):
+    with pytest.raises(RadioDistillError, match="patch_size=14: a conv stem needs a power-of-two patch size"):
         ConvStem(3, 32, 14)

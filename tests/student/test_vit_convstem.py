@@ -42,3 +42,9 @@ def test_exports_plain_timm_cannot_build_are_refused_in_one_line(tmp_path):
     with pytest.raises(RadioDistillError, match="conv stem") as e:
         export_hf(tmp_path / "student", tmp_path / "hf")
     assert "\n" not in str(e.value)
+
+
+def test_a_patch_size_the_stem_cannot_make_is_one_line():
+    with pytest.raises(RadioDistillError, match="patch_size=14: a conv stem needs a power-of-two patch size") as e:
+        create_student("vit_tiny_convstem_patch16_224", teachers=TEACHERS, patch_size=14)
+    assert "\n" not in str(e.value)
