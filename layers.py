@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 from timm.layers import PatchEmbed
+from timm.models import build_model_with_cfg
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import RadioDistillError
@@ -40,3 +42,9 @@ class ConvPatchEmbed(PatchEmbed):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.proj = ConvStem(self.proj.in_channels, self.proj.out_channels, self.patch_size[0])
+
+
+def convstem_vit(variant: str, pretrained: bool, args: dict, kwargs: dict) -> VisionTransformer:
+    """timm's `VisionTransformer` named `variant` (its default cfg registered by the caller) with a
+    `ConvPatchEmbed`; `kwargs` override the size `args`."""
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, embed_layer=ConvPatchEmbed, **{**args, **kwargs})

@@ -12,10 +12,10 @@ first toy teachers did (§18).
 from __future__ import annotations
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import ConvPatchEmbed
+from ..layers import convstem_vit
 
 _CFG = {"input_size": (3, 224, 224), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": 0}
 default_cfgs = generate_default_cfgs({  # read by timm's `register_model`, by this name
@@ -24,19 +24,15 @@ default_cfgs = generate_default_cfgs({  # read by timm's `register_model`, by th
 })
 
 
-def _create(variant: str, pretrained: bool, args: dict, kwargs: dict) -> VisionTransformer:
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, embed_layer=ConvPatchEmbed, **{**args, **kwargs})
-
-
 @register_model
 def vit_tiny_convstem_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Ti/16 (192 wide, 12 blocks, 3 heads) with a conv stem: 3x3 stride-2 convs of 24, 48, 96, 192 channels."""
-    return _create("vit_tiny_convstem_patch16_224", pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    return convstem_vit("vit_tiny_convstem_patch16_224", pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
                    kwargs)
 
 
 @register_model
 def vit_small_convstem_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-S/16 (384 wide, 12 blocks, 6 heads) with a conv stem: 3x3 stride-2 convs of 48, 96, 192, 384 channels."""
-    return _create("vit_small_convstem_patch16_224", pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    return convstem_vit("vit_small_convstem_patch16_224", pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
                    kwargs)

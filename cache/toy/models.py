@@ -13,10 +13,10 @@ Importing this module registers the timm models `vit_toy_reg4_dinov2` and `vit_t
 from __future__ import annotations
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ...layers import ConvPatchEmbed, ConvStem
+from ...layers import ConvStem, convstem_vit
 
 default_cfgs = generate_default_cfgs({  # read by timm's `register_model`, by this name
     "vit_toy_reg4_dinov2.untrained": {"input_size": (3, 64, 64), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
@@ -26,24 +26,20 @@ default_cfgs = generate_default_cfgs({  # read by timm's `register_model`, by th
 })
 
 
-def _create(variant: str, pretrained: bool, args: dict, kwargs: dict) -> VisionTransformer:
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, embed_layer=ConvPatchEmbed, **{**args, **kwargs})
-
-
 @register_model
 def vit_toy_reg4_dinov2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """DINOv2's ViT (4 registers, layer scale, CLS without position embedding) at 64 px, patch 8, depth 4,
     width 64, with a conv stem."""
     args = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2, init_values=1e-5, reg_tokens=4,
                 no_embed_class=True)
-    return _create("vit_toy_reg4_dinov2", pretrained, args, kwargs)
+    return convstem_vit("vit_toy_reg4_dinov2", pretrained, args, kwargs)
 
 
 @register_model
 def vit_toy_clip(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """A CLIP image tower: a pre-norm ViT at 64 px, patch 8, depth 3, width 64, CLS pooled, with a conv stem."""
     args = dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=2, pre_norm=True, global_pool="token")
-    return _create("vit_toy_clip", pretrained, args, kwargs)
+    return convstem_vit("vit_toy_clip", pretrained, args, kwargs)
 
 
 def replace_sam_stem(sam) -> None:
