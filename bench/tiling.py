@@ -8,7 +8,7 @@ map (`pair_teachers`); from the other, the student's map is shrunk to the 8 x 8 
 `radio-eval` then fits the dense linear probe on each student's own tokens at that side (the same grid for
 both), and on each teacher map at its grid. Cost: the build's seconds and bytes per view of each entry.
 
-    python bench/tiling.py --json tiling.json     # 400 scenes of 288 x 256, 300 steps of vit_tiny at 192 px
+    python bench/tiling.py --json tiling.json     # 400 scenes of 288 x 256, 300 steps of the conv-stem ViT-tiny at 192 px
     python bench/tiling.py --quick                # smoke
 """
 
@@ -32,7 +32,7 @@ from radio_distill.train.loop import train
 
 FULL = dict(images=400, steps=300, batch_size=32, side=192)
 QUICK = dict(images=24, steps=2, batch_size=8, side=192)
-STUDENT = "vit_tiny_patch16_224"
+STUDENT = "vit_tiny_convstem_patch16_224"  # a plain ViT-tiny learns the shapes too slowly to compare anything (§13)
 SCENE_SIZE = (288, 256)  # (W, H): above the 120 px canvas
 SCENE_SEED = 6
 HOLDOUT = 0.2
