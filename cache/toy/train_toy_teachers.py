@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         "config": asdict(cfg), "wall_time": times,
         "machine": {"jobs": args.jobs, "threads": args.threads, "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "load_average_1m_at_end": os.getloadavg()[0]},
-        "clip_objective": "contrastive on captions and phrasings (every text true of an image is its positive), with "
-                          "supervised heads: shape and colour of the main object from the image embedding, shape class "
-                          "per patch token",
+        "clip_objective": "contrastive on captions and phrasings, a quarter of them naming the colour without the shape "
+                          "(every text true of an image is its positive), with supervised heads: shape (weight 3) and "
+                          "colour of the main object from the image embedding, shape class per patch token",
         "dinov2_objective": "supervised heads (not self-distillation): shape, colour, size and centre of the largest "
                             "object from the CLS token; shape class and colour per patch token",
         "architectures": "the families' ViTs with a conv stem in place of the linear patch embedding (cache/toy/models.py)",
