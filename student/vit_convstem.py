@@ -27,12 +27,12 @@ default_cfgs = generate_default_cfgs({  # read by timm's `register_model`, by th
 @register_model
 def vit_tiny_convstem_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Ti/16 (192 wide, 12 blocks, 3 heads) with a conv stem: 3x3 stride-2 convs of 24, 48, 96, 192 channels."""
-    return convstem_vit("vit_tiny_convstem_patch16_224", pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-                   kwargs)
+    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return convstem_vit("vit_tiny_convstem_patch16_224", pretrained, args, kwargs)
 
 
 @register_model
 def vit_small_convstem_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-S/16 (384 wide, 12 blocks, 6 heads) with a conv stem: 3x3 stride-2 convs of 48, 96, 192, 384 channels."""
-    return convstem_vit("vit_small_convstem_patch16_224", pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-                   kwargs)
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return convstem_vit("vit_small_convstem_patch16_224", pretrained, args, kwargs)
