@@ -329,6 +329,18 @@ def _numbers(option: str, text: str | None, *, sets: bool = False) -> tuple | No
         raise RadioDistillError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. {example}") from None
 
 
+def _per_teacher(option: str, given: list[str] | None, kind: type, expected: str) -> dict:
+    """['sam=0.5', ...] -> {'sam': kind('0.5'), ...}; the config checks the values."""
+    out = {}
+    for text in given or []:
+        name, _, value = text.partition("=")
+        try:
+            out[name] = kind(value)
+        except ValueError:
+            raise RadioDistillError(f"{option} '{text}': expected {expected}") from None
+    return out
+
+
 train_app = typer.Typer(help="Distil a student from a store's cached targets, never loading a teacher.",
                         pretty_exceptions_enable=False, add_completion=False)
 
@@ -347,6 +359,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 1e-3]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="amradio (cos + SmoothL1) or phis (MSE on PHI-S standardised targets). [default: amradio]")] = None,
     teacher_weight: Annotated[Optional[list[str]], typer.Option(help="Per-teacher loss weight NAME=W, e.g. sam=0.5.")] = None,
+    upsample: Annotated[Optional[list[str]], typer.Option(help="A teacher whose grid is finer than the student's: its head draws K x K tokens per student token, NAME=K, e.g. sam=2 (a bilinear upsampling blurs the edges SAM's mask decoder needs).")] = None,
     denoise: Annotated[Optional[str], typer.Option(help="Keeping the teachers' position-fixed artifacts out of the student: none (targets as stored), mean (each spatial target less its teacher's fixed pattern, which `radio-cache pattern STORE` estimates first) or shift (the student's view is compared with the teacher's map of another cached view of the image, resampled through their boxes over their overlap, so a pattern fixed to the teacher's grid does not stay put). [default: none]")] = None,
     holdout: Annotated[Optional[float], typer.Option(help="Fraction of sample ids held out for radio-eval. [default: 0.05]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order. [default: 0]")] = None,
@@ -367,19 +380,14 @@ def train(
     from .train.config import load_train_config
     from .train.loop import train as run_training
 
-    weights = {}
-    for w in teacher_weight or []:
-        name, _, value = w.partition("=")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise RadioDistillError(f"--teacher-weight '{w}': expected NAME=WEIGHT, e.g. sam=0.5") from None
+    weights = _per_teacher("--teacher-weight", teacher_weight, float, "NAME=WEIGHT, e.g. sam=0.5")
+    factors = _per_teacher("--upsample", upsample, int, "NAME=K, a whole number, e.g. sam=2")
     cfg = load_train_config(config, device_here=ray_workers is None, store=store, student=student, out=out, steps=steps, epochs=epochs,
                             batch_size=_numbers("--batch-size", batch_size), resolution=_numbers("--resolution", resolution, sets=True),
                             resolution_policy=resolution_policy, lr=lr, holdout=holdout, seed=seed,
                             workers=workers, log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                             resume=resume or None, stop_at=stop_at, allow_partial=allow_partial or None, images=images,
-                            init=init, denoise=denoise,
+                            init=init, denoise=denoise, upsample=factors or None,
                             loss={"kind": loss, "teacher_weights": weights or None})
     if ray_workers is not None:  # 0 is refused there, not taken for "train here"
         from .train.on_ray import train_on_ray

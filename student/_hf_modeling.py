@@ -3,6 +3,7 @@
     model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)
     out = model(x)   # x: (B, 3, H, W) in [0, 1], H and W multiples of model.min_resolution_step
     summary, features = out["clip"]   # (B, Dt), (B, N, Ct); out["backbone"] too; feature_fmt="NCHW" for (B, C, h, w)
+    # a teacher's head with upsample u (config "heads") gives u h x u w tokens
 
 Written by radio_distill's `radio-export RUN OUT --format hf`; it needs torch, timm and transformers, not
 radio_distill (E-RADIO's code is copied in below). Shapes: B batch, H, W pixels, h, w the student grid,
@@ -127,6 +128,7 @@ class RadioStudentModel(PreTrainedModel):
             module._fixed_buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)
                                      if n not in persistent}
         self.adaptor_names = list(heads)
+        self.upsample = {t: h.get("upsample", 1) for t, h in heads.items()}
         self.patch_size = config.patch_size
         self.min_resolution_step = config.min_resolution_step
         self.preferred_resolution = Resolution(config.preferred_resolution, config.preferred_resolution)
@@ -170,6 +172,7 @@ class RadioStudentModel(PreTrainedModel):
             if name in self.summary_heads:  # one token per summary teacher when the backbone has them
                 s = self.summary_heads[name](summary[:, i if summary.shape[1] > 1 else 0])
                 i += 1
-            f = self.spatial_heads[name](tokens)  # (B, N, Ct)
-            out[name] = RadioOutput(s, f if fmt == "NLC" else f.transpose(1, 2).reshape(B, -1, h, w))
+            f = self.spatial_heads[name](tokens).transpose(1, 2).reshape(B, -1, h, w)  # (B, Ct u², h, w)
+            f = F.pixel_shuffle(f, self.upsample[name])  # (B, Ct, u h, u w): u tokens per student token a side
+            out[name] = RadioOutput(s, f.flatten(2).transpose(1, 2) if fmt == "NLC" else f)
         return out

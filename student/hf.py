@@ -54,7 +54,7 @@ def export_hf(run: str | Path, folder: str | Path, *, feature_fmt: str = "NLC") 
                      "AutoModel": f"{MODELING[:-3]}.RadioStudentModel"},
         "backbone": backbone_spec(model),
         "heads": {t: {"summary": _dims(model.summary_heads[t]) if t in model.summary_heads else None,
-                      "spatial": _dims(model.spatial_heads[t])} for t in model.teachers},
+                      "spatial": _dims(model.spatial_heads[t]), "upsample": d.upsample} for t, d in model.teachers.items()},
         "head_blocks": len(first.blocks) if first is not None else 1,
         "head_pre_norm": not isinstance(first.pre_norm, torch.nn.Identity) if first is not None else True,
         "patch_size": radio.patch_size,

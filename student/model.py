@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,20 +31,24 @@ class TeacherDims:
     Args:
         summary_dim: width of the teacher's summary vector; None if it has none (SAM).
         spatial_dim: channels of the teacher's spatial feature map.
+        upsample: the spatial head predicts upsample x upsample tokens per student token (pixel shuffle):
+            its map is that much finer than the student grid, for a teacher whose grid is finer
+            (a bilinear upsampling cannot draw the edges SAM's decoder needs).
     """
 
     summary_dim: int | None
     spatial_dim: int
+    upsample: int = 1
 
 
 class Features(NamedTuple):
     summary: Tensor | None  # (B, D) or (B, Dt); None for teachers without a summary
-    spatial: Tensor  # (B, C, h, w), always at the student grid
+    spatial: Tensor  # (B, C, h, w) at the student grid; a teacher's adaptor map (B, Ct, u h, u w), u its upsample
 
 
 class StudentOutput(NamedTuple):
     backbone: Features  # summary (B, S * D), spatial (B, D, h, w)
-    teachers: dict[str, Features]  # per teacher: summary (B, Dt) | None, spatial (B, Ct, h, w)
+    teachers: dict[str, Features]  # per teacher: summary (B, Dt) | None, spatial (B, Ct, u h, u w)
 
 
 def check_input(x: Tensor, stride: int, what: str) -> None:
@@ -109,13 +114,14 @@ class Student(nn.Module):
         self.preferred_resolution: int | None = None  # the side it was trained at (radio-train sets it)
         D = self.feature_info["num_chs"]
 
-        def head(out: int) -> MLP2:
-            hidden = head_hidden or max(D, out)
+        def head(width: int, out: int) -> MLP2:  # hidden as wide as the teacher's features, not its upsampled output
+            hidden = head_hidden or max(D, width)
             return MLP2(D, hidden, out, num_blocks=head_blocks, pre_norm=head_pre_norm)
 
         self.summary_heads = nn.ModuleDict(
-            {t: head(d.summary_dim) for t, d in self.teachers.items() if d.summary_dim is not None})
-        self.spatial_heads = nn.ModuleDict({t: head(d.spatial_dim) for t, d in self.teachers.items()})
+            {t: head(d.summary_dim, d.summary_dim) for t, d in self.teachers.items() if d.summary_dim is not None})
+        self.spatial_heads = nn.ModuleDict(
+            {t: head(d.spatial_dim, d.spatial_dim * d.upsample ** 2) for t, d in self.teachers.items()})
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features of normalised pixels ``x`` (B, 3, H, W).
@@ -129,7 +135,8 @@ class Student(nn.Module):
         """Backbone and adaptor outputs of normalised pixels ``x`` (B, 3, H, W).
 
         Returns:
-            ``StudentOutput``; spatial maps are channels-first at the student grid (h, w).
+            ``StudentOutput``; spatial maps are channels-first at the student grid (h, w), a teacher's
+            at its upsample times that.
         """
         summary, spatial = self.forward_features(x)  # (B, S, D), (B, D, h, w)
         B, _, h, w = spatial.shape
@@ -141,8 +148,8 @@ class Student(nn.Module):
                 # one token per summary teacher when the backbone has them, else the shared one
                 s = self.summary_heads[name](summary[:, i if summary.shape[1] > 1 else 0])
                 i += 1
-            f = self.spatial_heads[name](tokens).transpose(1, 2).reshape(B, -1, h, w)
-            out[name] = Features(s, f)
+            f = self.spatial_heads[name](tokens).transpose(1, 2).reshape(B, -1, h, w)  # (B, Ct u², h, w)
+            out[name] = Features(s, F.pixel_shuffle(f, self.teachers[name].upsample))  # (B, Ct, u h, u w)
         return StudentOutput(Features(summary.flatten(1), spatial), out)
 
     def switch_to_deploy(self) -> "Student":
@@ -176,7 +183,7 @@ def make_student(backbone_fn: Callable[..., nn.Module], teachers: dict[str, Teac
 
 
 def as_teacher_dims(teachers: dict) -> dict[str, TeacherDims]:
-    """Accepts TeacherDims, ``{'summary_dim', 'spatial_dim'}`` dicts or pairs per teacher."""
+    """Accepts TeacherDims, ``{'summary_dim', 'spatial_dim'[, 'upsample']}`` dicts or pairs per teacher."""
     out = {}
     for name, d in teachers.items():
         if isinstance(d, dict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -107,8 +108,7 @@ def export_onnx(run: str | Path, folder: str | Path, *, sides: tuple[int, ...] |
         "patch_size": model.patch_size,
         "min_resolution_step": model.min_resolution_step,
         "preferred_resolution": model.preferred_resolution.height,
-        "teachers": {t: {"summary_dim": d.summary_dim, "spatial_dim": d.spatial_dim}
-                     for t, d in student.teachers.items()},
+        "teachers": {t: asdict(d) for t, d in student.teachers.items()},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -12,6 +12,8 @@ denoise = "mean"                    # subtract the teachers' fixed patterns (`ra
 [loss]
 kind = "phis"                       # amradio | phis
 teacher_weights = { sam = 0.5 }
+[upsample]
+sam = 2                             # SAM's spatial head draws 2 x 2 tokens per student token
 [student_overrides]
 num_registers = 4
 ```
@@ -72,6 +74,9 @@ class TrainConfig:
     # another view of the image over their overlap (`shift.py`), so no pattern fixed to the teacher's grid
     # stays put; 'none': the targets as stored
     denoise: str = "none"
+    # teacher -> k: its spatial head predicts k x k tokens per student token, for a teacher whose grid is finer
+    # than the student's (SAM's 64 x 64 at 1024 px against a student's 28 x 28 at 448): `TeacherDims.upsample`
+    upsample: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         check_student_name(self.student)  # names before numbers: a misspelt student is what the user fixes first
@@ -113,6 +118,8 @@ class TrainConfig:
         check_option("[loss] spatial_weight", self.loss.spatial_weight, "non-negative")
         for name, weight in self.loss.teacher_weights.items():
             check_option(f"--teacher-weight {name}", weight, "non-negative", sep="=")
+        for name, k in self.upsample.items():
+            check_option(f"--upsample {name}", k, "count", sep="=")
 
     @property
     def side_sets(self) -> tuple[int | tuple[int, ...], ...]:

@@ -35,7 +35,7 @@ from .step import DistillStep, make_optimizer, pair_teachers
 
 RUNTIME_SETTINGS = ("resume", "stop_at", "workers", "device", "log_every", "checkpoint_every", "out", "store", "images",
                     "init")  # a resume starts from its checkpoint, whatever --init says
-ADDED_SETTINGS = {"denoise": "none"}  # settings added since runs were saved: what a run.json without them trained with
+ADDED_SETTINGS = {"denoise": "none", "upsample": {}}  # settings added since runs were saved: what a run.json without them trained with
 
 
 MIN_HELD_OUT = 32  # held-out samples below which radio-eval's numbers are mostly noise
@@ -96,6 +96,25 @@ def check_resume(saved: dict, run: dict, out: Path) -> None:
                             "a new --out")
 
 
+def check_upsample(upsample: dict[str, int], metas, *, sides: tuple[int, ...] = (), reduction: int | None = None) -> None:
+    """One line unless every `--upsample NAME=K` names a teacher of the store and K is at most its grid's side;
+    given the student's `reduction`, unless its K-times-finer map is no finer than the teacher's grid at some side.
+
+    Raises:
+        TrainingError: naming the teacher and the value."""
+    grids = {t.name: t.grid for t in metas}
+    for name, k in upsample.items():
+        if name not in grids:
+            raise TrainingError(f"--upsample {name}={k}: no teacher '{name}' in the store; it has {sorted(grids)}")
+        if k > max(grids[name]):  # finer than the teacher's whole grid from one student token
+            raise TrainingError(f"--upsample {name}={k}: above the side of the {grids[name][0]} x {grids[name][1]} grid "
+                                f"of teacher '{name}'")
+        if reduction is not None and all(k * (side // reduction) > max(grids[name]) for side in sides):
+            finest = max(1, max(grids[name]) // (min(sides) // reduction))
+            raise TrainingError(f"--upsample {name}={k}: the student's map would be finer than the {grids[name][0]} x "
+                                f"{grids[name][1]} grid of teacher '{name}' at every --resolution; at most {finest} here")
+
+
 def finite_rows(pending: list[torch.Tensor], step: int, *, names: list[str], world: int, ckpt: Path) -> list[list[float]]:
     """Wait for the device once: the (K,) metrics of the steps up to `step` (averaged over `world` ranks, a
     collective when world > 1), each finite, else a one-line error naming the first bad step and metric.
@@ -124,7 +143,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     # 2. the store: what each teacher produced, and the samples to train on
     reader = CacheReader(cfg.store, allow_partial=cfg.allow_partial, images=cfg.images, denoise=cfg.denoise)
-    teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim) for t in reader.teachers}
+    check_upsample(cfg.upsample, reader.teachers)
+    teachers = {t.name: TeacherDims(t.summary_dim, t.spatial_dim, cfg.upsample.get(t.name, 1)) for t in reader.teachers}
     check_teacher_weights(cfg.loss, list(teachers))
     indices = reader.indices(holdout=cfg.holdout)  # read lazily, a block at a time (`Split`)
     per_step = sum(cfg.batch_sizes)  # samples a step, over all its parts
@@ -149,6 +169,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if bad:
         raise TrainingError(f"--resolution {bad[0]} is not a multiple of {model.input_stride}, "
                             f"the input stride of '{cfg.student}'")
+    check_upsample(cfg.upsample, reader.teachers, sides=cfg.sides, reduction=model.feature_info["reduction"])
     model.preferred_resolution = max(cfg.sides)  # recorded with the student, RADIO's preferred_resolution
     started = None  # --init: a trained student's backbone, and its heads of the teachers this store has too
     if cfg.init is not None and not cfg.resume:

@@ -14,7 +14,10 @@ from radio_distill.evaluate.report import sam_scores, sam_decoders
 from radio_distill.evaluate.sam import mask_iou, object_points, prompt_masks, sam_model, sam_predictor, to_sam_grid
 from radio_distill.student import load_student
 
-from .conftest import FAST
+from radio_distill.train.config import TrainConfig
+from radio_distill.train.loop import train
+
+from .conftest import FAST, HOLDOUT
 
 
 def test_sam_predictor_runs_unchanged_on_the_student(eval_setup):
@@ -36,6 +39,25 @@ def test_encoder_is_the_students_sam_adaptor(eval_setup):
     x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)  # the run's resolution
     with torch.no_grad():
         want = F.interpolate(student(x).teachers["sam"].spatial, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_upsampled_sam_head_feeds_the_decoder_at_its_own_grid(eval_setup, tmp_path):
+    """`--upsample sam=4` at 32 px: the student's 2 x 2 grid drawn as 8 x 8, SAM's own grid, goes to the decoder
+    as the head drew it (no bilinear resize), through the run's saved student."""
+    run = tmp_path / "run"
+    train(TrainConfig(store=eval_setup.store, out=run, student="test_vit", steps=2, batch_size=8, resolution=32,
+                      workers=0, device="cpu", holdout=HOLDOUT, upsample={"sam": 4}), progress=False)
+    student = load_student(run)
+    assert student.teachers["sam"].upsample == 4
+    sam = sam_model(run)
+    pixels = torch.rand(2, 3, 64, 64) * 255
+    x = (pixels / 255 - torch.tensor(student.mean).view(1, 3, 1, 1)) / torch.tensor(student.std).view(1, 3, 1, 1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        want = student(x).teachers["sam"].spatial  # (2, 32, 8, 8)
+        got = sam.image_encoder(sam.preprocess(pixels))
+    assert want.shape == (2, 32, 8, 8) and student(x).backbone.spatial.shape[-2:] == (2, 2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -14,7 +14,8 @@ from radio_distill.errors import RadioDistillError
 from radio_distill.student import TeacherDims, create_student, load_student, save_student
 from radio_distill.student.hf import export_hf
 
-TEACHERS = {"clip": TeacherDims(32, 64), "dinov2": TeacherDims(48, 48), "sam": TeacherDims(None, 32)}
+TEACHERS = {"clip": TeacherDims(32, 64), "dinov2": TeacherDims(48, 48),
+            "sam": TeacherDims(None, 32, upsample=2)}  # a head drawing 2 x 2 tokens too
 
 # a fresh interpreter: transformers, offline, loads the folder; its outputs and interface go to files
 LOAD_WITH_TRANSFORMERS = """

@@ -12,7 +12,7 @@ from radio_distill.errors import RadioDistillError
 from radio_distill.student import TeacherDims, create_student, load_student, save_student
 from radio_distill.student.onnx import export_onnx
 
-TEACHERS = {"clip": TeacherDims(32, 64), "sam": TeacherDims(None, 32)}
+TEACHERS = {"clip": TeacherDims(32, 64), "sam": TeacherDims(None, 32, upsample=2)}  # a head drawing 2 x 2 tokens too
 
 # a fresh interpreter with onnxruntime and numpy only: runs every graph of the manifest on its own input
 RUN_WITH_ORT = """

@@ -68,7 +68,7 @@ def test_save_load_round_trip(name, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["student"] == name and config["overrides"] == {"head_hidden": 40}
-    assert config["teachers"]["sam"] == {"summary_dim": None, "spatial_dim": 32}
+    assert config["teachers"]["sam"] == {"summary_dim": None, "spatial_dim": 32, "upsample": 1}
     with safe_open(tmp_path / "model.safetensors", "pt") as f:  # safetensors: no pickle
         assert set(f.keys()) == set(model.state_dict())
     loaded = load_student(tmp_path)
@@ -121,3 +121,27 @@ def test_students_build_and_load_without_grad(mode, tmp_path):
     with mode():
         assert create_student("test_resnet", teachers=TEACHERS).input_stride == 32
         assert load_student(tmp_path).input_stride == 32
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_eradio"])
+def test_an_upsampled_head_draws_k_by_k_tokens_per_student_token(name, tmp_path):
+    """The head's Ct·k² outputs of token (i, j) fill block (k i .. k i + k-1, k j .. k j + k-1) of the map, channel c's
+    sub-token (di, dj) from output c k² + di k + dj: with a zero weight and a known bias, the map is that bias tiled."""
+    teachers = {**TEACHERS, "sam": TeacherDims(None, 3, upsample=2)}
+    torch.manual_seed(0)
+    model = create_student(name, teachers=teachers).eval()
+    last = model.spatial_heads["sam"].final[-1]
+    assert last.out_features == 3 * 4
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.arange(12.0))
+        out = model(torch.randn(2, 3, 64, 96))
+    h, w = out.backbone.spatial.shape[-2:]
+    got = out.teachers["sam"].spatial
+    assert got.shape == (2, 3, 2 * h, 2 * w) and out.teachers["clip"].spatial.shape == (2, 64, h, w)
+    block = torch.arange(12.0).view(3, 2, 2)  # (c, di, dj)
+    assert torch.equal(got, block.repeat(1, h, w).expand(2, -1, -1, -1))
+    save_student(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["teachers"]["sam"]["upsample"] == 2
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path)(torch.zeros(1, 3, 64, 96)).teachers["sam"].spatial, got[:1])

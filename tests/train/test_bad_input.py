@@ -141,6 +141,14 @@ def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
         train(config(train_store, tmp_path / "run", resolution=40), progress=False)
 
 
+def test_an_upsampled_head_finer_than_its_teacher_is_refused(train_store, tmp_path):
+    """The tiny SAM's grid is 8 x 8; a student of stride 16 at 32 and 64 px has 2 x 2 and 4 x 4 tokens."""
+    with pytest.raises(TrainingError, match=r"^--upsample sam=8: the student's map would be finer than the 8 x 8 grid of "
+                                            r"teacher 'sam' at every --resolution; at most 4 here$"):
+        train(config(train_store, tmp_path / "run", resolution=(32, 64), upsample={"sam": 8}), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args, option", [
     (["--resolution", "0"], "--resolution 0"), (["--resolution", "-32"], "--resolution -32"),
     (["--steps", "0"], "--steps 0"), (["--epochs", "0"], "--epochs 0"), (["--batch-size", "0"], "--batch-size 0"),
@@ -150,6 +158,10 @@ def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
     (["--stop-at", "0"], "--stop-at 0"), (["--seed", "-1"], "--seed -1"),
     (["--teacher-weight", "sam=-1"], "--teacher-weight sam=-1"), (["--teacher-weight", "sam=nan"], "--teacher-weight sam=nan"),
     ([f"--teacher-weight={t}=0" for t in ("clip", "dinov2", "sam")], "--teacher-weight gives every teacher of the store"),
+    (["--upsample", "sam=0"], "--upsample sam=0: must be a whole number >= 1"),
+    (["--upsample", "sam=2.5"], "--upsample 'sam=2.5': expected NAME=K, a whole number"),
+    (["--upsample", "sm=2"], "--upsample sm=2: no teacher 'sm' in the store; it has ['clip', 'dinov2', 'sam']"),
+    (["--upsample", "sam=9"], "--upsample sam=9: above the side of the 8 x 8 grid of teacher 'sam'"),
     (["--epochs", "1"], "--steps 2 and --epochs 1.0: give one of them, not both"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda"], "--device cuda"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--resolution", "32,abc"], "--resolution '32,abc': expected whole numbers"), (["--resolution", "32,0"], "--resolution 0"),

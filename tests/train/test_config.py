@@ -12,11 +12,13 @@ from radio_distill.train.config import TrainConfig, load_train_config
 def test_recipe_and_command_line_merge(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('store = "s.zarr"\nout = "run"\nstudent = "eradio_base"\nsteps = 100\nlr = 0.002\n'
-                      '[loss]\nkind = "phis"\nteacher_weights = { sam = 0.5 }\n[student_overrides]\nhead_blocks = 2\n')
-    cfg = load_train_config(recipe, lr=0.001, loss={"kind": None, "teacher_weights": None})
+                      '[loss]\nkind = "phis"\nteacher_weights = { sam = 0.5 }\n[student_overrides]\nhead_blocks = 2\n'
+                      '[upsample]\nsam = 2\n')
+    cfg = load_train_config(recipe, lr=0.001, loss={"kind": None, "teacher_weights": None}, upsample=None)
     assert (cfg.student, cfg.steps, cfg.lr, str(cfg.store)) == ("eradio_base", 100, 0.001, "s.zarr")
     assert cfg.loss.kind == "phis" and cfg.loss.teacher_weights == {"sam": 0.5}
-    assert cfg.student_overrides == {"head_blocks": 2}
+    assert cfg.student_overrides == {"head_blocks": 2} and cfg.upsample == {"sam": 2}
+    assert load_train_config(recipe, upsample={"sam": 4}).upsample == {"sam": 4}  # the command line's, whole
 
 
 @pytest.mark.parametrize("text, message", [
@@ -101,6 +103,7 @@ def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
     ('[loss]\nkind = 2', "'loss.kind' must be a string, got 2"),
     ('[loss]\nteacher_weights = { sam = "half" }', "'loss.teacher_weights' must be a table of numbers"),
     ("student_overrides = 4", "'student_overrides' must be a table, got 4"),
+    ("upsample = { sam = 1.5 }", "'upsample' must be a table of whole numbers"),
     ("device = 0", "'device' must be a string, got 0"),
     ("steps = 2.5", "'steps' must be a whole number, got 2.5"),
     ('lr = "1e-3"', "'lr' must be a number, got \"1e-3\""),
