@@ -134,6 +134,8 @@ def test_resume_from_a_store_with_other_settings_is_refused(train_store, store_c
         train(config(train_store, run, steps=4, resume=True, batch_size=4, lr=1e-3), progress=False)
     with pytest.raises(TrainingError, match="trains 'test_vit', not 'test_resnet'"):
         train(config(train_store, run, steps=4, resume=True, student="test_resnet"), progress=False)
+    with pytest.raises(TrainingError, match=r"started with upsample=\{\}; an exact resume needs"):  # other heads
+        train(config(train_store, run, steps=4, resume=True, upsample={"sam": 2}), progress=False)
 
 
 def test_resolution_must_fit_the_student_stride(train_store, tmp_path):
