@@ -12,9 +12,8 @@ radio-cache build demo/world/images --out demo/cache.zarr --teachers toy --views
 radio-cache info demo/cache.zarr
 radio-cache verify demo/cache.zarr
 rm -rf demo/run demo/run_cnn
-# E-RADIO; SAM's head draws SAM's 16 x 16 grid from the student's 8 x 8 tokens (--upsample)
-radio-train demo/cache.zarr --student eradio_small --out demo/run --steps 100 --batch-size 32 \
-    --resolution 128 --workers 2 --log-every 20 --holdout 0.25 --upsample sam=2
+radio-train demo/cache.zarr --student vit_tiny_convstem_patch16_224 --out demo/run --steps 100 --batch-size 32 \
+    --resolution 128 --workers 2 --log-every 20 --holdout 0.25
 # the same store, no rebuild, trains a CNN student too
 radio-train demo/cache.zarr --student resnet18 --out demo/run_cnn --steps 10 --batch-size 16 \
     --resolution 128 --workers 2 --log-every 5 --holdout 0.25
