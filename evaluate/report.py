@@ -617,7 +617,8 @@ def render_markdown(r: dict) -> str:
     lines += ["## SAM mask IoU", ""]
     if not skipped(s):
         lines += ["The student as SAM's image encoder: SAM's prompt encoder and mask decoder on the student's SAM "
-                  "adaptor output (resized to SAM's embedding grid, as `sam_predictor` does) and on the cached "
+                  "adaptor output (resized to SAM's embedding grid unless drawn at it, `--upsample`, as "
+                  "`sam_predictor` does) and on the cached "
                   "teacher features, held-out images (view 0).", "",
                   "Against ground truth: one positive point per object (its deepest pixel), the single-mask output "
                   "against the object's instance mask; mean IoU over objects, teacher and student on the same prompts.",
