@@ -3,9 +3,10 @@
 The prompt encoder and mask decoder come from the SAM teacher's own checkpoint file (checked by
 sha256 against the store's record); the image encoder is the student plus its adaptor for that
 teacher, resized to SAM's embedding grid (none when its head draws that grid: `--upsample`). Only the
-neck target (256 channels, the decoder's input) can feed the decoder; stores built with `--sam-spatial preneck` are refused. SAM 2 (`sam2_predictor`) and
-SAM 3 (`sam3_model`) likewise, their decoders also fed the student's maps of the s0, s1 levels; `PromptSide`
-puts their prompt side behind `Sam`'s interface for the metric.
+neck target (256 channels, the decoder's input) can feed the decoder; stores built with `--sam-spatial
+preneck` are refused. SAM 2 (`sam2_predictor`) and SAM 3 (`sam3_model`) likewise, their decoders also
+fed the student's maps of the s0, s1 levels; `PromptSide` puts their prompt side behind `Sam`'s interface
+for the metric.
 
 Letters: B batch, S SAM's input side (1024), R the student's side, C SAM's embedding channels,
 g x g SAM's embedding grid (64 x 64 for the released models).

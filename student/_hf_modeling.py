@@ -172,7 +172,8 @@ class RadioStudentModel(PreTrainedModel):
             if name in self.summary_heads:  # one token per summary teacher when the backbone has them
                 s = self.summary_heads[name](summary[:, i if summary.shape[1] > 1 else 0])
                 i += 1
-            f = self.spatial_heads[name](tokens).transpose(1, 2).reshape(B, -1, h, w)  # (B, Ct u², h, w)
-            f = F.pixel_shuffle(f, self.upsample[name])  # (B, Ct, u h, u w): u tokens per student token a side
-            out[name] = RadioOutput(s, f.flatten(2).transpose(1, 2) if fmt == "NLC" else f)
+            f, u = self.spatial_heads[name](tokens), self.upsample[name]  # (B, N, Ct u²)
+            if u > 1:  # (B, u² N, Ct): u tokens per student token a side
+                f = F.pixel_shuffle(f.transpose(1, 2).reshape(B, -1, h, w), u).flatten(2).transpose(1, 2)
+            out[name] = RadioOutput(s, f if fmt == "NLC" else f.transpose(1, 2).reshape(B, -1, u * h, u * w))
         return out

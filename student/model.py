@@ -149,7 +149,8 @@ class Student(nn.Module):
                 s = self.summary_heads[name](summary[:, i if summary.shape[1] > 1 else 0])
                 i += 1
             f = self.spatial_heads[name](tokens).transpose(1, 2).reshape(B, -1, h, w)  # (B, Ct u², h, w)
-            out[name] = Features(s, F.pixel_shuffle(f, self.teachers[name].upsample))  # (B, Ct, u h, u w)
+            u = self.teachers[name].upsample
+            out[name] = Features(s, F.pixel_shuffle(f, u) if u > 1 else f)  # (B, Ct, u h, u w)
         return StudentOutput(Features(summary.flatten(1), spatial), out)
 
     def switch_to_deploy(self) -> "Student":

@@ -151,6 +151,14 @@ def test_fidelity(bench, ray_session, tmp_path):
     assert (tmp_path / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sam_grid(bench):
+    """The toy SAM through its own 16 x 16 grid scores as itself; through 8 x 8 and a bilinear resize, far less."""
+    own, _, coarse, _ = bench("sam_grid")["results"]
+    assert (own["grid"], own["resize"], own["of_own"]) == ("16x16", "none", 1.0) and own["iou"] > 0.6
+    assert (coarse["grid"], coarse["resize"]) == ("8x8", "bilinear") and coarse["of_own"] < 0.8
+    assert coarse["objects"] == own["objects"] > 0
+
+
 def test_student_speed(bench):
     rows = bench("student_speed", "--models", "test_vit", "--steps", "1")["results"]
     positive(rows[0], "infer_img_s", "train_img_s")
