@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,7 +47,7 @@ from radio_distill.store.views import crop_resize, view_boxes
 from radio_distill.ops import normalise
 from radio_distill.student import TeacherDims, create_student, load_student, save_student
 from radio_distill.train.config import TrainConfig
-from radio_distill.train.loop import train
+from radio_distill.train.loop import get_lr, train
 from radio_distill.store.reader import CacheReader, StepSampler, TeacherMeta, decode_targets
 from radio_distill.train.step import DistillStep, make_optimizer, to_grid
 
@@ -83,7 +82,8 @@ def online(cfg: TrainConfig, reader: CacheReader, specs=None) -> dict[str, float
     infos = {t.spec.name: t.info() for t in teachers}
     metas = [TeacherMeta(name, i.summary_dim, i.spatial_dim, i.grid, (), {}) for name, i in infos.items()]
     torch.manual_seed(cfg.seed)
-    model = create_student(cfg.student, teachers={m.name: TeacherDims(m.summary_dim, m.spatial_dim) for m in metas},
+    model = create_student(cfg.student, teachers={m.name: TeacherDims(m.summary_dim, m.spatial_dim, cfg.upsample.get(m.name, 1))
+                                                  for m in metas},
                            **cfg.student_overrides).to(device).train()
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = DistillStep(model, optimizer, metas, loss=cfg.loss, grad_clip=cfg.grad_clip, device=device)
@@ -93,11 +93,8 @@ def online(cfg: TrainConfig, reader: CacheReader, specs=None) -> dict[str, float
     min_side = max(t.resolution for t in teachers)
     watch = common.Stopwatch(device)
     for s in range(cfg.steps):
-        # the schedule of train/loop.py: linear warmup, then cosine down to min_lr
-        t = (s - warmup) / max(1, cfg.steps - warmup)
-        lr = cfg.lr * (s + 1) / warmup if s < warmup else cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = get_lr(s, lr=cfg.lr, min_lr=cfg.min_lr, warmup=warmup, steps=cfg.steps)
         with watch("student"):
             ids = [reader.ids[i] for i, _ in order.global_batch(s)]
             decoded = [load_rgb(reader.root_dir / i, min_side=min_side) for i in ids]  # (image, span, size)

@@ -16,6 +16,7 @@ SAM point-prompt mask IoU against the ground truth.
   step.
 
     python bench/tasks.py --json tasks.json     # 600 scenes, 300 steps of a conv-stem ViT-tiny at 128 px
+    python bench/tasks.py --codecs '' --views 1,online --student eradio_small --steps 800 --upsample sam=2
     python bench/tasks.py --quick               # smoke: a handful of scenes and steps
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,8 +45,8 @@ from radio_distill.store.reader import CacheReader
 from radio_distill.train.config import TrainConfig
 from radio_distill.train.loop import train
 
-FULL = dict(images=600, views="1,2,4,8", codecs="fp16,int8,0.999,0.99,0.95,0.9", steps=300, batch_size=32, side=128)
-QUICK = dict(images=40, views="1,2", codecs="fp16,int8", steps=2, batch_size=8, side=128)
+FULL = dict(images=600, views="1,2,4,8,online", codecs="fp16,int8,0.999,0.99,0.95,0.9", steps=300, batch_size=32, side=128)
+QUICK = dict(images=40, views="1,2,online", codecs="fp16,int8", steps=2, batch_size=8, side=128)
 STUDENT = "vit_tiny_convstem_patch16_224"  # a plain ViT-tiny learns the shapes too slowly to compare anything (§13)
 HOLDOUT = 0.2
 SCENE_SEED = 5  # scenes the toy teachers never saw (they trained on seed 0, were scored on seed 1)
@@ -111,12 +113,19 @@ def codec_rows(images: Path, work: Path, codecs: list[str], base: TrainConfig) -
     return rows
 
 
-def view_rows(images: Path, work: Path, views: list[int], base: TrainConfig, *, epochs: float) -> list[dict]:
+def run_name(base: TrainConfig) -> str:
+    """What tells one student run from another here: student, steps and --upsample."""
+    return "-".join([base.student, str(base.steps)] + [f"{t}x{k}" for t, k in sorted(base.upsample.items())])
+
+
+def view_rows(images: Path, work: Path, views: list[str], base: TrainConfig, *, epochs: float) -> list[dict]:
+    """Rows of the students distilled from V cached views for each V of `views`, and online where it holds
+    'online' (the V = 1 store's images in its order, evaluated on its held-out split), the teachers first."""
     rows = []
-    for v in views:
+    for v in [int(v) for v in views if v != "online"]:
         store = work / f"views-{v}.zarr"
         build_s = build(images, store, views=v, codec="int8", batch_size=32)
-        run = work / f"views-{v}-run"
+        run = work / f"views-{v}-{run_name(base)}"
         if not (run / "student").is_dir():
             train(replace(base, store=store, out=run), progress=False)
         with (run / "metrics.csv").open() as f:  # the loop's own rate: reads, decodes and steps, no setup
@@ -125,17 +134,23 @@ def view_rows(images: Path, work: Path, views: list[int], base: TrainConfig, *, 
         rows.append({"run": f"cached V={v}", **task_scores(report, "student"), "build_s": build_s,
                      "teacher_s_epoch": build_s / epochs, "train_s_epoch": train_s,
                      "s_epoch": build_s / epochs + train_s})
-    store = work / f"views-{views[0]}.zarr"  # online reads the same images in the same order, and is
-    run = work / "online-run"                # evaluated on that store's held-out split
-    if not (run / "student").is_dir():
-        seconds = online(replace(base, store=store, out=run), CacheReader(store), toy_teachers())
-        (run / "seconds.json").write_text(json.dumps(seconds))
-        (run / "run.json").write_text((work / f"views-{views[0]}-run" / "run.json").read_text())
-    seconds = json.loads((run / "seconds.json").read_text())
-    report = evaluated(store, run)
-    rows.append({"run": "online", **task_scores(report, "student"), "build_s": 0.0,
-                 "teacher_s_epoch": seconds["teachers"] / epochs, "train_s_epoch": seconds["student"] / epochs,
-                 "s_epoch": (seconds["teachers"] + seconds["student"]) / epochs})
+    if "online" in views:
+        store = work / "views-1.zarr"
+        build(images, store, views=1, codec="int8", batch_size=32)
+        run = work / f"online-{run_name(base)}"
+        cfg = replace(base, store=store, out=run)
+        if not (run / "student").is_dir():
+            reader = CacheReader(store)
+            seconds = online(cfg, reader, toy_teachers())
+            (run / "seconds.json").write_text(json.dumps(seconds))
+            (run / "run.json").write_text(json.dumps({"student": cfg.student, "store": str(store),  # as train() writes it
+                                                      "store_settings": reader.settings,
+                                                      "config": json.loads(json.dumps(asdict(cfg), default=str))}))
+        seconds = json.loads((run / "seconds.json").read_text())
+        rows.append({"run": "online", **task_scores(evaluated(store, run), "student"), "build_s": 0.0,
+                     "teacher_s_epoch": seconds["teachers"] / epochs, "train_s_epoch": seconds["student"] / epochs,
+                     "s_epoch": (seconds["teachers"] + seconds["student"]) / epochs})
+    report = json.loads((run / "eval" / "report.json").read_text())
     rows.insert(0, {"run": "teachers (cached targets)", **task_scores(report, "teacher")})
     return rows
 
@@ -143,8 +158,11 @@ def view_rows(images: Path, work: Path, views: list[int], base: TrainConfig, *, 
 def main(argv=None) -> dict:
     p = common.parser(__doc__)
     p.add_argument("--images", type=int, help="generated world scenes (a fifth held out by id hash)")
-    p.add_argument("--views", help="cached views per image to compare, e.g. 1,2,4,8")
-    p.add_argument("--codecs", help="codec settings to compare: fp16, int8 or fidelity budgets, e.g. fp16,int8,0.99")
+    p.add_argument("--views", help="cached views per image to compare, and 'online', e.g. 1,2,4,8,online")
+    p.add_argument("--codecs", help="codec settings to compare: fp16, int8 or fidelity budgets, e.g. fp16,int8,0.99 "
+                                    "('': none)")
+    p.add_argument("--student", default=STUDENT)
+    p.add_argument("--upsample", default="", help="the students' --upsample, e.g. sam=2")
     p.add_argument("--steps", type=int, help="student steps per views run")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--side", type=int, help="student side")
@@ -154,12 +172,13 @@ def main(argv=None) -> dict:
     images = work / "world" / "images"
     if not images.is_dir():
         write_scenes(work / "world", images=args.images, seed=SCENE_SEED)
-    base = TrainConfig(store=work, out=work, student=STUDENT, steps=args.steps, batch_size=args.batch_size,
+    upsample = {t: int(k) for t, k in (pair.split("=") for pair in args.upsample.split(",") if pair)}
+    base = TrainConfig(store=work, out=work, student=args.student, steps=args.steps, batch_size=args.batch_size,
                        resolution=args.side, lr=1e-3, holdout=HOLDOUT, workers=0, log_every=args.steps,
-                       checkpoint_every=args.steps, device="cpu", seed=0)
+                       checkpoint_every=args.steps, device="cpu", seed=0, upsample=upsample)
     epochs = args.steps * args.batch_size / (args.images * (1 - HOLDOUT))
-    codecs = codec_rows(images, work, args.codecs.split(","), base)
-    views = view_rows(images, work, [int(v) for v in args.views.split(",")], base, epochs=epochs)
+    codecs = codec_rows(images, work, [c for c in args.codecs.split(",") if c], base)
+    views = view_rows(images, work, args.views.split(","), base, epochs=epochs)
     names = [c for c, *_ in TASKS]
     rows = [{"table": "codecs", **r} for r in codecs] + [{"table": "views", **r} for r in views]
     columns = ([("table", "table", ""), ("codec", "codec", ""), ("run", "run", "")] + [(n, n, ".3f") for n in names]
@@ -167,7 +186,8 @@ def main(argv=None) -> dict:
                   ("teacher_s_epoch", "teachers s/epoch", ".2f"), ("train_s_epoch", "train s/epoch", ".2f"),
                   ("s_epoch", f"s/epoch over {epochs:.3g}", ".2f")])
     payload = common.meta(torch.device("cpu"), __file__, args.argv, images=args.images, holdout=HOLDOUT,
-                          steps=args.steps, batch_size=args.batch_size, side=args.side, student=STUDENT,
+                          steps=args.steps, batch_size=args.batch_size, side=args.side, student=args.student,
+                          upsample=upsample,
                           teachers="toy", epochs=epochs)
     return common.report(payload, rows, columns, args.json_out,
                          title="Task scores on held-out world scenes: codecs (teacher targets) and cached views vs "
