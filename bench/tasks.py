@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
